@@ -1,0 +1,180 @@
+"""flatpod's configuration: embedded defaults, overridden by a TOML file.
+
+A missing file means all defaults. An unknown key or a value of the wrong type is an error that
+names the key, because a typo silently ignored is a node that runs with a setting nobody chose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+DEFAULT_CONFIG_PATH = Path("/etc/flatpod/config.toml")
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    # The built-in bridge network, used when no CNI config exists in cni_conf_dir.
+    bridge: str = "flatpod0"
+    subnet: str = "10.88.0.0/16"
+    gateway: str = ""  # empty: the subnet's first host address
+    mtu: int = 1500
+    masquerade: bool = True
+    cni_conf_dir: str = "/etc/cni/net.d"
+    cni_bin_dirs: list[str] = field(default_factory=lambda: ["/opt/cni/bin", "/usr/lib/cni"])
+
+
+@dataclass(frozen=True)
+class ImagesConfig:
+    # Registry hosts reached over plain HTTP; everything else needs TLS.
+    insecure_registries: list[str] = field(
+        default_factory=lambda: ["localhost", "127.0.0.1", "[::1]"]
+    )
+    # Registry host -> endpoints tried in order before the origin, e.g.
+    # "registry.k8s.io" = ["http://127.0.0.1:5000"].
+    mirrors: dict[str, list[str]] = field(default_factory=dict)
+    # A pull that makes no progress for this long is cancelled (containerd's default).
+    pull_progress_timeout_seconds: int = 300
+    max_concurrent_downloads: int = 3
+
+
+@dataclass(frozen=True)
+class StreamingConfig:
+    address: str = "127.0.0.1"
+    port: int = 0  # 0: a free port chosen at start
+    tls_cert: str = ""
+    tls_key: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    root_dir: str = "/var/lib/flatpod"
+    state_dir: str = "/run/flatpod"
+    socket: str = ""  # empty: <state_dir>/flatpod.sock
+    log_level: str = "info"
+    runtime_path: str = "/usr/sbin/runc"
+    # Empty: the built-in pause, `catatonit -P` in a rootfs assembled from pause_binary.
+    sandbox_image: str = ""
+    pause_binary: str = "/usr/bin/catatonit"
+    # Where pods go when kubelet gives no cgroup_parent (crictl users often don't).
+    default_cgroup_parent: str = "/flatpod"
+    # CRI log records longer than this are split into partial (P) records.
+    max_log_line_size: int = 16384
+    # Empty: no Prometheus endpoint. Otherwise "host:port".
+    metrics_address: str = ""
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.socket) if self.socket else Path(self.state_dir) / "flatpod.sock"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+T = TypeVar("T")
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Reads `path` (the default path when None; missing is fine) and applies CLI overrides."""
+    explicit = path is not None
+    path = path or DEFAULT_CONFIG_PATH
+    raw: dict[str, Any] = {}
+    if path.exists():
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    elif explicit:
+        raise ConfigError(f"{path}: no such config file")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            raw[key] = value
+    config = _build(Config, raw, "")
+    _validate(config)
+    return config
+
+
+def _build(cls: type[T], raw: dict[str, Any], prefix: str) -> T:
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{prefix}{key}'")
+    values: dict[str, Any] = {}
+    defaults = cls()
+    for name, value in raw.items():
+        default = getattr(defaults, name)
+        where = f"{prefix}{name}"
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {where!r} must be a table")
+            values[name] = _build(type(default), value, f"{where}.")
+        else:
+            values[name] = _check_type(where, default, value)
+    return cls(**values)
+
+
+def _check_type(where: str, default: Any, value: Any) -> Any:
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, list):
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif isinstance(default, dict):
+        ok = isinstance(value, dict) and all(
+            isinstance(v, list) and all(isinstance(s, str) for s in v) for v in value.values()
+        )
+    else:
+        ok = False
+    if not ok:
+        raise ConfigError(
+            f"config key {where!r} has {value!r}, expected a {type(default).__name__}"
+        )
+    return value
+
+
+def _validate(config: Config) -> None:
+    if config.log_level not in _LOG_LEVELS:
+        raise ConfigError(f"config key 'log_level' must be one of {', '.join(_LOG_LEVELS)}")
+    try:
+        subnet = ipaddress.ip_network(config.network.subnet)
+    except ValueError as err:
+        raise ConfigError(f"config key 'network.subnet': {err}") from err
+    if config.network.gateway:
+        try:
+            gateway = ipaddress.ip_address(config.network.gateway)
+        except ValueError as err:
+            raise ConfigError(f"config key 'network.gateway': {err}") from err
+        if gateway not in subnet:
+            raise ConfigError("config key 'network.gateway' is outside network.subnet")
+    if not 576 <= config.network.mtu <= 65535:
+        raise ConfigError("config key 'network.mtu' must be between 576 and 65535")
+    if not 0 <= config.streaming.port <= 65535:
+        raise ConfigError("config key 'streaming.port' must be between 0 and 65535")
+    if bool(config.streaming.tls_cert) != bool(config.streaming.tls_key):
+        raise ConfigError("config keys 'streaming.tls_cert' and 'streaming.tls_key' go together")
+    if config.max_log_line_size < 256:
+        raise ConfigError("config key 'max_log_line_size' must be at least 256")
+    if config.images.pull_progress_timeout_seconds < 1:
+        raise ConfigError("config key 'images.pull_progress_timeout_seconds' must be positive")
+    if config.images.max_concurrent_downloads < 1:
+        raise ConfigError("config key 'images.max_concurrent_downloads' must be positive")
+    for key in ("root_dir", "state_dir"):
+        if not Path(getattr(config, key)).is_absolute():
+            raise ConfigError(f"config key {key!r} must be an absolute path")

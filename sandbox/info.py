@@ -1,0 +1,107 @@
+"""Version, Status, RuntimeConfig and UpdateRuntimeConfig: what the runtime says about itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from importlib import metadata
+
+from cri_api import api_pb2 as pb
+from sandbox.runtime import Runtime
+
+RUNTIME_NAME = "flatpod"
+CRI_API_VERSION = "v1"
+POD_CIDR_SETTING = "pod_cidr"
+
+
+def flatpod_version() -> str:
+    try:
+        return metadata.version("flatpod")
+    except metadata.PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+async def version(rt: Runtime, req: pb.VersionRequest) -> pb.VersionResponse:
+    return pb.VersionResponse(
+        version="0.1.0",  # the kubelet-runtime API version, as containerd and CRI-O answer
+        runtime_name=RUNTIME_NAME,
+        runtime_version=flatpod_version(),
+        runtime_api_version=CRI_API_VERSION,
+    )
+
+
+async def status(rt: Runtime, req: pb.StatusRequest) -> pb.StatusResponse:
+    runtime_ok, runtime_reason = _runtime_condition(rt)
+    network_ok, network_reason = _network_condition(rt)
+    conditions = [
+        pb.RuntimeCondition(
+            type="RuntimeReady",
+            status=runtime_ok,
+            reason="" if runtime_ok else "RuntimeNotReady",
+            message=runtime_reason,
+        ),
+        pb.RuntimeCondition(
+            type="NetworkReady",
+            status=network_ok,
+            reason="" if network_ok else "NetworkPluginNotReady",
+            message=network_reason,
+        ),
+    ]
+    response = pb.StatusResponse(
+        status=pb.RuntimeStatus(conditions=conditions),
+        runtime_handlers=[
+            pb.RuntimeHandler(
+                name="",
+                features=pb.RuntimeHandlerFeatures(
+                    recursive_read_only_mounts=_kernel_supports_rro(),
+                    user_namespaces=False,
+                ),
+            )
+        ],
+        features=pb.RuntimeFeatures(supplemental_groups_policy=True),
+    )
+    if req.verbose:
+        response.info["config"] = rt.config.to_json()
+        response.info["pod_cidr"] = json.dumps(rt.store.get_setting(POD_CIDR_SETTING) or "")
+    return response
+
+
+async def runtime_config(rt: Runtime, req: pb.RuntimeConfigRequest) -> pb.RuntimeConfigResponse:
+    return pb.RuntimeConfigResponse(linux=pb.LinuxRuntimeConfiguration(cgroup_driver=pb.CGROUPFS))
+
+
+async def update_runtime_config(
+    rt: Runtime, req: pb.UpdateRuntimeConfigRequest
+) -> pb.UpdateRuntimeConfigResponse:
+    cidr = req.runtime_config.network_config.pod_cidr
+    if cidr:
+        rt.store.put_setting(POD_CIDR_SETTING, cidr)
+    return pb.UpdateRuntimeConfigResponse()
+
+
+def _runtime_condition(rt: Runtime) -> tuple[bool, str]:
+    runc = rt.config.runtime_path
+    if not (os.path.isfile(runc) or shutil.which(runc)):
+        return False, f"OCI runtime {runc} is not installed"
+    if not os.access(rt.paths.state, os.W_OK):
+        return False, f"state dir {rt.paths.state} is not writable"
+    return True, ""
+
+
+def _network_condition(rt: Runtime) -> tuple[bool, str]:
+    if rt.network is None:
+        return False, "pod network is not initialised"
+    ready, reason = rt.network.status()
+    return bool(ready), str(reason)
+
+
+def _kernel_supports_rro() -> bool:
+    """Recursive read-only mounts need mount_setattr(2), Linux 5.12 and later."""
+    release = platform.release().split("-")[0].split(".")
+    try:
+        major, minor = int(release[0]), int(release[1])
+    except (IndexError, ValueError):
+        return False
+    return (major, minor) >= (5, 12)

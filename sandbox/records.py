@@ -1,0 +1,185 @@
+"""What the store remembers about each pod sandbox and container.
+
+A record is a dataclass (the JSON `doc` column) plus the CRI config as protobuf bytes (the
+`config` column). The daemon keeps every record in memory too: kubelet lists pods and
+containers every second, and a list must not cost a database round trip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from cri_api import api_pb2 as pb
+from sandbox.store import Store
+
+# Pod sandbox states, as the CRI names them.
+SANDBOX_READY = "ready"
+SANDBOX_NOTREADY = "notready"
+
+# Container states.
+CREATED = "created"
+RUNNING = "running"
+EXITED = "exited"
+UNKNOWN = "unknown"
+
+
+@dataclass
+class PodRecord:
+    id: str
+    name: str  # the reserved CRI name, see pods.sandbox_name
+    created_at: int  # ns since the epoch
+    config: pb.PodSandboxConfig = field(repr=False)
+    runtime_handler: str = ""
+    state: str = SANDBOX_READY
+    netns_path: str = ""  # empty: host network
+    network_kind: str = ""  # "bridge", "cni" or "" for host network
+    ip: str = ""
+    additional_ips: list[str] = field(default_factory=list)
+    pause_pid: int = 0
+    cgroup_path: str = ""  # the pod-level cgroup (cgroupfs path, same in every hierarchy)
+    # Pinned namespace files that containers join ("ipc", "uts", "pid").
+    namespaces: dict[str, str] = field(default_factory=dict)
+    # True when the RunPodSandbox that made this pod never got its answer to the client (it
+    # timed out on kubelet's side): kubelet's retry with the same name is handed this pod.
+    unclaimed: bool = False
+
+    @property
+    def short(self) -> str:
+        return self.id[:12]
+
+
+@dataclass
+class ContainerRecord:
+    id: str
+    pod_id: str
+    name: str  # the reserved CRI name, see containers.container_name
+    created_at: int
+    config: pb.ContainerConfig = field(repr=False)
+    image_ref: str = ""  # the image as kubelet asked for it
+    image_id: str = ""  # sha256:<config digest>
+    image_name: str = ""  # the repo tag or digest it resolved through
+    state: str = CREATED
+    pid: int = 0
+    started_at: int = 0
+    finished_at: int = 0
+    exit_code: int = 0
+    reason: str = ""
+    message: str = ""
+    log_path: str = ""
+    rootfs: str = ""
+    snapshots: list[str] = field(default_factory=list)  # chain ids, topmost first
+    cgroup_path: str = ""
+    stop_signal: str = ""
+    unclaimed: bool = False
+    # Resources as last applied (UpdateContainerResources), serialized LinuxContainerResources.
+    resources: bytes = field(default=b"", repr=False)
+    uid: int = 0
+    gid: int = 0
+    supplemental_groups: list[int] = field(default_factory=list)
+
+
+R = TypeVar("R", PodRecord, ContainerRecord)
+
+_BYTES_FIELDS = frozenset({"resources"})
+
+
+def _doc(record: PodRecord | ContainerRecord) -> str:
+    doc: dict[str, Any] = {}
+    for f in dataclasses.fields(record):
+        if f.name == "config":
+            continue
+        value = getattr(record, f.name)
+        doc[f.name] = value.hex() if f.name in _BYTES_FIELDS else value
+    return json.dumps(doc, sort_keys=True)
+
+
+def _from_doc(cls: type[R], doc: str, config: bytes) -> R:
+    raw = json.loads(doc)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in raw.items() if k in known}
+    for name in _BYTES_FIELDS & values.keys():
+        values[name] = bytes.fromhex(values[name])
+    config_type = pb.PodSandboxConfig if cls is PodRecord else pb.ContainerConfig
+    values["config"] = config_type.FromString(config)
+    return cls(**values)
+
+
+def save_pod(store: Store, pod: PodRecord) -> None:
+    with store.tx() as conn:
+        conn.execute(
+            "INSERT INTO pods(id, doc, config) VALUES (?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
+            (pod.id, _doc(pod), pod.config.SerializeToString()),
+        )
+
+
+def save_container(store: Store, ctr: ContainerRecord) -> None:
+    with store.tx() as conn:
+        conn.execute(
+            "INSERT INTO containers(id, pod_id, doc, config) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
+            (ctr.id, ctr.pod_id, _doc(ctr), ctr.config.SerializeToString()),
+        )
+
+
+def insert_pod(store: Store, pod: PodRecord) -> str | None:
+    """Reserves the pod's name and stores it, in one transaction.
+
+    Returns the id of the object already holding the name (and stores nothing) when it is taken.
+    """
+    with store.tx() as conn:
+        holder = _claim_name(conn, pod.name, pod.id, "pod")
+        if holder is None:
+            conn.execute(
+                "INSERT INTO pods(id, doc, config) VALUES (?, ?, ?)",
+                (pod.id, _doc(pod), pod.config.SerializeToString()),
+            )
+        return holder
+
+
+def insert_container(store: Store, ctr: ContainerRecord) -> str | None:
+    """Reserves the container's name and stores it, in one transaction (see insert_pod)."""
+    with store.tx() as conn:
+        holder = _claim_name(conn, ctr.name, ctr.id, "container")
+        if holder is None:
+            conn.execute(
+                "INSERT INTO containers(id, pod_id, doc, config) VALUES (?, ?, ?, ?)",
+                (ctr.id, ctr.pod_id, _doc(ctr), ctr.config.SerializeToString()),
+            )
+        return holder
+
+
+def _claim_name(conn: sqlite3.Connection, name: str, owner_id: str, kind: str) -> str | None:
+    row = conn.execute("SELECT owner_id FROM names WHERE name = ?", (name,)).fetchone()
+    if row is not None:
+        return str(row["owner_id"])
+    conn.execute("INSERT INTO names(name, owner_id, kind) VALUES (?, ?, ?)", (name, owner_id, kind))
+    return None
+
+
+def delete_pod(store: Store, pod: PodRecord) -> None:
+    with store.tx() as conn:
+        conn.execute("DELETE FROM pods WHERE id = ?", (pod.id,))
+        conn.execute("DELETE FROM names WHERE owner_id = ?", (pod.id,))
+
+
+def delete_container(store: Store, ctr: ContainerRecord) -> None:
+    with store.tx() as conn:
+        conn.execute("DELETE FROM containers WHERE id = ?", (ctr.id,))
+        conn.execute("DELETE FROM names WHERE owner_id = ?", (ctr.id,))
+
+
+def load_pods(store: Store) -> dict[str, PodRecord]:
+    rows = store.query("SELECT doc, config FROM pods")
+    pods = (_from_doc(PodRecord, r["doc"], r["config"]) for r in rows)
+    return {p.id: p for p in pods}
+
+
+def load_containers(store: Store) -> dict[str, ContainerRecord]:
+    rows = store.query("SELECT doc, config FROM containers")
+    ctrs = (_from_doc(ContainerRecord, r["doc"], r["config"]) for r in rows)
+    return {c.id: c for c in ctrs}

@@ -1,0 +1,153 @@
+"""The daemon's state: configuration, store, in-memory indexes, locks and subsystems.
+
+One `Runtime` lives for the life of `flatpod serve`; every RPC function takes it as its first
+argument. It holds no behaviour of its own beyond lookups, so each RPC family's module reads
+top to bottom as the steps of its RPCs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sandbox.config import Config
+from sandbox.errors import InvalidArgument, NotFound
+from sandbox.records import ContainerRecord, PodRecord
+from sandbox.store import Store
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where everything lives on disk (see ARCHITECTURE.md, "On disk")."""
+
+    root: Path
+    state: Path
+
+    @classmethod
+    def from_config(cls, config: Config) -> Paths:
+        return cls(Path(config.root_dir), Path(config.state_dir))
+
+    @property
+    def db(self) -> Path:
+        return self.root / "state.db"
+
+    @property
+    def writable_layers(self) -> Path:
+        """Containers' upper and work dirs: they hold data, so they survive reboots."""
+        return self.root / "containers"
+
+    @property
+    def pods(self) -> Path:
+        return self.state / "pods"
+
+    @property
+    def bundles(self) -> Path:
+        return self.state / "containers"
+
+    @property
+    def runc_root(self) -> Path:
+        return self.state / "runc"
+
+    @property
+    def pause_rootfs(self) -> Path:
+        return self.state / "pause-rootfs"
+
+    def pod_dir(self, pod_id: str) -> Path:
+        return self.pods / pod_id
+
+    def bundle_dir(self, container_id: str) -> Path:
+        return self.bundles / container_id
+
+    def create_dirs(self) -> None:
+        for path in (self.root, self.state, self.writable_layers, self.pods, self.bundles,
+                     self.runc_root):
+            path.mkdir(parents=True, exist_ok=True)
+            os.chmod(path, 0o700)
+
+
+class KeyedLocks:
+    """One asyncio lock per key (a pod or container id), dropped when nobody holds it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+@dataclass
+class Runtime:
+    config: Config
+    store: Store
+    paths: Paths
+    pods: dict[str, PodRecord] = field(default_factory=dict)
+    containers: dict[str, ContainerRecord] = field(default_factory=dict)
+    locks: KeyedLocks = field(default_factory=KeyedLocks)
+    # Subsystems, attached by the daemon at start (see daemon.py); Any until they land so
+    # that this module imports none of them.
+    images: Any = None
+    network: Any = None
+    shims: Any = None
+    streaming: Any = None
+    events: Any = None
+    started_at: float = 0.0
+
+    # --- lookups shared by every RPC family -------------------------------------------------
+
+    def pod(self, ref: str) -> PodRecord:
+        """The pod whose id is `ref` or starts with it (crictl users type prefixes)."""
+        return _by_id_or_prefix(self.pods, ref, "pod sandbox")
+
+    def container(self, ref: str) -> ContainerRecord:
+        return _by_id_or_prefix(self.containers, ref, "container")
+
+    def find_pod(self, ref: str) -> PodRecord | None:
+        try:
+            return self.pod(ref)
+        except NotFound:
+            return None
+
+    def find_container(self, ref: str) -> ContainerRecord | None:
+        try:
+            return self.container(ref)
+        except NotFound:
+            return None
+
+    def containers_of(self, pod_id: str) -> list[ContainerRecord]:
+        return [c for c in self.containers.values() if c.pod_id == pod_id]
+
+
+def _by_id_or_prefix(index: dict[str, T], ref: str, what: str) -> T:
+    if not ref:
+        raise InvalidArgument(f"{what} id is empty")
+    found = index.get(ref)
+    if found is not None:
+        return found
+    matches = list(_prefixed(index.keys(), ref))
+    if len(matches) == 1:
+        return index[matches[0]]
+    if len(matches) > 1:
+        raise InvalidArgument(f"{what} id prefix {ref!r} is ambiguous: {len(matches)} match")
+    raise NotFound(f"{what} {ref!r} not found")
+
+
+def _prefixed(ids: Iterable[str], prefix: str) -> Iterable[str]:
+    return (i for i in ids if i.startswith(prefix))

@@ -1,0 +1,142 @@
+"""The gRPC surface: RuntimeService and ImageService on one unix socket.
+
+Thin by design: each RPC name maps to one function of the form
+`async def rpc(runtime, request) -> response` (or an async iterator for streaming RPCs) in the
+module that owns that RPC family. This file only decodes, dispatches, and turns exceptions into
+gRPC statuses, so that no request, however malformed, takes the daemon down.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from cri_api import api_pb2 as pb
+from sandbox.errors import CriError
+
+log = logging.getLogger("flatpod.server")
+
+RUNTIME_SERVICE = "runtime.v1.RuntimeService"
+IMAGE_SERVICE = "runtime.v1.ImageService"
+
+# kubelet sends and accepts messages up to 16 MiB; allow more than that both ways.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+UnaryHandler = Callable[[Any, Any], Awaitable[Message]]
+StreamHandler = Callable[[Any, Any], AsyncIterator[Message]]
+Handler = UnaryHandler | StreamHandler
+RpcObserver = Callable[[str, float, grpc.StatusCode], None]
+
+
+def build_server(
+    runtime: Any,
+    handlers: Mapping[str, Handler],
+    observe: RpcObserver | None = None,
+) -> grpc.aio.Server:
+    """An aio server with a handler for every RPC of both services.
+
+    `handlers` maps "Service/Method" to its function; RPCs without one answer UNIMPLEMENTED.
+    """
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    for service_name in (RUNTIME_SERVICE, IMAGE_SERVICE):
+        service = pb.DESCRIPTOR.services_by_name[service_name.split(".")[-1]]
+        method_handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        for method in service.methods:
+            key = f"{service.name}/{method.name}"
+            request_type = _message_class(method.input_type.name)
+            response_type = _message_class(method.output_type.name)
+            func = handlers.get(key)
+            full_name = f"/{service_name}/{method.name}"
+            if method.server_streaming:
+                method_handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                    _stream(runtime, full_name, func, observe),
+                    request_deserializer=request_type.FromString,
+                    response_serializer=response_type.SerializeToString,
+                )
+            else:
+                method_handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                    _unary(runtime, full_name, func, observe),
+                    request_deserializer=request_type.FromString,
+                    response_serializer=response_type.SerializeToString,
+                )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service_name, method_handlers),)
+        )
+    return server
+
+
+def _message_class(name: str) -> type[Message]:
+    cls: type[Message] = getattr(pb, name)
+    return cls
+
+
+def _unary(
+    runtime: Any, name: str, func: Handler | None, observe: RpcObserver | None
+) -> Callable[[Message, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]]:
+    async def handle(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+        started = time.monotonic()
+        code = grpc.StatusCode.OK
+        try:
+            if func is None:
+                code = grpc.StatusCode.UNIMPLEMENTED
+                await context.abort(code, f"{name} is not implemented by flatpod")
+            result = await func(runtime, request)  # type: ignore[misc]
+            assert isinstance(result, Message)
+            return result
+        except CriError as err:
+            code = err.code
+            log.info("%s: %s: %s", name, code.name, err)
+            await context.abort(code, str(err))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as err:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("%s failed", name)
+            await context.abort(code, f"{name}: internal error: {err}")
+        finally:
+            if observe is not None:
+                observe(name, time.monotonic() - started, code)
+        raise AssertionError("unreachable: abort raises")
+
+    return handle
+
+
+def _stream(
+    runtime: Any, name: str, func: Handler | None, observe: RpcObserver | None
+) -> Callable[[Message, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Message]]:
+    async def handle(
+        request: Message, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Message]:
+        started = time.monotonic()
+        code = grpc.StatusCode.OK
+        try:
+            if func is None:
+                code = grpc.StatusCode.UNIMPLEMENTED
+                await context.abort(code, f"{name} is not implemented by flatpod")
+            async for item in func(runtime, request):  # type: ignore[union-attr]
+                yield item
+        except CriError as err:
+            code = err.code
+            log.info("%s: %s: %s", name, code.name, err)
+            await context.abort(code, str(err))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as err:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("%s failed", name)
+            await context.abort(code, f"{name}: internal error: {err}")
+        finally:
+            if observe is not None:
+                observe(name, time.monotonic() - started, code)
+
+    return handle

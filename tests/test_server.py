@@ -1,0 +1,131 @@
+"""The foundation: flatpod serve answers Version, Status and RuntimeConfig over its socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cri_api import api_pb2 as pb
+from tests.cri import CriClient, status_code
+from tests.daemon import REPO, Daemon, running_daemon
+
+
+def test_version(cri: CriClient) -> None:
+    response = cri.Version(pb.VersionRequest(version="0.1.0"))
+    assert response.runtime_name == "flatpod"
+    assert response.runtime_api_version == "v1"
+    assert response.version == "0.1.0"
+    assert response.runtime_version
+
+
+def test_status_conditions_and_verbose_config(cri: CriClient, daemon: Daemon) -> None:
+    response = cri.Status(pb.StatusRequest(verbose=True))
+    conditions = {c.type: c for c in response.status.conditions}
+    assert set(conditions) == {"RuntimeReady", "NetworkReady"}
+    assert conditions["RuntimeReady"].status is True
+    for condition in conditions.values():
+        if not condition.status:
+            assert condition.reason and condition.message
+    config = json.loads(response.info["config"])
+    assert config["root_dir"] == str(daemon.root)
+    assert response.features.supplemental_groups_policy is True
+
+
+def test_runtime_config_is_cgroupfs(cri: CriClient) -> None:
+    response = cri.RuntimeConfig(pb.RuntimeConfigRequest())
+    assert response.linux.cgroup_driver == pb.CGROUPFS
+
+
+def test_update_runtime_config_stores_pod_cidr(cri: CriClient, daemon: Daemon) -> None:
+    cri.UpdateRuntimeConfig(
+        pb.UpdateRuntimeConfigRequest(
+            runtime_config=pb.RuntimeConfig(network_config=pb.NetworkConfig(pod_cidr="10.1.0.0/24"))
+        )
+    )
+    daemon.stop()
+    daemon.start()
+    client = daemon.client()
+    info = client.Status(pb.StatusRequest(verbose=True)).info
+    client.close()
+    assert json.loads(info["pod_cidr"]) == "10.1.0.0/24"
+
+
+def test_unimplemented_rpc_answers_unimplemented(cri: CriClient) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        cri.CheckpointContainer(pb.CheckpointContainerRequest(container_id="x"))
+    assert status_code(err.value) == grpc.StatusCode.UNIMPLEMENTED
+    # and the daemon keeps serving
+    assert cri.Version(pb.VersionRequest()).runtime_name == "flatpod"
+
+
+def test_socket_and_dir_are_root_only(daemon: Daemon) -> None:
+    assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o600
+    assert stat.S_IMODE(daemon.socket.parent.stat().st_mode) == 0o700
+    assert stat.S_ISSOCK(daemon.socket.stat().st_mode)
+
+
+def test_sigterm_stops_gracefully_and_restart_serves(daemon: Daemon) -> None:
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert not daemon.socket.exists()
+    daemon.start()
+    with_client = daemon.client()
+    assert with_client.Version(pb.VersionRequest()).runtime_name == "flatpod"
+    with_client.close()
+
+
+def test_stale_socket_after_kill_is_replaced(daemon: Daemon) -> None:
+    daemon.kill()
+    assert daemon.socket.exists()
+    daemon.start()
+    client = daemon.client()
+    assert client.Version(pb.VersionRequest()).runtime_api_version == "v1"
+    client.close()
+
+
+def _flatpod(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run(
+        [sys.executable, "-m", "sandbox", *args],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=60,
+    )
+
+
+def test_cli_version_and_help() -> None:
+    assert _flatpod("--version").stdout.startswith("flatpod ")
+    for args in (["--help"], ["serve", "--help"], ["config", "--help"]):
+        result = _flatpod(*args)
+        assert result.returncode == 0
+        assert "usage: flatpod" in result.stdout
+
+
+def test_unknown_config_key_is_a_clear_startup_error(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('root_dir = "/tmp/x"\n[network]\nbrige = "br0"\n')
+    result = _flatpod("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert "'network.brige'" in result.stderr
+
+
+def test_bad_value_names_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("[network]\nmtu = \"big\"\n")
+    result = _flatpod("config", "--config", str(config))
+    assert result.returncode == 2
+    assert "'network.mtu'" in result.stderr
+
+
+def test_missing_default_config_means_defaults(tmp_path: Path) -> None:
+    with running_daemon(tmp_path) as d:
+        client = d.client()
+        info = json.loads(client.Status(pb.StatusRequest(verbose=True)).info["config"])
+        client.close()
+    assert info["network"]["subnet"] == "10.88.0.0/16"
+    assert info["runtime_path"] == "/usr/sbin/runc"
