@@ -36,7 +36,8 @@ def setup_logging(level: str) -> None:
     root.setLevel(level.upper())
     # Their debug output is about their internals, not about pods: keep it out of ours.
     for noisy in ("asyncio", "grpc", "grpc._cython.cygrpc", "pyroute2"):
-        logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("pyroute2.netlink.core").setLevel(logging.WARNING)
 
 
 def build_parser() -> argparse.ArgumentParser:

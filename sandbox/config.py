@@ -84,6 +84,8 @@ class Config:
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+# <state_dir>/pods/<64-hex pod id>/shim.sock must fit in sockaddr_un's 108 bytes.
+MAX_STATE_DIR_LEN = 107 - len("/pods/") - 64 - len("/shim.sock")
 
 T = TypeVar("T")
 
@@ -178,3 +180,8 @@ def _validate(config: Config) -> None:
     for key in ("root_dir", "state_dir"):
         if not Path(getattr(config, key)).is_absolute():
             raise ConfigError(f"config key {key!r} must be an absolute path")
+    if len(config.state_dir) > MAX_STATE_DIR_LEN:
+        raise ConfigError(
+            f"config key 'state_dir' is longer than {MAX_STATE_DIR_LEN} characters: each pod's "
+            "shim socket lives below it, and unix socket paths are limited to 108 bytes"
+        )

@@ -15,12 +15,17 @@ import stat
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from sandbox import info
+from netns.bridge import BridgeConfig, BridgeNetwork
+from netns.cni import CniNetwork
+from sandbox import containers, info, pods, recovery
 from sandbox.config import Config
+from sandbox.images.service import ImageService
 from sandbox.records import load_containers, load_pods
 from sandbox.runtime import Paths, Runtime
 from sandbox.server import Handler, build_server
+from sandbox.shims import ShimRegistry
 from sandbox.store import Store
 
 log = logging.getLogger("flatpod.daemon")
@@ -33,7 +38,56 @@ def rpc_handlers() -> Mapping[str, Handler]:
         "RuntimeService/Status": info.status,
         "RuntimeService/RuntimeConfig": info.runtime_config,
         "RuntimeService/UpdateRuntimeConfig": info.update_runtime_config,
+        "RuntimeService/RunPodSandbox": pods.run_pod_sandbox,
+        "RuntimeService/StopPodSandbox": pods.stop_pod_sandbox,
+        "RuntimeService/RemovePodSandbox": pods.remove_pod_sandbox,
+        "RuntimeService/PodSandboxStatus": pods.pod_sandbox_status,
+        "RuntimeService/ListPodSandbox": pods.list_pod_sandbox,
+        "RuntimeService/CreateContainer": containers.create_container,
+        "RuntimeService/StartContainer": containers.start_container,
+        "RuntimeService/StopContainer": containers.stop_container,
+        "RuntimeService/RemoveContainer": containers.remove_container,
+        "RuntimeService/ContainerStatus": containers.container_status,
+        "RuntimeService/ListContainers": containers.list_containers,
+        "RuntimeService/ExecSync": containers.exec_sync,
+        "RuntimeService/ReopenContainerLog": containers.reopen_container_log,
+        "RuntimeService/UpdateContainerResources": containers.update_container_resources,
+        "ImageService/PullImage": lambda rt, req: rt.images.PullImage(req),
+        "ImageService/ListImages": lambda rt, req: rt.images.ListImages(req),
+        "ImageService/ImageStatus": lambda rt, req: rt.images.ImageStatus(req),
+        "ImageService/RemoveImage": lambda rt, req: rt.images.RemoveImage(req),
+        "ImageService/ImageFsInfo": lambda rt, req: rt.images.ImageFsInfo(req),
     }
+
+
+def pod_network(config: Config, store: Store, paths: Paths) -> tuple[Any, str]:
+    """CNI when a network config exists in the CNI dir, else the built-in bridge."""
+    conf_dir = Path(config.network.cni_conf_dir)
+    if conf_dir.is_dir() and any(
+        p.suffix in (".conflist", ".conf", ".json") for p in conf_dir.iterdir()
+    ):
+        network = CniNetwork(
+            conf_dir=conf_dir,
+            bin_dirs=[Path(d) for d in config.network.cni_bin_dirs],
+            cache_dir=paths.root / "cni" / "results",
+        )
+        return network, "cni"
+    bridge = BridgeConfig(
+        name=config.network.bridge,
+        subnet=config.network.subnet,
+        gateway=config.network.gateway or None,
+        mtu=config.network.mtu,
+        masquerade=config.network.masquerade,
+    )
+    return BridgeNetwork(bridge, store), "bridge"
+
+
+def own_oom_score_adj() -> int:
+    """Without CAP_SYS_RESOURCE nothing we start may go below our own value."""
+    try:
+        return int(Path("/proc/self/oom_score_adj").read_text())
+    except (OSError, ValueError):
+        return 0
 
 
 def open_runtime(config: Config) -> Runtime:
@@ -44,6 +98,25 @@ def open_runtime(config: Config) -> Runtime:
     rt.pods = load_pods(store)
     rt.containers = load_containers(store)
     rt.started_at = time.time()
+    rt.oom_score_adj_floor = own_oom_score_adj()
+    rt.network, rt.network_kind = pod_network(config, store, paths)
+    rt.images = ImageService(
+        store,
+        paths.root,
+        config.images,
+        sandbox_image=config.sandbox_image,
+        containers_dir=paths.writable_layers,
+        live_snapshots=lambda: {s for c in rt.containers.values() for s in c.snapshots},
+    )
+
+    async def on_exit(pod_id: str, event: dict[str, Any]) -> None:
+        await containers.on_exit(rt, pod_id, event)
+
+    rt.shims = ShimRegistry(
+        runc_root=paths.runc_root, runc=config.runtime_path, log_level=config.log_level,
+        on_exit=on_exit,
+    )
+    pods.ensure_pause_rootfs(rt)
     return rt
 
 
@@ -62,6 +135,8 @@ def bind_socket_path(path: Path) -> None:
 
 async def serve(config: Config) -> None:
     rt = open_runtime(config)
+    await rt.images.start()
+    await recovery.recover(rt)
     server = build_server(rt, rpc_handlers())
     socket_path = config.socket_path
     bind_socket_path(socket_path)
@@ -79,6 +154,7 @@ async def serve(config: Config) -> None:
 
     log.info("stopping: pods keep running")
     await server.stop(grace=5)
+    await rt.shims.close()
     with contextlib.suppress(FileNotFoundError):
         socket_path.unlink()
     rt.store.close()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sandbox.config import Config
+from sandbox.creation import Creations
 from sandbox.errors import InvalidArgument, NotFound
 from sandbox.records import ContainerRecord, PodRecord
 from sandbox.store import Store
@@ -101,6 +102,10 @@ class Runtime:
     pods: dict[str, PodRecord] = field(default_factory=dict)
     containers: dict[str, ContainerRecord] = field(default_factory=dict)
     locks: KeyedLocks = field(default_factory=KeyedLocks)
+    creations: Creations = field(default_factory=Creations)
+    # restrict_oom_score_adj: without CAP_SYS_RESOURCE nothing may go below our own value.
+    oom_score_adj_floor: int = -1000
+    network_kind: str = ""
     # Subsystems, attached by the daemon at start (see daemon.py); Any until they land so
     # that this module imports none of them.
     images: Any = None

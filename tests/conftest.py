@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
+from netns.bridge import BridgeConfig, BridgeNetwork
+from netns.ipam import JsonFileLeaseBook
 from tests.cri import CriClient
-from tests.daemon import Daemon, running_daemon
+from tests.daemon import TEST_BRIDGE, TEST_SUBNET, Daemon, running_daemon
+from tests.pods import mounts_under, remove_all_pods
 
-pytest_plugins = ["tests.support.plugin"]
+if TYPE_CHECKING:
+    from tests.support.plugin import TestImages
+
+pytest_plugins = ["tests.support.plugin", "tests.support.netns"]
 
 
 @pytest.fixture
@@ -25,3 +32,42 @@ def cri(daemon: Daemon) -> Iterator[CriClient]:
     client = daemon.client()
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _test_bridge_removed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The test daemons' bridge and its masquerade rule go when the session ends."""
+    yield
+    book = JsonFileLeaseBook(tmp_path_factory.mktemp("leases") / "leases.json")
+    BridgeNetwork(BridgeConfig(name=TEST_BRIDGE, subnet=TEST_SUBNET), book).destroy()
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One `flatpod serve` for a whole test module; every pod is removed at the end, and
+    nothing may stay mounted under its dirs."""
+    base = tmp_path_factory.mktemp("flatpod")
+    with running_daemon(base) as d:
+        yield d
+        client = d.client()
+        remove_all_pods(client)
+        client.close()
+        leftovers = mounts_under(d.state) + mounts_under(d.root)
+        assert not leftovers, f"mounts left behind: {leftovers}"
+
+
+@pytest.fixture(scope="module")
+def fp(shared_daemon: Daemon) -> Iterator[CriClient]:
+    client = shared_daemon.client()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def pulled(fp: CriClient, test_images: TestImages) -> TestImages:
+    """The test images, pulled into the module's daemon."""
+    from cri_api import api_pb2 as pb
+
+    for image in (test_images.busybox, test_images.web, test_images.busybox_user):
+        fp.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=image.reference)))
+    return test_images

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,6 +90,12 @@ class Daemon:
         return CriClient(self.socket)
 
 
+# The test daemons' own network, apart from the real default (flatpod0, 10.88.0.0/16) and
+# from the CNI configs a host may have.
+TEST_BRIDGE = "fptest0"
+TEST_SUBNET = "10.241.0.0/16"
+
+
 def write_config(path: Path, root: Path, state: Path, extra: str = "") -> None:
     path.write_text(
         f'root_dir = "{root}"\n'
@@ -95,12 +103,20 @@ def write_config(path: Path, root: Path, state: Path, extra: str = "") -> None:
         'log_level = "debug"\n'
         f"{extra}\n"
     )
+    if "[network]" not in extra:
+        with path.open("a") as f:
+            f.write(
+                f'[network]\nbridge = "{TEST_BRIDGE}"\nsubnet = "{TEST_SUBNET}"\n'
+                f'cni_conf_dir = "{path.parent / "no-cni"}"\n'
+            )
 
 
 @contextmanager
 def running_daemon(base: Path, extra_config: str = "") -> Iterator[Daemon]:
     """A daemon in `base`; on exit it is stopped (pods are the caller's to remove first)."""
-    root, state = base / "root", base / "state"
+    # The state dir is short, under /run as on a node: shim sockets live below it, and unix
+    # socket paths must fit in 108 bytes (pytest's temp paths do not).
+    root, state = base / "root", Path(tempfile.mkdtemp(prefix="fpt-", dir="/run"))
     config_path = base / "config.toml"
     write_config(config_path, root, state, extra_config)
     daemon = Daemon(root, state, config_path, base / "flatpod.log")
@@ -109,3 +125,4 @@ def running_daemon(base: Path, extra_config: str = "") -> Iterator[Daemon]:
         yield daemon
     finally:
         daemon.stop()
+        shutil.rmtree(state, ignore_errors=True)

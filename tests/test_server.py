@@ -127,5 +127,6 @@ def test_missing_default_config_means_defaults(tmp_path: Path) -> None:
         client = d.client()
         info = json.loads(client.Status(pb.StatusRequest(verbose=True)).info["config"])
         client.close()
-    assert info["network"]["subnet"] == "10.88.0.0/16"
     assert info["runtime_path"] == "/usr/sbin/runc"
+    assert info["images"]["pull_progress_timeout_seconds"] == 300
+    assert info["network"]["mtu"] == 1500

@@ -1,0 +1,285 @@
+"""The built-in pod network: a Linux bridge, one veth per pod, host-side NAT.
+
+All link/address/route work goes through netlink (pyroute2), with no `ip` subprocess on the
+path; only the iptables rules (masquerade, host ports) exec a binary.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from netns import ports
+from netns.enter import run_in_netns
+from netns.ipam import LeaseBook, allocate, default_gateway
+from netns.network import NetworkResult
+from netns.pin import is_pinned
+from netns.ports import HostPortChains, PortMapping, check_pod_id
+
+POD_IFNAME = "eth0"
+_IFNAMSIZ = 15
+_MASQ_COMMENT_PREFIX = "flatpod-masq="
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    """The bridge network; defaults are flatpod's real default network."""
+
+    name: str = "flatpod0"
+    subnet: str = "10.88.0.0/16"
+    gateway: str | None = None  # None: the first host address of the subnet
+    mtu: int = 1500
+    masquerade: bool = True
+    veth_prefix: str = "fp"  # host-side veth names are prefix + hash of the pod id
+    hostport_chains: HostPortChains = field(default_factory=HostPortChains)
+
+    def __post_init__(self) -> None:
+        if not 0 < len(self.name) <= _IFNAMSIZ:
+            raise ValueError(f"bad bridge name {self.name!r}")
+        if _IFNAMSIZ - len(self.veth_prefix) < 8:
+            raise ValueError(f"veth prefix {self.veth_prefix!r} leaves fewer than 8 hash chars")
+        if self.gateway is not None and IPv4Address(self.gateway) not in self.network:
+            raise ValueError(f"gateway {self.gateway} outside {self.subnet}")
+
+    @property
+    def network(self) -> IPv4Network:
+        return IPv4Network(self.subnet)
+
+    @property
+    def gateway_address(self) -> IPv4Address:
+        return IPv4Address(self.gateway) if self.gateway else default_gateway(self.network)
+
+    def host_veth_name(self, pod_id: str) -> str:
+        """Deterministic, so teardown finds the veth from the pod id alone."""
+        digest = hashlib.sha256(pod_id.encode()).hexdigest()
+        return self.veth_prefix + digest[: _IFNAMSIZ - len(self.veth_prefix)]
+
+
+def _write_sysctl(path: str, value: str) -> None:
+    with open(path, "r+") as knob:
+        if knob.read().strip() != value:
+            knob.seek(0)
+            knob.write(value)
+
+
+def _ignore_errno(exc: NetlinkError, *codes: int) -> None:
+    if exc.code not in codes:
+        raise exc
+
+
+def _lookup(ipr: Any, ifname: str) -> int | None:
+    found: list[int] = ipr.link_lookup(ifname=ifname)
+    return found[0] if found else None
+
+
+def _link_kind(ipr: Any, index: int) -> str | None:
+    info = ipr.get_links(index)[0].get("IFLA_LINKINFO")
+    return None if info is None else str(info.get("IFLA_INFO_KIND"))
+
+
+def _configure_pod_side(address: IPv4Interface, gateway: IPv4Address, mtu: int) -> None:
+    """Runs inside the pod netns: address eth0, bring links up, route via the bridge."""
+    with IPRoute() as ipr:
+        ipr.link("set", index=1, state="up")
+        index = _lookup(ipr, POD_IFNAME)
+        if index is None:
+            raise RuntimeError(f"{POD_IFNAME} did not arrive in the pod namespace")
+        ipr.link("set", index=index, mtu=mtu, state="up")
+        try:
+            ipr.addr(
+                "add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen
+            )
+        except NetlinkError as exc:
+            _ignore_errno(exc, errno.EEXIST)
+        try:
+            ipr.route("add", dst="0.0.0.0/0", gateway=str(gateway), oif=index)
+        except NetlinkError as exc:
+            _ignore_errno(exc, errno.EEXIST)
+
+
+def _pod_side_has(address: str) -> bool:
+    with IPRoute() as ipr:
+        index = _lookup(ipr, POD_IFNAME)
+        if index is None:
+            return False
+        return any(a.get("IFA_ADDRESS") == address for a in ipr.get_addr(index=index))
+
+
+class BridgeNetwork:
+    """A PodNetwork on a Linux bridge with leases from a LeaseBook."""
+
+    def __init__(self, config: BridgeConfig, leases: LeaseBook) -> None:
+        self.config = config
+        self.leases = leases
+        # Caches of host-wide idempotent steps, so a steady-state setup skips the execs.
+        self._masquerade_installed = False
+
+    # ---- host-wide pieces -------------------------------------------------------------------
+
+    def ensure_bridge(self) -> int:
+        """Create the bridge if needed, give it the gateway address, bring it up; its index."""
+        cfg = self.config
+        with IPRoute() as ipr:
+            index = _lookup(ipr, cfg.name)
+            if index is None:
+                try:
+                    ipr.link("add", ifname=cfg.name, kind="bridge", mtu=cfg.mtu)
+                except NetlinkError as exc:
+                    _ignore_errno(exc, errno.EEXIST)  # a concurrent setup made it first
+                index = _lookup(ipr, cfg.name)
+                if index is None:
+                    raise RuntimeError(f"bridge {cfg.name} vanished while being created")
+            if _link_kind(ipr, index) != "bridge":
+                raise RuntimeError(f"{cfg.name} exists and is not a bridge")
+            gateway = str(cfg.gateway_address)
+            if not any(a.get("IFA_ADDRESS") == gateway for a in ipr.get_addr(index=index)):
+                try:
+                    ipr.addr("add", index=index, address=gateway, prefixlen=cfg.network.prefixlen)
+                except NetlinkError as exc:
+                    _ignore_errno(exc, errno.EEXIST)
+            ipr.link("set", index=index, state="up")
+        return index
+
+    def _masquerade_rule(self) -> list[str]:
+        subnet = str(self.config.network)
+        comment = _MASQ_COMMENT_PREFIX + self.config.name
+        return ["-s", subnet, "!", "-d", subnet, "-m", "comment", "--comment", comment,
+                "-j", "MASQUERADE"]
+
+    def ensure_masquerade(self) -> None:
+        rule = self._masquerade_rule()
+        try:
+            ports.run_iptables(["-t", "nat", "-C", "POSTROUTING", *rule])
+        except ports.IptablesError:
+            ports.run_iptables(["-t", "nat", "-A", "POSTROUTING", *rule])
+        self._masquerade_installed = True
+
+    def _ensure_host(self) -> int:
+        index = self.ensure_bridge()
+        _write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")
+        if self.config.masquerade and not self._masquerade_installed:
+            self.ensure_masquerade()
+        return index
+
+    def destroy(self) -> None:
+        """Remove the bridge and its masquerade rule (uninstall, tests). Idempotent."""
+        rule = self._masquerade_rule()
+        while True:
+            try:
+                ports.run_iptables(["-t", "nat", "-D", "POSTROUTING", *rule])
+            except ports.IptablesError:
+                break
+        self._masquerade_installed = False
+        with IPRoute() as ipr:
+            index = _lookup(ipr, self.config.name)
+            if index is not None:
+                try:
+                    ipr.link("del", index=index)
+                except NetlinkError as exc:
+                    _ignore_errno(exc, errno.ENODEV)
+
+    # ---- per pod ----------------------------------------------------------------------------
+
+    def setup(
+        self,
+        pod_id: str,
+        netns_path: Path,
+        port_mappings: Sequence[PortMapping] = (),
+        pod_name: str = "",
+        pod_namespace: str = "",
+    ) -> NetworkResult:
+        """Attach the pod: lease an address, plumb a veth into the netns, install host ports.
+
+        Retrying after a failure (or after success) is safe and yields the same address.
+        """
+        check_pod_id(pod_id)
+        cfg = self.config
+        bridge_index = self._ensure_host()
+        address = allocate(self.leases, cfg.name, cfg.network, cfg.gateway_address, pod_id)
+        try:
+            self._plumb(pod_id, netns_path, bridge_index, address)
+            if port_mappings:
+                ports.enable_route_localnet(cfg.name)
+            ports.install(pod_id, str(address.ip), port_mappings, cfg.hostport_chains)
+        except BaseException:
+            self.teardown(pod_id, netns_path)
+            raise
+        return NetworkResult(
+            ip=str(address.ip),
+            prefix_len=address.network.prefixlen,
+            gateway=str(cfg.gateway_address),
+            interface=POD_IFNAME,
+        )
+
+    def _plumb(
+        self, pod_id: str, netns_path: Path, bridge_index: int, address: IPv4Interface
+    ) -> None:
+        cfg = self.config
+        host_name = cfg.host_veth_name(pod_id)
+        with IPRoute() as ipr:
+            stale = _lookup(ipr, host_name)
+            if stale is not None:  # a half-done earlier attempt: start over
+                ipr.link("del", index=stale)
+            ns_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                ipr.link(
+                    "add",
+                    ifname=host_name,
+                    kind="veth",
+                    peer={"ifname": POD_IFNAME, "net_ns_fd": ns_fd},
+                )
+            finally:
+                os.close(ns_fd)
+            host_index = _lookup(ipr, host_name)
+            if host_index is None:
+                raise RuntimeError(f"veth {host_name} vanished after creation")
+            ipr.link("set", index=host_index, master=bridge_index, mtu=cfg.mtu, state="up")
+        run_in_netns(
+            netns_path, lambda: _configure_pod_side(address, cfg.gateway_address, cfg.mtu)
+        )
+
+    def teardown(self, pod_id: str, netns_path: Path | None) -> None:
+        """Detach the pod. Deleting the host end removes both ends, netns or not; idempotent."""
+        check_pod_id(pod_id)
+        with IPRoute() as ipr:
+            index = _lookup(ipr, self.config.host_veth_name(pod_id))
+            if index is not None:
+                try:
+                    ipr.link("del", index=index)
+                except NetlinkError as exc:
+                    _ignore_errno(exc, errno.ENODEV)
+        ports.remove_all_for(pod_id, self.config.hostport_chains)
+        self.leases.release(self.config.name, pod_id)
+
+    def check(self, pod_id: str, netns_path: Path) -> bool:
+        """True if the pod still has its lease, its veth on the bridge, and its address."""
+        cfg = self.config
+        owned = self.leases.owned_by(cfg.name, pod_id)
+        if not owned or not is_pinned(netns_path):
+            return False
+        with IPRoute() as ipr:
+            bridge = _lookup(ipr, cfg.name)
+            host = _lookup(ipr, cfg.host_veth_name(pod_id))
+            if bridge is None or host is None:
+                return False
+            link = ipr.get_links(host)[0]
+            if link.get("IFLA_MASTER") != bridge:
+                return False
+        return run_in_netns(netns_path, lambda: _pod_side_has(owned[0]))
+
+    def status(self) -> tuple[bool, str]:
+        """Ready if the bridge is (or can be made) up and forwarding is on."""
+        try:
+            self._ensure_host()
+        except (OSError, NetlinkError, RuntimeError, ports.IptablesError) as exc:
+            return False, f"bridge network {self.config.name} not ready: {exc}"
+        return True, ""

@@ -1,0 +1,48 @@
+"""What the runtime sees of a pod network, whichever implementation (built-in bridge or CNI)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from netns.ports import PortMapping
+
+
+@dataclass(frozen=True)
+class NetworkResult:
+    """The pod's primary address, as PodSandboxStatus reports it."""
+
+    ip: str
+    prefix_len: int
+    gateway: str
+    interface: str = "eth0"
+    additional_ips: list[str] = field(default_factory=list)
+
+
+class PodNetwork(Protocol):
+    """Attach pods to a network and detach them. Every method is idempotent."""
+
+    def setup(
+        self,
+        pod_id: str,
+        netns_path: Path,
+        port_mappings: Sequence[PortMapping] = (),
+        pod_name: str = "",
+        pod_namespace: str = "",
+    ) -> NetworkResult:
+        """Give the pod's netns an interface, an address, routes and its host ports."""
+        ...
+
+    def teardown(self, pod_id: str, netns_path: Path | None) -> None:
+        """Undo setup; works when the netns is already gone and when nothing is left to undo."""
+        ...
+
+    def check(self, pod_id: str, netns_path: Path) -> bool:
+        """True if the pod's network is still in place."""
+        ...
+
+    def status(self) -> tuple[bool, str]:
+        """(ready, reason) for the runtime's NetworkReady condition."""
+        ...

@@ -1,0 +1,608 @@
+"""Containers: Create, Start, Stop, Remove, Status, List, ExecSync, ReopenLog, UpdateResources.
+
+A container is a peer process on the host: its OCI spec joins the pod's pinned namespace
+files, its rootfs is an overlay of the image's snapshots, and the pod's shim runs it, holds its
+stdio, writes its CRI log and records its exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+
+from cri_api import api_pb2 as pb
+from sandbox import cgroups
+from sandbox.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from sandbox.mounts import unmount
+from sandbox.records import (
+    CREATED,
+    EXITED,
+    RUNNING,
+    UNKNOWN,
+    ContainerRecord,
+    PodRecord,
+    delete_container,
+    insert_container,
+    save_container,
+)
+from sandbox.runtime import Runtime
+from sandbox.shims import rfc3339_to_ns
+from sandbox.spec import SandboxPaths, SpecDefaults, SpecError, build_container_spec
+from sandbox.users import UserDb
+from shim.client import ShimError
+from shim.runc import Runc, RuncError
+
+log = logging.getLogger("flatpod.containers")
+
+CONTAINER_CREATING = "creating"
+_STATES = {
+    CREATED: pb.CONTAINER_CREATED,
+    RUNNING: pb.CONTAINER_RUNNING,
+    EXITED: pb.CONTAINER_EXITED,
+    UNKNOWN: pb.CONTAINER_UNKNOWN,
+}
+_STATE_NAMES = {v: k for k, v in _STATES.items()}
+# How long a stop waits for the shim to see the exit after SIGKILL.
+KILL_WAIT = 10.0
+
+
+def container_name(meta: pb.ContainerMetadata, pod: PodRecord) -> str:
+    pod_meta = pod.config.metadata
+    return (
+        f"{meta.name}_{pod_meta.name}_{pod_meta.namespace}_{pod_meta.uid}_{meta.attempt}"
+    )
+
+
+# --- CreateContainer -------------------------------------------------------------------------
+
+
+async def create_container(
+    rt: Runtime, req: pb.CreateContainerRequest
+) -> pb.CreateContainerResponse:
+    validate_container_config(req.config)
+    from sandbox.pods import ready_pod  # pods imports this module for stop and remove
+
+    pod = ready_pod(rt, req.pod_sandbox_id)
+    image = rt.images.images.resolve(req.config.image.image)
+    if image is None:
+        raise NotFound(f"image {req.config.image.image!r} not found; pull it first")
+    name = container_name(req.config.metadata, pod)
+
+    def claim(ctr: Any) -> None:
+        ctr.unclaimed = False
+        save_container(rt.store, ctr)
+
+    def mark_unclaimed(ctr_id: str) -> None:
+        ctr = rt.containers.get(ctr_id)
+        if ctr is not None:
+            ctr.unclaimed = True
+            save_container(rt.store, ctr)
+
+    holder = next((c for c in rt.containers.values() if c.name == name), None)
+    ctr_id = await rt.creations.create_once(
+        name, "container", holder, lambda: _create(rt, pod, name, req, image), claim,
+        mark_unclaimed,
+    )
+    return pb.CreateContainerResponse(container_id=ctr_id)
+
+
+async def _create(
+    rt: Runtime, pod: PodRecord, name: str, req: pb.CreateContainerRequest, image: Any
+) -> str:
+    from sandbox.undo import undo_on_failure
+
+    config = req.config
+    ctr = ContainerRecord(
+        id=uuid.uuid4().hex + uuid.uuid4().hex,
+        pod_id=pod.id,
+        name=name,
+        created_at=time.time_ns(),
+        config=config,
+        image_ref=config.image.image,
+        image_id=image.id,
+        image_name=_image_name(image, config.image.image),
+        state=CONTAINER_CREATING,
+        snapshots=list(reversed(image.chain_ids)),
+        stop_signal=str(image.config.get("config", {}).get("StopSignal") or ""),
+        resources=config.linux.resources.SerializeToString(),
+    )
+    # 1. Reserve the name, before touching the host.
+    holder = insert_container(rt.store, ctr)
+    if holder is not None:
+        raise FailedPrecondition(f"container name {name!r} is reserved by {holder}")
+    rt.containers[ctr.id] = ctr
+    async with rt.locks.hold(ctr.id), undo_on_failure() as undo:
+        undo.push("record", lambda: _forget(rt, ctr))
+        # 2. The rootfs: an overlay of the image's snapshots and a writable layer.
+        bundle = rt.paths.bundle_dir(ctr.id)
+        layer = rt.paths.writable_layers / ctr.id
+        rootfs = bundle / "rootfs"
+        undo.push("dirs", lambda: _remove_dirs(bundle, layer))
+        await asyncio.to_thread(_make_dirs, bundle, layer, rootfs)
+        await asyncio.to_thread(
+            rt.images.snapshots.mount_rootfs, ctr.snapshots, layer / "upper", layer / "work",
+            rootfs, False,
+        )
+        undo.push("rootfs", lambda: unmount(rootfs))
+        ctr.rootfs = str(rootfs)
+        # 3. The OCI spec: joins the pod's pinned namespaces.
+        ctr.cgroup_path = cgroups.container_cgroup_path(pod.cgroup_path, ctr.id)
+        spec = await asyncio.to_thread(_container_spec, rt, pod, ctr, image, rootfs)
+        user = spec["process"]["user"]
+        ctr.uid, ctr.gid = int(user.get("uid", 0)), int(user.get("gid", 0))
+        ctr.supplemental_groups = [int(g) for g in user.get("additionalGids", [])]
+        (bundle / "config.json").write_text(json.dumps(spec))
+        # 4. The log file, where kubelet reads it.
+        ctr.log_path = _log_path(pod, config)
+        if ctr.log_path:
+            Path(ctr.log_path).parent.mkdir(parents=True, exist_ok=True)
+        # 5. The shim creates it: the process waits in runc's init until StartContainer.
+        shim = _shim(rt, pod)
+        ctr.pid = await shim.create(
+            ctr.id, str(bundle), stdin=config.stdin, stdin_once=config.stdin_once,
+            tty=config.tty, log_path=ctr.log_path or None, exit_file=str(bundle / "exit"),
+        )
+        undo.push("runc", lambda: _delete_runc(rt, ctr.id))
+        ctr.state = CREATED
+        save_container(rt.store, ctr)
+    _publish(rt, ctr, pb.CONTAINER_CREATED_EVENT)
+    log.info("container %s (%s) created in pod %s", ctr.id[:12], name, pod.short)
+    return ctr.id
+
+
+def validate_container_config(config: pb.ContainerConfig) -> None:
+    if not config.metadata.name:
+        raise InvalidArgument("container config metadata.name is required")
+    if not config.image.image:
+        raise InvalidArgument("container config image.image is required")
+    for field_name, value in (
+        ("metadata.name", config.metadata.name), ("image.image", config.image.image),
+        ("log_path", config.log_path), ("working_dir", config.working_dir),
+    ):
+        if "\x00" in value:
+            raise InvalidArgument(f"{field_name} contains a NUL byte")
+    if config.log_path and (
+        os.path.isabs(config.log_path) or ".." in Path(config.log_path).parts
+    ):
+        raise InvalidArgument(
+            f"log_path {config.log_path!r} must be relative to the pod's log_directory, "
+            "without '..'"
+        )
+    for mount in config.mounts:
+        if not os.path.isabs(mount.container_path):
+            raise InvalidArgument(f"mount container_path {mount.container_path!r} is not absolute")
+        if "\x00" in mount.container_path or "\x00" in mount.host_path:
+            raise InvalidArgument("mount paths must not contain NUL bytes")
+    for env in config.envs:
+        if "\x00" in env.key or "\x00" in env.value or "=" in env.key or not env.key:
+            raise InvalidArgument(f"environment variable name {env.key!r} is invalid")
+
+
+def _image_name(image: Any, requested: str) -> str:
+    tags = list(image.repo_tags)
+    for tag in tags:
+        if tag.endswith(requested) or requested in tag:
+            return str(tag)
+    return str(tags[0]) if tags else requested
+
+
+def _make_dirs(bundle: Path, layer: Path, rootfs: Path) -> None:
+    bundle.mkdir(parents=True, mode=0o700)
+    rootfs.mkdir()
+    (layer / "upper").mkdir(parents=True)
+    (layer / "work").mkdir()
+
+
+def _remove_dirs(bundle: Path, layer: Path) -> None:
+    shutil.rmtree(bundle, ignore_errors=True)
+    shutil.rmtree(layer, ignore_errors=True)
+
+
+def _container_spec(
+    rt: Runtime, pod: PodRecord, ctr: ContainerRecord, image: Any, rootfs: Path
+) -> dict[str, Any]:
+    pod_dir = rt.paths.pod_dir(pod.id)
+    ns = pod.namespaces
+    sandbox = SandboxPaths(
+        netns=Path(pod.netns_path) if pod.netns_path else None,
+        ipc=Path(ns["ipc"]) if "ipc" in ns else None,
+        uts=Path(ns["uts"]) if "uts" in ns else None,
+        pid=Path(ns["pid"]) if "pid" in ns else None,
+        hostname=pod_dir / "hostname",
+        resolv_conf=pod_dir / "resolv.conf",
+        shm=pod_dir / "shm" if (pod_dir / "shm").is_dir() else None,
+        hosts=pod_dir / "hosts",
+    )
+    target = _target_pid_ns(rt, ctr.config)
+    # A container cannot have a network of its own in a flat pod: it is the pod's, whatever
+    # the container's options say (kubelet sends the pod's mode; crictl users often don't).
+    config = pb.ContainerConfig()
+    config.CopyFrom(ctr.config)
+    pod_network_mode = pod.config.linux.security_context.namespace_options.network
+    config.linux.security_context.namespace_options.network = pod_network_mode
+    try:
+        return build_container_spec(
+            pod.config, config, dict(image.config.get("config") or {}),
+            rootfs=rootfs, sandbox=sandbox, cgroups_path=ctr.cgroup_path,
+            target_pid_ns=target, rootfs_users=UserDb.from_rootfs(rootfs),
+            oom_score_adj_floor=rt.oom_score_adj_floor, defaults=SpecDefaults(),
+        )
+    except SpecError as err:
+        raise InvalidArgument(str(err)) from err
+
+
+def _target_pid_ns(rt: Runtime, config: pb.ContainerConfig) -> Path | None:
+    opts = config.linux.security_context.namespace_options
+    if opts.pid != pb.TARGET:
+        return None
+    target = rt.find_container(opts.target_id)
+    if target is None or target.state != RUNNING or not target.pid:
+        raise NotFound(f"target container {opts.target_id!r} for the PID namespace is not running")
+    return Path(f"/proc/{target.pid}/ns/pid")
+
+
+def _log_path(pod: PodRecord, config: pb.ContainerConfig) -> str:
+    if not pod.config.log_directory or not config.log_path:
+        return ""
+    return os.path.join(pod.config.log_directory, config.log_path)
+
+
+def _shim(rt: Runtime, pod: PodRecord) -> Any:
+    shim = rt.shims.get(pod.id)
+    if shim is None:
+        raise FailedPrecondition(f"the shim of pod {pod.id} is gone; stop and remove the pod")
+    return shim
+
+
+def _forget(rt: Runtime, ctr: ContainerRecord) -> None:
+    rt.containers.pop(ctr.id, None)
+    delete_container(rt.store, ctr)
+
+
+async def _delete_runc(rt: Runtime, container_id: str) -> None:
+    runc = Runc(root=str(rt.paths.runc_root), binary=rt.config.runtime_path)
+    try:
+        await asyncio.to_thread(runc.delete, container_id, True)
+    except RuncError as err:
+        if not err.not_found:
+            raise
+
+
+# --- StartContainer --------------------------------------------------------------------------
+
+
+async def start_container(rt: Runtime, req: pb.StartContainerRequest) -> pb.StartContainerResponse:
+    ctr = _visible(rt, req.container_id)
+    async with rt.locks.hold(ctr.id):
+        if ctr.state != CREATED:
+            raise FailedPrecondition(f"container {ctr.id} is {ctr.state}, not created")
+        pod = rt.pod(ctr.pod_id)
+        try:
+            await _shim(rt, pod).start(ctr.id)
+        except ShimError as err:
+            ctr.state, ctr.reason, ctr.message = EXITED, "StartError", str(err)
+            ctr.exit_code, ctr.finished_at = 128, time.time_ns()
+            save_container(rt.store, ctr)
+            raise FailedPrecondition(f"starting container {ctr.id}: {err}") from err
+        if ctr.state == CREATED:  # its exit may already have been reported
+            ctr.state = RUNNING
+        ctr.started_at = time.time_ns()
+        save_container(rt.store, ctr)
+    _publish(rt, ctr, pb.CONTAINER_STARTED_EVENT)
+    return pb.StartContainerResponse()
+
+
+# --- StopContainer ---------------------------------------------------------------------------
+
+
+async def stop_container(rt: Runtime, req: pb.StopContainerRequest) -> pb.StopContainerResponse:
+    ctr = rt.find_container(req.container_id)
+    if ctr is None:
+        return pb.StopContainerResponse()
+    async with rt.locks.hold(ctr.id):
+        await stop_container_now(rt, ctr, req.timeout)
+    return pb.StopContainerResponse()
+
+
+async def stop_container_now(rt: Runtime, ctr: ContainerRecord, timeout: int) -> None:
+    """The stop signal, then SIGKILL after `timeout` seconds (0: at once). Idempotent."""
+    if ctr.state not in (RUNNING, CREATED, UNKNOWN):
+        return
+    shim = rt.shims.get(ctr.pod_id)
+    if shim is None:
+        record_exit(rt, ctr, {"exit_code": 255, "exited_at": None}, reason="Unknown")
+        return
+    try:
+        if timeout > 0 and ctr.state == RUNNING:
+            await shim.signal(ctr.id, _stop_signal(ctr))
+            view = await _wait(shim, ctr.id, timeout)
+            if view is not None:
+                await apply_exit(rt, ctr, view)
+                return
+        await shim.signal(ctr.id, signal.SIGKILL, all=True)
+        view = await _wait(shim, ctr.id, KILL_WAIT)
+        if view is None:
+            raise DeadlineExceeded(f"container {ctr.id} did not exit {KILL_WAIT}s after SIGKILL")
+        await apply_exit(rt, ctr, view)
+    except ShimError as err:
+        view = await _shim_view(shim, ctr.id)
+        if view is not None and view.get("status") == "exited":
+            await apply_exit(rt, ctr, view)
+            return
+        raise FailedPrecondition(f"stopping container {ctr.id}: {err}") from err
+
+
+async def _wait(shim: Any, ctr_id: str, timeout: float) -> dict[str, Any] | None:
+    try:
+        view: dict[str, Any] = await shim.wait(ctr_id, timeout=timeout)
+    except ShimError as err:
+        if "timed out" in str(err) or "timeout" in str(err):
+            return None
+        raise
+    return view if view.get("status") == "exited" else None
+
+
+async def _shim_view(shim: Any, ctr_id: str) -> dict[str, Any] | None:
+    try:
+        view: dict[str, Any] = await shim.state(ctr_id)
+        return view
+    except (ShimError, OSError):
+        return None
+
+
+def _stop_signal(ctr: ContainerRecord) -> int:
+    name = ctr.stop_signal.upper()
+    if not name:
+        return int(signal.SIGTERM)
+    if name.isdigit():
+        return int(name)
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    return int(getattr(signal, name, signal.SIGTERM))
+
+
+# --- exits, from the shim --------------------------------------------------------------------
+
+
+async def on_exit(rt: Runtime, pod_id: str, event: dict[str, Any]) -> None:
+    """The shim saw a process of this pod exit."""
+    ctr_id = str(event.get("container_id", ""))
+    if ctr_id == pod_id:
+        from sandbox.pods import on_pause_exit
+
+        pod = rt.pods.get(pod_id)
+        if pod is not None:
+            await on_pause_exit(rt, pod)
+        return
+    ctr = rt.containers.get(ctr_id)
+    if ctr is not None:
+        await apply_exit(rt, ctr, event)
+
+
+async def apply_exit(rt: Runtime, ctr: ContainerRecord, view: dict[str, Any]) -> None:
+    if ctr.state == EXITED:
+        return
+    reason = "OOMKilled" if view.get("oom_killed") else ""
+    record_exit(rt, ctr, view, reason)
+
+
+def record_exit(
+    rt: Runtime, ctr: ContainerRecord, view: dict[str, Any], reason: str, message: str = ""
+) -> None:
+    code = int(view.get("exit_code") or 0)
+    ctr.exit_code = code
+    ctr.finished_at = rfc3339_to_ns(view.get("exited_at")) or time.time_ns()
+    if not ctr.started_at:
+        ctr.started_at = ctr.finished_at if ctr.state == RUNNING else 0
+    ctr.reason = reason or ("Completed" if code == 0 else "Error")
+    ctr.message = message
+    ctr.state = EXITED
+    save_container(rt.store, ctr)
+    _publish(rt, ctr, pb.CONTAINER_STOPPED_EVENT)
+
+
+# --- RemoveContainer -------------------------------------------------------------------------
+
+
+async def remove_container(
+    rt: Runtime, req: pb.RemoveContainerRequest
+) -> pb.RemoveContainerResponse:
+    ctr = rt.find_container(req.container_id)
+    if ctr is None:
+        return pb.RemoveContainerResponse()
+    async with rt.locks.hold(ctr.id):
+        await remove_container_now(rt, ctr)
+    return pb.RemoveContainerResponse()
+
+
+async def remove_container_now(rt: Runtime, ctr: ContainerRecord) -> None:
+    """Forcibly stops, then removes every trace: runc state, rootfs, cgroup, dirs, record."""
+    await stop_container_now(rt, ctr, timeout=0)
+    await _delete_runc(rt, ctr.id)
+    bundle = rt.paths.bundle_dir(ctr.id)
+    await asyncio.to_thread(unmount, bundle / "rootfs")
+    if ctr.cgroup_path:
+        await asyncio.to_thread(cgroups.remove, ctr.cgroup_path)
+    await asyncio.to_thread(_remove_dirs, bundle, rt.paths.writable_layers / ctr.id)
+    _forget(rt, ctr)
+    _publish(rt, ctr, pb.CONTAINER_DELETED_EVENT)
+    log.info("container %s removed", ctr.id[:12])
+
+
+# --- ContainerStatus and ListContainers -------------------------------------------------------
+
+
+def _visible(rt: Runtime, ref: str) -> ContainerRecord:
+    ctr = rt.container(ref)
+    if ctr.state == CONTAINER_CREATING:
+        raise NotFound(f"container {ref!r} not found (it is still being created)")
+    return ctr
+
+
+async def container_status(
+    rt: Runtime, req: pb.ContainerStatusRequest
+) -> pb.ContainerStatusResponse:
+    ctr = _visible(rt, req.container_id)
+    response = pb.ContainerStatusResponse(status=container_status_message(rt, ctr))
+    if req.verbose:
+        response.info["info"] = json.dumps(
+            {
+                "pid": ctr.pid,
+                "sandboxID": ctr.pod_id,
+                "rootfs": ctr.rootfs,
+                "snapshots": ctr.snapshots,
+                "cgroup": ctr.cgroup_path,
+                "config": MessageToDict(ctr.config),
+            }
+        )
+    return response
+
+
+def container_status_message(rt: Runtime, ctr: ContainerRecord) -> pb.ContainerStatus:
+    config = ctr.config
+    resources = pb.LinuxContainerResources.FromString(ctr.resources)
+    return pb.ContainerStatus(
+        id=ctr.id,
+        metadata=config.metadata,
+        state=_STATES.get(ctr.state, pb.CONTAINER_UNKNOWN),
+        created_at=ctr.created_at,
+        started_at=ctr.started_at,
+        finished_at=ctr.finished_at,
+        exit_code=ctr.exit_code,
+        image=pb.ImageSpec(
+            image=ctr.image_name or ctr.image_ref, annotations=config.image.annotations
+        ),
+        image_ref=ctr.image_id,
+        image_id=ctr.image_id,
+        reason=ctr.reason,
+        message=ctr.message,
+        labels=config.labels,
+        annotations=config.annotations,
+        mounts=config.mounts,
+        log_path=ctr.log_path,
+        resources=pb.ContainerResources(linux=resources),
+        user=pb.ContainerUser(
+            linux=pb.LinuxContainerUser(
+                uid=ctr.uid, gid=ctr.gid, supplemental_groups=ctr.supplemental_groups
+            )
+        ),
+    )
+
+
+async def list_containers(rt: Runtime, req: pb.ListContainersRequest) -> pb.ListContainersResponse:
+    return pb.ListContainersResponse(containers=[_summary(c) for c in _filtered(rt, req.filter)])
+
+
+def _filtered(rt: Runtime, flt: pb.ContainerFilter) -> Iterable[ContainerRecord]:
+    want_state = _STATE_NAMES.get(flt.state.state) if flt.HasField("state") else None
+    for ctr in rt.containers.values():
+        if ctr.state == CONTAINER_CREATING:
+            continue
+        if flt.id and not ctr.id.startswith(flt.id):
+            continue
+        if flt.pod_sandbox_id and not ctr.pod_id.startswith(flt.pod_sandbox_id):
+            continue
+        if want_state is not None and ctr.state != want_state:
+            continue
+        if any(ctr.config.labels.get(k) != v for k, v in flt.label_selector.items()):
+            continue
+        yield ctr
+
+
+def _summary(ctr: ContainerRecord) -> pb.Container:
+    config = ctr.config
+    return pb.Container(
+        id=ctr.id,
+        pod_sandbox_id=ctr.pod_id,
+        metadata=config.metadata,
+        image=pb.ImageSpec(image=ctr.image_name or ctr.image_ref),
+        image_ref=ctr.image_id,
+        image_id=ctr.image_id,
+        state=_STATES.get(ctr.state, pb.CONTAINER_UNKNOWN),
+        created_at=ctr.created_at,
+        labels=config.labels,
+        annotations=config.annotations,
+    )
+
+
+# --- ExecSync, ReopenContainerLog, UpdateContainerResources -----------------------------------
+
+
+async def exec_sync(rt: Runtime, req: pb.ExecSyncRequest) -> pb.ExecSyncResponse:
+    ctr = _running(rt, req.container_id)
+    if not req.cmd:
+        raise InvalidArgument("exec command is empty")
+    process = exec_process(rt, ctr, list(req.cmd), tty=False)
+    shim = _shim(rt, rt.pod(ctr.pod_id))
+    timeout = float(req.timeout) if req.timeout > 0 else None
+    result = await shim.exec_sync(ctr.id, process, timeout)
+    if result.timed_out:
+        raise DeadlineExceeded(
+            f"command {list(req.cmd)!r} in container {ctr.id} timed out after {req.timeout}s"
+        )
+    return pb.ExecSyncResponse(
+        stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code
+    )
+
+
+def exec_process(rt: Runtime, ctr: ContainerRecord, cmd: list[str], tty: bool) -> dict[str, Any]:
+    """The container's own process settings (user, env, cwd, caps) with another command."""
+    spec = json.loads((rt.paths.bundle_dir(ctr.id) / "config.json").read_text())
+    process: dict[str, Any] = spec["process"]
+    process["args"] = cmd
+    process["terminal"] = tty
+    process.pop("consoleSize", None)
+    return process
+
+
+def _running(rt: Runtime, ref: str) -> ContainerRecord:
+    ctr = _visible(rt, ref)
+    if ctr.state != RUNNING:
+        raise FailedPrecondition(f"container {ctr.id} is {ctr.state}, not running")
+    return ctr
+
+
+async def reopen_container_log(
+    rt: Runtime, req: pb.ReopenContainerLogRequest
+) -> pb.ReopenContainerLogResponse:
+    ctr = _running(rt, req.container_id)
+    await _shim(rt, rt.pod(ctr.pod_id)).reopen_log(ctr.id)
+    return pb.ReopenContainerLogResponse()
+
+
+async def update_container_resources(
+    rt: Runtime, req: pb.UpdateContainerResourcesRequest
+) -> pb.UpdateContainerResourcesResponse:
+    ctr = _visible(rt, req.container_id)
+    if ctr.state not in (CREATED, RUNNING):
+        raise FailedPrecondition(f"container {ctr.id} is {ctr.state}: nothing to update")
+    async with rt.locks.hold(ctr.id):
+        resources = cgroups.Resources.from_cri(req.linux)
+        await asyncio.to_thread(cgroups.update, ctr.cgroup_path, resources)
+        ctr.resources = req.linux.SerializeToString()
+        save_container(rt.store, ctr)
+    return pb.UpdateContainerResourcesResponse()
+
+
+# --- events ----------------------------------------------------------------------------------
+
+
+def _publish(rt: Runtime, ctr: ContainerRecord, kind: int) -> None:
+    if rt.events is not None:
+        rt.events.publish(rt, ctr, kind)

@@ -1,0 +1,89 @@
+"""Creating a named object exactly once, however often kubelet retries.
+
+kubelet gives RunPodSandbox and CreateContainer a deadline. When the deadline passes first,
+kubelet retries with the same name, and the runtime must end with one working object, not a
+"name is reserved" dead end (containerd#12438). As CRI-O does, flatpod finishes the first
+request anyway and hands its result to the retry:
+- a retry that arrives while the first is still working waits for it and gets its id;
+- an object finished after its client gave up is marked unclaimed, and the next request with
+  that name claims it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from sandbox.errors import AlreadyExists
+
+
+class Claimable(Protocol):
+    id: str
+    state: str
+    unclaimed: bool
+
+
+@dataclass
+class PendingCreate:
+    task: asyncio.Task[str]
+    waiters: int = 1
+
+
+@dataclass
+class Creations:
+    """Creations in flight, by name."""
+
+    pending: dict[str, PendingCreate] = field(default_factory=dict)
+
+    async def create_once(
+        self,
+        name: str,
+        what: str,
+        holder: Claimable | None,
+        make: Callable[[], Awaitable[str]],
+        claim: Callable[[Claimable], None],
+        mark_unclaimed: Callable[[str], None],
+    ) -> str:
+        """The id of the object called `name`: made by `make`, or the one already made.
+
+        `holder` is the existing object with that name, if any; `claim` records that a
+        request took an unclaimed one; `mark_unclaimed` records, by id, an object whose
+        client went away before it was made.
+        """
+        inflight = self.pending.get(name)
+        if inflight is not None:
+            inflight.waiters += 1
+            try:
+                return await asyncio.shield(inflight.task)
+            finally:
+                inflight.waiters -= 1
+        if holder is not None:
+            if holder.unclaimed:
+                claim(holder)
+                return holder.id
+            raise AlreadyExists(
+                f"{what} name {name!r} is reserved by {what} {holder.id} ({holder.state}); "
+                "remove it first"
+            )
+        task = asyncio.ensure_future(make())
+        entry = PendingCreate(task)
+        self.pending[name] = entry
+        task.add_done_callback(lambda _t: self.pending.pop(name, None))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # Our client went away while the object is still being made: whoever asks for
+            # this name next gets it.
+            entry.waiters -= 1
+            task.add_done_callback(lambda t: _unclaimed_if_nobody_waits(t, entry, mark_unclaimed))
+            raise
+
+
+def _unclaimed_if_nobody_waits(
+    task: asyncio.Task[str], entry: PendingCreate, mark: Callable[[str], None]
+) -> None:
+    if task.cancelled() or task.exception() is not None or entry.waiters > 0:
+        return
+    mark(task.result())

@@ -1,0 +1,526 @@
+"""Snapshots: each image layer unpacked once, alone, into <root>/snapshots/<chain id hex>/.
+
+A snapshot is the layer's own diff in overlayfs form (OCI whiteouts become overlay whiteouts),
+so a rootfs is an overlay of an image's snapshots with the topmost first. A layer is extracted
+into a private temp dir and renamed into place only when complete; a layer that tries to reach
+outside its directory is rejected whole.
+
+Extraction never follows a symlink: every parent directory of an entry is checked with lstat
+component by component, and a parent that is a symlink rejects the layer. Layers written by
+image builders never go through symlinks (a diff lists real paths), and because each layer is
+unpacked on its own, following one would resolve against the wrong tree anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import gzip
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, cast
+
+import zstandard
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1024 * 1024
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+OPAQUE_XATTR = "trusted.overlay.opaque"
+PAX_XATTR_PREFIX = "SCHILY.xattr."
+TEMP_PREFIX = ".tmp-"
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+MS_RDONLY = 1
+MS_REMOUNT = 32
+MS_BIND = 4096
+MNT_DETACH = 2
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+Progress = Callable[[int], None]
+
+
+class LayerError(ValueError):
+    """The layer cannot be unpacked: corrupt, or not what its diff id says."""
+
+
+class UnsafeLayer(LayerError):
+    """The layer tries to write outside its snapshot directory."""
+
+
+@dataclass(frozen=True)
+class Usage:
+    bytes: int
+    inodes: int
+
+
+def chain_ids(diff_ids: Sequence[str]) -> list[str]:
+    """OCI image-spec ChainIDs: ChainID(L0) = DiffID(L0);
+    ChainID(L0..n) = sha256(ChainID(L0..n-1) + " " + DiffID(Ln))."""
+    chains: list[str] = []
+    for diff_id in diff_ids:
+        if not chains:
+            chains.append(diff_id)
+        else:
+            joined = f"{chains[-1]} {diff_id}".encode()
+            chains.append("sha256:" + hashlib.sha256(joined).hexdigest())
+    return chains
+
+
+class SnapshotStore:
+    def __init__(self, root: Path, max_concurrent_unpacks: int = 2) -> None:
+        self.dir = root / "snapshots"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._max_unpacks = max_concurrent_unpacks
+        self._slots: asyncio.Semaphore | None = None
+        self._unpacking: dict[str, asyncio.Future[None]] = {}
+        self._removing: dict[str, asyncio.Event] = {}  # chain id -> set once GC removed it
+        self._usage: dict[str, Usage] = {}  # snapshots never change, so this never goes stale
+
+    def path(self, chain_id: str) -> Path:
+        hex_ = chain_id.removeprefix("sha256:")
+        if len(hex_) != 64 or not all(c in "0123456789abcdef" for c in hex_):
+            raise ValueError(f"invalid chain id {chain_id!r}")
+        return self.dir / hex_
+
+    def has(self, chain_id: str) -> bool:
+        return self.path(chain_id).is_dir()
+
+    def chain_ids(self) -> set[str]:
+        return {f"sha256:{p.name}" for p in self.dir.iterdir() if not p.name.startswith(".")}
+
+    def remove(self, chain_id: str) -> None:
+        path = self.path(chain_id)
+        # Renamed away first so a half-removed snapshot never sits under its real name.
+        doomed = self.dir / f"{TEMP_PREFIX}rm-{path.name}"
+        try:
+            os.rename(path, doomed)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(doomed, ignore_errors=True)
+        self._usage.pop(chain_id, None)
+
+    def _remove_all(self, names: set[str]) -> None:
+        for name in names:
+            self.remove(name)
+
+    async def remove_unused(self, doomed: set[str]) -> None:
+        """Deletes snapshots GC found unused; see ContentStore.remove_unused."""
+        events = {c: asyncio.Event() for c in doomed if c not in self._unpacking}
+        self._removing.update(events)
+        try:
+            await asyncio.to_thread(self._remove_all, set(events))
+        finally:
+            for chain_id, event in events.items():
+                del self._removing[chain_id]
+                event.set()
+
+    def clear_temp(self) -> None:
+        """Drops half-unpacked or half-removed snapshots left by a crash."""
+        for entry in self.dir.iterdir():
+            if entry.name.startswith(TEMP_PREFIX):
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def usage(self, chain_id: str) -> Usage:
+        cached = self._usage.get(chain_id)
+        if cached is None:
+            cached = self._usage[chain_id] = tree_usage(self.path(chain_id))
+        return cached
+
+    async def ensure(self, chain_id: str, blob: Path, diff_id: str, progress: Progress) -> None:
+        """Unpacks the layer unless its snapshot exists or another pull is unpacking it."""
+        removal = self._removing.get(chain_id)
+        if removal is not None:
+            await removal.wait()  # GC is deleting it: unpack it again afterwards
+        if self.has(chain_id):
+            return
+        pending = self._unpacking.get(chain_id)
+        if pending is None:
+            loop = asyncio.get_running_loop()
+            pending = loop.create_future()
+            self._unpacking[chain_id] = pending
+            task = loop.create_task(self._unpack_task(chain_id, blob, diff_id, progress, pending))
+            task.add_done_callback(lambda _: self._unpacking.pop(chain_id, None))
+        await asyncio.shield(pending)
+
+    async def _unpack_task(
+        self, chain_id: str, blob: Path, diff_id: str, progress: Progress,
+        done: asyncio.Future[None],
+    ) -> None:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self._max_unpacks)
+        try:
+            async with self._slots:
+                await asyncio.to_thread(self.unpack, chain_id, blob, diff_id, progress)
+        except BaseException as e:
+            done.set_exception(e)
+            done.exception()  # retrieved, even if every waiter is gone
+        else:
+            done.set_result(None)
+
+    def unpack(
+        self, chain_id: str, blob: Path, diff_id: str, progress: Progress | None = None
+    ) -> None:
+        """Blocking: extracts `blob` into the snapshot for `chain_id`, all or nothing."""
+        final = self.path(chain_id)
+        if final.is_dir():
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.dir))
+        try:
+            os.chmod(tmp, 0o755)  # the rootfs' "/" unless the layer says otherwise
+            unpack_layer(blob, tmp, diff_id, progress or (lambda _: None))
+            usage = tree_usage(tmp)
+            try:
+                os.rename(tmp, final)
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                # Someone else finished it first: theirs is as good as ours.
+            self._usage[chain_id] = usage
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def mount_rootfs(
+        self,
+        lower_chain_ids_topmost_first: Sequence[str],
+        upper: Path | None,
+        work: Path | None,
+        target: Path,
+        readonly: bool,
+    ) -> None:
+        lowers = [self.path(c) for c in lower_chain_ids_topmost_first]
+        mount_overlay(lowers, upper, work, target, readonly)
+
+
+# ---- extraction ------------------------------------------------------------------------------
+
+
+class _HashingReader:
+    """Hashes the uncompressed tar stream, to check it against the layer's diff id, and
+    reports its bytes as the pull's unpack progress."""
+
+    def __init__(self, inner: BinaryIO, progress: Progress) -> None:
+        self.inner = inner
+        self.progress = progress
+        self.hasher = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.inner.read(n)
+        self.hasher.update(data)
+        self.progress(len(data))
+        return data
+
+    def drain(self) -> str:
+        while self.read(CHUNK):
+            pass
+        return "sha256:" + self.hasher.hexdigest()
+
+
+def _decompressed(raw: BinaryIO, progress: Progress, stack: ExitStack) -> _HashingReader:
+    magic = raw.read(4)
+    raw.seek(0)
+    stream: BinaryIO
+    if magic.startswith(GZIP_MAGIC):
+        stream = cast(BinaryIO, stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb")))
+    elif magic == ZSTD_MAGIC:
+        stream = stack.enter_context(
+            zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        )
+    else:
+        stream = raw
+    return _HashingReader(stream, progress)
+
+
+def unpack_layer(blob: Path, dest: Path, diff_id: str, progress: Progress) -> None:
+    """Blocking: extracts the layer in `blob` (gzip, zstd or plain tar) into `dest`."""
+    with ExitStack() as stack:
+        raw = stack.enter_context(open(blob, "rb"))
+        tar_stream = _decompressed(raw, progress, stack)
+        try:
+            with tarfile.open(fileobj=tar_stream, mode="r|") as tar:  # type: ignore[call-overload]
+                extractor = _Extractor(dest)
+                for member in tar:
+                    extractor.apply(member, tar)
+                extractor.finish()
+            actual = tar_stream.drain()
+        except (tarfile.TarError, EOFError, zstandard.ZstdError, gzip.BadGzipFile) as e:
+            raise LayerError(f"layer {blob.name} is not a valid tar stream: {e}") from e
+    if actual != diff_id:
+        raise LayerError(
+            f"layer {blob.name}: uncompressed digest {actual} does not match diff id {diff_id}"
+        )
+
+
+def clean_member_path(name: str) -> str:
+    """The entry's path relative to the snapshot ("" for the root). A leading "/" is dropped,
+    as tar does; ".." anywhere is an error (Docker's and containerd's rule too)."""
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeLayer(f"layer entry {name!r} has a '..' component")
+    return "/".join(parts)
+
+
+class _Extractor:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.real_dirs: set[str] = {""}  # relative dirs already checked to be real directories
+        self.dir_mtimes: dict[str, float] = {}  # set last: extracting into a dir changes it
+
+    def apply(self, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+        rel = clean_member_path(member.name)
+        parent, _, base = rel.rpartition("/")
+        if base.startswith(WHITEOUT_PREFIX):
+            self._whiteout(parent, base)
+            return
+        if rel == "":
+            if not member.isdir():
+                raise UnsafeLayer(f"layer entry {member.name!r} would replace the root directory")
+            self._set_metadata(rel, member)
+            return
+        self._ensure_real_parents(parent)
+        path = self._abs(rel)
+        if member.isdir():
+            if not _is_real_dir(path):
+                self._remove(rel)
+                os.mkdir(path, 0o700)
+            self.real_dirs.add(rel)
+        elif member.islnk():
+            self._hardlink(rel, member)
+            return  # the same inode as its target, with the target's metadata
+        else:
+            self._remove(rel)
+            self._create(path, member, tar)
+        self._set_metadata(rel, member)
+
+    def finish(self) -> None:
+        # Deepest first, so setting a child's mtime cannot disturb its parent's afterwards.
+        for rel in sorted(self.dir_mtimes, key=lambda r: r.count("/"), reverse=True):
+            mtime_ns = int(self.dir_mtimes[rel] * 1e9)
+            os.utime(self._abs(rel), ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+
+    def _abs(self, rel: str) -> str:
+        return os.path.join(self.root, rel) if rel else str(self.root)
+
+    def _ensure_real_parents(self, parent: str) -> None:
+        """Creates missing parents; a parent that is a symlink or a file rejects the layer."""
+        if parent in self.real_dirs:
+            return
+        prefix = ""
+        for component in parent.split("/"):
+            prefix = f"{prefix}/{component}" if prefix else component
+            if prefix in self.real_dirs:
+                continue
+            try:
+                st = os.lstat(self._abs(prefix))
+            except FileNotFoundError:
+                os.mkdir(self._abs(prefix), 0o755)
+            else:
+                if stat.S_ISLNK(st.st_mode):
+                    raise UnsafeLayer(f"layer writes through the symlink {prefix!r}")
+                if not stat.S_ISDIR(st.st_mode):
+                    raise LayerError(f"layer uses {prefix!r} as a directory, but it is a file")
+            self.real_dirs.add(prefix)
+
+    def _remove(self, rel: str) -> None:
+        """Removes what is at `rel` (never following a symlink) so a new entry can go there."""
+        path = self._abs(rel)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(path)
+            self.real_dirs = {d for d in self.real_dirs if d != rel and not d.startswith(rel + "/")}
+            self.dir_mtimes = {
+                d: t for d, t in self.dir_mtimes.items() if d != rel and not d.startswith(rel + "/")
+            }
+        else:
+            os.unlink(path)
+
+    def _whiteout(self, parent: str, base: str) -> None:
+        self._ensure_real_parents(parent)
+        if base == OPAQUE_MARKER:
+            # Hides the lower layers' content of this directory, not this layer's.
+            os.setxattr(self._abs(parent), OPAQUE_XATTR, b"y", follow_symlinks=False)
+            return
+        name = base[len(WHITEOUT_PREFIX):]
+        if name in ("", ".", ".."):
+            raise UnsafeLayer(f"layer has an invalid whiteout {base!r} in {parent or '/'!r}")
+        rel = f"{parent}/{name}" if parent else name
+        path = self._abs(rel)
+        if os.path.lexists(path):
+            return  # a whiteout hides lower layers only; this layer's own entry stays
+        os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))  # overlayfs' whiteout
+
+    def _hardlink(self, rel: str, member: tarfile.TarInfo) -> None:
+        target_rel = clean_member_path(member.linkname)
+        if not target_rel:
+            raise UnsafeLayer(f"layer entry {member.name!r} hardlinks to the root directory")
+        target_parent = target_rel.rpartition("/")[0]
+        self._ensure_real_parents(target_parent)
+        target = self._abs(target_rel)
+        try:
+            st = os.lstat(target)
+        except FileNotFoundError:
+            raise LayerError(
+                f"layer entry {member.name!r} hardlinks to {member.linkname!r}, not in the layer"
+            ) from None
+        if stat.S_ISDIR(st.st_mode):
+            raise UnsafeLayer(f"layer entry {member.name!r} hardlinks to a directory")
+        if target_rel == rel:
+            return
+        self._remove(rel)
+        os.link(target, self._abs(rel), follow_symlinks=False)
+
+    def _create(self, path: str, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+        if member.isreg():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                source = tar.extractfile(member)
+                if source is not None:
+                    shutil.copyfileobj(source, out, CHUNK)
+        elif member.issym():
+            os.symlink(member.linkname, path)
+        elif member.ischr() or member.isblk():
+            kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+            os.mknod(path, kind | 0o600, os.makedev(member.devmajor, member.devminor))
+        elif member.isfifo():
+            os.mkfifo(path, 0o600)
+        else:
+            raise LayerError(f"layer entry {member.name!r} has unsupported type {member.type!r}")
+
+    def _set_metadata(self, rel: str, member: tarfile.TarInfo) -> None:
+        path = self._abs(rel)
+        os.lchown(path, member.uid, member.gid)
+        if not member.issym():
+            # After chown, which clears setuid and setgid bits.
+            os.chmod(path, member.mode & 0o7777)
+        for key, value in member.pax_headers.items():
+            if not key.startswith(PAX_XATTR_PREFIX):
+                continue
+            name = key[len(PAX_XATTR_PREFIX):]
+            if name.startswith("trusted.overlay."):
+                continue  # overlayfs' own bookkeeping: a layer must not forge it
+            raw = value.encode("utf-8", "surrogateescape")  # tarfile decoded the raw bytes
+            os.setxattr(path, name, raw, follow_symlinks=False)
+        if member.isdir():
+            self.dir_mtimes[rel] = member.mtime
+        else:
+            mtime_ns = int(member.mtime * 1e9)
+            os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+
+
+def _is_real_dir(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def tree_usage(root: Path) -> Usage:
+    """Bytes on disk and inodes under `root`, each hardlinked inode counted once."""
+    seen: set[int] = set()
+    used = 0
+
+    def visit(st: os.stat_result) -> None:
+        nonlocal used
+        if st.st_ino not in seen:
+            seen.add(st.st_ino)
+            used += st.st_blocks * 512
+
+    visit(os.lstat(root))
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in (*dirnames, *filenames):
+            visit(os.lstat(os.path.join(dirpath, name)))
+    return Usage(used, len(seen))
+
+
+# ---- mounting --------------------------------------------------------------------------------
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    libc = _libc()
+    libc.mount.argtypes = [
+        ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p
+    ]
+    rc = libc.mount(
+        source.encode(), target.encode(), fstype.encode() if fstype else None, flags,
+        data.encode() if data is not None else None,
+    )
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {fstype or 'bind'} on {target}: {os.strerror(err)}")
+
+
+def mount_overlay(
+    lowers_topmost_first: Sequence[Path],
+    upper: Path | None,
+    work: Path | None,
+    target: Path,
+    readonly: bool,
+) -> None:
+    """Mounts the rootfs at `target`: an overlay of the lowers (and the upper unless readonly);
+    a single readonly lower is a readonly bind mount (overlay wants two lowers without upper).
+
+    Lower dirs are passed as /proc/self/fd/<n> of descriptors held open during mount(2): the
+    kernel resolves them at mount time, and each costs ~17 bytes of the one-page option string,
+    without a chdir that would race with other threads."""
+    if not lowers_topmost_first:
+        raise ValueError("a rootfs needs at least one layer")
+    if readonly and len(lowers_topmost_first) == 1:
+        source = str(lowers_topmost_first[0])
+        _mount(source, str(target), None, MS_BIND, None)
+        _mount(source, str(target), None, MS_BIND | MS_REMOUNT | MS_RDONLY, None)
+        return
+    with ExitStack() as stack:
+        def fd_path(path: Path) -> str:
+            fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            stack.callback(os.close, fd)
+            return f"/proc/self/fd/{fd}"
+
+        options = ["lowerdir=" + ":".join(fd_path(p) for p in lowers_topmost_first)]
+        if not readonly:
+            if upper is None or work is None:
+                raise ValueError("a writable rootfs needs an upper and a work dir")
+            for d in (upper, work):
+                d.mkdir(mode=0o755, parents=True, exist_ok=True)
+            options += [f"upperdir={fd_path(upper)}", f"workdir={fd_path(work)}"]
+        data = ",".join(options)
+        if len(data) >= PAGE_SIZE:
+            raise ValueError(
+                f"{len(lowers_topmost_first)} layers do not fit the mount options page"
+            )
+        _mount("overlay", str(target), "overlay", MS_RDONLY if readonly else 0, data)
+
+
+def unmount(target: Path) -> None:
+    """Detaches the mount at `target`; nothing mounted there (or no target) is fine."""
+    libc = _libc()
+    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    if libc.umount2(str(target).encode(), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.EINVAL, errno.ENOENT):
+            return
+        raise OSError(err, f"unmount {target}: {os.strerror(err)}")
+
+
+def mounted_lowers(chain_ids_bottom_first: Iterable[str]) -> list[str]:
+    """The lowerdir order for an image's chain ids: topmost first."""
+    return list(reversed(list(chain_ids_bottom_first)))

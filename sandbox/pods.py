@@ -1,0 +1,551 @@
+"""Pod sandboxes: RunPodSandbox, StopPodSandbox, RemovePodSandbox, PodSandboxStatus, List.
+
+A pod is a pause container (`catatonit -P` by runc, run by the pod's shim) that owns the pod's
+namespaces. The network namespace is made and pinned before the pause starts; the pause's
+IPC, UTS (and PID) namespaces are pinned as files right after. Containers join those files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+from google.protobuf.json_format import MessageToDict
+
+from cri_api import api_pb2 as pb
+from netns.pin import create_netns, pin_namespace, unpin
+from netns.ports import PortMapping
+from sandbox import cgroups, containers, mounts
+from sandbox.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from sandbox.records import (
+    SANDBOX_NOTREADY,
+    SANDBOX_READY,
+    PodRecord,
+    delete_pod,
+    insert_pod,
+    save_pod,
+)
+from sandbox.runtime import Runtime
+from sandbox.spec import SpecError, build_pause_spec
+from sandbox.undo import undo_on_failure
+from shim.client import ShimError
+from shim.runc import Runc, RuncError
+
+log = logging.getLogger("flatpod.pods")
+
+# A sandbox that is still being made: listed nowhere, found only by its own retry.
+SANDBOX_CREATING = "creating"
+# Handlers kubelet may name for the default runtime (kubelet sends "" for the default).
+DEFAULT_HANDLERS = frozenset({"", "runc"})
+NETNS_DIR = Path("/run/netns")
+SHM_SIZE = 64 * 1024 * 1024
+PAUSE_STOP_TIMEOUT = 10.0
+SHIM_EXIT_TIMEOUT = 5.0
+_PROTOCOLS: dict[int, Literal["tcp", "udp", "sctp"]] = {
+    pb.TCP: "tcp", pb.UDP: "udp", pb.SCTP: "sctp"
+}
+
+
+def sandbox_name(meta: pb.PodSandboxMetadata) -> str:
+    """The name kubelet's retries share: metadata identifies the pod and its attempt."""
+    return f"{meta.name}_{meta.namespace}_{meta.uid}_{meta.attempt}"
+
+
+# --- RunPodSandbox ---------------------------------------------------------------------------
+
+
+async def run_pod_sandbox(rt: Runtime, req: pb.RunPodSandboxRequest) -> pb.RunPodSandboxResponse:
+    validate_sandbox_config(req.config)
+    if req.runtime_handler not in DEFAULT_HANDLERS:
+        raise InvalidArgument(
+            f"runtime handler {req.runtime_handler!r} is not configured (flatpod has the "
+            "default handler only)"
+        )
+    name = sandbox_name(req.config.metadata)
+    pod_id = await _join_or_start(rt, name, req)
+    return pb.RunPodSandboxResponse(pod_sandbox_id=pod_id)
+
+
+async def _join_or_start(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> str:
+    def claim(pod: Any) -> None:
+        pod.unclaimed = False
+        save_pod(rt.store, pod)
+
+    def mark_unclaimed(pod_id: str) -> None:
+        pod = rt.pods.get(pod_id)
+        if pod is not None:
+            pod.unclaimed = True
+            save_pod(rt.store, pod)
+
+    holder = next((p for p in rt.pods.values() if p.name == name), None)
+    return await rt.creations.create_once(
+        name, "pod sandbox", holder, lambda: _create_pod(rt, name, req), claim, mark_unclaimed
+    )
+
+
+async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> str:
+    config = req.config
+    pod_id = uuid.uuid4().hex + uuid.uuid4().hex  # 64 hex digits, as kubelet expects ids
+    host_net = config.linux.security_context.namespace_options.network == pb.NODE
+    pod = PodRecord(
+        id=pod_id,
+        name=name,
+        created_at=time.time_ns(),
+        config=config,
+        runtime_handler=req.runtime_handler,
+        state=SANDBOX_CREATING,
+    )
+    # 1. Reserve the name and journal the operation before touching the host.
+    holder = insert_pod(rt.store, pod)
+    if holder is not None:
+        raise AlreadyExists(f"pod sandbox name {name!r} is reserved by sandbox {holder}")
+    rt.pods[pod_id] = pod
+    rt.store.begin_operation(f"run_pod:{pod_id}", "run_pod", pod_id, {})
+    async with rt.locks.hold(pod_id), undo_on_failure() as undo:
+        undo.push("forget record", lambda: _forget(rt, pod))
+        # 2. The pod's dir: hostname, resolv.conf, hosts, /dev/shm.
+        pod_dir = rt.paths.pod_dir(pod_id)
+        undo.push("pod dir", lambda: shutil.rmtree(pod_dir, ignore_errors=True))
+        await asyncio.to_thread(_write_pod_files, pod_dir, config, host_net)
+        if config.linux.security_context.namespace_options.ipc != pb.NODE:
+            shm = pod_dir / "shm"
+            await asyncio.to_thread(mounts.mount_tmpfs, shm, SHM_SIZE)
+            undo.push("shm", lambda: mounts.unmount(shm))
+        # 3. The network namespace, pinned, and the pod network in it.
+        if not host_net:
+            netns = NETNS_DIR / f"flatpod-{pod_id[:24]}"
+            await asyncio.to_thread(create_netns, netns)
+            pod.netns_path = str(netns)
+            undo.push("netns", lambda: unpin(netns))
+            undo.push("network", lambda: _teardown_network(rt, pod))
+            result = await asyncio.to_thread(
+                rt.network.setup, pod_id, netns, port_mappings(config),
+                config.metadata.name, config.metadata.namespace,
+            )
+            pod.network_kind = rt.network_kind
+            pod.ip = result.ip
+            pod.additional_ips = list(result.additional_ips)
+        # 4. The pod cgroup, with the pod's overhead and resources.
+        pod.cgroup_path = cgroups.pod_cgroup_path(
+            config.linux.cgroup_parent or rt.config.default_cgroup_parent, pod_id
+        )
+        await asyncio.to_thread(cgroups.create, pod.cgroup_path, pod_resources(config.linux))
+        undo.push("cgroup", lambda: cgroups.remove(pod.cgroup_path))
+        # 5. The pause bundle, and the pod's shim to run it.
+        bundle = rt.paths.bundle_dir(pod_id)
+        spec = _pause_spec(rt, pod, pod_dir)
+        await asyncio.to_thread(_write_bundle, bundle, spec)
+        undo.push("bundle", lambda: shutil.rmtree(bundle, ignore_errors=True))
+        shim = await rt.shims.spawn(pod_id, pod_dir)
+        undo.push("shim", lambda: _shutdown_shim(rt, pod))
+        undo.push("pause", lambda: _delete_runc(rt, pod_id))
+        pod.pause_pid = await shim.create(pod_id, str(bundle), exit_file=str(bundle / "exit"))
+        await shim.start(pod_id)
+        # 6. Pin the pause's namespaces: containers join these files, never /proc/<pid>/ns.
+        pod.namespaces = await asyncio.to_thread(_pin_namespaces, pod, pod_dir)
+        undo.push("pins", lambda: _unpin_namespaces(pod))
+        # 7. Ready.
+        pod.state = SANDBOX_READY
+        save_pod(rt.store, pod)
+        rt.store.end_operation(f"run_pod:{pod_id}")
+    log.info("pod %s (%s) ready, ip %s", pod_id[:12], name, pod.ip or "host")
+    return pod_id
+
+
+def _forget(rt: Runtime, pod: PodRecord) -> None:
+    rt.pods.pop(pod.id, None)
+    delete_pod(rt.store, pod)
+    rt.store.end_operation(f"run_pod:{pod.id}")
+
+
+def validate_sandbox_config(config: pb.PodSandboxConfig) -> None:
+    meta = config.metadata
+    if not meta.name:
+        raise InvalidArgument("sandbox config metadata.name is required")
+    for field_name, value in (
+        ("metadata.name", meta.name), ("metadata.namespace", meta.namespace),
+        ("metadata.uid", meta.uid), ("hostname", config.hostname),
+        ("log_directory", config.log_directory),
+        ("linux.cgroup_parent", config.linux.cgroup_parent),
+    ):
+        _check_text(field_name, value)
+    if config.log_directory and not os.path.isabs(config.log_directory):
+        raise InvalidArgument(f"log_directory {config.log_directory!r} must be an absolute path")
+    if len(config.hostname) > 64:
+        raise InvalidArgument(f"hostname {config.hostname[:80]!r} is longer than 64 characters")
+    parent = config.linux.cgroup_parent
+    if parent and (not parent.startswith("/") or ".." in parent.split("/")):
+        raise InvalidArgument(f"linux.cgroup_parent {parent!r} must be an absolute cgroupfs path")
+    dns = config.dns_config
+    for field_name, values in (
+        ("dns_config.servers", dns.servers), ("dns_config.searches", dns.searches),
+        ("dns_config.options", dns.options),
+    ):
+        for value in values:
+            _check_text(field_name, value)
+            if not value or any(c.isspace() for c in value):
+                raise InvalidArgument(f"{field_name} entry {value!r} is empty or has whitespace")
+    for mapping in config.port_mappings:
+        if not 0 < mapping.container_port < 65536 or not 0 <= mapping.host_port < 65536:
+            raise InvalidArgument(f"port mapping {MessageToDict(mapping)} is out of range")
+
+
+def _check_text(field_name: str, value: str) -> None:
+    if "\x00" in value or "\n" in value:
+        raise InvalidArgument(f"{field_name} contains a NUL or newline")
+    if len(value) > 4096:
+        raise InvalidArgument(f"{field_name} is longer than 4096 characters")
+
+
+def port_mappings(config: pb.PodSandboxConfig) -> list[PortMapping]:
+    return [
+        PortMapping(
+            protocol=_PROTOCOLS.get(m.protocol, "tcp"),
+            container_port=m.container_port,
+            host_port=m.host_port,
+            host_ip=m.host_ip,
+        )
+        for m in config.port_mappings
+        if m.host_port > 0
+    ]
+
+
+def pod_resources(linux: pb.LinuxPodSandboxConfig) -> cgroups.Resources:
+    """The pod cgroup's limits: the pod's resources plus its overhead, where set."""
+    res, over = linux.resources, linux.overhead
+
+    def total(a: int, b: int) -> int:
+        return a + b if a > 0 else 0
+
+    return cgroups.Resources(
+        cpu_shares=total(res.cpu_shares, over.cpu_shares),
+        cpu_quota=total(res.cpu_quota, over.cpu_quota),
+        cpu_period=res.cpu_period if res.cpu_quota > 0 else 0,
+        memory_limit=total(res.memory_limit_in_bytes, over.memory_limit_in_bytes),
+    )
+
+
+def _write_pod_files(pod_dir: Path, config: pb.PodSandboxConfig, host_net: bool) -> None:
+    pod_dir.mkdir(parents=True, exist_ok=False, mode=0o711)
+    (pod_dir / "ns").mkdir(mode=0o700)
+    hostname = os.uname().nodename if host_net else (config.hostname or config.metadata.name)
+    (pod_dir / "hostname").write_text(hostname + "\n")
+    (pod_dir / "resolv.conf").write_text(resolv_conf(config.dns_config))
+    (pod_dir / "hosts").write_text(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+        f"127.0.1.1\t{hostname}\n"
+    )
+    for name in ("hostname", "resolv.conf", "hosts"):
+        os.chmod(pod_dir / name, 0o644)
+
+
+def resolv_conf(dns: pb.DNSConfig) -> str:
+    """The pod's /etc/resolv.conf; the host's when the pod names no DNS config."""
+    if not (dns.servers or dns.searches or dns.options):
+        try:
+            return Path("/etc/resolv.conf").read_text()
+        except OSError:
+            return ""
+    lines = [f"nameserver {server}" for server in dns.servers]
+    if dns.searches:
+        lines.append("search " + " ".join(dns.searches))
+    if dns.options:
+        lines.append("options " + " ".join(dns.options))
+    return "\n".join(lines) + "\n"
+
+
+def _pause_spec(rt: Runtime, pod: PodRecord, pod_dir: Path) -> dict[str, Any]:
+    shm = pod_dir / "shm"
+    try:
+        return build_pause_spec(
+            pod.config,
+            rootfs=rt.paths.pause_rootfs,
+            netns_path=Path(pod.netns_path) if pod.netns_path else None,
+            cgroups_path=cgroups.container_cgroup_path(pod.cgroup_path, pod.id),
+            oom_score_adj_floor=rt.oom_score_adj_floor,
+            shm_path=shm if shm.is_dir() else None,
+        )
+    except SpecError as err:
+        raise InvalidArgument(str(err)) from err
+
+
+def _write_bundle(bundle: Path, spec: dict[str, Any]) -> None:
+    bundle.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = bundle / "config.json.tmp"
+    tmp.write_text(json.dumps(spec))
+    tmp.rename(bundle / "config.json")
+
+
+def ensure_pause_rootfs(rt: Runtime) -> None:
+    """The built-in pause's rootfs: the host's static catatonit and empty mount points.
+
+    Shared, read-only, by every pod; no pull and no network.
+    """
+    rootfs = rt.paths.pause_rootfs
+    binary = rootfs / "catatonit"
+    source = Path(rt.config.pause_binary)
+    if binary.exists() and binary.stat().st_size == source.stat().st_size:
+        return
+    for sub in ("proc", "dev", "sys", "etc", "tmp"):
+        (rootfs / sub).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source, rootfs / "catatonit.tmp")
+    os.rename(rootfs / "catatonit.tmp", binary)
+
+
+def _pin_namespaces(pod: PodRecord, pod_dir: Path) -> dict[str, str]:
+    opts = pod.config.linux.security_context.namespace_options
+    wanted = []
+    if opts.ipc != pb.NODE:
+        wanted.append("ipc")
+    if opts.network != pb.NODE:
+        wanted.append("uts")
+    if opts.pid == pb.POD:
+        wanted.append("pid")
+    pinned = {}
+    for kind in wanted:
+        target = pod_dir / "ns" / kind
+        pin_namespace(Path(f"/proc/{pod.pause_pid}/ns/{kind}"), target)
+        pinned[kind] = str(target)
+    return pinned
+
+
+def _unpin_namespaces(pod: PodRecord) -> None:
+    for path in pod.namespaces.values():
+        unpin(Path(path))
+
+
+# --- StopPodSandbox --------------------------------------------------------------------------
+
+
+async def stop_pod_sandbox(
+    rt: Runtime, req: pb.StopPodSandboxRequest
+) -> pb.StopPodSandboxResponse:
+    pod = rt.find_pod(req.pod_sandbox_id)
+    if pod is None:
+        return pb.StopPodSandboxResponse()  # stopping what is not there is done
+    async with rt.locks.hold(pod.id):
+        await stop_pod(rt, pod)
+    return pb.StopPodSandboxResponse()
+
+
+async def stop_pod(rt: Runtime, pod: PodRecord) -> None:
+    """Stops the pod's containers and its pause, and takes down its network. Idempotent."""
+    for ctr in rt.containers_of(pod.id):
+        await containers.stop_container_now(rt, ctr, timeout=0)
+    await _stop_pause(rt, pod)
+    await _teardown_network(rt, pod)
+    if pod.netns_path:
+        await asyncio.to_thread(unpin, Path(pod.netns_path))
+    if pod.state != SANDBOX_NOTREADY:
+        pod.state = SANDBOX_NOTREADY
+        save_pod(rt.store, pod)
+    log.info("pod %s stopped", pod.short)
+
+
+async def _stop_pause(rt: Runtime, pod: PodRecord) -> None:
+    shim = rt.shims.get(pod.id)
+    if shim is not None:
+        try:
+            view = await shim.state(pod.id)
+            if view.get("status") != "exited":
+                await shim.signal(pod.id, signal.SIGKILL)
+                await shim.wait(pod.id, timeout=PAUSE_STOP_TIMEOUT)
+        except (ShimError, OSError) as err:
+            log.info("pause of pod %s: %s", pod.short, err)
+    await _delete_runc(rt, pod.id)
+
+
+async def _delete_runc(rt: Runtime, container_id: str) -> None:
+    runc = Runc(root=str(rt.paths.runc_root), binary=rt.config.runtime_path)
+    try:
+        await asyncio.to_thread(runc.delete, container_id, True)
+    except RuncError as err:
+        if not err.not_found:
+            raise
+
+
+async def _teardown_network(rt: Runtime, pod: PodRecord) -> None:
+    if pod.network_kind or pod.netns_path:
+        netns = Path(pod.netns_path) if pod.netns_path else None
+        await asyncio.to_thread(
+            rt.network.teardown, pod.id, netns if netns and netns.exists() else None
+        )
+
+
+async def _shutdown_shim(rt: Runtime, pod: PodRecord) -> None:
+    """Asks the shim to exit (its processes are gone by now) and waits until it has."""
+    shim = rt.shims.get(pod.id)
+    await rt.shims.forget(pod.id)
+    if shim is None:
+        return
+    try:
+        shim_pid = int((await shim.state()).get("pid", 0))
+        await shim.shutdown()
+    except (ShimError, OSError) as err:
+        log.info("shim of pod %s: %s", pod.short, err)
+        return
+    deadline = time.monotonic() + SHIM_EXIT_TIMEOUT
+    while shim_pid and _alive(shim_pid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    if shim_pid and _alive(shim_pid):
+        log.warning("shim of pod %s (pid %d) did not exit; killing it", pod.short, shim_pid)
+        os.kill(shim_pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie counts as gone: the shim is not our child)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+# --- RemovePodSandbox ------------------------------------------------------------------------
+
+
+async def remove_pod_sandbox(
+    rt: Runtime, req: pb.RemovePodSandboxRequest
+) -> pb.RemovePodSandboxResponse:
+    pod = rt.find_pod(req.pod_sandbox_id)
+    if pod is None:
+        return pb.RemovePodSandboxResponse()
+    async with rt.locks.hold(pod.id):
+        await remove_pod_now(rt, pod)
+    return pb.RemovePodSandboxResponse()
+
+
+async def remove_pod_now(rt: Runtime, pod: PodRecord) -> None:
+    """Forcibly stops the pod, then removes its containers and every trace of it."""
+    await stop_pod(rt, pod)
+    for ctr in rt.containers_of(pod.id):
+        await containers.remove_container_now(rt, ctr)
+    await _shutdown_shim(rt, pod)
+    _unpin_namespaces(pod)
+    pod_dir = rt.paths.pod_dir(pod.id)
+    await asyncio.to_thread(mounts.unmount, pod_dir / "shm")
+    if pod.cgroup_path:
+        await asyncio.to_thread(cgroups.remove, pod.cgroup_path)
+    await asyncio.to_thread(shutil.rmtree, pod_dir, True)
+    await asyncio.to_thread(shutil.rmtree, rt.paths.bundle_dir(pod.id), True)
+    rt.pods.pop(pod.id, None)
+    delete_pod(rt.store, pod)
+    log.info("pod %s removed", pod.short)
+
+
+# --- PodSandboxStatus and ListPodSandbox ------------------------------------------------------
+
+
+def _visible(rt: Runtime, ref: str) -> PodRecord:
+    pod = rt.pod(ref)
+    if pod.state == SANDBOX_CREATING:
+        raise NotFound(f"pod sandbox {ref!r} not found (it is still being created)")
+    return pod
+
+
+async def pod_sandbox_status(
+    rt: Runtime, req: pb.PodSandboxStatusRequest
+) -> pb.PodSandboxStatusResponse:
+    pod = _visible(rt, req.pod_sandbox_id)
+    response = pb.PodSandboxStatusResponse(status=sandbox_status(pod), timestamp=time.time_ns())
+    if req.verbose:
+        response.info["info"] = json.dumps(
+            {
+                "pid": pod.pause_pid,
+                "netns": pod.netns_path,
+                "namespaces": pod.namespaces,
+                "cgroup": pod.cgroup_path,
+                "network": pod.network_kind,
+                "runtimeHandler": pod.runtime_handler,
+                "config": MessageToDict(pod.config),
+            }
+        )
+    statuses = [containers.container_status_message(rt, c) for c in rt.containers_of(pod.id)]
+    response.containers_statuses.extend(statuses)
+    return response
+
+
+def sandbox_status(pod: PodRecord) -> pb.PodSandboxStatus:
+    config = pod.config
+    opts = config.linux.security_context.namespace_options
+    return pb.PodSandboxStatus(
+        id=pod.id,
+        metadata=config.metadata,
+        state=pb.SANDBOX_READY if pod.state == SANDBOX_READY else pb.SANDBOX_NOTREADY,
+        created_at=pod.created_at,
+        network=pb.PodSandboxNetworkStatus(
+            ip=pod.ip, additional_ips=[pb.PodIP(ip=ip) for ip in pod.additional_ips]
+        ),
+        linux=pb.LinuxPodSandboxStatus(
+            namespaces=pb.Namespace(
+                options=pb.NamespaceOption(
+                    network=opts.network, pid=opts.pid, ipc=opts.ipc, target_id=opts.target_id
+                )
+            )
+        ),
+        labels=config.labels,
+        annotations=config.annotations,
+        runtime_handler=pod.runtime_handler,
+    )
+
+
+async def list_pod_sandbox(
+    rt: Runtime, req: pb.ListPodSandboxRequest
+) -> pb.ListPodSandboxResponse:
+    return pb.ListPodSandboxResponse(items=[_summary(p) for p in _filtered(rt, req.filter)])
+
+
+def _filtered(rt: Runtime, flt: pb.PodSandboxFilter) -> Iterable[PodRecord]:
+    want_state = None
+    if flt.HasField("state"):
+        want_state = SANDBOX_READY if flt.state.state == pb.SANDBOX_READY else SANDBOX_NOTREADY
+    for pod in rt.pods.values():
+        if pod.state == SANDBOX_CREATING:
+            continue
+        if flt.id and not pod.id.startswith(flt.id):
+            continue
+        if want_state is not None and pod.state != want_state:
+            continue
+        if any(pod.config.labels.get(k) != v for k, v in flt.label_selector.items()):
+            continue
+        yield pod
+
+
+def _summary(pod: PodRecord) -> pb.PodSandbox:
+    return pb.PodSandbox(
+        id=pod.id,
+        metadata=pod.config.metadata,
+        state=pb.SANDBOX_READY if pod.state == SANDBOX_READY else pb.SANDBOX_NOTREADY,
+        created_at=pod.created_at,
+        labels=pod.config.labels,
+        annotations=pod.config.annotations,
+        runtime_handler=pod.runtime_handler,
+    )
+
+
+# --- what the rest of the runtime asks of a pod ----------------------------------------------
+
+
+def ready_pod(rt: Runtime, ref: str) -> PodRecord:
+    """The pod a new container goes into: it must exist and be ready."""
+    pod = _visible(rt, ref)
+    if pod.state != SANDBOX_READY:
+        raise FailedPrecondition(f"pod sandbox {pod.id} is {pod.state}, not ready")
+    return pod
+
+
+async def on_pause_exit(rt: Runtime, pod: PodRecord) -> None:
+    """The pause died (killed, OOM): the pod can no longer hold containers."""
+    if pod.state == SANDBOX_READY:
+        log.warning("pause of pod %s exited; the pod is not ready", pod.short)
+        pod.state = SANDBOX_NOTREADY
+        save_pod(rt.store, pod)

@@ -1,0 +1,103 @@
+"""Startup: make the store agree with the host again.
+
+flatpod may have stopped cleanly, been killed in the middle of an RPC, or the node may have
+rebooted (the state dir is empty then). For each record this module asks the one who knows:
+- the pod's shim, for its containers' states (it outlived us, or it did not);
+- the exit file the shim wrote atomically, for containers that exited while we were away;
+- the operations journal, for objects a crash left half made: those are cleaned away, so
+  kubelet's retry of the same request starts from nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from sandbox import containers, pods
+from sandbox.records import CREATED, EXITED, RUNNING, SANDBOX_READY, ContainerRecord, save_container
+from sandbox.runtime import Runtime
+from shim.client import ShimError
+
+log = logging.getLogger("flatpod.recovery")
+
+
+async def recover(rt: Runtime) -> None:
+    await _finish_interrupted(rt)
+    for pod in list(rt.pods.values()):
+        shim = await rt.shims.reconnect(pod.id, rt.paths.pod_dir(pod.id))
+        if shim is None and pod.state == SANDBOX_READY:
+            await pods.on_pause_exit(rt, pod)
+        for ctr in rt.containers_of(pod.id):
+            await _reconcile_container(rt, ctr, shim)
+        if shim is not None:
+            await _reconcile_pause(rt, pod.id, shim)
+    orphans = [c for c in rt.containers.values() if c.pod_id not in rt.pods]
+    for ctr in orphans:
+        await containers.remove_container_now(rt, ctr)
+    log.info(
+        "recovered %d pods and %d containers (%d running)",
+        len(rt.pods), len(rt.containers),
+        sum(1 for c in rt.containers.values() if c.state == RUNNING),
+    )
+
+
+async def _finish_interrupted(rt: Runtime) -> None:
+    """Objects whose creation a crash interrupted are removed, with whatever they touched."""
+    for op_id, kind, target, _doc in rt.store.operations():
+        log.warning("cleaning up after interrupted %s of %s", kind, target)
+        pod = rt.pods.get(target)
+        if kind == "run_pod" and pod is not None:
+            await rt.shims.reconnect(pod.id, rt.paths.pod_dir(pod.id))
+            await pods.remove_pod_now(rt, pod)
+        rt.store.end_operation(op_id)
+    for ctr in [c for c in rt.containers.values() if c.state == containers.CONTAINER_CREATING]:
+        await containers.remove_container_now(rt, ctr)
+
+
+async def _reconcile_container(rt: Runtime, ctr: ContainerRecord, shim: Any) -> None:
+    if ctr.state == EXITED:
+        return
+    view: dict[str, Any] | None = None
+    if shim is not None:
+        try:
+            view = await shim.state(ctr.id)
+        except (ShimError, OSError):
+            view = None
+    if view is None:
+        view = _exit_file(rt, ctr)
+    if view is None:
+        # Neither the shim nor an exit file knows it: the node rebooted, or the shim died
+        # before the process exited. Report it exited so kubelet makes a new one.
+        containers.record_exit(
+            rt, ctr, {"exit_code": 255, "exited_at": None}, reason="Unknown",
+            message="the container's shim is gone; its exit status is unknown",
+        )
+        return
+    status = view.get("status")
+    if status == "exited":
+        await containers.apply_exit(rt, ctr, view)
+    elif status == "running" and ctr.state == CREATED and ctr.started_at:
+        ctr.state = RUNNING
+        save_container(rt.store, ctr)
+
+
+async def _reconcile_pause(rt: Runtime, pod_id: str, shim: Any) -> None:
+    try:
+        view = await shim.state(pod_id)
+    except (ShimError, OSError):
+        view = {"status": "exited"}
+    pod = rt.pods.get(pod_id)
+    if pod is not None and view.get("status") == "exited":
+        await pods.on_pause_exit(rt, pod)
+
+
+def _exit_file(rt: Runtime, ctr: ContainerRecord) -> dict[str, Any] | None:
+    path = Path(rt.paths.bundle_dir(ctr.id)) / "exit"
+    try:
+        view: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    view["status"] = "exited"
+    return view

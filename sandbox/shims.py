@@ -1,0 +1,98 @@
+"""The daemon's side of the per-pod shims: start or reconnect them, and follow their exits.
+
+Each pod has one shim (see shim/). The daemon keeps a client per pod and one task per shim
+that listens for exit events, so a container's exit reaches the store as soon as it happens,
+not when somebody next asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from shim.client import ShimClient, ShimError, connect, spawn_shim
+
+log = logging.getLogger("flatpod.shims")
+
+ExitHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+
+def rfc3339_to_ns(stamp: str | None) -> int:
+    """The shim's RFC 3339 (nanosecond) UTC time as ns since the epoch; 0 when absent."""
+    if not stamp:
+        return 0
+    main, _, frac = stamp.rstrip("Z").partition(".")
+    seconds = datetime.fromisoformat(main + "+00:00").timestamp()
+    nanos = int((frac + "000000000")[:9]) if frac else 0
+    return int(seconds) * 1_000_000_000 + nanos
+
+
+@dataclass
+class ShimRegistry:
+    runc_root: Path
+    runc: str
+    log_level: str
+    on_exit: ExitHandler
+    clients: dict[str, ShimClient] = field(default_factory=dict)
+    followers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+
+    async def spawn(self, pod_id: str, pod_dir: Path) -> ShimClient:
+        client = await spawn_shim(
+            pod_id, str(pod_dir), str(self.runc_root), python=sys.executable,
+            runc=self.runc, log_level=self.log_level,
+        )
+        self._adopt(pod_id, client)
+        return client
+
+    async def reconnect(self, pod_id: str, pod_dir: Path) -> ShimClient | None:
+        """After a daemon restart: the shim of a pod, if it is still alive."""
+        if not (pod_dir / "shim.sock").exists():
+            return None
+        try:
+            client = await connect(str(pod_dir), timeout=5)
+        except (ShimError, OSError) as err:
+            log.warning("shim of pod %s does not answer: %s", pod_id, err)
+            return None
+        self._adopt(pod_id, client)
+        return client
+
+    def get(self, pod_id: str) -> ShimClient | None:
+        return self.clients.get(pod_id)
+
+    def _adopt(self, pod_id: str, client: ShimClient) -> None:
+        self.clients[pod_id] = client
+        self.followers[pod_id] = asyncio.create_task(self._follow(pod_id, client))
+
+    async def _follow(self, pod_id: str, client: ShimClient) -> None:
+        """Feeds exit events to the daemon until the shim goes away."""
+        try:
+            async for event in client.events():
+                if event.get("event") == "exit" and "exec_id" not in event:
+                    try:
+                        await self.on_exit(pod_id, event)
+                    except Exception:
+                        log.exception("handling exit of %s", event.get("container_id"))
+        except (ShimError, OSError) as err:
+            log.info("shim of pod %s went away: %s", pod_id, err)
+        except asyncio.CancelledError:
+            raise
+
+    async def forget(self, pod_id: str) -> None:
+        """Stops following a pod's shim (it was shut down, or the pod is removed)."""
+        self.clients.pop(pod_id, None)
+        task = self.followers.pop(pod_id, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def close(self) -> None:
+        for pod_id in list(self.followers):
+            await self.forget(pod_id)

@@ -1,0 +1,101 @@
+"""`python -m shim --pod-id ID --dir DIR --runc-root ROOT`: start a detached pod shim.
+
+The socket is bound and listening before the process detaches, so when this command
+exits 0 the shim is ready for clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import sys
+
+from shim.runc import DEFAULT_RUNC, Runc
+from shim.server import LOG_LEVELS, Logger, Shim, set_child_subreaper
+
+SOCKET_NAME = "shim.sock"
+LOG_NAME = "shim.log"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m shim")
+    parser.add_argument("--pod-id", required=True)
+    parser.add_argument("--dir", required=True, help="pod state dir; shim.sock lives here")
+    parser.add_argument("--runc-root", required=True)
+    parser.add_argument("--runc", default=DEFAULT_RUNC)
+    parser.add_argument("--log-level", default="info", choices=sorted(LOG_LEVELS))
+    parser.add_argument("--max-log-line", type=int, default=16 * 1024)
+    parser.add_argument("--foreground", action="store_true", help="do not detach")
+    return parser.parse_args(argv)
+
+
+def bind_listener(path: str) -> socket.socket:
+    """Listen on path with mode 0600; a stale socket from a dead shim is replaced, a
+    live one is an error (two shims for one pod must never run)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        if os.path.exists(path):
+            os.unlink(path)
+    else:
+        raise SystemExit(f"a shim is already serving {path}")
+    finally:
+        probe.close()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old_umask)
+    listener.listen(64)
+    return listener
+
+
+def detach(log_path: str) -> None:
+    """Double fork into a new session; stdio to /dev/null and the shim log."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    redirect_stdio(log_path)
+
+
+def redirect_stdio(log_path: str) -> None:
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(devnull, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(devnull)
+    os.close(log_fd)
+
+
+def serve(args: argparse.Namespace, listener: socket.socket) -> None:
+    set_child_subreaper()
+    runc = Runc(root=args.runc_root, binary=args.runc, log_dir=args.dir)
+    shim = Shim(args.pod_id, args.dir, runc, listener, Logger(LOG_LEVELS[args.log_level]),
+                max_log_line=args.max_log_line)
+    try:
+        shim.run()
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(args.dir, SOCKET_NAME))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    os.makedirs(args.dir, mode=0o700, exist_ok=True)
+    listener = bind_listener(os.path.join(args.dir, SOCKET_NAME))
+    if not args.foreground:
+        detach(os.path.join(args.dir, LOG_NAME))
+    serve(args, listener)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

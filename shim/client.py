@@ -1,0 +1,393 @@
+"""asyncio client for a pod shim, for the flatpod daemon.
+
+Every call opens its own connection to shim.sock, so concurrent calls on one client
+are independent (no request multiplexing, no shared lock). Long-lived streams
+(`events`, `attach`) hold their own connection too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from shim import protocol
+
+SOCKET_NAME = "shim.sock"
+DEFAULT_TIMEOUT = 10.0
+CREATE_TIMEOUT = 60.0
+STREAM_LIMIT = protocol.MAX_LINE
+MAX_EXEC_SYNC_OUTPUT = 16 << 20
+
+
+class ShimError(Exception):
+    """A shim call failed: the shim said no, timed out, or could not be reached."""
+
+    def __init__(self, op: str, message: str) -> None:
+        self.op = op
+        super().__init__(f"shim {op}: {message}")
+
+
+@dataclass
+class ExecHandle:
+    """A started exec: the caller owns these fds (close them). For a tty exec `pty` is
+    the master; resize it directly with `resize_fd`."""
+
+    exec_id: str
+    pid: int
+    stdin: int | None = None
+    stdout: int | None = None
+    stderr: int | None = None
+    pty: int | None = None
+
+    def close(self) -> None:
+        for name in ("stdin", "stdout", "stderr", "pty"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
+
+
+@dataclass
+class ExecSyncResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
+
+
+@dataclass
+class AttachStream:
+    """The container's output from attach onward; stdin if the container has one."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    tty: bool
+    has_stdin: bool
+    _closed: bool = field(default=False)
+
+    async def read(self) -> tuple[int, bytes] | None:
+        """Next (stream id, data); data b"" is that stream's EOF; None when the
+        connection ends (the container exited or the shim went away)."""
+        try:
+            header = await self.reader.readexactly(protocol.FRAME_HEADER.size)
+            stream, length = protocol.FRAME_HEADER.unpack(header)
+            data = await self.reader.readexactly(length) if length else b""
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+        return stream, data
+
+    async def write_stdin(self, data: bytes) -> None:
+        for start in range(0, len(data), protocol.MAX_FRAME):
+            chunk = data[start:start + protocol.MAX_FRAME]
+            self.writer.write(protocol.encode_frame(protocol.STREAM_STDIN, chunk))
+        await self.writer.drain()
+
+    async def close_stdin(self) -> None:
+        self.writer.write(protocol.encode_frame(protocol.STREAM_STDIN, b""))
+        await self.writer.drain()
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.writer.close()
+            with contextlib.suppress(ConnectionError):
+                await self.writer.wait_closed()
+
+
+class ShimClient:
+    def __init__(self, shim_dir: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.shim_dir = shim_dir
+        self.socket_path = os.path.join(shim_dir, SOCKET_NAME)
+        self.timeout = timeout
+        self._serial = 0
+
+    def _request(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        self._serial += 1
+        return {"v": protocol.PROTOCOL_VERSION, "op": op, "id": self._serial, **args}
+
+    async def _open(self, op: str, timeout: float
+                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        try:
+            return await asyncio.wait_for(
+                asyncio.open_unix_connection(self.socket_path, limit=STREAM_LIMIT), timeout)
+        except (OSError, TimeoutError) as exc:
+            raise ShimError(op, f"cannot connect to {self.socket_path}: {exc!r}") from exc
+
+    async def _exchange(self, op: str, args: dict[str, Any], timeout: float,
+                        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                        ) -> dict[str, Any]:
+        try:
+            writer.write(protocol.encode_message(self._request(op, args)))
+            await writer.drain()
+            line = await asyncio.wait_for(reader.readline(), timeout)
+        except TimeoutError as exc:
+            raise ShimError(op, f"no reply within {timeout}s") from exc
+        except (OSError, ValueError) as exc:
+            raise ShimError(op, repr(exc)) from exc
+        return _check_reply(op, line)
+
+    async def call(self, op: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:
+        """One request on a fresh connection."""
+        limit = timeout if timeout is not None else self.timeout
+        reader, writer = await self._open(op, limit)
+        try:
+            return await self._exchange(op, args, limit, reader, writer)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def create(self, container_id: str, bundle: str, *, stdin: bool = False,
+                     stdin_once: bool = False, tty: bool = False, log_path: str | None = None,
+                     exit_file: str | None = None, timeout: float = CREATE_TIMEOUT) -> int:
+        reply = await self.call("create", timeout, container_id=container_id, bundle=bundle,
+                                stdin=stdin, stdin_once=stdin_once, tty=tty,
+                                log_path=log_path, exit_file=exit_file)
+        return int(reply["pid"])
+
+    async def start(self, container_id: str, timeout: float = CREATE_TIMEOUT) -> dict[str, Any]:
+        return await self.call("start", timeout, container_id=container_id)
+
+    async def signal(self, container_id: str, signal: int | str, all: bool = False
+                     ) -> dict[str, Any]:
+        return await self.call("signal", container_id=container_id, signal=signal, all=all)
+
+    async def state(self, container_id: str | None = None) -> dict[str, Any]:
+        """One container's view, or without an id the whole shim's."""
+        if container_id is None:
+            return await self.call("state")
+        return await self.call("state", container_id=container_id)
+
+    async def wait(self, container_id: str, timeout: float) -> dict[str, Any]:
+        return await self.call("wait", timeout, container_id=container_id)
+
+    async def reopen_log(self, container_id: str) -> None:
+        await self.call("reopen_log", container_id=container_id)
+
+    async def resize(self, container_id: str, width: int, height: int) -> None:
+        await self.call("resize", container_id=container_id, width=width, height=height)
+
+    async def exec(self, container_id: str, process: dict[str, Any], *, tty: bool = False,
+                   stdin: bool = False, exec_id: str | None = None,
+                   timeout: float = CREATE_TIMEOUT) -> ExecHandle:
+        request = self._request("exec", {"container_id": container_id, "process": process,
+                                         "tty": tty, "stdin": stdin, "exec_id": exec_id})
+        reply, fds = await asyncio.to_thread(self._exec_blocking, request, timeout)
+        names = [str(name) for name in reply.get("fds", [])]
+        if len(names) != len(fds):
+            for fd in fds:
+                os.close(fd)
+            raise ShimError("exec", f"expected fds {names}, got {len(fds)}")
+        handle = ExecHandle(exec_id=str(reply["exec_id"]), pid=int(reply["pid"]))
+        for name, fd in zip(names, fds, strict=True):
+            setattr(handle, name, fd)
+        return handle
+
+    def _exec_blocking(self, request: dict[str, Any], timeout: float
+                       ) -> tuple[dict[str, Any], list[int]]:
+        fds: list[int] = []
+        buffer = b""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(timeout)
+                sock.connect(self.socket_path)
+                sock.sendall(protocol.encode_message(request))
+                while b"\n" not in buffer:
+                    data, received = protocol.receive_fds(sock)
+                    fds.extend(received)
+                    if not data:
+                        break
+                    buffer += data
+            reply = _check_reply("exec", buffer.split(b"\n", 1)[0])
+        except BaseException as exc:
+            for fd in fds:
+                os.close(fd)
+            if isinstance(exc, OSError):
+                raise ShimError("exec", repr(exc)) from exc
+            raise
+        return reply, fds
+
+    async def exec_state(self, exec_id: str) -> dict[str, Any]:
+        return await self.call("exec_state", exec_id=exec_id)
+
+    async def exec_wait(self, exec_id: str, timeout: float) -> dict[str, Any]:
+        return await self.call("exec_wait", timeout, exec_id=exec_id)
+
+    async def exec_kill(self, exec_id: str) -> dict[str, Any]:
+        return await self.call("exec_kill", exec_id=exec_id)
+
+    async def exec_sync(self, container_id: str, process: dict[str, Any],
+                        timeout: float | None) -> ExecSyncResult:
+        """ExecSync: run, collect stdout/stderr to EOF and the exit code. On timeout the
+        exec's process tree is killed and the result says timed_out (exit code 137)."""
+        handle = await self.exec(container_id, process)
+        assert handle.stdout is not None and handle.stderr is not None
+        work = asyncio.gather(read_to_eof(handle.stdout), read_to_eof(handle.stderr),
+                              self.exec_wait(handle.exec_id, timeout=sys.float_info.max))
+        try:
+            stdout, stderr, final = await asyncio.wait_for(work, timeout)
+            return ExecSyncResult(int(final["exit_code"]), stdout, stderr)
+        except TimeoutError:
+            await self.exec_kill(handle.exec_id)
+            return ExecSyncResult(137, b"", b"", timed_out=True)
+        finally:
+            handle.close()
+
+    async def attach(self, container_id: str, stdin: bool = False) -> AttachStream:
+        reader, writer = await self._open("attach", self.timeout)
+        try:
+            reply = await self._exchange("attach", {"container_id": container_id,
+                                                    "stdin": stdin},
+                                         self.timeout, reader, writer)
+        except BaseException:
+            writer.close()
+            raise
+        return AttachStream(reader, writer, tty=bool(reply.get("tty")),
+                            has_stdin=bool(reply.get("stdin")))
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Event lines ({"event": "exit", ...}) until the shim goes away. Subscribe
+        before relying on events, then ask state: exits before the subscription are
+        only visible through state."""
+        reader, writer = await self._open("subscribe", self.timeout)
+        try:
+            await self._exchange("subscribe", {}, self.timeout, reader, writer)
+            while True:
+                line = await reader.readline()
+                if not line:
+                    return
+                yield protocol.decode_message(line)
+        finally:
+            writer.close()
+
+    async def shutdown(self) -> None:
+        await self.call("shutdown")
+
+    async def close(self) -> None:
+        """Nothing persistent is held; kept so callers can treat clients uniformly."""
+
+
+def _check_reply(op: str, line: bytes) -> dict[str, Any]:
+    if not line:
+        raise ShimError(op, "connection closed without a reply")
+    try:
+        reply = protocol.decode_message(line)
+    except protocol.ProtocolError as exc:
+        raise ShimError(op, str(exc)) from exc
+    if not reply.get("ok"):
+        raise ShimError(op, str(reply.get("error", "unknown error")))
+    return reply
+
+
+async def read_to_eof(fd: int, limit: int = MAX_EXEC_SYNC_OUTPUT) -> bytes:
+    """Read a pipe until EOF without blocking the loop; output past limit is dropped."""
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    chunks: list[bytes] = []
+    size = 0
+    done: asyncio.Future[None] = loop.create_future()
+
+    def on_readable() -> None:
+        nonlocal size
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            if not done.done():
+                done.set_result(None)
+            return
+        if size < limit:
+            chunks.append(data[: limit - size])
+            size += len(chunks[-1])
+
+    loop.add_reader(fd, on_readable)
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+    return b"".join(chunks)
+
+
+def resize_fd(pty_master: int, width: int, height: int) -> None:
+    """Resize an exec's terminal: the caller holds its pty master."""
+    import fcntl
+    import struct
+    import termios
+
+    fcntl.ioctl(pty_master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+
+
+async def connect(shim_dir: str, timeout: float = DEFAULT_TIMEOUT) -> ShimClient:
+    """A client for a running shim (e.g. after flatpod restarted); checks it answers."""
+    client = ShimClient(shim_dir, timeout)
+    await client.state()
+    return client
+
+
+async def _run_detaching(op: str, argv: list[str], timeout: float) -> None:
+    """Run a `python -m ...` that detaches and exits 0 once it listens."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    process = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        _out, err = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError as exc:
+        process.kill()
+        await process.wait()
+        raise ShimError(op, f"{argv[2]} did not detach in {timeout}s") from exc
+    if process.returncode != 0:
+        raise ShimError(op, f"{argv[2]} exited {process.returncode}: {err.decode().strip()}")
+
+
+async def start_zygote(socket_path: str, *, python: str = sys.executable,
+                       log_path: str = os.devnull, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Start a detached shim zygote listening on socket_path (see shim/zygote.py)."""
+    await _run_detaching("zygote", [python, "-m", "shim.zygote", "--socket", socket_path,
+                                    "--log", log_path], timeout)
+
+
+async def spawn_shim(pod_id: str, shim_dir: str, runc_root: str, *,
+                     python: str = sys.executable, runc: str | None = None,
+                     log_level: str = "info", zygote_socket: str | None = None,
+                     timeout: float = DEFAULT_TIMEOUT) -> ShimClient:
+    """Start a detached shim and return a client once it listens: forked by the zygote
+    at zygote_socket when given, else a fresh `python -m shim`."""
+    if zygote_socket is not None:
+        await _spawn_by_zygote(zygote_socket, timeout, pod_id=pod_id, dir=shim_dir,
+                               runc_root=runc_root, runc=runc, log_level=log_level)
+        return await connect(shim_dir, timeout)
+    argv = [python, "-m", "shim", "--pod-id", pod_id, "--dir", shim_dir,
+            "--runc-root", runc_root, "--log-level", log_level]
+    if runc is not None:
+        argv += ["--runc", runc]
+    await _run_detaching("spawn", argv, timeout)
+    return await connect(shim_dir, timeout)
+
+
+async def _spawn_by_zygote(zygote_socket: str, timeout: float, **args: Any) -> int:
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(zygote_socket), timeout)
+    except (OSError, TimeoutError) as exc:
+        raise ShimError("spawn", f"cannot reach zygote {zygote_socket}: {exc!r}") from exc
+    try:
+        request = {"v": protocol.PROTOCOL_VERSION, "op": "spawn", **args}
+        writer.write(protocol.encode_message(request))
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    except (OSError, TimeoutError) as exc:
+        raise ShimError("spawn", f"zygote: {exc!r}") from exc
+    finally:
+        writer.close()
+    return int(_check_reply("spawn", line)["pid"])

@@ -1,0 +1,914 @@
+"""The per-pod shim: one selectors loop over clients, container stdio and SIGCHLD.
+
+It is the child subreaper of the pause and every container of its pod: runc create /
+exec --detach leave their processes re-parented here, so this process reaps them and
+records their exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import termios
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from shim import protocol
+from shim.crilog import DEFAULT_MAX_LINE, CriLogFile, LineSplitter
+from shim.runc import Runc, RuncError, Stdio
+
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NAME = 15
+READ_SIZE = 65536
+MAX_CONN_BACKLOG = 4 << 20  # drop an attacher/subscriber that falls this far behind
+KEEP_EXITED_EXECS = 256
+LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+STREAM_NAMES = {protocol.STREAM_STDOUT: b"stdout", protocol.STREAM_STDERR: b"stderr"}
+Callback = Callable[[], None]
+
+
+class OpError(Exception):
+    """A request failed; the message goes back to the client."""
+
+
+@dataclass
+class Logger:
+    level: int = LOG_LEVELS["info"]
+
+    def log(self, level: str, message: str) -> None:
+        if LOG_LEVELS[level] >= self.level:
+            sys.stderr.write(f"{protocol.rfc3339nano()} {level} {message}\n")
+            sys.stderr.flush()
+
+
+@dataclass
+class Handlers:
+    on_read: Callback | None = None
+    on_write: Callback | None = None
+
+
+class Loop:
+    """A selector where each fd has an optional read and write callback."""
+
+    def __init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.handlers: dict[int, Handlers] = {}
+
+    def watch(self, fd: int, on_read: Callback | None, on_write: Callback | None) -> None:
+        events = (selectors.EVENT_READ if on_read else 0) | (
+            selectors.EVENT_WRITE if on_write else 0)
+        known = fd in self.handlers
+        if not events:
+            if known:
+                self.selector.unregister(fd)
+                del self.handlers[fd]
+            return
+        self.handlers[fd] = Handlers(on_read, on_write)
+        if known:
+            self.selector.modify(fd, events)
+        else:
+            self.selector.register(fd, events)
+
+    def forget(self, fd: int) -> None:
+        self.watch(fd, None, None)
+
+    def run_once(self, timeout: float | None) -> None:
+        for key, mask in self.selector.select(timeout):
+            handlers = self.handlers.get(key.fd)
+            if handlers and mask & selectors.EVENT_READ and handlers.on_read:
+                handlers.on_read()
+            handlers = self.handlers.get(key.fd)
+            if handlers and mask & selectors.EVENT_WRITE and handlers.on_write:
+                handlers.on_write()
+
+
+class FdWriter:
+    """Non-blocking buffered writes to a pipe / pty (a container's stdin)."""
+
+    def __init__(self, loop: Loop, fd: int) -> None:
+        self.loop = loop
+        self.fd = fd
+        self.pending = bytearray()
+        self.close_when_drained = False
+        os.set_blocking(fd, False)
+
+    def write(self, data: bytes) -> None:
+        if self.fd < 0:
+            return
+        self.pending += data
+        self.flush()
+
+    def flush(self) -> None:
+        try:
+            while self.pending:
+                self.pending = self.pending[os.write(self.fd, self.pending):]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.pending.clear()
+        if self.pending:
+            self.loop.watch(self.fd, None, self.flush)
+        else:
+            self.loop.forget(self.fd)
+            if self.close_when_drained:
+                self.close()
+
+    def close_after_drain(self) -> None:
+        self.close_when_drained = True
+        self.flush()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.loop.forget(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class Container:
+    id: str
+    bundle: str
+    pid: int
+    tty: bool
+    stdin_once: bool
+    exit_file: str
+    log: CriLogFile | None
+    stdin: FdWriter | None
+    # Output fd -> stream id (the pty master reads as stdout).
+    outputs: dict[int, int] = field(default_factory=dict)
+    splitters: dict[int, LineSplitter] = field(default_factory=dict)
+    pty_master: int = -1
+    oom_control: str | None = None
+    oom_kills_at_create: int = 0
+    status: str = "created"
+    exit_code: int | None = None
+    exited_at: str | None = None
+    oom_killed: bool = False
+    attachers: list[Connection] = field(default_factory=list)
+    waiters: list[tuple[Connection, Any]] = field(default_factory=list)
+
+    def view(self) -> dict[str, Any]:
+        return {"container_id": self.id, "pid": self.pid, "status": self.status,
+                "exit_code": self.exit_code, "exited_at": self.exited_at,
+                "oom_killed": self.oom_killed}
+
+
+@dataclass
+class ExecSession:
+    id: str
+    container_id: str
+    pid: int
+    exit_code: int | None = None
+    exited_at: str | None = None
+    waiters: list[tuple[Connection, Any]] = field(default_factory=list)
+
+    def view(self) -> dict[str, Any]:
+        return {"exec_id": self.id, "container_id": self.container_id, "pid": self.pid,
+                "status": "running" if self.exit_code is None else "exited",
+                "exit_code": self.exit_code, "exited_at": self.exited_at}
+
+
+class Connection:
+    """A client connection: request lines, then possibly events or attach frames."""
+
+    def __init__(self, shim: Shim, sock: socket.socket) -> None:
+        self.shim = shim
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.mode = "rpc"  # rpc | events | attach | closing
+        self.attached: Container | None = None
+        self.attach_stdin = False
+        self.frames = protocol.FrameDecoder()
+        self.closed = False
+        sock.setblocking(False)
+        self._watch()
+
+    def _watch(self) -> None:
+        if self.closed:
+            return
+        self.shim.loop.watch(self.fd, self.on_readable, self.flush if self.outbuf else None)
+
+    def send(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.outbuf += data
+        if len(self.outbuf) > MAX_CONN_BACKLOG:
+            self.shim.logger.log("warning", "dropping a client that does not read")
+            self.close()
+            return
+        self.flush()
+
+    def send_message(self, message: dict[str, Any]) -> None:
+        self.send(protocol.encode_message({"v": protocol.PROTOCOL_VERSION, **message}))
+
+    def flush(self) -> None:
+        try:
+            while self.outbuf:
+                del self.outbuf[: self.sock.send(self.outbuf)]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.close()
+            return
+        if not self.outbuf and self.mode == "closing":
+            self.close()
+            return
+        self._watch()
+
+    def close_after_flush(self) -> None:
+        self.mode = "closing"
+        self.flush()
+
+    def on_readable(self) -> None:
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        if self.mode == "attach":
+            self._on_frames(data)
+        elif self.mode == "rpc":
+            self.inbuf += data
+            self._on_lines()
+
+    def _on_lines(self) -> None:
+        while self.mode == "rpc" and not self.closed:
+            newline = self.inbuf.find(b"\n")
+            if newline < 0:
+                if len(self.inbuf) > protocol.MAX_LINE:
+                    self.close()
+                return
+            line = bytes(self.inbuf[:newline])
+            del self.inbuf[: newline + 1]
+            self.shim.handle_request(self, line)
+        if self.mode == "attach" and self.inbuf:
+            rest = bytes(self.inbuf)
+            self.inbuf.clear()
+            self._on_frames(rest)
+
+    def _on_frames(self, data: bytes) -> None:
+        try:
+            frames = self.frames.feed(data)
+        except protocol.ProtocolError:
+            self.close()
+            return
+        for stream, payload in frames:
+            if stream == protocol.STREAM_STDIN and self.attached is not None:
+                self.shim.attach_stdin(self, payload)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.shim.loop.forget(self.fd)
+        self.sock.close()
+        self.shim.connection_closed(self)
+
+
+class Shim:
+    def __init__(self, pod_id: str, state_dir: str, runc: Runc, listener: socket.socket,
+                 logger: Logger, max_log_line: int = DEFAULT_MAX_LINE) -> None:
+        self.pod_id = pod_id
+        self.state_dir = state_dir
+        self.runc = runc
+        self.listener = listener
+        self.logger = logger
+        self.max_log_line = max_log_line
+        self.loop = Loop()
+        self.containers: dict[str, Container] = {}
+        self.execs: dict[str, ExecSession] = {}
+        self.pids: dict[int, Container | ExecSession] = {}
+        self.subscribers: list[Connection] = []
+        self.serial = 0
+        self.shutting_down = False
+        self.running = True
+        self.wakeup_reader, self.wakeup_writer = socket.socketpair()
+
+    # ---- lifecycle ----------------------------------------------------------------
+
+    def run(self) -> None:
+        for sock in (self.wakeup_reader, self.wakeup_writer, self.listener):
+            sock.setblocking(False)
+        signal.set_wakeup_fd(self.wakeup_writer.fileno(), warn_on_full_buffer=False)
+        # Handlers only need to exist: set_wakeup_fd wakes the loop, which reaps.
+        signal.signal(signal.SIGCHLD, _ignore_signal)
+        signal.signal(signal.SIGTERM, _ignore_signal)
+        signal.signal(signal.SIGINT, _ignore_signal)
+        self.loop.watch(self.wakeup_reader.fileno(), self._on_signal, None)
+        self.loop.watch(self.listener.fileno(), self._on_accept, None)
+        self.logger.log("info", f"shim for pod {self.pod_id} serving in {self.state_dir}")
+        self.reap()
+        while self.running:
+            self.loop.run_once(None)
+        self.logger.log("info", "shim exiting")
+
+    def _on_signal(self) -> None:
+        try:
+            received = self.wakeup_reader.recv(512)
+        except BlockingIOError:
+            received = b""
+        if signal.SIGTERM in received or signal.SIGINT in received:
+            self.shutting_down = True
+        self.reap()
+        self._maybe_exit()
+
+    def _on_accept(self) -> None:
+        try:
+            sock, _addr = self.listener.accept()
+        except (BlockingIOError, ConnectionAbortedError):
+            return
+        Connection(self, sock)
+
+    def _maybe_exit(self) -> None:
+        if self.shutting_down and all(c.status == "exited" for c in self.containers.values()):
+            for conn in list(self.subscribers):
+                conn.flush()
+            self.running = False
+
+    def connection_closed(self, conn: Connection) -> None:
+        if conn in self.subscribers:
+            self.subscribers.remove(conn)
+        container = conn.attached
+        if container is not None and conn in container.attachers:
+            container.attachers.remove(conn)
+            if conn.attach_stdin:
+                self._stdin_detached(container)
+
+    # ---- requests -----------------------------------------------------------------
+
+    def handle_request(self, conn: Connection, line: bytes) -> None:
+        request_id: Any = None
+        try:
+            request = protocol.decode_message(line)
+            request_id = request.get("id")
+            if request.get("v") != protocol.PROTOCOL_VERSION:
+                raise OpError(f"unsupported protocol version {request.get('v')!r}")
+            op = str(request.get("op"))
+            handler = getattr(self, f"op_{op}", None)
+            if handler is None:
+                raise OpError(f"unknown op {op!r}")
+            reply = handler(conn, request)
+        except (OpError, RuncError, protocol.ProtocolError, OSError, KeyError,
+                ValueError, TypeError) as exc:
+            conn.send_message({"id": request_id, "ok": False, "error": _describe(exc)})
+            return
+        if reply is not None:
+            conn.send_message({"id": request_id, "ok": True, **reply})
+
+    def _container(self, request: dict[str, Any]) -> Container:
+        container_id = str(request["container_id"])
+        container = self.containers.get(container_id)
+        if container is None:
+            raise OpError(f"container {container_id} not found in this shim")
+        return container
+
+    def _next_name(self, prefix: str) -> str:
+        self.serial += 1
+        return f"{prefix}{self.serial}"
+
+    def op_create(self, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
+        container_id = str(request["container_id"])
+        if container_id in self.containers:
+            raise OpError(f"container {container_id} already exists in this shim")
+        if self.shutting_down:
+            raise OpError("shim is shutting down")
+        bundle = str(request["bundle"])
+        tty = bool(request.get("tty"))
+        want_stdin = bool(request.get("stdin"))
+        log_path = request.get("log_path")
+        pid_file = os.path.join(bundle, "init.pid")
+        log = CriLogFile(str(log_path)) if log_path else None
+        oom_control = _oom_control_path(bundle)
+        container = Container(
+            id=container_id, bundle=bundle, pid=0, tty=tty,
+            stdin_once=bool(request.get("stdin_once")),
+            exit_file=str(request.get("exit_file") or os.path.join(bundle, "exit")),
+            log=log, stdin=None, oom_control=oom_control)
+        try:
+            if tty:
+                self._create_with_pty(container, pid_file)
+            else:
+                self._create_with_pipes(container, pid_file, want_stdin)
+            container.pid = _read_pid(pid_file)
+        except BaseException:
+            self._release_stdio(container)
+            if log:
+                log.close()
+            raise
+        container.oom_kills_at_create = _read_oom_kills(oom_control)
+        self.containers[container_id] = container
+        self.pids[container.pid] = container
+        for fd in container.outputs:
+            self.loop.watch(fd, self._output_reader(container, fd), None)
+        self.logger.log("info", f"created {container_id} pid {container.pid}")
+        return {"pid": container.pid}
+
+    def _create_with_pipes(self, container: Container, pid_file: str, want_stdin: bool) -> None:
+        child_fds: list[int] = []
+        try:
+            stdin_read = -1
+            if want_stdin:
+                stdin_read, stdin_write = os.pipe()
+                child_fds.append(stdin_read)
+                container.stdin = FdWriter(self.loop, stdin_write)
+            out_read, out_write = os.pipe()
+            container.outputs[out_read] = protocol.STREAM_STDOUT
+            child_fds.append(out_write)
+            err_read, err_write = os.pipe()
+            container.outputs[err_read] = protocol.STREAM_STDERR
+            child_fds.append(err_write)
+            self.runc.create(container.id, container.bundle, pid_file,
+                             stdio=Stdio(stdin_read, out_write, err_write))
+        finally:
+            for fd in child_fds:
+                os.close(fd)
+        for fd in container.outputs:
+            os.set_blocking(fd, False)
+            container.splitters[fd] = LineSplitter(self.max_log_line)
+
+    def _create_with_pty(self, container: Container, pid_file: str) -> None:
+        socket_path = os.path.join(self.state_dir, self._next_name("c") + ".sock")
+        with ConsoleListener(socket_path) as listener:
+            self.runc.create(container.id, container.bundle, pid_file,
+                             console_socket=socket_path)
+            master = _receive_console(listener)
+        container.pty_master = master
+        os.set_blocking(master, False)
+        container.outputs[master] = protocol.STREAM_STDOUT
+        container.splitters[master] = LineSplitter(self.max_log_line)
+        container.stdin = FdWriter(self.loop, os.dup(master))
+
+    def _release_stdio(self, container: Container) -> None:
+        for fd in list(container.outputs):
+            self.loop.forget(fd)
+            os.close(fd)
+        container.outputs.clear()
+        if container.stdin is not None:
+            container.stdin.close()
+
+    def op_start(self, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
+        container = self._container(request)
+        self.runc.start(container.id)
+        if container.status == "created":
+            container.status = "running"
+        return container.view()
+
+    def op_signal(self, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
+        container = self._container(request)
+        if container.status != "exited":
+            self.runc.kill(container.id, request.get("signal", "TERM"),
+                           all=bool(request.get("all")))
+        return container.view()
+
+    def op_state(self, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
+        if "container_id" in request:
+            return self._container(request).view()
+        return {"pod_id": self.pod_id, "pid": os.getpid(),
+                "containers": [c.view() for c in self.containers.values()]}
+
+    def op_wait(self, conn: Connection, request: dict[str, Any]) -> dict[str, Any] | None:
+        container = self._container(request)
+        if container.status == "exited":
+            return container.view()
+        container.waiters.append((conn, request.get("id")))
+        return None
+
+    def op_reopen_log(self, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
+        container = self._container(request)
+        if container.log is None:
+            raise OpError(f"container {container.id} has no log file")
+        container.log.reopen()
+        return {}
+
+    def op_subscribe(self, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
+        conn.mode = "events"
+        self.subscribers.append(conn)
+        return {}
+
+    def op_shutdown(self, conn: Connection, request: dict[str, Any]) -> None:
+        self.shutting_down = True
+        conn.send_message({"id": request.get("id"), "ok": True})
+        self._maybe_exit()
+        return None
+
+    def op_resize(self, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
+        container = self._container(request)
+        if container.pty_master < 0:
+            raise OpError(f"container {container.id} has no terminal")
+        size = struct.pack("HHHH", int(request["height"]), int(request["width"]), 0, 0)
+        fcntl.ioctl(container.pty_master, termios.TIOCSWINSZ, size)
+        return {}
+
+    # ---- exec ---------------------------------------------------------------------
+
+    def op_exec(self, conn: Connection, request: dict[str, Any]) -> None:
+        container = self._container(request)
+        if container.status != "running":
+            raise OpError(f"container {container.id} is {container.status}, not running")
+        tty = bool(request.get("tty"))
+        process = dict(request["process"])
+        process["terminal"] = tty
+        exec_id = str(request.get("exec_id") or self._next_name(f"{os.getpid()}-exec"))
+        if exec_id in self.execs:
+            raise OpError(f"exec {exec_id} already exists")
+        name = self._next_name("e")
+        process_path = os.path.join(self.state_dir, name + ".json")
+        pid_file = os.path.join(self.state_dir, name + ".pid")
+        with open(process_path, "w", encoding="utf-8") as process_file:
+            json.dump(process, process_file)
+        try:
+            if tty:
+                caller_fds, names = self._exec_with_pty(container, process_path, pid_file)
+            else:
+                caller_fds, names = self._exec_with_pipes(
+                    container, process_path, pid_file, bool(request.get("stdin")))
+            pid = _read_pid(pid_file)
+        finally:
+            for path in (process_path, pid_file):
+                _unlink_quietly(path)
+        session = ExecSession(id=exec_id, container_id=container.id, pid=pid)
+        self.execs[exec_id] = session
+        self.pids[pid] = session
+        reply = {"v": protocol.PROTOCOL_VERSION, "id": request.get("id"), "ok": True,
+                 "exec_id": exec_id, "pid": pid, "fds": names}
+        try:
+            conn.flush()
+            conn.sock.setblocking(True)
+            protocol.send_with_fds(conn.sock, protocol.encode_message(reply), caller_fds)
+            conn.sock.setblocking(False)
+        except OSError:
+            conn.close()
+        finally:
+            for fd in caller_fds:
+                os.close(fd)
+        self._forget_old_execs()
+
+    def _exec_with_pipes(self, container: Container, process_path: str, pid_file: str,
+                         want_stdin: bool) -> tuple[list[int], list[str]]:
+        child_fds: list[int] = []
+        caller_fds: list[int] = []
+        names: list[str] = []
+        try:
+            stdin_read = -1
+            if want_stdin:
+                stdin_read, stdin_write = os.pipe()
+                child_fds.append(stdin_read)
+                caller_fds.append(stdin_write)
+                names.append("stdin")
+            out_read, out_write = os.pipe()
+            caller_fds.append(out_read)
+            child_fds.append(out_write)
+            names.append("stdout")
+            err_read, err_write = os.pipe()
+            caller_fds.append(err_read)
+            child_fds.append(err_write)
+            names.append("stderr")
+            self.runc.exec(container.id, process_path, pid_file,
+                           stdio=Stdio(stdin_read, out_write, err_write))
+        except BaseException:
+            for fd in caller_fds:
+                os.close(fd)
+            raise
+        finally:
+            for fd in child_fds:
+                os.close(fd)
+        return caller_fds, names
+
+    def _exec_with_pty(self, container: Container, process_path: str,
+                       pid_file: str) -> tuple[list[int], list[str]]:
+        socket_path = os.path.join(self.state_dir, self._next_name("c") + ".sock")
+        with ConsoleListener(socket_path) as listener:
+            self.runc.exec(container.id, process_path, pid_file, console_socket=socket_path)
+            master = _receive_console(listener)
+        return [master], ["pty"]
+
+    def _forget_old_execs(self) -> None:
+        exited = [s.id for s in self.execs.values() if s.exit_code is not None]
+        for exec_id in exited[: max(0, len(exited) - KEEP_EXITED_EXECS)]:
+            del self.execs[exec_id]
+
+    def _exec(self, request: dict[str, Any]) -> ExecSession:
+        exec_id = str(request["exec_id"])
+        session = self.execs.get(exec_id)
+        if session is None:
+            raise OpError(f"exec {exec_id} not found")
+        return session
+
+    def op_exec_state(self, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
+        return self._exec(request).view()
+
+    def op_exec_wait(self, conn: Connection, request: dict[str, Any]) -> dict[str, Any] | None:
+        session = self._exec(request)
+        if session.exit_code is not None:
+            return session.view()
+        session.waiters.append((conn, request.get("id")))
+        return None
+
+    def op_exec_kill(self, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
+        session = self._exec(request)
+        if session.exit_code is None:
+            kill_tree(session.pid)
+        return session.view()
+
+    # ---- attach -------------------------------------------------------------------
+
+    def op_attach(self, conn: Connection, request: dict[str, Any]) -> None:
+        container = self._container(request)
+        if container.status == "exited":
+            raise OpError(f"container {container.id} has exited")
+        conn.send_message({"id": request.get("id"), "ok": True, "tty": container.tty,
+                           "stdin": container.stdin is not None})
+        conn.mode = "attach"
+        conn.attached = container
+        conn.attach_stdin = bool(request.get("stdin")) and container.stdin is not None
+        container.attachers.append(conn)
+
+    def attach_stdin(self, conn: Connection, data: bytes) -> None:
+        container = conn.attached
+        if container is None or not conn.attach_stdin:
+            return
+        if not data:
+            conn.attach_stdin = False
+            self._stdin_detached(container)
+        elif container.stdin is not None:
+            container.stdin.write(data)
+
+    def _stdin_detached(self, container: Container) -> None:
+        """stdin_once: the first attacher to close its stdin closes the container's."""
+        if container.stdin_once and container.stdin is not None:
+            if container.tty:
+                container.stdin.write(b"\x04")  # EOF for the line discipline
+            else:
+                container.stdin.close_after_drain()
+                container.stdin = None
+
+    # ---- container output ---------------------------------------------------------
+
+    def _output_reader(self, container: Container, fd: int) -> Callback:
+        return lambda: self._read_output(container, fd)
+
+    def _read_output(self, container: Container, fd: int, drain: bool = False) -> None:
+        while True:
+            try:
+                data = os.read(fd, READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno != errno.EIO:  # EIO: the pty's other side is gone
+                    self.logger.log("warning", f"read {container.id}: {exc}")
+                data = b""
+            if not data:
+                self._output_closed(container, fd)
+                return
+            self._deliver(container, fd, data)
+            if not drain:
+                return
+
+    def _deliver(self, container: Container, fd: int, data: bytes) -> None:
+        stream = container.outputs[fd]
+        if container.log is not None:
+            records = container.splitters[fd].feed(data)
+            self._write_log(container, stream, records)
+        frame = protocol.encode_frame(stream, data)
+        for conn in list(container.attachers):
+            conn.send(frame)
+
+    def _write_log(self, container: Container, stream: int,
+                   records: list[tuple[bytes, bytes]]) -> None:
+        if container.log is None:
+            return
+        try:
+            container.log.write_records(STREAM_NAMES[stream], records)
+        except OSError as exc:
+            self.logger.log("warning", f"log write {container.id}: {exc}")
+
+    def _output_closed(self, container: Container, fd: int) -> None:
+        stream = container.outputs.pop(fd)
+        self._write_log(container, stream, container.splitters.pop(fd).finish())
+        self.loop.forget(fd)
+        os.close(fd)
+        if fd == container.pty_master:
+            container.pty_master = -1
+        for conn in list(container.attachers):
+            conn.send(protocol.encode_frame(stream, b""))
+
+    # ---- exits --------------------------------------------------------------------
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            code = os.waitstatus_to_exitcode(status)
+            exit_code = 128 - code if code < 0 else code
+            owner = self.pids.pop(pid, None)
+            if isinstance(owner, Container):
+                self._container_exited(owner, exit_code)
+            elif isinstance(owner, ExecSession):
+                self._exec_exited(owner, exit_code)
+            else:
+                self.logger.log("debug", f"reaped unknown pid {pid} ({exit_code})")
+
+    def _container_exited(self, container: Container, exit_code: int) -> None:
+        # Whatever the container wrote before it died belongs in its log before the exit.
+        for fd in list(container.outputs):
+            self._read_output(container, fd, drain=True)
+        for fd in list(container.outputs):
+            self._output_closed(container, fd)
+        if container.stdin is not None:
+            container.stdin.close()
+            container.stdin = None
+        container.status = "exited"
+        container.exit_code = exit_code
+        container.exited_at = protocol.rfc3339nano()
+        container.oom_killed = _read_oom_kills(container.oom_control) > \
+            container.oom_kills_at_create
+        try:
+            _write_exit_file(container.exit_file, container.view())
+        except OSError as exc:
+            self.logger.log("error", f"exit file {container.exit_file}: {exc}")
+        if container.log is not None:
+            container.log.close()
+        self.logger.log("info", f"container {container.id} exited {exit_code}")
+        view = container.view()
+        self._publish({"event": "exit", **view})
+        for conn, request_id in container.waiters:
+            conn.send_message({"id": request_id, "ok": True, **view})
+        container.waiters.clear()
+        for conn in list(container.attachers):
+            conn.close_after_flush()
+        self._maybe_exit()
+
+    def _exec_exited(self, session: ExecSession, exit_code: int) -> None:
+        session.exit_code = exit_code
+        session.exited_at = protocol.rfc3339nano()
+        view = session.view()
+        self._publish({"event": "exit", **view})
+        for conn, request_id in session.waiters:
+            conn.send_message({"id": request_id, "ok": True, **view})
+        session.waiters.clear()
+
+    def _publish(self, event: dict[str, Any]) -> None:
+        for conn in list(self.subscribers):
+            conn.send_message(event)
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    pass
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, KeyError):
+        return f"missing field {exc}"
+    return str(exc) or type(exc).__name__
+
+
+def _read_pid(pid_file: str) -> int:
+    with open(pid_file, encoding="ascii") as file:
+        return int(file.read().strip())
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+class ConsoleListener:
+    """A listening unix socket for runc's --console-socket; removed on exit."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def __enter__(self) -> socket.socket:
+        _unlink_quietly(self.path)
+        self.sock.bind(self.path)
+        self.sock.listen(1)
+        return self.sock
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.sock.close()
+        _unlink_quietly(self.path)
+
+
+def _receive_console(listener: socket.socket, timeout: float = 10.0) -> int:
+    """runc connected during create/exec and sent the pty master as SCM_RIGHTS; the
+    connection already sits in the backlog, so accept() does not wait for runc."""
+    listener.settimeout(timeout)
+    conn, _addr = listener.accept()
+    with conn:
+        conn.settimeout(timeout)
+        _data, fds = protocol.receive_fds(conn)
+    if not fds:
+        raise OpError("runc sent no console fd")
+    for extra in fds[1:]:
+        os.close(extra)
+    return fds[0]
+
+
+def _oom_control_path(bundle: str) -> str | None:
+    """cgroup v1 memory.oom_control of the container, from config.json's cgroupsPath."""
+    try:
+        with open(os.path.join(bundle, "config.json"), encoding="utf-8") as file:
+            cgroups_path = json.load(file).get("linux", {}).get("cgroupsPath", "")
+    except (OSError, ValueError):
+        return None
+    if not cgroups_path or ":" in cgroups_path:  # systemd slice:prefix:name is not ours
+        return None
+    if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        return os.path.join("/sys/fs/cgroup", cgroups_path.lstrip("/"), "memory.events")
+    return os.path.join("/sys/fs/cgroup/memory", cgroups_path.lstrip("/"), "memory.oom_control")
+
+
+def _read_oom_kills(path: str | None) -> int:
+    if path is None:
+        return 0
+    try:
+        with open(path, encoding="ascii") as file:
+            for line in file:
+                name, _, value = line.partition(" ")
+                if name == "oom_kill":
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _write_exit_file(path: str, view: dict[str, Any]) -> None:
+    record = {"exit_code": view["exit_code"], "exited_at": view["exited_at"],
+              "oom_killed": view["oom_killed"], "pid": view["pid"]}
+    temporary = f"{path}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, json.dumps(record).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temporary, path)
+
+
+def children_of(pid: int) -> list[int]:
+    """pid's children, from /proc/<pid>/task/*/children."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as file:
+                found.extend(int(child) for child in file.read().split())
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL pid and all its descendants. Everything is SIGSTOPped while the tree is
+    walked (so nothing forks behind our back and orphans are not re-parented away
+    before we see them), then the whole set is killed."""
+    members = [pid]
+    frontier = [pid]
+    while frontier:
+        for member in frontier:
+            _send(member, signal.SIGSTOP)
+        frontier = [c for m in frontier for c in children_of(m) if c not in members]
+        members.extend(frontier)
+    # A fork racing the SIGSTOP shows up only now.
+    members.extend(c for m in list(members) for c in children_of(m) if c not in members)
+    for member in members:
+        _send(member, signal.SIGKILL)
+
+
+def _send(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def set_child_subreaper(process_name: bytes = b"flatpod-shim") -> None:
+    """Become the subreaper of every descendant; also name the process (comm), since a
+    zygote-forked shim's cmdline is the zygote's."""
+    import ctypes  # only here: ctypes is heavy and only the shim process needs it
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    libc.prctl(PR_SET_NAME, ctypes.c_char_p(process_name[:15]), 0, 0, 0)

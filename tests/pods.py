@@ -1,0 +1,121 @@
+"""Builders and checks for tests that run real pods and containers through the CRI."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cri_api import api_pb2 as pb
+from tests.cri import CriClient
+
+
+def pod_config(name: str = "", log_dir: Path | None = None, **fields: Any) -> pb.PodSandboxConfig:
+    name = name or f"pod-{uuid.uuid4().hex[:8]}"
+    fields.setdefault("hostname", name[:60])
+    fields.setdefault("log_directory", str(log_dir) if log_dir else "")
+    config = pb.PodSandboxConfig(
+        metadata=pb.PodSandboxMetadata(name=name, uid=uuid.uuid4().hex, namespace="fpt"),
+        **fields,
+    )
+    return config
+
+
+def container_config(image: str, name: str = "", **fields: Any) -> pb.ContainerConfig:
+    name = name or f"ctr-{uuid.uuid4().hex[:8]}"
+    return pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name=name), image=pb.ImageSpec(image=image),
+        log_path=f"{name}.log", **fields,
+    )
+
+
+def run_pod(cri: CriClient, config: pb.PodSandboxConfig) -> str:
+    pod_id: str = cri.RunPodSandbox(pb.RunPodSandboxRequest(config=config)).pod_sandbox_id
+    return pod_id
+
+
+def start_container(cri: CriClient, pod_id: str, pod: pb.PodSandboxConfig,
+                    config: pb.ContainerConfig) -> str:
+    ctr_id: str = cri.CreateContainer(
+        pb.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod)
+    ).container_id
+    cri.StartContainer(pb.StartContainerRequest(container_id=ctr_id))
+    return ctr_id
+
+
+def remove_all_pods(cri: CriClient) -> None:
+    for pod in cri.ListPodSandbox(pb.ListPodSandboxRequest()).items:
+        cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod.id))
+        cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod.id))
+
+
+def container_state(cri: CriClient, ctr_id: str) -> pb.ContainerStatus:
+    status: pb.ContainerStatus = cri.ContainerStatus(
+        pb.ContainerStatusRequest(container_id=ctr_id)
+    ).status
+    return status
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or condition}")
+        time.sleep(0.05)
+
+
+def exec_sync(cri: CriClient, ctr_id: str, *cmd: str, timeout: int = 10) -> pb.ExecSyncResponse:
+    response: pb.ExecSyncResponse = cri.ExecSync(
+        pb.ExecSyncRequest(container_id=ctr_id, cmd=list(cmd), timeout=timeout)
+    )
+    return response
+
+
+def mounts_under(path: Path) -> list[str]:
+    text = Path("/proc/self/mountinfo").read_text()
+    prefix = str(path)
+    return [line.split()[4] for line in text.splitlines() if line.split()[4].startswith(prefix)]
+
+
+def host_traces(pod_id: str) -> list[str]:
+    """What a pod may have left on the host: netns pins, veths, cgroups, processes."""
+    traces = []
+    if any(n.startswith(f"flatpod-{pod_id[:24]}") for n in os.listdir("/run/netns")
+           if os.path.isdir("/run/netns")):
+        traces.append("netns")
+    for controller in ("memory", "cpu", "pids"):
+        root = Path("/sys/fs/cgroup") / controller
+        for dirpath, dirnames, _ in os.walk(root):
+            if any(pod_id in d for d in dirnames):
+                traces.append(f"cgroup {controller} {dirpath}")
+            if dirpath.count("/") > 8:
+                dirnames.clear()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if pod_id.encode() in cmdline:
+                traces.append(f"process {pid} {cmdline[:80]!r}")
+    return traces
+
+
+def http_get(url: str) -> list[str]:
+    """argv that prints the body of `url`, exit 0 on any HTTP answer (the host's static
+    busybox wget crashes here, so host-side clients are Python)."""
+    code = (
+        "import sys, urllib.request, urllib.error\n"
+        "try:\n"
+        f"    sys.stdout.buffer.write(urllib.request.urlopen({url!r}, timeout=2).read())\n"
+        "except urllib.error.HTTPError:\n"
+        "    pass\n"
+    )
+    return [sys.executable, "-c", code]

@@ -1,0 +1,275 @@
+"""PullImage, ListImages, ImageStatus, RemoveImage, GC and ImageFsInfo against the real registry."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cri_api import api_pb2 as pb
+from sandbox.config import ImagesConfig
+from sandbox.images.service import ImageService
+from sandbox.images.snapshots import mount_overlay, unmount
+from sandbox.store import Store
+from tests.support.plugin import PushedImage, TestImages
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[ImageService]:
+    store = Store(tmp_path / "state.db")
+    try:
+        yield ImageService(store, tmp_path / "root", ImagesConfig())
+    finally:
+        store.close()
+
+
+def pull(service: ImageService, ref: str) -> str:
+    req = pb.PullImageRequest(image=pb.ImageSpec(image=ref))
+    resp: pb.PullImageResponse = asyncio.run(service.PullImage(req))
+    return resp.image_ref
+
+
+def status(service: ImageService, ref: str, verbose: bool = False) -> pb.ImageStatusResponse:
+    req = pb.ImageStatusRequest(image=pb.ImageSpec(image=ref), verbose=verbose)
+    resp: pb.ImageStatusResponse = asyncio.run(service.ImageStatus(req))
+    return resp
+
+
+def remove(service: ImageService, ref: str) -> None:
+    asyncio.run(service.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=ref))))
+
+
+def blob_names(service: ImageService) -> set[str]:
+    return {f"sha256:{p.name}" for p in service.content.blob_dir.iterdir()}
+
+
+def snapshot_names(service: ImageService) -> set[str]:
+    return {f"sha256:{p.name}" for p in service.snapshots.dir.iterdir()}
+
+
+def test_pull_by_tag_records_tag_digest_and_layers(
+    service: ImageService, test_images: TestImages
+) -> None:
+    busybox = test_images.busybox
+    image_id = pull(service, busybox.reference)
+    assert image_id == busybox.config_digest
+    image = status(service, busybox.reference).image
+    assert image.id == busybox.config_digest
+    assert list(image.repo_tags) == [busybox.reference]
+    assert list(image.repo_digests) == [busybox.digest_reference]
+    assert image.size > 0
+    assert set(busybox.layer_digests) <= blob_names(service)
+    assert len(snapshot_names(service)) == len(busybox.layer_digests)
+    # No leftovers from the downloads.
+    assert list(service.content.ingest_dir.iterdir()) == []
+    # The same image by id, by id without "sha256:", by a 12-digit prefix, by digest ref.
+    hex_id = image_id.removeprefix("sha256:")
+    for name in (image_id, hex_id, hex_id[:12], busybox.digest_reference):
+        assert status(service, name).image.id == image_id, name
+    listed = asyncio.run(service.ListImages(pb.ListImagesRequest())).images
+    assert [i.id for i in listed] == [image_id]
+
+
+def test_pull_by_digest_has_no_tag(service: ImageService, test_images: TestImages) -> None:
+    web = test_images.web
+    assert pull(service, web.digest_reference) == web.config_digest
+    image = status(service, web.digest_reference).image
+    assert list(image.repo_tags) == []
+    assert list(image.repo_digests) == [web.digest_reference]
+
+
+def test_multiarch_index_selects_amd64(service: ImageService, test_images: TestImages) -> None:
+    multi = test_images.multiarch
+    assert pull(service, multi.reference) == multi.config_digest
+    # The arm64 image's only layer was never fetched.
+    arm64 = multi.definition.artifact.images[1]  # type: ignore[union-attr]
+    assert arm64.layers[0].digest not in blob_names(service)
+    assert list(status(service, multi.reference).image.repo_digests) == [
+        multi.digest_reference
+    ]
+
+
+def test_shared_layer_stored_once(service: ImageService, test_images: TestImages) -> None:
+    busybox, multi = test_images.busybox, test_images.multiarch
+    assert busybox.layer_digests[0] == multi.layer_digests[0]  # the premise
+    pull(service, busybox.reference)
+    base_blob = service.content.path(busybox.layer_digests[0])
+    inode = base_blob.stat().st_ino
+    pull(service, multi.reference)
+    assert base_blob.stat().st_ino == inode  # not downloaded again
+    layer_blobs = blob_names(service) & (set(busybox.layer_digests) | set(multi.layer_digests))
+    assert len(layer_blobs) == 2
+    assert len(snapshot_names(service)) == 2
+
+
+def test_concurrent_pulls_share_downloads(service: ImageService, test_images: TestImages) -> None:
+    refs = [test_images.layered.reference, test_images.layered.digest_reference,
+            test_images.busybox.reference]
+
+    async def pull_all() -> list[str]:
+        reqs = [pb.PullImageRequest(image=pb.ImageSpec(image=r)) for r in refs]
+        resps = await asyncio.gather(*(service.PullImage(r) for r in reqs))
+        return [r.image_ref for r in resps]
+
+    ids = asyncio.run(pull_all())
+    assert ids == [test_images.layered.config_digest] * 2 + [test_images.busybox.config_digest]
+    assert len(snapshot_names(service)) == len(test_images.layered.layer_digests)
+
+
+def check_expected_tree(rootfs: Path, image: PushedImage) -> None:
+    definition = image.definition
+    for rel, node in definition.expected.items():
+        path = rootfs / rel
+        st = os.lstat(path)
+        if node.kind == "file":
+            assert stat.S_ISREG(st.st_mode), rel
+            if node.data is not None and len(node.data) < 4096:
+                assert path.read_bytes() == node.data, rel
+        elif node.kind == "dir":
+            assert stat.S_ISDIR(st.st_mode), rel
+        else:
+            assert stat.S_ISLNK(st.st_mode), rel
+            assert os.readlink(path) == node.target, rel
+        if node.mode is not None:
+            assert stat.S_IMODE(st.st_mode) == node.mode, rel
+        assert (st.st_uid, st.st_gid) == (node.uid, node.gid), rel
+        if node.hardlink_of is not None:
+            assert st.st_ino == os.lstat(rootfs / node.hardlink_of).st_ino, rel
+    for rel in definition.absent:
+        assert not os.path.lexists(rootfs / rel), rel
+    for top in definition.complete_under:
+        found = {
+            os.path.relpath(os.path.join(d, n), rootfs)
+            for d, dirs, files in os.walk(rootfs / top) for n in (*dirs, *files)
+        }
+        listed = {rel for rel in definition.expected if rel.startswith(top + "/")}
+        assert found == listed
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_layered_image_overlay_applies_whiteouts(
+    service: ImageService, test_images: TestImages, tmp_path: Path, readonly: bool
+) -> None:
+    layered = test_images.layered
+    image_id = pull(service, layered.reference)
+    record = service.images.get(image_id)
+    assert record is not None
+    target = tmp_path / "rootfs"
+    target.mkdir()
+    lowers = [service.snapshots.path(c) for c in reversed(record.chain_ids)]
+    mount_overlay(lowers, tmp_path / "upper", tmp_path / "work", target, readonly)
+    try:
+        check_expected_tree(target, layered)
+        # The whiteouts themselves are overlay whiteouts in the snapshot of layer B.
+        layer_b = service.snapshots.path(record.chain_ids[2])
+        gone = os.lstat(layer_b / "data" / "gone")
+        assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == 0
+        assert os.getxattr(layer_b / "data" / "dir", "trusted.overlay.opaque") == b"y"
+        mounts = Path("/proc/self/mounts").read_text()
+        assert f" {target} overlay " in mounts
+    finally:
+        unmount(target)
+    assert f" {target} " not in Path("/proc/self/mounts").read_text()
+    unmount(target)  # idempotent
+
+
+def test_single_layer_readonly_is_bind_mount(
+    service: ImageService, test_images: TestImages, tmp_path: Path
+) -> None:
+    image_id = pull(service, test_images.busybox.reference)
+    record = service.images.get(image_id)
+    assert record is not None and len(record.chain_ids) == 1
+    target = tmp_path / "rootfs"
+    target.mkdir()
+    service.snapshots.mount_rootfs(record.chain_ids, None, None, target, readonly=True)
+    try:
+        out = subprocess.run(["chroot", str(target), "/bin/busybox", "echo", "hi"],
+                             capture_output=True, check=True)
+        assert out.stdout == b"hi\n"
+        with pytest.raises(OSError):
+            (target / "x").write_text("x")
+    finally:
+        unmount(target)
+
+
+def test_image_status_user_verbose_and_missing(
+    service: ImageService, test_images: TestImages
+) -> None:
+    user_image = test_images.busybox_user
+    pull(service, user_image.reference)
+    resp = status(service, user_image.reference, verbose=True)
+    config = json.loads(user_image.definition.image.config.data)
+    user = config["config"]["User"]
+    if user.split(":")[0].isdigit():
+        assert resp.image.HasField("uid") and resp.image.uid.value == int(user.split(":")[0])
+    else:
+        assert resp.image.username == user.split(":")[0]
+    info = json.loads(resp.info["info"])
+    assert info["imageSpec"]["config"]["User"] == user
+    missing = status(service, "example.invalid/nothing:here")
+    assert not missing.HasField("image")
+
+
+def test_remove_by_tag_id_digest_and_gc(service: ImageService, test_images: TestImages) -> None:
+    busybox, layered, web = test_images.busybox, test_images.layered, test_images.web
+    pull(service, busybox.reference)
+    pull(service, layered.reference)
+    pull(service, web.reference)
+    shared = busybox.layer_digests[0]
+    # By tag: containerd's CRI removes the image with all its references.
+    remove(service, layered.reference)
+    assert not status(service, layered.digest_reference).HasField("image")
+    assert shared in blob_names(service)
+    assert not set(layered.layer_digests[1:]) & blob_names(service)
+    assert len(snapshot_names(service)) == 2  # busybox base + web's layer
+    # By digest reference.
+    remove(service, web.digest_reference)
+    assert not status(service, web.reference).HasField("image")
+    assert shared in blob_names(service)
+    # By id; removing something missing succeeds.
+    remove(service, busybox.config_digest)
+    remove(service, busybox.config_digest)
+    assert blob_names(service) == set()
+    assert snapshot_names(service) == set()
+
+
+def test_gc_keeps_container_snapshots(tmp_path: Path, test_images: TestImages) -> None:
+    live: set[str] = set()
+    store = Store(tmp_path / "state.db")
+    try:
+        service = ImageService(store, tmp_path / "root", ImagesConfig(),
+                               live_snapshots=lambda: live)
+        image_id = pull(service, test_images.busybox.reference)
+        record = service.images.get(image_id)
+        assert record is not None
+        live.add(record.chain_ids[0])
+        remove(service, image_id)
+        assert snapshot_names(service) == {record.chain_ids[0]}
+        live.clear()
+        asyncio.run(service.start())
+        assert snapshot_names(service) == set()
+    finally:
+        store.close()
+
+
+def test_image_fs_info(service: ImageService, test_images: TestImages) -> None:
+    pull(service, test_images.busybox.reference)
+    resp = asyncio.run(service.ImageFsInfo(pb.ImageFsInfoRequest()))
+    [fs] = resp.image_filesystems
+    assert fs.fs_id.mountpoint == str(service.root)
+    assert fs.used_bytes.value > 500_000  # a static busybox
+    assert fs.inodes_used.value > 3
+    assert fs.timestamp > 0
+
+
+def test_invalid_reference_is_invalid_argument(service: ImageService) -> None:
+    from sandbox.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="UPPER"):
+        pull(service, "127.0.0.1:5000/UPPER:tag")

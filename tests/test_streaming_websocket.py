@@ -1,0 +1,118 @@
+"""Exec and attach over WebSocket (v4/v5 channel protocols) with the kubernetes
+Python client's WSClient (websocket-client underneath), and TLS."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kubernetes.client import Configuration
+from kubernetes.stream.ws_client import WSClient
+
+from sandbox.streaming.server import AttachParams, ExecParams
+from tests.test_streaming_support import (
+    ServerHarness,
+    run,
+    run_command,
+    running_harness,
+)
+
+
+@pytest.fixture
+def harness() -> Iterator[ServerHarness]:
+    yield from running_harness()
+
+
+def ws_client(url: str, protocol: str | None = None) -> WSClient:
+    headers = {"sec-websocket-protocol": protocol} if protocol else None
+    config = Configuration()
+    config.verify_ssl = False
+    return WSClient(config, url.replace("http", "ws", 1), headers, capture_all=True,
+                    binary=True)
+
+
+def exec_url(harness: ServerHarness, cmd: list[str], **options: bool) -> str:
+    url: str = harness.on_loop(harness.server.get_exec_url, ExecParams("c1", cmd, **options))
+    return url
+
+
+@pytest.mark.parametrize("protocol", ["v5.channel.k8s.io", "v4.channel.k8s.io"])
+def test_exec_exit_status(harness: ServerHarness, protocol: str) -> None:
+    client = ws_client(exec_url(harness, ["sh", "-c", "echo -n out; echo -n err >&2; exit 4"]),
+                       protocol)
+    try:
+        assert client.subprotocol == protocol
+        client.run_forever(timeout=20)
+        assert client.read_stdout() == b"out"
+        assert client.read_stderr() == b"err"
+        assert client.returncode == 4
+    finally:
+        client.close()
+
+
+def test_default_offer_picks_v5_and_stdin_close_signal(harness: ServerHarness) -> None:
+    payload = os.urandom(200_000)
+    client = ws_client(exec_url(harness, ["cat"], stdin=True))
+    try:
+        assert client.subprotocol == "v5.channel.k8s.io"
+        client.write_stdin(payload)
+        client.close_channel(0)  # [255, 0]: the process sees EOF
+        client.run_forever(timeout=20)
+        assert client.read_stdout() == payload
+        assert client.returncode == 0
+    finally:
+        client.close()
+
+
+def test_attach_over_websocket(harness: ServerHarness) -> None:
+    harness.backend.attach_commands["ctr"] = ["sh"]
+    url: str = harness.on_loop(harness.server.get_attach_url,
+                               AttachParams("ctr", stdin=True, stdout=True, stderr=True))
+    client = ws_client(url)
+    try:
+        client.write_stdin(b"echo -n hello\n")
+        client.update(timeout=5)
+        assert client.read_stdout(timeout=5) == b"hello"
+        client.close_channel(0)
+        client.run_forever(timeout=20)
+        assert not client.is_open()
+        assert client.returncode == 0
+    finally:
+        client.close()
+
+
+def test_websocket_without_known_subprotocol_is_rejected(harness: ServerHarness) -> None:
+    with pytest.raises(Exception, match="400"):
+        ws_client(exec_url(harness, ["true"]), "base64.channel.k8s.io")
+
+
+@pytest.fixture
+def tls_harness(tmp_path: Path) -> ServerHarness:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return ServerHarness(tls=(str(cert), str(key)))
+
+
+def test_tls_spdy_and_websocket(tls_harness: ServerHarness) -> None:
+    import ssl
+    try:
+        assert tls_harness.server.url.startswith("https://")
+        insecure = ssl.create_default_context()
+        insecure.check_hostname = False
+        insecure.verify_mode = ssl.CERT_NONE
+        url = exec_url(tls_harness, ["sh", "-c", "echo -n secure"])
+        result = run(run_command(url, ssl_context=insecure))
+        assert result.stdout == b"secure"
+        client = ws_client(exec_url(tls_harness, ["sh", "-c", "echo -n wss"]))
+        try:
+            client.run_forever(timeout=20)
+            assert client.read_stdout() == b"wss"
+        finally:
+            client.close()
+    finally:
+        tls_harness.close()
