@@ -293,6 +293,9 @@ async def start_container(rt: Runtime, req: pb.StartContainerRequest) -> pb.Star
         if ctr.state != CREATED:
             raise FailedPrecondition(f"container {ctr.id} is {ctr.state}, not created")
         pod = rt.pod(ctr.pod_id)
+        # Taken before `runc start`: a quick process may exit (and its finished_at be recorded)
+        # before the shim's reply arrives, and started_at must not come after finished_at.
+        started_at = time.time_ns()
         try:
             await _shim(rt, pod).start(ctr.id)
         except ShimError as err:
@@ -302,7 +305,7 @@ async def start_container(rt: Runtime, req: pb.StartContainerRequest) -> pb.Star
             raise FailedPrecondition(f"starting container {ctr.id}: {err}") from err
         if ctr.state == CREATED:  # its exit may already have been reported
             ctr.state = RUNNING
-        ctr.started_at = time.time_ns()
+        ctr.started_at = started_at
         save_container(rt.store, ctr)
     _publish(rt, ctr, pb.CONTAINER_STARTED_EVENT)
     return pb.StartContainerResponse()
@@ -352,7 +355,9 @@ async def _wait(shim: Any, ctr_id: str, timeout: float) -> dict[str, Any] | None
     try:
         view: dict[str, Any] = await shim.wait(ctr_id, timeout=timeout)
     except ShimError as err:
-        if "timed out" in str(err) or "timeout" in str(err):
+        # The shim answers a wait only when the container exits; the client's deadline
+        # passing first (a TimeoutError under the ShimError) means "still running".
+        if isinstance(err.__cause__, TimeoutError):
             return None
         raise
     return view if view.get("status") == "exited" else None

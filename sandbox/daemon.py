@@ -19,7 +19,7 @@ from typing import Any
 
 from netns.bridge import BridgeConfig, BridgeNetwork
 from netns.cni import CniNetwork
-from sandbox import containers, info, pods, recovery
+from sandbox import containers, exec, info, pods, recovery
 from sandbox.config import Config
 from sandbox.images.service import ImageService
 from sandbox.records import load_containers, load_pods
@@ -27,6 +27,7 @@ from sandbox.runtime import Paths, Runtime
 from sandbox.server import Handler, build_server
 from sandbox.shims import ShimRegistry
 from sandbox.store import Store
+from sandbox.streaming.server import StreamingServer
 
 log = logging.getLogger("flatpod.daemon")
 
@@ -52,6 +53,9 @@ def rpc_handlers() -> Mapping[str, Handler]:
         "RuntimeService/ExecSync": containers.exec_sync,
         "RuntimeService/ReopenContainerLog": containers.reopen_container_log,
         "RuntimeService/UpdateContainerResources": containers.update_container_resources,
+        "RuntimeService/Exec": exec.exec_,
+        "RuntimeService/Attach": exec.attach,
+        "RuntimeService/PortForward": exec.port_forward,
         "ImageService/PullImage": lambda rt, req: rt.images.PullImage(req),
         "ImageService/ListImages": lambda rt, req: rt.images.ListImages(req),
         "ImageService/ImageStatus": lambda rt, req: rt.images.ImageStatus(req),
@@ -80,6 +84,12 @@ def pod_network(config: Config, store: Store, paths: Paths) -> tuple[Any, str]:
         masquerade=config.network.masquerade,
     )
     return BridgeNetwork(bridge, store), "bridge"
+
+
+def streaming_server(rt: Runtime) -> StreamingServer:
+    cfg = rt.config.streaming
+    tls = (cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
+    return StreamingServer(exec.ShimBackend(rt), address=cfg.address, port=cfg.port, tls=tls)
 
 
 def own_oom_score_adj() -> int:
@@ -137,6 +147,8 @@ async def serve(config: Config) -> None:
     rt = open_runtime(config)
     await rt.images.start()
     await recovery.recover(rt)
+    rt.streaming = streaming_server(rt)
+    await rt.streaming.start()
     server = build_server(rt, rpc_handlers())
     socket_path = config.socket_path
     bind_socket_path(socket_path)
@@ -154,6 +166,7 @@ async def serve(config: Config) -> None:
 
     log.info("stopping: pods keep running")
     await server.stop(grace=5)
+    await rt.streaming.stop()
     await rt.shims.close()
     with contextlib.suppress(FileNotFoundError):
         socket_path.unlink()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
@@ -34,7 +35,7 @@ async def version(rt: Runtime, req: pb.VersionRequest) -> pb.VersionResponse:
 
 async def status(rt: Runtime, req: pb.StatusRequest) -> pb.StatusResponse:
     runtime_ok, runtime_reason = _runtime_condition(rt)
-    network_ok, network_reason = _network_condition(rt)
+    network_ok, network_reason = await _network_condition(rt)
     conditions = [
         pb.RuntimeCondition(
             type="RuntimeReady",
@@ -90,10 +91,11 @@ def _runtime_condition(rt: Runtime) -> tuple[bool, str]:
     return True, ""
 
 
-def _network_condition(rt: Runtime) -> tuple[bool, str]:
+async def _network_condition(rt: Runtime) -> tuple[bool, str]:
     if rt.network is None:
         return False, "pod network is not initialised"
-    ready, reason = rt.network.status()
+    # Netlink calls block, and pyroute2 refuses to run on a thread whose event loop runs.
+    ready, reason = await asyncio.to_thread(rt.network.status)
     return bool(ready), str(reason)
 
 

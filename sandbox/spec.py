@@ -85,6 +85,10 @@ class SpecDefaults:
     """Node-level defaults the daemon config may override."""
 
     capabilities: tuple[str, ...] = DEFAULT_CAPABILITIES
+    # What "ALL" and privileged mean: every capability the daemon itself may pass on. runc
+    # cannot grant one outside its bounding set (here root lacks CAP_SYS_RESOURCE), so, as
+    # containerd does with the current process's caps, nothing outside it is asked for.
+    available_capabilities: tuple[str, ...] = field(default_factory=lambda: bounding_set())
     masked_paths: tuple[str, ...] = DEFAULT_MASKED_PATHS
     readonly_paths: tuple[str, ...] = DEFAULT_READONLY_PATHS
     arch: str = "x86_64"
@@ -161,15 +165,31 @@ def normalise_cap(name: str, field_name: str) -> str:
     return cap
 
 
+def bounding_set(status: Path = Path("/proc/self/status")) -> tuple[str, ...]:
+    """The capabilities in this process's bounding set, by name."""
+    for line in status.read_text().splitlines():
+        if line.startswith("CapBnd:"):
+            mask = int(line.split()[1], 16)
+            return tuple(c for n, c in enumerate(ALL_CAPABILITIES) if mask >> n & 1)
+    return ALL_CAPABILITIES
+
+
 def effective_capabilities(
-    defaults: Sequence[str], add: Sequence[str], drop: Sequence[str], privileged: bool
+    defaults: Sequence[str],
+    add: Sequence[str],
+    drop: Sequence[str],
+    privileged: bool,
+    available: Sequence[str] = ALL_CAPABILITIES,
 ) -> list[str]:
-    """containerd's order: "ALL" in add, then "ALL" in drop, then single adds, then drops."""
+    """containerd's order: "ALL" in add, then "ALL" in drop, then single adds, then drops.
+
+    The result never holds a capability outside `available` (the daemon's bounding set).
+    """
     if privileged:
-        return list(ALL_CAPABILITIES)
+        return list(available)
     caps = list(defaults)
     if any(a.upper() == "ALL" for a in add):
-        caps = list(ALL_CAPABILITIES)
+        caps = list(available)
     if any(d.upper() == "ALL" for d in drop):
         caps = []
     for name in add:
@@ -180,7 +200,7 @@ def effective_capabilities(
     dropped = {
         normalise_cap(n, "capabilities.drop_capabilities") for n in drop if n.upper() != "ALL"
     }
-    return [c for c in caps if c not in dropped]
+    return [c for c in caps if c not in dropped and c in available]
 
 
 def capabilities_object(caps: Sequence[str], ambient: Sequence[str]) -> dict[str, list[str]]:
@@ -721,6 +741,7 @@ def build_container_spec(
         list(sc.capabilities.add_capabilities),
         list(sc.capabilities.drop_capabilities),
         privileged,
+        defaults.available_capabilities,
     )
     ambient = [] if privileged else list(sc.capabilities.add_ambient_capabilities)
     table = parse_mountinfo(defaults.mountinfo.read_text()) if ctr.mounts else []

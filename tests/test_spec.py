@@ -235,7 +235,8 @@ def test_all_add_and_drop(tmp_path: Path) -> None:
     sc = pb.LinuxContainerSecurityContext(
         capabilities=pb.Capability(add_capabilities=["ALL"], drop_capabilities=["CHOWN"])
     )
-    assert caps_of(build(tmp_path, ctr_config(sc))) == set(spec.ALL_CAPABILITIES) - {"CAP_CHOWN"}
+    available = set(spec.bounding_set())
+    assert caps_of(build(tmp_path, ctr_config(sc))) == available - {"CAP_CHOWN"}
     sc = pb.LinuxContainerSecurityContext(
         capabilities=pb.Capability(add_capabilities=["NET_BIND_SERVICE"], drop_capabilities=["ALL"])
     )
@@ -269,7 +270,7 @@ def test_privileged_container(tmp_path: Path) -> None:
         privileged=True, seccomp=pb.SecurityProfile(profile_type=pb.SecurityProfile.RuntimeDefault)
     )
     s = build(tmp_path, ctr_config(sc), pod=privileged_pod())
-    assert caps_of(s) == set(spec.ALL_CAPABILITIES)
+    assert caps_of(s) == set(spec.bounding_set())
     assert "maskedPaths" not in s["linux"] and "readonlyPaths" not in s["linux"]
     assert "seccomp" not in s["linux"]
     assert s["linux"]["resources"]["devices"] == [{"allow": True, "access": "rwm"}]
@@ -642,3 +643,15 @@ def test_pause_host_namespaces(tmp_path: Path) -> None:
     assert "hostname" not in p
     with pytest.raises(SpecError, match="netns_path"):
         spec.build_pause_spec(pod, rootfs=tmp_path, netns_path=Path("/n"), cgroups_path="/x")
+
+
+def test_all_means_the_daemons_bounding_set(tmp_path: Path) -> None:
+    """runc cannot grant what the daemon lacks (root here has no CAP_SYS_RESOURCE)."""
+    status = tmp_path / "status"
+    status.write_text("Name:\tx\nCapBnd:\t0000000000000005\n")
+    assert spec.bounding_set(status) == ("CAP_CHOWN", "CAP_DAC_READ_SEARCH")
+    caps = spec.effective_capabilities([], ["ALL"], [], False, ("CAP_CHOWN",))
+    assert caps == ["CAP_CHOWN"]
+    assert spec.effective_capabilities(["CAP_KILL"], ["SYS_ADMIN"], [], False, ("CAP_KILL",)) == [
+        "CAP_KILL"
+    ]

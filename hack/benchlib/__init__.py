@@ -1,0 +1,1 @@
+"""hack/bench: one CRI client that measures flatpod and containerd side by side."""

@@ -1,0 +1,163 @@
+"""hack/bench's command line: start the runtimes, run the workloads, print the table."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchlib import floor, stats
+from benchlib.bigimage import ensure_pushed
+from benchlib.cri import BUSYBOX, describe
+from benchlib.runtimes import Containerd, Flatpod, Runtime
+from benchlib.stats import Report
+from benchlib.workloads import MS, Plan, run_at_scale, run_latencies
+
+WORKLOADS = ("runpod", "create-start", "stop-remove", "concurrent", "relist", "stats",
+             "memory", "pull", "floor")
+AT_SCALE = {"relist", "stats", "memory"}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="hack/bench", description=__doc__)
+    parser.add_argument("--flatpod", action="store_true", help="measure flatpod (from this repo)")
+    parser.add_argument("--containerd", action="store_true",
+                        help="measure containerd (/work/shared/conformance/containerd.sh)")
+    parser.add_argument("--runs", type=int, default=20, help="samples per latency (20)")
+    parser.add_argument("--heavy-runs", type=int, default=5,
+                        help="samples of the 20-pod burst and of the 100 MB pull (5)")
+    parser.add_argument("--pods", type=int, default=100,
+                        help="pods for relist/stats/memory, 2 containers each (100)")
+    parser.add_argument("--only", default="",
+                        help="comma-separated subset of: " + ",".join(WORKLOADS))
+    parser.add_argument("--json", type=Path, help="write every raw sample here")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
+    args = parser.parse_args(argv)
+    if not (args.flatpod or args.containerd):
+        parser.error("give --flatpod and/or --containerd")
+    only = {w for w in args.only.split(",") if w} or set(WORKLOADS)
+    unknown = only - set(WORKLOADS)
+    if unknown:
+        parser.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
+    args.only = only
+    return args
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {message}",
+          file=sys.stderr, flush=True)
+
+
+def start_all(runtimes: list[Runtime]) -> None:
+    for runtime in runtimes:
+        log(f"starting {runtime.name}")
+        runtime.start()
+        log(f"{runtime.name}: {runtime.cri.version()} on {runtime.socket}")
+        if isinstance(runtime, Containerd):
+            runtime.remember_image(BUSYBOX)
+        runtime.cri.pull(BUSYBOX)
+
+
+def stop_all(runtimes: list[Runtime], report: Report) -> bool:
+    clean = True
+    for runtime in runtimes:
+        log(f"stopping {runtime.name}")
+        try:
+            left = runtime.stop()
+        except Exception as err:
+            left = [f"stop failed: {describe(err)}"]
+        for item in left:
+            report.notes.append(f"LEFTOVER {runtime.name}: {item}")
+        if left:
+            clean = False
+        else:
+            report.notes.append(f"{runtime.name}: stopped, nothing left behind "
+                                "(processes, cgroups, netns, mounts checked)")
+    return clean
+
+
+def run_floor(report: Report, runs: int) -> None:
+    series = report.figure("floor", "floor: runc create+start catatonit alone", "ms").of("runc")
+    try:
+        series.samples = [s * MS for s in floor.runc_floor(runs)]
+    except Exception as err:
+        series.error = describe(err)
+
+
+def run_workloads(report: Report, runtimes: list[Runtime], plan: Plan, only: set[str]) -> None:
+    if "pull" in only:
+        log("pushing the big image (once)")
+        plan.big_image = ensure_pushed()
+        for runtime in runtimes:
+            if isinstance(runtime, Containerd):
+                runtime.remember_image(plan.big_image)
+    log("latencies")
+    run_latencies(report, runtimes, plan, only)
+    if only & AT_SCALE:
+        log(f"at scale: {plan.pods} pods")
+        run_at_scale(report, runtimes, plan, only)
+    if "floor" in only:
+        log("runc floor")
+        run_floor(report, plan.runs)
+
+
+def print_report(report: Report, runtimes: list[Runtime]) -> None:
+    names = [r.name for r in runtimes]
+    floor_fig = next((f for f in report.figures if f.key == "floor"), None)
+    figures = [f for f in report.figures if f.key != "floor"]
+    print(stats.format_table(Report(figures=figures), names))
+    if floor_fig is not None:
+        s = floor_fig.of("runc")
+        if s.samples:
+            print(f"\nfloor, runc create+start of catatonit alone: median {s.median():.1f} ms, "
+                  f"p90 {s.p90():.1f} ms ({len(s.samples)} runs)")
+    for line in stats.format_errors(report) + report.notes:
+        print(line)
+    meta = report.meta
+    print(f"load avg (1 min) at start {meta['load_start']:.2f}, at end {meta['load_end']:.2f}; "
+          f"runs {meta['runs']}, heavy runs {meta['heavy_runs']}, pods {meta['pods']}, "
+          f"wall {meta['wall_s']:.0f} s")
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="fpbench-", dir="/var/tmp"))
+    runtimes: list[Runtime] = []
+    if args.flatpod:
+        runtimes.append(Flatpod(work))
+    if args.containerd:
+        runtimes.append(Containerd(work))
+    plan = Plan(runs=args.runs, heavy_runs=args.heavy_runs, pods=args.pods)
+    report = Report(meta={"runs": args.runs, "heavy_runs": args.heavy_runs, "pods": args.pods,
+                          "only": sorted(args.only), "load_start": os.getloadavg()[0],
+                          "nproc": os.cpu_count()})
+    began = time.monotonic()
+    clean = False
+    try:
+        start_all(runtimes)
+        run_workloads(report, runtimes, plan, args.only)
+    except Exception as err:
+        report.notes.append(f"ABORTED: {describe(err)}")
+    finally:
+        clean = stop_all(runtimes, report)
+        for runtime in runtimes:
+            if isinstance(runtime, Flatpod) and report_has_errors(report):
+                report.notes.append(f"flatpod log tail:\n{runtime.log_tail()}")
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            report.notes.append(f"work dir kept: {work}")
+    report.meta.update(load_end=os.getloadavg()[0], wall_s=time.monotonic() - began)
+    print_report(report, runtimes)
+    if args.json is not None:
+        report.write_json(args.json)
+    return 0 if clean else 1
+
+
+def report_has_errors(report: Report) -> bool:
+    return bool(stats.format_errors(report)) or any(
+        n.startswith("ABORTED") for n in report.notes)

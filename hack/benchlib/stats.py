@@ -1,0 +1,117 @@
+"""Samples per runtime per workload, their medians and p90s, the table and the JSON dump."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Series:
+    """One runtime's samples for one figure; `error` or `unsupported` when it has none."""
+
+    samples: list[float] = field(default_factory=list)
+    error: str | None = None
+    unsupported: bool = False  # the runtime answered UNIMPLEMENTED
+
+    def median(self) -> float | None:
+        return statistics.median(self.samples) if self.samples else None
+
+    def p90(self) -> float | None:
+        if len(self.samples) < 2:
+            return self.median()
+        # "inclusive" keeps p90 within the observed range for small N.
+        return statistics.quantiles(self.samples, n=10, method="inclusive")[8]
+
+
+@dataclass
+class Figure:
+    key: str
+    title: str
+    unit: str
+    series: dict[str, Series] = field(default_factory=dict)
+
+    def of(self, runtime: str) -> Series:
+        return self.series.setdefault(runtime, Series())
+
+
+@dataclass
+class Report:
+    figures: list[Figure] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def figure(self, key: str, title: str, unit: str) -> Figure:
+        for existing in self.figures:
+            if existing.key == key:
+                return existing
+        created = Figure(key, title, unit)
+        self.figures.append(created)
+        return created
+
+    def write_json(self, path: Path) -> None:
+        doc = {"meta": self.meta, "notes": self.notes,
+               "figures": [asdict(f) for f in self.figures]}
+        path.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def _cell(series: Series | None) -> tuple[str, str]:
+    if series is None:
+        return "-", "-"
+    if series.unsupported:
+        return "n/a", "n/a"
+    if series.error is not None and not series.samples:
+        return "ERROR", "ERROR"
+    med, p90 = series.median(), series.p90()
+    return _num(med), _num(p90)
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def _ratio(a: Series | None, b: Series | None) -> str:
+    if a is None or b is None or a.unsupported or b.unsupported:
+        return "-"
+    ma, mb = a.median(), b.median()
+    if ma is None or mb is None or mb == 0:
+        return "-"
+    return f"{ma / mb:.2f}"
+
+
+def format_table(report: Report, runtimes: list[str]) -> str:
+    header = ["workload", "unit"]
+    for name in runtimes:
+        header += [f"{name} med", "p90"]
+    if len(runtimes) == 2:
+        header.append(f"{runtimes[0][:2]}/{runtimes[1][:4]}")
+    rows = [header]
+    for fig in report.figures:
+        row = [fig.title, fig.unit]
+        for name in runtimes:
+            row += list(_cell(fig.series.get(name)))
+        if len(runtimes) == 2:
+            row.append(_ratio(fig.series.get(runtimes[0]), fig.series.get(runtimes[1])))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = []
+    for r in rows:
+        numbers = zip(r[1:], widths[1:], strict=True)
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in numbers]
+        lines.append("  ".join(cells))
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def format_errors(report: Report) -> list[str]:
+    out = []
+    for fig in report.figures:
+        for name, series in fig.series.items():
+            if series.error is not None:
+                out.append(f"{fig.title} [{name}]: {series.error}")
+    return out

@@ -1,0 +1,223 @@
+"""The workloads. Each takes samples from every runtime in turn, swapping the order on each
+round, so that load drift on a shared machine hits both runtimes alike."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+
+from benchlib import procs
+from benchlib.cri import describe, sleeper_config, status_code
+from benchlib.runtimes import Runtime
+from benchlib.stats import Report, Series
+from cri_api import api_pb2 as pb
+
+MS = 1000.0
+Sampler = Callable[[Runtime], float]
+
+
+@dataclass
+class Plan:
+    runs: int  # samples of each latency
+    heavy_runs: int  # samples of the concurrent start and the big pull
+    pods: int  # the scale of the relist, stats and memory figures
+    containers_per_pod: int = 2
+    concurrent_pods: int = 20
+    setup_threads: int = 4
+    big_image: str = ""
+    load: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _take(series: Series, runtime: Runtime, sample: Sampler, scale: float) -> None:
+    try:
+        series.samples.append(sample(runtime) * scale)
+    except grpc.RpcError as err:
+        if status_code(err) == grpc.StatusCode.UNIMPLEMENTED:
+            series.unsupported = True
+        else:
+            series.error = describe(err)
+    except Exception as err:  # a failing runtime is reported, the others go on
+        series.error = describe(err)
+
+
+def alternate(report: Report, key: str, title: str, unit: str, runtimes: list[Runtime],
+              runs: int, sample: Sampler, scale: float = MS) -> None:
+    figure = report.figure(key, title, unit)
+    for i in range(runs):
+        order = runtimes if i % 2 == 0 else runtimes[::-1]
+        for runtime in order:
+            series = figure.of(runtime.name)
+            if series.error is None and not series.unsupported:
+                _take(series, runtime, sample, scale)
+
+
+def reset(runtimes: list[Runtime]) -> None:
+    """Between workloads: no bench pod left over from a failed sample skews the next one."""
+    for runtime in runtimes:
+        with contextlib.suppress(grpc.RpcError):
+            runtime.remove_bench_pods()
+
+
+def timed(call: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+# ---- single-pod latencies --------------------------------------------------------------------
+
+
+def sample_run_pod(runtime: Runtime) -> float:
+    config = runtime.new_pod_config()
+    start = time.perf_counter()
+    pod_id = runtime.run_pod(config)
+    elapsed = time.perf_counter() - start
+    runtime.cri.stop_and_remove_pod(pod_id)
+    return elapsed
+
+
+def create_start_sampler(pods: dict[str, tuple[str, pb.PodSandboxConfig]]) -> Sampler:
+    """CreateContainer + StartContainer into one long-lived pod per runtime."""
+    def sample(runtime: Runtime) -> float:
+        if runtime.name not in pods:
+            config = runtime.new_pod_config()
+            pods[runtime.name] = (runtime.run_pod(config), config)
+        pod_id, config = pods[runtime.name]
+        start = time.perf_counter()
+        ctr_id = runtime.cri.create_and_start(pod_id, config, sleeper_config())
+        elapsed = time.perf_counter() - start
+        runtime.cri.kill_and_remove_container(ctr_id)
+        return elapsed
+    return sample
+
+
+def sample_stop_remove(runtime: Runtime) -> float:
+    config = runtime.new_pod_config()
+    pod_id = runtime.run_pod(config)
+    runtime.cri.create_and_start(pod_id, config, sleeper_config())
+    return timed(lambda: runtime.cri.stop_and_remove_pod(pod_id))
+
+
+def concurrent_sampler(count: int) -> Sampler:
+    def sample(runtime: Runtime) -> float:
+        configs = [runtime.new_pod_config() for _ in range(count)]
+        with ThreadPoolExecutor(count) as pool:
+            start = time.perf_counter()
+            ids = list(pool.map(runtime.run_pod, configs))
+            elapsed = time.perf_counter() - start
+            list(pool.map(runtime.cri.stop_and_remove_pod, ids))
+        return elapsed
+    return sample
+
+
+def pull_sampler(image: str) -> Sampler:
+    def sample(runtime: Runtime) -> float:
+        runtime.cri.remove_image(image)
+        return timed(lambda: runtime.cri.pull(image))
+    return sample
+
+
+def run_latencies(report: Report, runtimes: list[Runtime], plan: Plan, only: set[str]) -> None:
+    if "runpod" in only:
+        alternate(report, "runpod", "RunPodSandbox", "ms", runtimes, plan.runs, sample_run_pod)
+        reset(runtimes)
+    if "create-start" in only:
+        pods: dict[str, tuple[str, pb.PodSandboxConfig]] = {}
+        alternate(report, "create-start", "CreateContainer+StartContainer (sleep)", "ms",
+                  runtimes, plan.runs, create_start_sampler(pods))
+        reset(runtimes)
+    if "stop-remove" in only:
+        alternate(report, "stop-remove", "StopPodSandbox+RemovePodSandbox (1 ctr)", "ms",
+                  runtimes, plan.runs, sample_stop_remove)
+        reset(runtimes)
+    if "concurrent" in only:
+        n = plan.concurrent_pods
+        alternate(report, "concurrent", f"{n} RunPodSandbox concurrently, wall", "ms",
+                  runtimes, plan.heavy_runs, concurrent_sampler(n))
+        reset(runtimes)
+    if "pull" in only and plan.big_image:
+        alternate(report, "pull", "PullImage ~100 MB, 6 layers (after RemoveImage)", "ms",
+                  runtimes, plan.heavy_runs, pull_sampler(plan.big_image))
+
+
+# ---- at scale: relist, stats, memory ---------------------------------------------------------
+
+
+def scale_up(runtime: Runtime, plan: Plan) -> float:
+    def one_pod(_: int) -> None:
+        config = runtime.new_pod_config()
+        pod_id = runtime.run_pod(config)
+        for _k in range(plan.containers_per_pod):
+            runtime.cri.create_and_start(pod_id, config, sleeper_config())
+
+    with ThreadPoolExecutor(plan.setup_threads) as pool:
+        return timed(lambda: list(pool.map(one_pod, range(plan.pods))))
+
+
+def sample_relist(runtime: Runtime) -> float:
+    start = time.perf_counter()
+    runtime.cri.list_pods()
+    runtime.cri.list_containers()
+    return time.perf_counter() - start
+
+
+def sample_stats(runtime: Runtime) -> float:
+    return timed(runtime.cri.list_container_stats)
+
+
+def measure_memory(report: Report, runtime: Runtime, pods: int) -> None:
+    pairs = runtime.pauses_and_shims()
+    figures = {
+        "shim-uss": ("shim USS per pod", 0), "shim-pss": ("shim PSS per pod", 1),
+        "pause-uss": ("pause USS per pod", 0), "pause-pss": ("pause PSS per pod", 1),
+    }
+    for key, (title, index) in figures.items():
+        series = report.figure(key, title, "MiB").of(runtime.name)
+        for pause, shim in pairs:
+            pid = shim if key.startswith("shim") else pause
+            try:
+                series.samples.append(procs.uss_pss_mib(pid)[index])
+            except OSError as err:
+                series.error = f"{pid}: {err}"
+    daemon = runtime.daemon_pid()
+    title = f"daemon RSS at {pods} pods"
+    report.figure("daemon-rss", title, "MiB").of(runtime.name).samples.append(
+        procs.rss_mib(daemon) if daemon and os.path.exists(f"/proc/{daemon}") else 0.0)
+    table = procs.snapshot()
+    for role, pid in runtime.describe_processes(table, {s for _, s in pairs}).items():
+        uss, pss = procs.uss_pss_mib(pid)
+        report.notes.append(f"{runtime.name} helper {role}: USS {uss:.1f} MiB, "
+                            f"PSS {pss:.1f} MiB, RSS {procs.rss_mib(pid):.1f} MiB")
+    report.notes.append(f"{runtime.name}: {len(pairs)} pause/shim pairs found for {pods} pods, "
+                        f"{len({s for _, s in pairs})} distinct shims")
+
+
+def run_at_scale(report: Report, runtimes: list[Runtime], plan: Plan, only: set[str]) -> None:
+    n_ctr = plan.pods * plan.containers_per_pod
+    scale = f"{plan.pods} pods + {n_ctr} ctrs"
+    live = []
+    for runtime in runtimes:
+        series = report.figure("scale-up", f"scale-up {scale} ({plan.setup_threads} thr)",
+                               "s").of(runtime.name)
+        _take(series, runtime, lambda r: scale_up(r, plan), 1.0)
+        if series.error is None:
+            live.append(runtime)
+    if "relist" in only:
+        alternate(report, "relist", f"ListPodSandbox+ListContainers at {scale}", "ms",
+                  live, plan.runs, sample_relist)
+    if "stats" in only:
+        alternate(report, "stats", f"ListContainerStats at {n_ctr} ctrs", "ms",
+                  live, plan.runs, sample_stats)
+    if "memory" in only:
+        for runtime in live:
+            measure_memory(report, runtime, plan.pods)
+    for runtime in runtimes:
+        series = report.figure("scale-down", f"scale-down {scale} ({plan.setup_threads} thr)",
+                               "s").of(runtime.name)
+        _take(series, runtime, lambda r: timed(r.remove_bench_pods), 1.0)

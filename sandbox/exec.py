@@ -1,0 +1,276 @@
+"""Exec, Attach and PortForward: the RPCs hand out a streaming URL; this is what serves it.
+
+The RPCs only validate and return a single-use URL from the streaming server. When a client
+connects, the server calls the backend here:
+- exec: the pod's shim starts `runc exec` and passes us the process's pipe (or pty) fds, so
+  the bytes flow between the client and the process without passing through the shim;
+- attach: the shim streams the container's output to us from the moment we attach;
+- port-forward: a TCP socket created inside the pod's network namespace, connected to
+  127.0.0.1:<port> there (no socat, no nsenter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import socket
+import struct
+import termios
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cri_api import api_pb2 as pb
+from netns.enter import connect_in_netns
+from sandbox.containers import exec_process
+from sandbox.errors import FailedPrecondition, InvalidArgument, NotFound
+from sandbox.records import RUNNING, ContainerRecord
+from sandbox.runtime import Runtime
+from shim.client import AttachStream, ExecHandle, ShimClient, ShimError, resize_fd
+from shim.protocol import STREAM_STDERR, STREAM_STDOUT
+
+# ioctl(2): open the slave side of a pty from its master (Linux 4.13+), whatever mount
+# namespace the pty's devpts lives in.
+TIOCGPTPEER = 0x5441
+PTY_DRAIN_POLLS = 100  # x 10 ms
+# An exec's exit is waited for as long as the session lasts.
+FOREVER = 10.0 * 365 * 24 * 3600
+
+
+# --- the RPCs --------------------------------------------------------------------------------
+
+
+async def exec_(rt: Runtime, req: pb.ExecRequest) -> pb.ExecResponse:
+    ctr = running_container(rt, req.container_id)
+    if not req.cmd:
+        raise InvalidArgument("exec command is empty")
+    req.container_id = ctr.id
+    return pb.ExecResponse(url=_url(rt.streaming.get_exec_url, req))
+
+
+async def attach(rt: Runtime, req: pb.AttachRequest) -> pb.AttachResponse:
+    ctr = running_container(rt, req.container_id)
+    req.container_id = ctr.id
+    return pb.AttachResponse(url=_url(rt.streaming.get_attach_url, req))
+
+
+async def port_forward(rt: Runtime, req: pb.PortForwardRequest) -> pb.PortForwardResponse:
+    pod = rt.pod(req.pod_sandbox_id)
+    for port in req.port:
+        if not 0 < port < 65536:
+            raise InvalidArgument(f"port {port} is out of range")
+    req.pod_sandbox_id = pod.id
+    return pb.PortForwardResponse(url=_url(rt.streaming.get_portforward_url, req))
+
+
+def running_container(rt: Runtime, ref: str) -> ContainerRecord:
+    ctr = rt.container(ref)
+    if ctr.state != RUNNING:
+        raise FailedPrecondition(f"container {ctr.id} is {ctr.state}, not running")
+    return ctr
+
+
+def shim_of(rt: Runtime, ctr: ContainerRecord) -> ShimClient:
+    shim: ShimClient | None = rt.shims.get(ctr.pod_id)
+    if shim is None:
+        raise FailedPrecondition(f"the shim of pod {ctr.pod_id} is gone")
+    return shim
+
+
+def _url(make: object, req: object) -> str:
+    try:
+        return str(make(req))  # type: ignore[operator]
+    except ValueError as err:
+        raise InvalidArgument(str(err)) from err
+
+
+# --- the streaming backend -------------------------------------------------------------------
+
+
+@dataclass
+class ShimBackend:
+    """sandbox.streaming.backend.StreamBackend, over the pods' shims."""
+
+    rt: Runtime
+
+    async def exec(self, container_id: str, cmd: list[str], tty: bool, stdin: bool,
+                   stdout: bool, stderr: bool) -> ExecSession:
+        ctr = running_container(self.rt, container_id)
+        shim = shim_of(self.rt, ctr)
+        process = exec_process(self.rt, ctr, cmd, tty=tty)
+        handle = await shim.exec(ctr.id, process, tty=tty, stdin=stdin)
+        session = ExecSession(shim, handle)
+        await session.open(stdout=stdout, stderr=stderr)
+        return session
+
+    async def attach(self, container_id: str, tty: bool, stdin: bool, stdout: bool,
+                     stderr: bool) -> AttachSession:
+        ctr = running_container(self.rt, container_id)
+        shim = shim_of(self.rt, ctr)
+        stream = await shim.attach(ctr.id, stdin=stdin)
+        session = AttachSession(shim, ctr.id, stream)
+        await session.open(stdin=stdin and stream.has_stdin, stdout=stdout, stderr=stderr)
+        return session
+
+    async def port_forward(
+        self, pod_sandbox_id: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        pod = self.rt.find_pod(pod_sandbox_id)
+        if pod is None:
+            raise NotFound(f"pod sandbox {pod_sandbox_id!r} not found")
+        if pod.netns_path:
+            sock = await asyncio.to_thread(
+                connect_in_netns, Path(pod.netns_path), "127.0.0.1", port
+            )
+            return await asyncio.open_connection(sock=sock)
+        # A host-network pod's 127.0.0.1 is the host's.
+        return await asyncio.open_connection("127.0.0.1", port, family=socket.AF_INET)
+
+
+async def _reader_for(fd: int) -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 20)
+    await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+    )
+    return reader
+
+
+async def _writer_for(fd: int) -> asyncio.StreamWriter:
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.connect_write_pipe(
+        asyncio.streams.FlowControlMixin, os.fdopen(fd, "wb", buffering=0)
+    )
+    return asyncio.StreamWriter(transport, protocol, None, loop)
+
+
+@dataclass
+class ExecSession:
+    """An exec started by the shim; we hold its stdio fds (or its pty master)."""
+
+    shim: ShimClient
+    handle: ExecHandle
+    stdin: asyncio.StreamWriter | None = None
+    stdout: asyncio.StreamReader | None = None
+    stderr: asyncio.StreamReader | None = None
+    pty: int | None = None
+    # Our own handle on the terminal's slave side: while it is open, the process's exit does
+    # not hang the terminal up, so output it wrote just before exiting cannot be lost to EIO.
+    # Closed once the shim reports the exit; then the reader drains to EOF.
+    pty_peer: int | None = None
+
+    async def open(self, stdout: bool, stderr: bool) -> None:
+        h = self.handle
+        if h.pty is not None:
+            self.pty = h.pty
+            self.pty_peer = fcntl.ioctl(h.pty, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
+            # One fd both ways: the reader and the writer each get their own copy.
+            self.stdout = await _reader_for(os.dup(h.pty))
+            self.stdin = await _writer_for(os.dup(h.pty))
+            return
+        if h.stdin is not None:
+            self.stdin = await _writer_for(h.stdin)
+            h.stdin = None
+        if h.stdout is not None:
+            self.stdout = await _reader_for(h.stdout)
+            h.stdout = None
+        if h.stderr is not None:
+            self.stderr = await _reader_for(h.stderr)
+            h.stderr = None
+
+    async def resize(self, width: int, height: int) -> None:
+        if self.pty is not None:
+            resize_fd(self.pty, width, height)
+
+    async def wait(self) -> int:
+        view = await self.shim.exec_wait(self.handle.exec_id, timeout=FOREVER)
+        await self._drained()
+        self._release()
+        return int(view.get("exit_code") or 0)
+
+    async def _drained(self) -> None:
+        """Lets the reader take what the process wrote to its terminal before it exited."""
+        if self.pty is None:
+            return
+        for _ in range(PTY_DRAIN_POLLS):
+            pending = struct.unpack("i", fcntl.ioctl(self.pty, termios.FIONREAD, b"\0" * 4))[0]
+            if pending == 0:
+                return
+            await asyncio.sleep(0.01)
+
+    async def kill(self) -> None:
+        with contextlib.suppress(ShimError, OSError):
+            await self.shim.exec_kill(self.handle.exec_id)
+        if self.stdin is not None:
+            self.stdin.close()
+        self._release()
+
+    def _release(self) -> None:
+        if self.pty_peer is not None:
+            os.close(self.pty_peer)
+            self.pty_peer = None
+        self.handle.close()
+        self.pty = None
+
+
+@dataclass
+class AttachSession:
+    """The container's output from now on, from the shim's attach stream."""
+
+    shim: ShimClient
+    container_id: str
+    stream: AttachStream
+    stdin: asyncio.StreamWriter | None = None
+    stdout: asyncio.StreamReader | None = None
+    stderr: asyncio.StreamReader | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def open(self, stdin: bool, stdout: bool, stderr: bool) -> None:
+        self.stdout = asyncio.StreamReader() if stdout else None
+        self.stderr = asyncio.StreamReader() if stderr and not self.stream.tty else None
+        self.tasks.append(asyncio.create_task(self._pump_output()))
+        if stdin:
+            # The server writes stdin to a StreamWriter; a pipe turns that into frames.
+            read_fd, write_fd = os.pipe()
+            self.stdin = await _writer_for(write_fd)
+            self.tasks.append(asyncio.create_task(self._pump_stdin(await _reader_for(read_fd))))
+
+    async def _pump_output(self) -> None:
+        targets = {STREAM_STDOUT: self.stdout, STREAM_STDERR: self.stderr}
+        try:
+            while (frame := await self.stream.read()) is not None:
+                stream_id, data = frame
+                target = targets.get(stream_id, self.stdout if self.stream.tty else None)
+                if target is None:
+                    continue
+                if data:
+                    target.feed_data(data)
+                else:
+                    target.feed_eof()
+        finally:
+            for target in (self.stdout, self.stderr):
+                if target is not None and not target.at_eof():
+                    target.feed_eof()
+
+    async def _pump_stdin(self, source: asyncio.StreamReader) -> None:
+        with contextlib.suppress(ConnectionError, ShimError):
+            while data := await source.read(65536):
+                await self.stream.write_stdin(data)
+            await self.stream.close_stdin()
+
+    async def resize(self, width: int, height: int) -> None:
+        with contextlib.suppress(ShimError):
+            await self.shim.resize(self.container_id, width, height)
+
+    async def wait(self) -> int:
+        view = await self.shim.wait(self.container_id, timeout=FOREVER)
+        return int(view.get("exit_code") or 0)
+
+    async def kill(self) -> None:
+        """Detach only: the container keeps running."""
+        for task in self.tasks:
+            task.cancel()
+        if self.stdin is not None:
+            self.stdin.close()
+        await self.stream.close()
