@@ -19,9 +19,10 @@ from typing import Any
 
 from netns.bridge import BridgeConfig, BridgeNetwork
 from netns.cni import CniNetwork
-from sandbox import containers, exec, info, pods, recovery
+from sandbox import containers, events, exec, info, pods, recovery, stats
 from sandbox.config import Config
 from sandbox.images.service import ImageService
+from sandbox.metrics import MetricsEndpoint
 from sandbox.records import load_containers, load_pods
 from sandbox.runtime import Paths, Runtime
 from sandbox.server import Handler, build_server
@@ -34,6 +35,8 @@ log = logging.getLogger("flatpod.daemon")
 
 def rpc_handlers() -> Mapping[str, Handler]:
     """Every RPC flatpod implements, by "Service/Method"; the rest answer UNIMPLEMENTED."""
+    # The stats RPCs share their samples (and the previous one, for cpu rates): one per server.
+    st = stats.Stats()
     return {
         "RuntimeService/Version": info.version,
         "RuntimeService/Status": info.status,
@@ -56,6 +59,17 @@ def rpc_handlers() -> Mapping[str, Handler]:
         "RuntimeService/Exec": exec.exec_,
         "RuntimeService/Attach": exec.attach,
         "RuntimeService/PortForward": exec.port_forward,
+        "RuntimeService/ContainerStats": st.container_stats,
+        "RuntimeService/ListContainerStats": st.list_container_stats,
+        "RuntimeService/StreamContainerStats": st.stream_container_stats,
+        "RuntimeService/PodSandboxStats": st.pod_sandbox_stats,
+        "RuntimeService/ListPodSandboxStats": st.list_pod_sandbox_stats,
+        "RuntimeService/StreamPodSandboxStats": st.stream_pod_sandbox_stats,
+        "RuntimeService/ListMetricDescriptors": st.list_metric_descriptors,
+        "RuntimeService/ListPodSandboxMetrics": st.list_pod_sandbox_metrics,
+        "RuntimeService/StreamPodSandboxMetrics": st.stream_pod_sandbox_metrics,
+        "RuntimeService/UpdatePodSandboxResources": stats.update_pod_sandbox_resources,
+        "RuntimeService/GetContainerEvents": events.get_container_events,
         "ImageService/PullImage": lambda rt, req: rt.images.PullImage(req),
         "ImageService/ListImages": lambda rt, req: rt.images.ListImages(req),
         "ImageService/ImageStatus": lambda rt, req: rt.images.ImageStatus(req),
@@ -108,6 +122,7 @@ def open_runtime(config: Config) -> Runtime:
     rt.pods = load_pods(store)
     rt.containers = load_containers(store)
     rt.started_at = time.time()
+    rt.events = events.EventHub()
     rt.oom_score_adj_floor = own_oom_score_adj()
     rt.network, rt.network_kind = pod_network(config, store, paths)
     rt.images = ImageService(
@@ -124,7 +139,7 @@ def open_runtime(config: Config) -> Runtime:
 
     rt.shims = ShimRegistry(
         runc_root=paths.runc_root, runc=config.runtime_path, log_level=config.log_level,
-        on_exit=on_exit,
+        on_exit=on_exit, zygote_socket=paths.state / "zygote.sock",
     )
     pods.ensure_pause_rootfs(rt)
     return rt
@@ -146,16 +161,20 @@ def bind_socket_path(path: Path) -> None:
 async def serve(config: Config) -> None:
     rt = open_runtime(config)
     await rt.images.start()
+    await rt.shims.start()
     await recovery.recover(rt)
     rt.streaming = streaming_server(rt)
     await rt.streaming.start()
-    server = build_server(rt, rpc_handlers())
+    metrics = MetricsEndpoint.for_runtime(rt) if config.metrics_address else None
+    server = build_server(rt, rpc_handlers(), metrics.observe if metrics else None)
     socket_path = config.socket_path
     bind_socket_path(socket_path)
     server.add_insecure_port(f"unix://{socket_path}")
     # Created with the process umask; the socket gives full control of the node: root only.
     await server.start()
     os.chmod(socket_path, 0o600)
+    if metrics is not None:
+        await metrics.start(config.metrics_address)
     log.info("serving CRI on %s (root %s, state %s)", socket_path, rt.paths.root, rt.paths.state)
 
     stopping = asyncio.Event()
@@ -166,6 +185,8 @@ async def serve(config: Config) -> None:
 
     log.info("stopping: pods keep running")
     await server.stop(grace=5)
+    if metrics is not None:
+        await metrics.stop()
     await rt.streaming.stop()
     await rt.shims.close()
     with contextlib.suppress(FileNotFoundError):

@@ -377,17 +377,23 @@ async def spawn_shim(pod_id: str, shim_dir: str, runc_root: str, *,
 
 
 async def _spawn_by_zygote(zygote_socket: str, timeout: float, **args: Any) -> int:
+    return int((await zygote_call(zygote_socket, "spawn", timeout, **args))["pid"])
+
+
+async def zygote_call(zygote_socket: str, op: str, timeout: float = DEFAULT_TIMEOUT,
+                      **args: Any) -> dict[str, Any]:
+    """One request to the zygote: spawn, ping (its pid) or stop."""
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_unix_connection(zygote_socket), timeout)
     except (OSError, TimeoutError) as exc:
-        raise ShimError("spawn", f"cannot reach zygote {zygote_socket}: {exc!r}") from exc
+        raise ShimError(op, f"cannot reach zygote {zygote_socket}: {exc!r}") from exc
     try:
-        request = {"v": protocol.PROTOCOL_VERSION, "op": "spawn", **args}
+        request = {"v": protocol.PROTOCOL_VERSION, "op": op, **args}
         writer.write(protocol.encode_message(request))
         line = await asyncio.wait_for(reader.readline(), timeout)
     except (OSError, TimeoutError) as exc:
-        raise ShimError("spawn", f"zygote: {exc!r}") from exc
+        raise ShimError(op, f"zygote: {exc!r}") from exc
     finally:
         writer.close()
-    return int(_check_reply("spawn", line)["pid"])
+    return _check_reply(op, line)

@@ -149,6 +149,7 @@ class Container:
     pty_master: int = -1
     oom_control: str | None = None
     oom_kills_at_create: int = 0
+    kill_all_on_exit: bool = False
     status: str = "created"
     exit_code: int | None = None
     exited_at: str | None = None
@@ -398,7 +399,8 @@ class Shim:
             id=container_id, bundle=bundle, pid=0, tty=tty,
             stdin_once=bool(request.get("stdin_once")),
             exit_file=str(request.get("exit_file") or os.path.join(bundle, "exit")),
-            log=log, stdin=None, oom_control=oom_control)
+            log=log, stdin=None, oom_control=oom_control,
+            kill_all_on_exit=not _owns_pid_namespace(bundle))
         try:
             if tty:
                 self._create_with_pty(container, pid_file)
@@ -728,6 +730,8 @@ class Shim:
                 self.logger.log("debug", f"reaped unknown pid {pid} ({exit_code})")
 
     def _container_exited(self, container: Container, exit_code: int) -> None:
+        if container.kill_all_on_exit:
+            self._kill_leftovers(container)
         # Whatever the container wrote before it died belongs in its log before the exit.
         for fd in list(container.outputs):
             self._read_output(container, fd, drain=True)
@@ -756,6 +760,15 @@ class Shim:
         for conn in list(container.attachers):
             conn.close_after_flush()
         self._maybe_exit()
+
+    def _kill_leftovers(self, container: Container) -> None:
+        """A container sharing a PID namespace does not take its other processes down with
+        its init, as a PID namespace's init would: kill them, as containerd does, so that
+        an exited container runs nothing."""
+        try:
+            self.runc.kill(container.id, "KILL", all=True)
+        except RuncError as exc:
+            self.logger.log("warning", f"killing what {container.id} left: {exc}")
 
     def _exec_exited(self, session: ExecSession, exit_code: int) -> None:
         session.exit_code = exit_code
@@ -836,6 +849,17 @@ def _oom_control_path(bundle: str) -> str | None:
     if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
         return os.path.join("/sys/fs/cgroup", cgroups_path.lstrip("/"), "memory.events")
     return os.path.join("/sys/fs/cgroup/memory", cgroups_path.lstrip("/"), "memory.oom_control")
+
+
+def _owns_pid_namespace(bundle: str) -> bool:
+    """Whether config.json gives the container a PID namespace of its own (not the pod's, a
+    target's by path, or the host's)."""
+    try:
+        with open(os.path.join(bundle, "config.json"), encoding="utf-8") as file:
+            namespaces = json.load(file).get("linux", {}).get("namespaces", [])
+    except (OSError, ValueError):
+        return True
+    return any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
 
 
 def _read_oom_kills(path: str | None) -> int:

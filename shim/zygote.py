@@ -5,6 +5,9 @@ its imported modules copy-on-write instead of paying for a fresh Python (~14 MiB
     -> {"v": 1, "op": "spawn", "pod_id": ..., "dir": ..., "runc_root": ...,
         "runc": ..., "log_level": ..., "max_log_line": ...}
     <- {"v": 1, "ok": true, "pid": <shim pid>}   (the shim's socket is listening)
+    -> {"v": 1, "op": "ping"}   <- {"v": 1, "ok": true, "pid": <zygote pid>}
+    -> {"v": 1, "op": "stop"}   <- {"v": 1, "ok": true}, then the zygote exits; the shims it
+                                   forked are not its children and keep running
 """
 
 from __future__ import annotations
@@ -78,16 +81,27 @@ def handle(conn: socket.socket, zygote_listener: socket.socket) -> None:
             if not data:
                 return
             buffer += data
+        stop = False
         try:
             request = protocol.decode_message(buffer.split(b"\n", 1)[0])
-            if request.get("op") != "spawn":
-                raise ValueError(f"unknown op {request.get('op')!r}")
-            shim_pid = fork_shim(spawn_args(request), [zygote_listener, conn])
-            reply: dict[str, Any] = {"ok": True, "pid": shim_pid}
+            op = request.get("op")
+            if op == "spawn":
+                shim_pid = fork_shim(spawn_args(request), [zygote_listener, conn])
+                reply: dict[str, Any] = {"ok": True, "pid": shim_pid}
+            elif op == "ping":
+                reply = {"ok": True, "pid": os.getpid()}
+            elif op == "stop":
+                reply, stop = {"ok": True}, True
+            else:
+                raise ValueError(f"unknown op {op!r}")
         except (OSError, ValueError, KeyError, SystemExit, protocol.ProtocolError) as exc:
             reply = {"ok": False, "error": str(exc) or type(exc).__name__}
         with contextlib.suppress(OSError):
             conn.sendall(protocol.encode_message({"v": protocol.PROTOCOL_VERSION, **reply}))
+        if stop:
+            with contextlib.suppress(OSError):
+                os.unlink(zygote_listener.getsockname())
+            os._exit(0)
 
 
 def _warm_up() -> None:
