@@ -114,7 +114,8 @@ def test_pids_stats_and_busy_remove(cg: str) -> None:
     cgroups.create(cg, Resources(memory_limit=64 << 20))
     # The shell allocates only after it was moved in (v1 does not move existing charges).
     script = (
-        'read go; s=; i=0; while [ $i -lt 3000 ]; do s="$s.........."; i=$((i+1)); done; '
+        # dd's 1 MiB buffer is faulted in after the move, so the cgroup must count faults.
+        "read go; dd if=/dev/zero of=/dev/null bs=1M count=8 2>/dev/null; "
         "echo grown; exec sleep 30"
     )
     proc = subprocess.Popen(["sh", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
