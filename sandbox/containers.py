@@ -34,12 +34,15 @@ from sandbox.records import (
     CREATED,
     EXITED,
     RUNNING,
+    SANDBOX_NOTREADY,
+    SANDBOX_READY,
     UNKNOWN,
     ContainerRecord,
     PodRecord,
     delete_container,
     insert_container,
     save_container,
+    save_pod,
 )
 from sandbox.runtime import Runtime
 from sandbox.shims import rfc3339_to_ns
@@ -127,6 +130,7 @@ async def _create(
     if holder is not None:
         raise FailedPrecondition(f"container name {name!r} is reserved by {holder}")
     rt.containers[ctr.id] = ctr
+    rt.faults.point("create_container:after_reserve")
     async with rt.locks.hold(ctr.id), undo_on_failure() as undo:
         undo.push("record", lambda: _forget(rt, ctr))
         # 2. The rootfs: an overlay of the image's snapshots and a writable layer.
@@ -140,6 +144,7 @@ async def _create(
             rootfs, False,
         )
         undo.push("rootfs", lambda: unmount(rootfs))
+        rt.faults.point("create_container:after_rootfs")
         ctr.rootfs = str(rootfs)
         # 3. The OCI spec: joins the pod's pinned namespaces.
         ctr.cgroup_path = cgroups.container_cgroup_path(pod.cgroup_path, ctr.id)
@@ -159,6 +164,7 @@ async def _create(
             tty=config.tty, log_path=ctr.log_path or None, exit_file=str(bundle / "exit"),
         )
         undo.push("runc", lambda: _delete_runc(rt, ctr.id))
+        rt.faults.point("create_container:after_shim_create")
         ctr.state = CREATED
         save_container(rt.store, ctr)
     _publish(rt, ctr, pb.CONTAINER_CREATED_EVENT)
@@ -296,6 +302,7 @@ async def start_container(rt: Runtime, req: pb.StartContainerRequest) -> pb.Star
         # Taken before `runc start`: a quick process may exit (and its finished_at be recorded)
         # before the shim's reply arrives, and started_at must not come after finished_at.
         started_at = time.time_ns()
+        rt.faults.point("start_container:before_runc_start")
         try:
             await _shim(rt, pod).start(ctr.id)
         except ShimError as err:
@@ -303,6 +310,7 @@ async def start_container(rt: Runtime, req: pb.StartContainerRequest) -> pb.Star
             ctr.exit_code, ctr.finished_at = 128, time.time_ns()
             save_container(rt.store, ctr)
             raise FailedPrecondition(f"starting container {ctr.id}: {err}") from err
+        rt.faults.point("start_container:after_runc_start")
         if ctr.state == CREATED:  # its exit may already have been reported
             ctr.state = RUNNING
         ctr.started_at = started_at
@@ -329,7 +337,12 @@ async def stop_container_now(rt: Runtime, ctr: ContainerRecord, timeout: int) ->
         return
     shim = rt.shims.get(ctr.pod_id)
     if shim is None:
-        record_exit(rt, ctr, {"exit_code": 255, "exited_at": None}, reason="Unknown")
+        # Nobody holds it (its shim died, or the node rebooted): runc still can kill it.
+        await _delete_runc(rt, ctr.id)
+        record_exit(
+            rt, ctr, {"exit_code": 255, "exited_at": None}, reason="Unknown",
+            message=ctr.message or "the container's shim is gone; its exit status is unknown",
+        )
         return
     try:
         if timeout > 0 and ctr.state == RUNNING:
@@ -420,6 +433,22 @@ def record_exit(
     ctr.state = EXITED
     save_container(rt.store, ctr)
     _publish(rt, ctr, pb.CONTAINER_STOPPED_EVENT)
+
+
+def on_shim_lost(rt: Runtime, pod_id: str) -> None:
+    """The pod's shim died (killed, OOM): nobody reaps, logs or reports its containers any
+    more, so they are UNKNOWN (kubelet then stops them, and a stop kills them through runc)
+    and the pod is NOTREADY (kubelet makes a new one)."""
+    log.warning("shim of pod %s is gone; its containers are unknown", pod_id[:12])
+    for ctr in rt.containers_of(pod_id):
+        if ctr.state in (CREATED, RUNNING):
+            ctr.state, ctr.reason = UNKNOWN, "ShimLost"
+            ctr.message = "the pod's shim died; the container's state is unknown"
+            save_container(rt.store, ctr)
+    pod = rt.pods.get(pod_id)
+    if pod is not None and pod.state == SANDBOX_READY:
+        pod.state = SANDBOX_NOTREADY
+        save_pod(rt.store, pod)
 
 
 # --- RemoveContainer -------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from netns.bridge import BridgeConfig, BridgeNetwork
 from netns.cni import CniNetwork
 from sandbox import containers, events, exec, info, pods, recovery, stats
 from sandbox.config import Config
+from sandbox.faults import Faults
 from sandbox.images.service import ImageService
 from sandbox.metrics import MetricsEndpoint
 from sandbox.records import load_containers, load_pods
@@ -118,7 +119,7 @@ def open_runtime(config: Config) -> Runtime:
     paths = Paths.from_config(config)
     paths.create_dirs()
     store = Store(paths.db)
-    rt = Runtime(config=config, store=store, paths=paths)
+    rt = Runtime(config=config, store=store, paths=paths, faults=Faults.from_env())
     rt.pods = load_pods(store)
     rt.containers = load_containers(store)
     rt.started_at = time.time()
@@ -132,6 +133,7 @@ def open_runtime(config: Config) -> Runtime:
         sandbox_image=config.sandbox_image,
         containers_dir=paths.writable_layers,
         live_snapshots=lambda: {s for c in rt.containers.values() for s in c.snapshots},
+        faults=rt.faults,
     )
 
     async def on_exit(pod_id: str, event: dict[str, Any]) -> None:
@@ -139,7 +141,8 @@ def open_runtime(config: Config) -> Runtime:
 
     rt.shims = ShimRegistry(
         runc_root=paths.runc_root, runc=config.runtime_path, log_level=config.log_level,
-        on_exit=on_exit, zygote_socket=paths.state / "zygote.sock",
+        on_exit=on_exit, on_lost=lambda pod_id: containers.on_shim_lost(rt, pod_id),
+        zygote_socket=paths.state / "zygote.sock",
     )
     pods.ensure_pause_rootfs(rt)
     return rt

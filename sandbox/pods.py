@@ -110,6 +110,7 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
         raise AlreadyExists(f"pod sandbox name {name!r} is reserved by sandbox {holder}")
     rt.pods[pod_id] = pod
     rt.store.begin_operation(f"run_pod:{pod_id}", "run_pod", pod_id, {})
+    rt.faults.point("run_pod:after_reserve")
     async with rt.locks.hold(pod_id), undo_on_failure() as undo:
         undo.push("forget record", lambda: _forget(rt, pod))
         # 2. The pod's dir: hostname, resolv.conf, hosts, /dev/shm.
@@ -126,6 +127,7 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
             await asyncio.to_thread(create_netns, netns)
             pod.netns_path = str(netns)
             undo.push("netns", lambda: unpin(netns))
+            rt.faults.point("run_pod:after_netns")
             undo.push("network", lambda: _teardown_network(rt, pod))
             result = await asyncio.to_thread(
                 rt.network.setup, pod_id, netns, port_mappings(config),
@@ -134,12 +136,14 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
             pod.network_kind = rt.network_kind
             pod.ip = result.ip
             pod.additional_ips = list(result.additional_ips)
+            rt.faults.point("run_pod:after_network")
         # 4. The pod cgroup, with the pod's overhead and resources.
         pod.cgroup_path = cgroups.pod_cgroup_path(
             config.linux.cgroup_parent or rt.config.default_cgroup_parent, pod_id
         )
         await asyncio.to_thread(cgroups.create, pod.cgroup_path, pod_resources(config.linux))
         undo.push("cgroup", lambda: cgroups.remove(pod.cgroup_path))
+        rt.faults.point("run_pod:after_cgroup")
         # 5. The pause bundle, and the pod's shim to run it.
         bundle = rt.paths.bundle_dir(pod_id)
         spec = _pause_spec(rt, pod, pod_dir)
@@ -147,12 +151,15 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
         undo.push("bundle", lambda: shutil.rmtree(bundle, ignore_errors=True))
         shim = await rt.shims.spawn(pod_id, pod_dir)
         undo.push("shim", lambda: _shutdown_shim(rt, pod))
+        rt.faults.point("run_pod:after_shim")
         undo.push("pause", lambda: _delete_runc(rt, pod_id))
         pod.pause_pid = await shim.create(pod_id, str(bundle), exit_file=str(bundle / "exit"))
         await shim.start(pod_id)
+        rt.faults.point("run_pod:after_pause_start")
         # 6. Pin the pause's namespaces: containers join these files, never /proc/<pid>/ns.
         pod.namespaces = await asyncio.to_thread(_pin_namespaces, pod, pod_dir)
         undo.push("pins", lambda: _unpin_namespaces(pod))
+        rt.faults.point("run_pod:after_pins")
         # 7. Ready.
         pod.state = SANDBOX_READY
         save_pod(rt.store, pod)
@@ -341,8 +348,11 @@ async def stop_pod(rt: Runtime, pod: PodRecord) -> None:
     """Stops the pod's containers and its pause, and takes down its network. Idempotent."""
     for ctr in rt.containers_of(pod.id):
         await containers.stop_container_now(rt, ctr, timeout=0)
+    rt.faults.point("stop_pod:after_containers")
     await _stop_pause(rt, pod)
+    rt.faults.point("stop_pod:after_pause")
     await _teardown_network(rt, pod)
+    rt.faults.point("stop_pod:after_network")
     if pod.netns_path:
         await asyncio.to_thread(unpin, Path(pod.netns_path))
     if pod.state != SANDBOX_NOTREADY:
@@ -430,6 +440,7 @@ async def remove_pod_now(rt: Runtime, pod: PodRecord) -> None:
     for ctr in rt.containers_of(pod.id):
         await containers.remove_container_now(rt, ctr)
     await _shutdown_shim(rt, pod)
+    rt.faults.point("remove_pod:midway")
     _unpin_namespaces(pod)
     pod_dir = rt.paths.pod_dir(pod.id)
     await asyncio.to_thread(mounts.unmount, pod_dir / "shm")

@@ -10,13 +10,24 @@ rebooted (the state dir is empty then). For each record this module asks the one
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
-from sandbox import containers, pods
-from sandbox.records import CREATED, EXITED, RUNNING, SANDBOX_READY, ContainerRecord, save_container
+from cri_api import api_pb2 as pb
+from sandbox import cgroups, containers, pods
+from sandbox.records import (
+    CREATED,
+    EXITED,
+    RUNNING,
+    SANDBOX_READY,
+    ContainerRecord,
+    PodRecord,
+    save_container,
+)
 from sandbox.runtime import Runtime
 from shim.client import ShimError
 
@@ -49,11 +60,33 @@ async def _finish_interrupted(rt: Runtime) -> None:
         log.warning("cleaning up after interrupted %s of %s", kind, target)
         pod = rt.pods.get(target)
         if kind == "run_pod" and pod is not None:
-            await rt.shims.reconnect(pod.id, rt.paths.pod_dir(pod.id))
-            await pods.remove_pod_now(rt, pod)
+            await _remove_half_made_pod(rt, pod)
         rt.store.end_operation(op_id)
+    # A crash between reserving the name and journalling the operation leaves a record only.
+    for pod in [p for p in rt.pods.values() if p.state == pods.SANDBOX_CREATING]:
+        await _remove_half_made_pod(rt, pod)
     for ctr in [c for c in rt.containers.values() if c.state == containers.CONTAINER_CREATING]:
         await containers.remove_container_now(rt, ctr)
+
+
+async def _remove_half_made_pod(rt: Runtime, pod: PodRecord) -> None:
+    """RunPodSandbox saves the record only when the pod is ready, so a half-made pod's record
+    names none of what was made: every name is derived from the id, so derive them all and
+    let the (idempotent) removal try each one."""
+    opts = pod.config.linux.security_context.namespace_options
+    if opts.network != pb.NODE:
+        pod.netns_path = pod.netns_path or str(pods.NETNS_DIR / f"flatpod-{pod.id[:24]}")
+        pod.network_kind = pod.network_kind or rt.network_kind
+    if not pod.cgroup_path:
+        parent = pod.config.linux.cgroup_parent or rt.config.default_cgroup_parent
+        with contextlib.suppress(cgroups.CgroupError):
+            pod.cgroup_path = cgroups.pod_cgroup_path(parent, pod.id)
+    ns_dir = rt.paths.pod_dir(pod.id) / "ns"
+    for kind in ("ipc", "uts", "pid"):
+        if (ns_dir / kind).exists():
+            pod.namespaces.setdefault(kind, str(ns_dir / kind))
+    await rt.shims.reconnect(pod.id, rt.paths.pod_dir(pod.id))
+    await pods.remove_pod_now(rt, pod)
 
 
 async def _reconcile_container(rt: Runtime, ctr: ContainerRecord, shim: Any) -> None:
@@ -78,8 +111,11 @@ async def _reconcile_container(rt: Runtime, ctr: ContainerRecord, shim: Any) -> 
     status = view.get("status")
     if status == "exited":
         await containers.apply_exit(rt, ctr, view)
-    elif status == "running" and ctr.state == CREATED and ctr.started_at:
+    elif status == "running" and ctr.state == CREATED:
+        # Started, but the daemon died before it recorded so (StartContainer after `runc
+        # start`): the shim reports "created" until start, so "running" means it started.
         ctr.state = RUNNING
+        ctr.started_at = ctr.started_at or time.time_ns()
         save_container(rt.store, ctr)
 
 

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from sandbox.config import Config
 from sandbox.creation import Creations
 from sandbox.errors import InvalidArgument, NotFound
+from sandbox.faults import Faults
 from sandbox.records import ContainerRecord, PodRecord
 from sandbox.store import Store
 
@@ -103,6 +104,8 @@ class Runtime:
     containers: dict[str, ContainerRecord] = field(default_factory=dict)
     locks: KeyedLocks = field(default_factory=KeyedLocks)
     creations: Creations = field(default_factory=Creations)
+    # Test-only crash points (sandbox/faults.py); empty unless FLATPOD_CRASH_AT was set.
+    faults: Faults = field(default_factory=Faults)
     # restrict_oom_score_adj: without CAP_SYS_RESOURCE nothing may go below our own value.
     oom_score_adj_floor: int = -1000
     network_kind: str = ""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,6 +31,10 @@ from shim.client import (
 log = logging.getLogger("flatpod.shims")
 
 ExitHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
+LostHandler = Callable[[str], None]
+# Generous: a loaded node may take a while to schedule the zygote, and a false "dead"
+# would mean killing a healthy one.
+ZYGOTE_PING_TIMEOUT = 10.0
 
 
 def rfc3339_to_ns(stamp: str | None) -> int:
@@ -54,22 +60,34 @@ class ShimRegistry:
     runc: str
     log_level: str
     on_exit: ExitHandler
+    # Called with the pod id when a shim goes away without being asked to (killed, OOM).
+    on_lost: LostHandler = lambda _pod_id: None
     zygote_socket: Path | None = None
     clients: dict[str, ShimClient] = field(default_factory=dict)
     followers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
     async def start(self) -> None:
-        """Reuses a zygote that outlived a killed daemon, or starts one."""
+        """Reuses the zygote that outlived a killed daemon, or starts one.
+
+        Its pid is kept in a file beside its socket, so a zygote that stopped answering (or
+        one whose socket file is gone) is killed rather than left behind forever.
+        """
         if self.zygote_socket is None:
             return
-        try:
-            await zygote_call(str(self.zygote_socket), "ping", timeout=2)
-            return
-        except ShimError:
-            self.zygote_socket.unlink(missing_ok=True)
-        await start_zygote(
-            str(self.zygote_socket), log_path=str(self.zygote_socket.with_suffix(".log"))
-        )
+        socket_path, pid_file = str(self.zygote_socket), self.zygote_socket.with_suffix(".pid")
+        old_pid = _read_pid(pid_file)
+        if old_pid and _is_zygote(old_pid):
+            try:
+                reply = await zygote_call(socket_path, "ping", timeout=ZYGOTE_PING_TIMEOUT)
+                if int(reply.get("pid", 0)) == old_pid:
+                    return
+            except ShimError as err:
+                log.warning("shim zygote %d does not answer (%s); replacing it", old_pid, err)
+            _kill(old_pid)
+        self.zygote_socket.unlink(missing_ok=True)
+        await start_zygote(socket_path, log_path=str(self.zygote_socket.with_suffix(".log")))
+        reply = await zygote_call(socket_path, "ping", timeout=ZYGOTE_PING_TIMEOUT)
+        pid_file.write_text(f"{int(reply['pid'])}\n")
 
     async def spawn(self, pod_id: str, pod_dir: Path) -> ShimClient:
         zygote = str(self.zygote_socket) if self.zygote_socket else None
@@ -120,8 +138,12 @@ class ShimRegistry:
                         log.exception("handling exit of %s", event.get("container_id"))
         except (ShimError, OSError) as err:
             log.info("shim of pod %s went away: %s", pod_id, err)
-        except asyncio.CancelledError:
-            raise
+        # Its event stream ended: the shim is gone. (forget() cancels this task first, so a
+        # shim shut down on purpose never gets here.)
+        if self.followers.get(pod_id) is asyncio.current_task():
+            self.clients.pop(pod_id, None)
+            self.followers.pop(pod_id, None)
+            self.on_lost(pod_id)
 
     async def forget(self, pod_id: str) -> None:
         """Stops following a pod's shim (it was shut down, or the pod is removed)."""
@@ -136,5 +158,30 @@ class ShimRegistry:
         for pod_id in list(self.followers):
             await self.forget(pod_id)
         if self.zygote_socket is not None:
+            pid_file = self.zygote_socket.with_suffix(".pid")
+            pid = _read_pid(pid_file)
             with contextlib.suppress(ShimError):
-                await zygote_call(str(self.zygote_socket), "stop", timeout=2)
+                await zygote_call(str(self.zygote_socket), "stop", timeout=ZYGOTE_PING_TIMEOUT)
+            if pid and _is_zygote(pid):
+                _kill(pid)
+            pid_file.unlink(missing_ok=True)
+
+
+def _read_pid(path: Path) -> int:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def _is_zygote(pid: int) -> bool:
+    """The pid still names a shim zygote (pids are reused)."""
+    try:
+        return b"shim.zygote" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)

@@ -8,10 +8,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from netns.bridge import BridgeConfig, BridgeNetwork
-from netns.ipam import JsonFileLeaseBook
 from tests.cri import CriClient
-from tests.daemon import TEST_BRIDGE, TEST_SUBNET, Daemon, running_daemon
+from tests.daemon import Daemon, running_daemon
 from tests.pods import mounts_under, remove_all_pods
 
 if TYPE_CHECKING:
@@ -32,14 +30,6 @@ def cri(daemon: Daemon) -> Iterator[CriClient]:
     client = daemon.client()
     yield client
     client.close()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _test_bridge_removed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """The test daemons' bridge and its masquerade rule go when the session ends."""
-    yield
-    book = JsonFileLeaseBook(tmp_path_factory.mktemp("leases") / "leases.json")
-    BridgeNetwork(BridgeConfig(name=TEST_BRIDGE, subnet=TEST_SUBNET), book).destroy()
 
 
 @pytest.fixture(scope="module")

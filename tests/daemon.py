@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import random
+import secrets
 import shutil
 import signal
 import subprocess
@@ -11,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -29,6 +31,11 @@ class Daemon:
     config_path: Path
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    # Extra environment for the next start(), e.g. {"FLATPOD_CRASH_AT": "run_pod:after_netns"}.
+    env: dict[str, str] = field(default_factory=dict)
+    # The daemon's own bridge network (see test_network).
+    bridge: str = ""
+    subnet: str = ""
 
     @property
     def socket(self) -> Path:
@@ -37,6 +44,7 @@ class Daemon:
     def start(self, timeout: float = 20.0) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+        env.update(self.env)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "sandbox", "serve", "--config", str(self.config_path)],
@@ -90,13 +98,17 @@ class Daemon:
         return CriClient(self.socket)
 
 
-# The test daemons' own network, apart from the real default (flatpod0, 10.88.0.0/16) and
-# from the CNI configs a host may have.
-TEST_BRIDGE = "fptest0"
-TEST_SUBNET = "10.241.0.0/16"
+def test_network() -> tuple[str, str]:
+    """A bridge and a /24 of a test daemon's own: apart from the real default (flatpod0,
+    10.88.0.0/16), from the CNI configs a host may have, and from other test daemons that run
+    at the same time (their leases live in other stores)."""
+    n = random.randrange(256)
+    return f"fpt{secrets.token_hex(3)}", f"10.241.{n}.0/24"
 
 
-def write_config(path: Path, root: Path, state: Path, extra: str = "") -> None:
+def write_config(
+    path: Path, root: Path, state: Path, extra: str = "", network: tuple[str, str] | None = None
+) -> None:
     path.write_text(
         f'root_dir = "{root}"\n'
         f'state_dir = "{state}"\n'
@@ -104,25 +116,55 @@ def write_config(path: Path, root: Path, state: Path, extra: str = "") -> None:
         f"{extra}\n"
     )
     if "[network]" not in extra:
+        bridge, subnet = network or test_network()
         with path.open("a") as f:
             f.write(
-                f'[network]\nbridge = "{TEST_BRIDGE}"\nsubnet = "{TEST_SUBNET}"\n'
+                f'[network]\nbridge = "{bridge}"\nsubnet = "{subnet}"\n'
                 f'cni_conf_dir = "{path.parent / "no-cni"}"\n'
             )
 
 
 @contextmanager
-def running_daemon(base: Path, extra_config: str = "") -> Iterator[Daemon]:
+def running_daemon(
+    base: Path, extra_config: str = "", env: dict[str, str] | None = None
+) -> Iterator[Daemon]:
     """A daemon in `base`; on exit it is stopped (pods are the caller's to remove first)."""
     # The state dir is short, under /run as on a node: shim sockets live below it, and unix
     # socket paths must fit in 108 bytes (pytest's temp paths do not).
     root, state = base / "root", Path(tempfile.mkdtemp(prefix="fpt-", dir="/run"))
     config_path = base / "config.toml"
-    write_config(config_path, root, state, extra_config)
-    daemon = Daemon(root, state, config_path, base / "flatpod.log")
+    bridge, subnet = test_network()
+    write_config(config_path, root, state, extra_config, (bridge, subnet))
+    daemon = Daemon(
+        root, state, config_path, base / "flatpod.log", env=dict(env or {}),
+        bridge=bridge, subnet=subnet,
+    )
     daemon.start()
     try:
         yield daemon
     finally:
         daemon.stop()
+        kill_stray_zygote(state)
         shutil.rmtree(state, ignore_errors=True)
+        remove_bridge(bridge, subnet)
+
+
+def remove_bridge(bridge: str, subnet: str) -> None:
+    """The daemon's bridge and masquerade rule (a node keeps them; a test does not)."""
+    from netns.bridge import BridgeConfig, BridgeNetwork
+    from netns.ipam import JsonFileLeaseBook
+
+    with tempfile.TemporaryDirectory() as tmp:
+        book = JsonFileLeaseBook(Path(tmp) / "leases.json")
+        BridgeNetwork(BridgeConfig(name=bridge, subnet=subnet), book).destroy()
+
+
+def kill_stray_zygote(state: Path) -> None:
+    """A daemon that a test killed (SIGKILL) leaves its shim zygote running, by design: the
+    next daemon reuses it. When no next daemon comes, the test cleans it up."""
+    try:
+        pid = int((state / "zygote.pid").read_text())
+        if b"shim.zygote" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGKILL)
+    except (OSError, ValueError):
+        pass

@@ -140,7 +140,7 @@ def main(argv: list[str]) -> int:
     try:
         start_all(runtimes)
         run_workloads(report, runtimes, plan, args.only)
-    except Exception as err:
+    except (Exception, KeyboardInterrupt) as err:
         report.notes.append(f"ABORTED: {describe(err)}")
     finally:
         clean = stop_all(runtimes, report)

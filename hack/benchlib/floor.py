@@ -40,9 +40,14 @@ def _minimal_spec(cgroups_path: str) -> dict[str, object]:
     }
 
 
-def _run(args: list[str]) -> None:
-    subprocess.run(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.PIPE, check=True)
+def _run(args: list[str], errors: Path) -> None:
+    """runc's stdio is inherited by the container, so it must never be a pipe we wait on:
+    the pause would hold it open forever. stderr goes to a file instead."""
+    with errors.open("wb") as err:
+        result = subprocess.run(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=err, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[3:5])}: {errors.read_text(errors='replace')[-500:]}")
 
 
 def runc_floor(runs: int) -> list[float]:
@@ -58,12 +63,16 @@ def runc_floor(runs: int) -> list[float]:
             name = f"fpbench-floor-{os.getpid()}-{i}"
             spec = _minimal_spec(f"/{CGROUP_PARENT}/{name}")
             (bundle / "config.json").write_text(json.dumps(spec))
-            root = ["--root", str(state)]
+            root, errors = ["--root", str(state)], base / "runc.err"
             start = time.perf_counter()
-            _run([RUNC, *root, "create", "--bundle", str(bundle), name])
-            _run([RUNC, *root, "start", name])
-            samples.append(time.perf_counter() - start)
-            _run([RUNC, *root, "delete", "--force", name])
+            try:
+                _run([RUNC, *root, "create", "--bundle", str(bundle), name], errors)
+                _run([RUNC, *root, "start", name], errors)
+                samples.append(time.perf_counter() - start)
+            finally:
+                subprocess.run([RUNC, *root, "delete", "--force", name], check=False,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     finally:
         shutil.rmtree(base, ignore_errors=True)
         _remove_cgroup_parent()

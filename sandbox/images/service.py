@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import json
 import logging
 import time
@@ -29,6 +30,7 @@ from sandbox.errors import (
     NotFound,
     Unavailable,
 )
+from sandbox.faults import Faults
 from sandbox.images.content import BlobDigestMismatch, ContentStore, Readable
 from sandbox.images.gc import GcReport, Leases, collect_garbage, remove_leftovers
 from sandbox.images.reference import InvalidReference, Reference, parse_reference
@@ -57,6 +59,15 @@ class PullUnauthenticated(CriError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class DiskFull(CriError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# A full disk (or quota) is the node's problem, not the registry's: kubelet's image GC acts on
+# RESOURCE_EXHAUSTED, whereas UNAVAILABLE would only make it retry the same pull.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 @dataclass
 class PullProgress:
     """Bytes of a pull so far; worker threads add to it, the watchdog reads it."""
@@ -80,6 +91,7 @@ class ImageService:
         sandbox_image: str = "",
         containers_dir: Path | None = None,
         live_snapshots: Callable[[], Set[str]] = frozenset,
+        faults: Faults | None = None,
     ) -> None:
         self.root = root
         self.images = ImageStore(store)
@@ -96,6 +108,7 @@ class ImageService:
         self.sandbox_image = _normalized_or_empty(sandbox_image)
         self.containers_dir = containers_dir
         self.live_snapshots = live_snapshots
+        self.faults = faults or Faults()
 
     async def start(self) -> GcReport:
         """At startup: drop crash leftovers, then what no image or container uses."""
@@ -132,10 +145,16 @@ class ImageService:
             chains = chain_ids(diff_ids)
             progress.total = sum(layer.size for layer in manifest.layers)
             with self.leases.hold(set(), set(chains)):
-                await asyncio.gather(*(
+                # Every layer's work is waited for, failed or not: a pull that answers while a
+                # sibling layer still writes would leave temp files behind its error (and a
+                # full disk full a little longer).
+                outcomes = await asyncio.gather(*(
                     self._fetch_and_unpack(client, manifest, layer, diff_id, chain, progress)
                     for layer, diff_id, chain in zip(manifest.layers, diff_ids, chains, strict=True)
-                ))
+                ), return_exceptions=True)
+                failures = [o for o in outcomes if isinstance(o, BaseException)]
+                if failures:
+                    raise failures[0]
                 record = _record(manifest, config, diff_ids, chains)
                 await asyncio.to_thread(self.images.save, record, _refs_of(ref, manifest))
         return record
@@ -162,10 +181,15 @@ class ImageService:
             progress.add(layer.size)  # shared with an image already here: nothing to do
             return
         blob = await self._fetch_blob(client, manifest, layer, progress)
+        self.faults.point("pull_image:after_first_blob")
         try:
             await self.snapshots.ensure(chain_id, blob, diff_id, progress.add)
         except LayerError as e:
             raise InvalidArgument(f"pulling {client.ref}: layer {layer.digest}: {e}") from e
+        except OSError as e:
+            if e.errno in _DISK_FULL:
+                raise DiskFull(f"unpacking {client.ref} layer {layer.digest}: {e}") from e
+            raise
 
     async def _fetch_blob(
         self, client: RegistryClient, manifest: Manifest, blob: Descriptor, progress: PullProgress
@@ -330,6 +354,8 @@ async def _registry_call(call: Awaitable[T]) -> T:
     except RegistryError as e:
         raise Unavailable(str(e)) from e
     except OSError as e:
+        if e.errno in _DISK_FULL:
+            raise DiskFull(f"writing a downloaded blob: {e}") from e
         raise Unavailable(f"registry I/O failed: {e}") from e
 
 

@@ -1,0 +1,367 @@
+"""Crash at any step: the daemon dies (os._exit(137), as kill -9) at each fault point of
+sandbox/faults.py, restarts without it, and must have left nothing half made, nothing leaked,
+and a kubelet retry of the same request must give a working object."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cri_api import api_pb2 as pb
+from netns.bridge import BridgeConfig
+from sandbox.faults import ENV, POINTS
+from tests.cri import CriClient, status_code
+from tests.daemon import Daemon, running_daemon
+from tests.pods import (
+    container_config,
+    exec_sync,
+    mounts_under,
+    pod_config,
+    remove_all_pods,
+    run_pod,
+    start_container,
+    wait_for,
+)
+from tests.support.plugin import TestImages
+
+SLEEP = ["sleep", "3600"]
+
+# --- what a daemon may leave on the host ------------------------------------------------------
+
+
+def known_ids(d: Daemon) -> set[str]:
+    """Every pod and container id the store or the state and root dirs name (daemon down)."""
+    ids: set[str] = set()
+    for sub in (d.state / "pods", d.state / "containers", d.state / "runc",
+                d.root / "containers"):
+        if sub.is_dir():
+            ids |= {p.name for p in sub.iterdir() if len(p.name) == 64}
+    db = sqlite3.connect(d.root / "state.db")
+    try:
+        for table in ("pods", "containers"):
+            ids |= {row[0] for row in db.execute(f"SELECT id FROM {table}")}
+    finally:
+        db.close()
+    return ids
+
+
+def traces_of(d: Daemon, ids: set[str]) -> list[str]:
+    """Whatever names one of `ids`: files, mounts, netns, veths, rules, leases, cgroups."""
+    found: list[str] = []
+    bridge = BridgeConfig(name=d.bridge, subnet=d.subnet)
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
+    mountinfo = Path("/proc/self/mountinfo").read_text()
+    netns = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    leases = _leases(d)
+    cgroups = _cgroup_dirs()
+    for i in ids:
+        for sub in (d.state / "pods", d.state / "containers", d.state / "runc",
+                    d.root / "containers"):
+            if (sub / i).exists():
+                found.append(f"{sub / i}")
+        if i in mountinfo:
+            found.append(f"mount naming {i[:12]}")
+        if f"flatpod-{i[:24]}" in netns:
+            found.append(f"netns {i[:12]}")
+        if f" {bridge.host_veth_name(i)}" in links.replace("@", " "):
+            found.append(f"veth of {i[:12]}")
+        if i in rules:
+            found.append(f"iptables rule of {i[:12]}")
+        if i in leases:
+            found.append(f"ip lease of {i[:12]}")
+        found += [f"cgroup {c}" for c in cgroups if i in c]
+    return found
+
+
+def _leases(d: Daemon) -> set[str]:
+    db = sqlite3.connect(d.root / "state.db")
+    try:
+        return {row[0] for row in db.execute("SELECT owner FROM ip_leases")}
+    finally:
+        db.close()
+
+
+def _cgroup_dirs() -> list[str]:
+    dirs = []
+    for controller in ("memory", "cpu,cpuacct", "pids", "devices", "freezer"):
+        top = Path("/sys/fs/cgroup") / controller / "flatpod"
+        if top.is_dir():
+            dirs += [dirpath for dirpath, _, _ in os.walk(top)]
+    return dirs
+
+
+def shim_pids(d: Daemon) -> list[int]:
+    """The daemon's shims (forked from its zygote, so they share its command line)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if str(d.state).encode() in cmdline and stat.rsplit(")", 1)[1].split()[0] != "Z":
+            pids.append(int(pid))
+    return pids
+
+
+def assert_all_gone(d: Daemon, cri: CriClient, ids: set[str]) -> None:
+    """Removes every pod, then nothing of `ids` (or anything else of this daemon) remains."""
+    remove_all_pods(cri)
+    assert not cri.ListContainers(pb.ListContainersRequest()).containers
+    assert traces_of(d, ids) == []
+    for sub in (d.state / "pods", d.state / "containers", d.root / "containers"):
+        assert list(sub.iterdir()) == [], f"{sub} not empty"
+    assert [p.name for p in (d.state / "runc").iterdir()] == []
+    assert mounts_under(d.state / "pods") + mounts_under(d.state / "containers") == []
+    assert mounts_under(d.root) == []
+    assert len(shim_pids(d)) <= 1, "shims left (only the zygote may remain)"
+
+
+# --- the cases ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """Before the crash, `setup` makes what the RPC needs; `crash` issues the RPC that dies;
+    `retry` is kubelet's retry after the restart, and checks the result works."""
+
+    setup: Callable[[CriClient, Path], dict[str, str]]
+    crash: Callable[[CriClient, dict[str, str]], object]
+    retry: Callable[[CriClient, dict[str, str]], None]
+
+
+@dataclass
+class World:
+    daemon: Daemon
+    images: TestImages
+    logs: Path
+
+
+@pytest.fixture(scope="module")
+def world(
+    tmp_path_factory: pytest.TempPathFactory, test_images: TestImages
+) -> Iterator[World]:
+    base = tmp_path_factory.mktemp("faults")
+    with running_daemon(base) as d:
+        cri = d.client()
+        cri.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=test_images.busybox.reference)))
+        cri.close()
+        yield World(d, test_images, base / "logs")
+        d.env = {}
+        if d.process is None:
+            d.start()
+        cri = d.client()
+        remove_all_pods(cri)
+        cri.close()
+
+
+def _pod(cri: CriClient, logs: Path, ctx: dict[str, str]) -> None:
+    config = pod_config(log_dir=logs)
+    ctx["pod_config"] = config.SerializeToString().hex()
+    ctx["pod"] = run_pod(cri, config)
+
+
+def _pod_config(ctx: dict[str, str]) -> pb.PodSandboxConfig:
+    return pb.PodSandboxConfig.FromString(bytes.fromhex(ctx["pod_config"]))
+
+
+def _ctr_config(ctx: dict[str, str]) -> pb.ContainerConfig:
+    return pb.ContainerConfig.FromString(bytes.fromhex(ctx["ctr_config"]))
+
+
+def _create(cri: CriClient, ctx: dict[str, str]) -> str:
+    ctr_id: str = cri.CreateContainer(pb.CreateContainerRequest(
+        pod_sandbox_id=ctx["pod"], config=_ctr_config(ctx), sandbox_config=_pod_config(ctx)
+    )).container_id
+    return ctr_id
+
+
+def _works(cri: CriClient, ctr_id: str) -> None:
+    assert exec_sync(cri, ctr_id, "echo", "alive").stdout == b"alive\n"
+
+
+def _state(cri: CriClient, ctr_id: str) -> int:
+    state: int = cri.ContainerStatus(pb.ContainerStatusRequest(container_id=ctr_id)).status.state
+    return state
+
+
+def _pod_state(cri: CriClient, pod_id: str) -> int:
+    state: int = cri.PodSandboxStatus(
+        pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id)
+    ).status.state
+    return state
+
+
+def run_pod_case(world: World) -> Case:
+    def setup(cri: CriClient, logs: Path) -> dict[str, str]:
+        config = pod_config(log_dir=logs)
+        return {"pod_config": config.SerializeToString().hex()}
+
+    def crash(cri: CriClient, ctx: dict[str, str]) -> object:
+        return cri.RunPodSandbox(pb.RunPodSandboxRequest(config=_pod_config(ctx)))
+
+    def retry(cri: CriClient, ctx: dict[str, str]) -> None:
+        assert not cri.ListPodSandbox(pb.ListPodSandboxRequest()).items
+        pod_id = run_pod(cri, _pod_config(ctx))
+        assert _pod_state(cri, pod_id) == pb.SANDBOX_READY
+        ctr = start_container(cri, pod_id, _pod_config(ctx),
+                              container_config(world.images.busybox.reference, command=SLEEP))
+        _works(cri, ctr)
+
+    return Case(setup, crash, retry)
+
+
+def create_case(world: World) -> Case:
+    def setup(cri: CriClient, logs: Path) -> dict[str, str]:
+        ctx: dict[str, str] = {}
+        _pod(cri, logs, ctx)
+        config = container_config(world.images.busybox.reference, command=SLEEP)
+        ctx["ctr_config"] = config.SerializeToString().hex()
+        return ctx
+
+    def retry(cri: CriClient, ctx: dict[str, str]) -> None:
+        assert not cri.ListContainers(pb.ListContainersRequest()).containers
+        ctr = _create(cri, ctx)
+        cri.StartContainer(pb.StartContainerRequest(container_id=ctr))
+        _works(cri, ctr)
+
+    return Case(setup, _create, retry)
+
+
+def start_case(world: World, started: bool) -> Case:
+    def setup(cri: CriClient, logs: Path) -> dict[str, str]:
+        ctx = create_case(world).setup(cri, logs)
+        ctx["ctr"] = _create(cri, ctx)
+        return ctx
+
+    def crash(cri: CriClient, ctx: dict[str, str]) -> object:
+        return cri.StartContainer(pb.StartContainerRequest(container_id=ctx["ctr"]))
+
+    def retry(cri: CriClient, ctx: dict[str, str]) -> None:
+        ctr = ctx["ctr"]
+        if started:
+            # It runs: the restart found it so; starting it again is a precondition error.
+            assert _state(cri, ctr) == pb.CONTAINER_RUNNING
+            with pytest.raises(grpc.RpcError) as err:
+                crash(cri, ctx)
+            assert status_code(err.value) == grpc.StatusCode.FAILED_PRECONDITION
+        else:
+            assert _state(cri, ctr) == pb.CONTAINER_CREATED
+            crash(cri, ctx)
+        _works(cri, ctr)
+
+    return Case(setup, crash, retry)
+
+
+def stop_pod_case(world: World) -> Case:
+    def setup(cri: CriClient, logs: Path) -> dict[str, str]:
+        ctx = create_case(world).setup(cri, logs)
+        ctx["ctr"] = _create(cri, ctx)
+        cri.StartContainer(pb.StartContainerRequest(container_id=ctx["ctr"]))
+        return ctx
+
+    def crash(cri: CriClient, ctx: dict[str, str]) -> object:
+        return cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=ctx["pod"]))
+
+    def retry(cri: CriClient, ctx: dict[str, str]) -> None:
+        crash(cri, ctx)
+        assert _pod_state(cri, ctx["pod"]) == pb.SANDBOX_NOTREADY
+        assert _state(cri, ctx["ctr"]) == pb.CONTAINER_EXITED
+
+    return Case(setup, crash, retry)
+
+
+def remove_pod_case(world: World) -> Case:
+    stop = stop_pod_case(world)
+
+    def crash(cri: CriClient, ctx: dict[str, str]) -> object:
+        return cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=ctx["pod"]))
+
+    def retry(cri: CriClient, ctx: dict[str, str]) -> None:
+        crash(cri, ctx)
+        with pytest.raises(grpc.RpcError) as err:
+            _pod_state(cri, ctx["pod"])
+        assert status_code(err.value) == grpc.StatusCode.NOT_FOUND
+
+    return Case(stop.setup, crash, retry)
+
+
+def pull_case(world: World) -> Case:
+    image = world.images.layered
+
+    def crash(cri: CriClient, ctx: dict[str, str]) -> object:
+        return cri.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=image.reference)))
+
+    def retry(cri: CriClient, ctx: dict[str, str]) -> None:
+        assert list((world.daemon.root / "content" / "ingest").iterdir()) == []
+        temp = [p for p in (world.daemon.root / "snapshots").iterdir() if p.name.startswith(".")]
+        assert temp == []
+        assert crash(cri, ctx).image_ref == image.config_digest  # type: ignore[attr-defined]
+        cri.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=image.reference)))
+
+    return Case(lambda _c, _l: {}, crash, retry)
+
+
+def case_for(point: str, world: World) -> Case:
+    rpc, _, step = point.partition(":")
+    if rpc == "run_pod":
+        return run_pod_case(world)
+    if rpc == "create_container":
+        return create_case(world)
+    if rpc == "start_container":
+        return start_case(world, started=step.startswith("after"))
+    if rpc == "stop_pod":
+        return stop_pod_case(world)
+    if rpc == "remove_pod":
+        return remove_pod_case(world)
+    return pull_case(world)
+
+
+def test_every_point_is_covered() -> None:
+    assert set(POINTS) == set(CRASH_POINTS)
+
+
+CRASH_POINTS = sorted(POINTS)
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_crash_at(point: str, world: World) -> None:
+    d = world.daemon
+    d.stop()
+    d.env = {ENV: point}
+    d.start()
+    cri = d.client()
+    try:
+        case = case_for(point, world)
+        ctx = case.setup(cri, world.logs)
+        with pytest.raises(grpc.RpcError) as err:
+            case.crash(cri, ctx)
+        assert status_code(err.value) == grpc.StatusCode.UNAVAILABLE, err.value
+        assert d.process is not None
+        assert d.process.wait(20) == 137, d.log()
+        d.stop()
+        ids = known_ids(d) - set(ctx.values())
+    finally:
+        cri.close()
+    d.env = {}
+    d.start()
+    cri = d.client()
+    try:
+        # The half-made object is gone with everything it touched; finished ones are whole.
+        listed = {p.id for p in cri.ListPodSandbox(pb.ListPodSandboxRequest()).items}
+        listed |= {c.id for c in cri.ListContainers(pb.ListContainersRequest()).containers}
+        assert traces_of(d, ids - listed) == [], d.log()
+        case.retry(cri, ctx)
+        all_ids = ids | listed | {v for v in ctx.values() if len(v) == 64}
+        wait_for(lambda: len(shim_pids(d)) >= 1, what="the zygote")
+        assert_all_gone(d, cri, all_ids)
+    finally:
+        cri.close()
