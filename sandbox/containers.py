@@ -46,8 +46,15 @@ from sandbox.records import (
 )
 from sandbox.runtime import Runtime
 from sandbox.shims import rfc3339_to_ns
-from sandbox.spec import SandboxPaths, SpecDefaults, SpecError, build_container_spec
+from sandbox.spec import (
+    SandboxPaths,
+    SpecDefaults,
+    SpecError,
+    build_container_spec,
+    pod_userns,
+)
 from sandbox.users import UserDb
+from sandbox.wire import repeated_entry
 from shim.client import ShimError
 from shim.runc import Runc, RuncError
 
@@ -61,6 +68,8 @@ _STATES = {
     UNKNOWN: pb.CONTAINER_UNKNOWN,
 }
 _STATE_NAMES = {v: k for k, v in _STATES.items()}
+# ListContainersResponse.containers
+LIST_CONTAINERS_FIELD = pb.ListContainersResponse.DESCRIPTOR.fields_by_name["containers"].number
 # How long a stop waits for the shim to see the exit after SIGKILL.
 KILL_WAIT = 10.0
 
@@ -139,9 +148,13 @@ async def _create(
         rootfs = bundle / "rootfs"
         undo.push("dirs", lambda: _remove_dirs(bundle, layer))
         await asyncio.to_thread(_make_dirs, bundle, layer, rootfs)
+        # In a pod with its own user namespace the layers are idmapped with it, so its root
+        # owns what the host's root owns in the image (runc 1.1.5 cannot idmap mounts).
+        userns = pod_userns(pod.config.linux.security_context)
+        user_ns = Path(pod.namespaces["user"]) if userns is not None else None
         await asyncio.to_thread(
             rt.images.snapshots.mount_rootfs, ctr.snapshots, layer / "upper", layer / "work",
-            rootfs, False,
+            rootfs, False, user_ns, userns.root if userns is not None else None,
         )
         undo.push("rootfs", lambda: unmount(rootfs))
         rt.faults.point("create_container:after_rootfs")
@@ -153,6 +166,9 @@ async def _create(
         ctr.uid, ctr.gid = int(user.get("uid", 0)), int(user.get("gid", 0))
         ctr.supplemental_groups = [int(g) for g in user.get("additionalGids", [])]
         (bundle / "config.json").write_text(json.dumps(spec))
+        if userns is not None:  # runc reaches rootfs/ from inside the user namespace
+            os.chmod(bundle / "config.json", 0o600)
+            os.chmod(bundle, 0o711)
         # 4. The log file, where kubelet reads it.
         ctr.log_path = _log_path(pod, config)
         if ctr.log_path:
@@ -234,6 +250,7 @@ def _container_spec(
         resolv_conf=pod_dir / "resolv.conf",
         shm=pod_dir / "shm" if (pod_dir / "shm").is_dir() else None,
         hosts=pod_dir / "hosts",
+        user=Path(ns["user"]) if "user" in ns else None,
     )
     target = _target_pid_ns(rt, ctr.config)
     # A container cannot have a network of its own in a flat pod: it is the pod's, whatever
@@ -539,8 +556,15 @@ def container_status_message(rt: Runtime, ctr: ContainerRecord) -> pb.ContainerS
     )
 
 
-async def list_containers(rt: Runtime, req: pb.ListContainersRequest) -> pb.ListContainersResponse:
-    return pb.ListContainersResponse(containers=[_summary(c) for c in _filtered(rt, req.filter)])
+async def list_containers(rt: Runtime, req: pb.ListContainersRequest) -> bytes:
+    """A ListContainersResponse, assembled from each container's cached entry (sandbox/wire.py)."""
+    return b"".join(_list_entry(c) for c in _filtered(rt, req.filter))
+
+
+def _list_entry(ctr: ContainerRecord) -> bytes:
+    if not ctr.list_entry:
+        ctr.list_entry = repeated_entry(LIST_CONTAINERS_FIELD, _summary(ctr))
+    return ctr.list_entry
 
 
 def _filtered(rt: Runtime, flt: pb.ContainerFilter) -> Iterable[ContainerRecord]:

@@ -13,16 +13,20 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 from google.protobuf.json_format import MessageToDict
 
 from cri_api import api_pb2 as pb
-from netns.pin import create_netns, pin_namespace, unpin
+from netns.enter import run_in_netns
+from netns.pin import create_netns, ensure_shared_mount_dir, is_pinned, pin_namespace, unpin
 from netns.ports import PortMapping
 from sandbox import cgroups, containers, mounts
 from sandbox.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -35,8 +39,10 @@ from sandbox.records import (
     save_pod,
 )
 from sandbox.runtime import Runtime
-from sandbox.spec import SpecError, build_pause_spec
+from sandbox.images.snapshots import idmap_supported
+from sandbox.spec import IdMap, PodUserns, SpecError, build_pause_spec, pod_userns
 from sandbox.undo import undo_on_failure
+from sandbox.wire import repeated_entry
 from shim.client import ShimError
 from shim.runc import Runc, RuncError
 
@@ -50,6 +56,8 @@ NETNS_DIR = Path("/run/netns")
 SHM_SIZE = 64 * 1024 * 1024
 PAUSE_STOP_TIMEOUT = 10.0
 SHIM_EXIT_TIMEOUT = 5.0
+# ListPodSandboxResponse.items
+LIST_PODS_FIELD = pb.ListPodSandboxResponse.DESCRIPTOR.fields_by_name["items"].number
 _PROTOCOLS: dict[int, Literal["tcp", "udp", "sctp"]] = {
     pb.TCP: "tcp", pb.UDP: "udp", pb.SCTP: "sctp"
 }
@@ -121,10 +129,19 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
             shm = pod_dir / "shm"
             await asyncio.to_thread(mounts.mount_tmpfs, shm, SHM_SIZE)
             undo.push("shm", lambda: mounts.unmount(shm))
+        userns = pod_userns(config.linux.security_context)  # validated above
+        if userns is not None:
+            await asyncio.to_thread(_share_with_userns, rt, pod_dir, userns)
         # 3. The network namespace, pinned, and the pod network in it.
         if not host_net:
             netns = NETNS_DIR / f"flatpod-{pod_id[:24]}"
-            await asyncio.to_thread(create_netns, netns)
+            if userns is None:
+                await asyncio.to_thread(create_netns, netns)
+            else:  # made inside the pod's user namespace, which is pinned first
+                user_ns = pod_dir / "ns" / "user"
+                undo.push("userns", lambda: unpin(user_ns))
+                await asyncio.to_thread(create_userns, userns, user_ns, netns)
+                pod.namespaces["user"] = str(user_ns)
             pod.netns_path = str(netns)
             undo.push("netns", lambda: unpin(netns))
             rt.faults.point("run_pod:after_netns")
@@ -185,6 +202,10 @@ def validate_sandbox_config(config: pb.PodSandboxConfig) -> None:
         ("linux.cgroup_parent", config.linux.cgroup_parent),
     ):
         _check_text(field_name, value)
+    try:
+        pod_userns(config.linux.security_context)
+    except SpecError as err:
+        raise InvalidArgument(str(err)) from err
     if config.log_directory and not os.path.isabs(config.log_directory):
         raise InvalidArgument(f"log_directory {config.log_directory!r} must be an absolute path")
     if len(config.hostname) > 64:
@@ -280,6 +301,7 @@ def _pause_spec(rt: Runtime, pod: PodRecord, pod_dir: Path) -> dict[str, Any]:
             cgroups_path=cgroups.container_cgroup_path(pod.cgroup_path, pod.id),
             oom_score_adj_floor=rt.oom_score_adj_floor,
             shm_path=shm if shm.is_dir() else None,
+            userns_path=Path(pod.namespaces["user"]) if "user" in pod.namespaces else None,
         )
     except SpecError as err:
         raise InvalidArgument(str(err)) from err
@@ -317,12 +339,121 @@ def _pin_namespaces(pod: PodRecord, pod_dir: Path) -> dict[str, str]:
         wanted.append("uts")
     if opts.pid == pb.POD:
         wanted.append("pid")
-    pinned = {}
+    pinned = dict(pod.namespaces)  # the user namespace, pinned before the pause started
     for kind in wanted:
         target = pod_dir / "ns" / kind
         pin_namespace(Path(f"/proc/{pod.pause_pid}/ns/{kind}"), target)
         pinned[kind] = str(target)
     return pinned
+
+
+# --- user namespaces (mode POD) ----------------------------------------------------------------
+
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+# A single-threaded helper unshares (a threaded process such as flatpod cannot unshare a user
+# namespace), says so, and lives until its stdin closes.
+_UNSHARE_HELPER = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.unshare(int(sys.argv[1])) != 0:
+    sys.exit("unshare: " + os.strerror(ctypes.get_errno()))
+sys.stdout.write("unshared\\n")
+sys.stdout.flush()
+sys.stdin.read()
+"""
+HELPER_TIMEOUT = 10.0
+
+
+@contextmanager
+def _unshared(flags: int, userns: PodUserns) -> Iterator[int]:
+    """A helper process in new namespaces (`flags`), its user namespace mapped as `userns`
+    says; yields its pid while it lives."""
+    helper = subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", _UNSHARE_HELPER, str(flags)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True,
+    )
+    assert helper.stdin is not None and helper.stdout is not None and helper.stderr is not None
+    try:
+        if helper.stdout.readline() != b"unshared\n":
+            helper.wait(HELPER_TIMEOUT)
+            raise OSError(f"user namespace helper failed: {helper.stderr.read().decode()!r}")
+        for kind in ("uid", "gid"):  # flatpod has CAP_SETGID: no need to deny setgroups
+            Path(f"/proc/{helper.pid}/{kind}_map").write_text(userns.proc_map(kind))
+        yield helper.pid
+    finally:
+        helper.stdin.close()
+        try:
+            helper.wait(HELPER_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            helper.kill()
+            helper.wait()
+        helper.stdout.close()
+        helper.stderr.close()
+
+
+def create_userns(userns: PodUserns, user_pin: Path, netns_pin: Path) -> None:
+    """Makes the pod's user namespace and, inside it, the pod's network namespace; pins both.
+
+    The netns must belong to the pod's user namespace: the kernel lets a process mount sysfs,
+    join the netns from inside the user namespace, or set net.* sysctls and configure the
+    network with the capabilities it has there, only for a netns that namespace owns (one
+    made by flatpod outside would refuse the pause's /sys and every container's setns).
+    containerd lets runc create it and pins it afterwards; flatpod makes both before the pause
+    (one unshare(CLONE_NEWUSER|CLONE_NEWNET): the netns belongs to the new user namespace),
+    so the pod network is set up before the pause starts, as for any pod. flatpod itself
+    (root of the initial user namespace) can still enter and configure that netns.
+    """
+    if netns_pin.parent == NETNS_DIR:
+        ensure_shared_mount_dir(NETNS_DIR)
+    if is_pinned(netns_pin):
+        raise FileExistsError(f"a network namespace is already pinned at {netns_pin}")
+    try:
+        with _unshared(CLONE_NEWUSER | CLONE_NEWNET, userns) as pid:
+            pin_namespace(Path(f"/proc/{pid}/ns/user"), user_pin)
+            pin_namespace(Path(f"/proc/{pid}/ns/net"), netns_pin)
+        run_in_netns(netns_pin, _loopback_up)
+    except BaseException:
+        unpin(netns_pin)
+        unpin(user_pin)
+        raise
+
+
+def _loopback_up() -> None:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        ipr.link("set", index=1, state="up")  # lo is ifindex 1 in a fresh netns
+
+
+def _share_with_userns(rt: Runtime, pod_dir: Path, userns: PodUserns) -> None:
+    """What runc and the pod's root (host ids userns.root) must reach from inside the user
+    namespace, where flatpod's root has no power over host-owned files: the path down to the
+    pause rootfs, bundles and pod dirs (traverse only, 0711 as containerd's state dirs), and
+    the pod's own files, given to the pod's root as a normal pod's files belong to root."""
+    for path in (rt.paths.state, rt.paths.pods, rt.paths.bundles):
+        os.chmod(path, 0o711)
+    for name in ("hostname", "resolv.conf", "hosts", "shm"):
+        if (pod_dir / name).exists():
+            os.chown(pod_dir / name, *userns.root)
+
+
+# Host ids of the probe's user namespace: any range works for the probe (as critest's).
+_PROBE_USERNS = PodUserns(IdMap(0, 65536, 65536), IdMap(0, 65536, 65536))
+_userns_support: dict[Path, bool] = {}
+
+
+def userns_supported(path: Path) -> bool:
+    """True if pods can have user namespaces here: the kernel makes them and the filesystem
+    holding `path` (the snapshots) takes idmapped mounts. Probed once per path."""
+    if path not in _userns_support:
+        try:
+            with _unshared(CLONE_NEWUSER, _PROBE_USERNS) as pid:
+                _userns_support[path] = idmap_supported(path, Path(f"/proc/{pid}/ns/user"))
+        except OSError as err:
+            log.warning("user namespaces are unavailable: %s", err)
+            _userns_support[path] = False
+    return _userns_support[path]
 
 
 def _unpin_namespaces(pod: PodRecord) -> None:
@@ -443,6 +574,7 @@ async def remove_pod_now(rt: Runtime, pod: PodRecord) -> None:
     rt.faults.point("remove_pod:midway")
     _unpin_namespaces(pod)
     pod_dir = rt.paths.pod_dir(pod.id)
+    unpin(pod_dir / "ns" / "user")  # a half-made pod's record may not name it
     await asyncio.to_thread(mounts.unmount, pod_dir / "shm")
     if pod.cgroup_path:
         await asyncio.to_thread(cgroups.remove, pod.cgroup_path)
@@ -509,10 +641,15 @@ def sandbox_status(pod: PodRecord) -> pb.PodSandboxStatus:
     )
 
 
-async def list_pod_sandbox(
-    rt: Runtime, req: pb.ListPodSandboxRequest
-) -> pb.ListPodSandboxResponse:
-    return pb.ListPodSandboxResponse(items=[_summary(p) for p in _filtered(rt, req.filter)])
+async def list_pod_sandbox(rt: Runtime, req: pb.ListPodSandboxRequest) -> bytes:
+    """A ListPodSandboxResponse, assembled from each pod's cached entry (see sandbox/wire.py)."""
+    return b"".join(_list_entry(p) for p in _filtered(rt, req.filter))
+
+
+def _list_entry(pod: PodRecord) -> bytes:
+    if not pod.list_entry:
+        pod.list_entry = repeated_entry(LIST_PODS_FIELD, _summary(pod))
+    return pod.list_entry
 
 
 def _filtered(rt: Runtime, flt: pb.PodSandboxFilter) -> Iterable[PodRecord]:

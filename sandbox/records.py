@@ -16,6 +16,9 @@ from typing import Any, TypeVar
 from cri_api import api_pb2 as pb
 from sandbox.store import Store
 
+# Marks a field that lives in memory only: never stored, rebuilt on demand.
+TRANSIENT = {"transient": True}
+
 # Pod sandbox states, as the CRI names them.
 SANDBOX_READY = "ready"
 SANDBOX_NOTREADY = "notready"
@@ -46,6 +49,8 @@ class PodRecord:
     # True when the RunPodSandbox that made this pod never got its answer to the client (it
     # timed out on kubelet's side): kubelet's retry with the same name is handed this pod.
     unclaimed: bool = False
+    # This record's entry in a ListPodSandbox answer, serialized; emptied on every save.
+    list_entry: bytes = field(default=b"", repr=False, compare=False, metadata=TRANSIENT)
 
     @property
     def short(self) -> str:
@@ -80,6 +85,8 @@ class ContainerRecord:
     uid: int = 0
     gid: int = 0
     supplemental_groups: list[int] = field(default_factory=list)
+    # This record's entry in a ListContainers answer, serialized; emptied on every save.
+    list_entry: bytes = field(default=b"", repr=False, compare=False, metadata=TRANSIENT)
 
 
 R = TypeVar("R", PodRecord, ContainerRecord)
@@ -90,7 +97,7 @@ _BYTES_FIELDS = frozenset({"resources"})
 def _doc(record: PodRecord | ContainerRecord) -> str:
     doc: dict[str, Any] = {}
     for f in dataclasses.fields(record):
-        if f.name == "config":
+        if f.name == "config" or f.metadata.get("transient"):
             continue
         value = getattr(record, f.name)
         doc[f.name] = value.hex() if f.name in _BYTES_FIELDS else value
@@ -99,7 +106,7 @@ def _doc(record: PodRecord | ContainerRecord) -> str:
 
 def _from_doc(cls: type[R], doc: str, config: bytes) -> R:
     raw = json.loads(doc)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("transient")}
     values = {k: v for k, v in raw.items() if k in known}
     for name in _BYTES_FIELDS & values.keys():
         values[name] = bytes.fromhex(values[name])
@@ -109,6 +116,7 @@ def _from_doc(cls: type[R], doc: str, config: bytes) -> R:
 
 
 def save_pod(store: Store, pod: PodRecord) -> None:
+    pod.list_entry = b""
     with store.tx() as conn:
         conn.execute(
             "INSERT INTO pods(id, doc, config) VALUES (?, ?, ?) "
@@ -118,6 +126,7 @@ def save_pod(store: Store, pod: PodRecord) -> None:
 
 
 def save_container(store: Store, ctr: ContainerRecord) -> None:
+    ctr.list_entry = b""
     with store.tx() as conn:
         conn.execute(
             "INSERT INTO containers(id, pod_id, doc, config) VALUES (?, ?, ?, ?) "

@@ -27,7 +27,9 @@ IMAGE_SERVICE = "runtime.v1.ImageService"
 # kubelet sends and accepts messages up to 16 MiB; allow more than that both ways.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
-UnaryHandler = Callable[[Any, Any], Awaitable[Message]]
+# A unary handler answers a message, or bytes already serialized as the response message
+# (see sandbox/wire.py: the list answers kubelet asks for every second).
+UnaryHandler = Callable[[Any, Any], Awaitable[Message | bytes]]
 StreamHandler = Callable[[Any, Any], AsyncIterator[Message]]
 Handler = UnaryHandler | StreamHandler
 RpcObserver = Callable[[str, float, grpc.StatusCode], None]
@@ -67,12 +69,16 @@ def build_server(
                 method_handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                     _unary(runtime, full_name, func, observe),
                     request_deserializer=request_type.FromString,
-                    response_serializer=response_type.SerializeToString,
+                    response_serializer=_serialize,
                 )
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(service_name, method_handlers),)
         )
     return server
+
+
+def _serialize(response: Message | bytes) -> bytes:
+    return response if isinstance(response, bytes) else response.SerializeToString()
 
 
 def _message_class(name: str) -> type[Message]:
@@ -82,8 +88,10 @@ def _message_class(name: str) -> type[Message]:
 
 def _unary(
     runtime: Any, name: str, func: Handler | None, observe: RpcObserver | None
-) -> Callable[[Message, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]]:
-    async def handle(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+) -> Callable[[Message, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message | bytes]]:
+    async def handle(
+        request: Message, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Message | bytes:
         started = time.monotonic()
         code = grpc.StatusCode.OK
         try:
@@ -91,7 +99,7 @@ def _unary(
                 code = grpc.StatusCode.UNIMPLEMENTED
                 await context.abort(code, f"{name} is not implemented by flatpod")
             result = await func(runtime, request)  # type: ignore[misc]
-            assert isinstance(result, Message)
+            assert isinstance(result, Message | bytes)
             return result
         except CriError as err:
             code = err.code
