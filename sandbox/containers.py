@@ -15,7 +15,7 @@ import shutil
 import signal
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -569,16 +569,27 @@ def _list_entry(ctr: ContainerRecord) -> bytes:
 
 def _filtered(rt: Runtime, flt: pb.ContainerFilter) -> Iterable[ContainerRecord]:
     want_state = _STATE_NAMES.get(flt.state.state) if flt.HasField("state") else None
+    return matching(rt, flt.id, flt.pod_sandbox_id, flt.label_selector, want_state)
+
+
+def matching(
+    rt: Runtime,
+    id_prefix: str = "",
+    pod_prefix: str = "",
+    labels: Mapping[str, str] | None = None,
+    state: str | None = None,
+) -> Iterator[ContainerRecord]:
+    """The visible containers that a CRI filter selects (ListContainers, the stats RPCs)."""
     for ctr in rt.containers.values():
         if ctr.state == CONTAINER_CREATING:
             continue
-        if flt.id and not ctr.id.startswith(flt.id):
+        if id_prefix and not ctr.id.startswith(id_prefix):
             continue
-        if flt.pod_sandbox_id and not ctr.pod_id.startswith(flt.pod_sandbox_id):
+        if pod_prefix and not ctr.pod_id.startswith(pod_prefix):
             continue
-        if want_state is not None and ctr.state != want_state:
+        if state is not None and ctr.state != state:
             continue
-        if any(ctr.config.labels.get(k) != v for k, v in flt.label_selector.items()):
+        if labels and any(ctr.config.labels.get(k) != v for k, v in labels.items()):
             continue
         yield ctr
 

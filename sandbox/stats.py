@@ -26,7 +26,7 @@ from typing import TypeVar
 from cri_api import api_pb2 as pb
 from netns.enter import InterfaceCounters, interface_counters
 from sandbox import cgroups, pods
-from sandbox.containers import CONTAINER_CREATING
+from sandbox.containers import CONTAINER_CREATING, matching
 from sandbox.errors import FailedPrecondition, NotFound
 from sandbox.images.snapshots import tree_usage
 from sandbox.records import SANDBOX_READY, ContainerRecord, PodRecord
@@ -600,16 +600,7 @@ def _containers_of(rt: Runtime, pod: PodRecord) -> list[ContainerRecord]:
 
 
 def _containers(rt: Runtime, flt: pb.ContainerStatsFilter) -> Iterable[ContainerRecord]:
-    for ctr in rt.containers.values():
-        if ctr.state == CONTAINER_CREATING:
-            continue
-        if flt.id and not ctr.id.startswith(flt.id):
-            continue
-        if flt.pod_sandbox_id and not ctr.pod_id.startswith(flt.pod_sandbox_id):
-            continue
-        if any(ctr.config.labels.get(k) != v for k, v in flt.label_selector.items()):
-            continue
-        yield ctr
+    return matching(rt, flt.id, flt.pod_sandbox_id, flt.label_selector)
 
 
 def _pods(rt: Runtime, flt: pb.PodSandboxStatsFilter) -> Iterable[PodRecord]:

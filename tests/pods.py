@@ -6,7 +6,8 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,21 @@ def pod_config(name: str = "", log_dir: Path | None = None, **fields: Any) -> pb
         **fields,
     )
     return config
+
+
+@contextmanager
+def a_pod(
+    cri: CriClient, tmp_path: Path, **fields: Any
+) -> Iterator[tuple[str, pb.PodSandboxConfig]]:
+    """A running pod (logs under tmp_path), stopped and removed when the block ends, whatever
+    happened in it."""
+    config = pod_config(log_dir=tmp_path / "logs", **fields)
+    pod_id = run_pod(cri, config)
+    try:
+        yield pod_id, config
+    finally:
+        cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+        cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
 
 
 def container_config(image: str, name: str = "", **fields: Any) -> pb.ContainerConfig:

@@ -10,18 +10,16 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from cri_api import api_pb2 as pb
 from tests.cri import CriClient
 from tests.pods import (
+    a_pod,
     container_config,
     container_state,
     exec_sync,
-    pod_config,
-    run_pod,
     start_container,
 )
 from tests.support.plugin import TestImages
@@ -29,16 +27,6 @@ from tests.support.plugin import TestImages
 PAUSE = ["sleep", "1000"]
 
 
-@contextmanager
-def a_pod(fp: CriClient, tmp_path: Path, **fields: Any
-          ) -> Iterator[tuple[str, pb.PodSandboxConfig]]:
-    config = pod_config(log_dir=tmp_path / "logs", **fields)
-    pod_id = run_pod(fp, config)
-    try:
-        yield pod_id, config
-    finally:
-        fp.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
-        fp.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
 
 
 def namespaces(mode: int) -> pb.NamespaceOption:

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +17,12 @@ import pytest
 from cri_api import api_pb2 as pb
 from tests.cri import CriClient, status_code
 from tests.pods import (
+    a_pod as any_pod,
+)
+from tests.pods import (
     container_config,
     container_state,
     exec_sync,
-    pod_config,
-    run_pod,
     start_container,
     wait_for,
 )
@@ -60,17 +60,13 @@ def profiles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return written
 
 
-@contextmanager
-def a_pod(fp: CriClient, tmp_path: Path, privileged: bool = False
-          ) -> Iterator[tuple[str, pb.PodSandboxConfig]]:
-    config = pod_config(log_dir=tmp_path / "logs", linux=pb.LinuxPodSandboxConfig(
+
+
+def a_pod(
+    fp: CriClient, tmp_path: Path, privileged: bool = False
+) -> AbstractContextManager[tuple[str, pb.PodSandboxConfig]]:
+    return any_pod(fp, tmp_path, linux=pb.LinuxPodSandboxConfig(
         security_context=pb.LinuxSandboxSecurityContext(privileged=privileged)))
-    pod_id = run_pod(fp, config)
-    try:
-        yield pod_id, config
-    finally:
-        fp.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
-        fp.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
 
 
 def secured(image: str, command: list[str] | None = None, **context: Any) -> pb.ContainerConfig:

@@ -7,8 +7,6 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,12 +18,11 @@ from cri_api import api_pb2 as pb
 from tests.cri import CriClient, status_code
 from tests.daemon import Daemon
 from tests.pods import (
+    a_pod,
     container_config,
     container_state,
     exec_sync,
     mounts_under,
-    pod_config,
-    run_pod,
     start_container,
     wait_for,
 )
@@ -41,18 +38,6 @@ SLEEP = ["sleep", "1000"]
 # --- helpers ---------------------------------------------------------------------------------
 
 
-@contextmanager
-def a_pod(
-    fp: CriClient, tmp_path: Path, **fields: Any
-) -> Iterator[tuple[str, pb.PodSandboxConfig]]:
-    """A running pod, stopped and removed when the block ends, whatever happened in it."""
-    config = pod_config(log_dir=tmp_path / "logs", **fields)
-    pod_id = run_pod(fp, config)
-    try:
-        yield pod_id, config
-    finally:
-        fp.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
-        fp.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
 
 
 def create(fp: CriClient, pod_id: str, pod: pb.PodSandboxConfig, config: pb.ContainerConfig,

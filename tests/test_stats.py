@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +14,10 @@ import pytest
 from cri_api import api_pb2 as pb
 from tests.cri import CriClient
 from tests.pods import (
+    a_pod,
     container_config,
     container_state,
     exec_sync,
-    pod_config,
-    run_pod,
     start_container,
     wait_for,
 )
@@ -31,17 +28,6 @@ MEMORY_CGROUP = Path("/sys/fs/cgroup/memory")
 SLEEP = ["sleep", "1000"]
 
 
-@contextmanager
-def a_pod(
-    fp: CriClient, tmp_path: Path, **fields: Any
-) -> Iterator[tuple[str, pb.PodSandboxConfig]]:
-    config = pod_config(log_dir=tmp_path / "logs", **fields)
-    pod_id = run_pod(fp, config)
-    try:
-        yield pod_id, config
-    finally:
-        fp.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
-        fp.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
 
 
 def ctr_stats(fp: CriClient, ctr_id: str) -> pb.ContainerStats:
