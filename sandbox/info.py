@@ -10,6 +10,7 @@ import shutil
 from importlib import metadata
 
 from cri_api import api_pb2 as pb
+from sandbox.pods import userns_supported
 from sandbox.runtime import Runtime
 
 RUNTIME_NAME = "flatpod"
@@ -36,6 +37,9 @@ async def version(rt: Runtime, req: pb.VersionRequest) -> pb.VersionResponse:
 async def status(rt: Runtime, req: pb.StatusRequest) -> pb.StatusResponse:
     runtime_ok, runtime_reason = _runtime_condition(rt)
     network_ok, network_reason = await _network_condition(rt)
+    # Pods get user namespaces (mode POD) when the kernel makes them and the snapshots'
+    # filesystem takes idmapped mounts (probed once; runc 1.1.5 joins the pinned namespace).
+    userns = await asyncio.to_thread(userns_supported, rt.images.snapshots.dir)
     conditions = [
         pb.RuntimeCondition(
             type="RuntimeReady",
@@ -57,7 +61,7 @@ async def status(rt: Runtime, req: pb.StatusRequest) -> pb.StatusResponse:
                 name="",
                 features=pb.RuntimeHandlerFeatures(
                     recursive_read_only_mounts=_kernel_supports_rro(),
-                    user_namespaces=False,
+                    user_namespaces=userns,
                 ),
             )
         ],

@@ -30,6 +30,7 @@ from netns.pin import create_netns, ensure_shared_mount_dir, is_pinned, pin_name
 from netns.ports import PortMapping
 from sandbox import cgroups, containers, mounts
 from sandbox.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from sandbox.images.snapshots import idmap_supported
 from sandbox.records import (
     SANDBOX_NOTREADY,
     SANDBOX_READY,
@@ -39,7 +40,6 @@ from sandbox.records import (
     save_pod,
 )
 from sandbox.runtime import Runtime
-from sandbox.images.snapshots import idmap_supported
 from sandbox.spec import IdMap, PodUserns, SpecError, build_pause_spec, pod_userns
 from sandbox.undo import undo_on_failure
 from sandbox.wire import repeated_entry
@@ -431,6 +431,12 @@ def _share_with_userns(rt: Runtime, pod_dir: Path, userns: PodUserns) -> None:
     namespace, where flatpod's root has no power over host-owned files: the path down to the
     pause rootfs, bundles and pod dirs (traverse only, 0711 as containerd's state dirs), and
     the pod's own files, given to the pod's root as a normal pod's files belong to root."""
+    for parent in rt.paths.state.parents:
+        if not os.stat(parent).st_mode & 0o001:
+            raise FailedPrecondition(
+                f"{parent} is not searchable by others: a pod's user namespace cannot reach "
+                f"the state dir {rt.paths.state} below it"
+            )
     for path in (rt.paths.state, rt.paths.pods, rt.paths.bundles):
         os.chmod(path, 0o711)
     for name in ("hostname", "resolv.conf", "hosts", "shm"):

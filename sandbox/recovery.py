@@ -82,7 +82,7 @@ async def _remove_half_made_pod(rt: Runtime, pod: PodRecord) -> None:
         with contextlib.suppress(cgroups.CgroupError):
             pod.cgroup_path = cgroups.pod_cgroup_path(parent, pod.id)
     ns_dir = rt.paths.pod_dir(pod.id) / "ns"
-    for kind in ("ipc", "uts", "pid"):
+    for kind in ("ipc", "uts", "pid", "user"):
         if (ns_dir / kind).exists():
             pod.namespaces.setdefault(kind, str(ns_dir / kind))
     await rt.shims.reconnect(pod.id, rt.paths.pod_dir(pod.id))

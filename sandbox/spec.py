@@ -117,6 +117,7 @@ class SandboxPaths:
     resolv_conf: Path | None
     shm: Path | None  # the pod's /dev/shm tmpfs dir; None for host IPC
     hosts: Path | None
+    user: Path | None = None  # the pod's pinned user namespace; None: the host's
 
 
 @dataclass
@@ -528,6 +529,117 @@ def _rlimits(defaults: SpecDefaults) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# User namespaces
+
+MAX_ID = 2**32 - 1  # (uid_t)-1 is never a valid id
+_MODE_NAMES = {pb.POD: "POD", pb.CONTAINER: "CONTAINER", pb.NODE: "NODE", pb.TARGET: "TARGET"}
+_USERNS_FIELD = "namespace_options.userns_options"
+
+
+@dataclass(frozen=True)
+class IdMap:
+    container_id: int
+    host_id: int
+    size: int
+
+    def oci(self) -> dict[str, int]:
+        return {"containerID": self.container_id, "hostID": self.host_id, "size": self.size}
+
+
+@dataclass(frozen=True)
+class PodUserns:
+    """A pod's own user namespace (mode POD): one uid and one gid range, starting at 0."""
+
+    uids: IdMap
+    gids: IdMap
+
+    @property
+    def root(self) -> tuple[int, int]:
+        """The host uid and gid of the namespace's root."""
+        return self.uids.host_id, self.gids.host_id
+
+    def proc_map(self, kind: str) -> str:
+        """What to write to /proc/<pid>/{uid,gid}_map."""
+        m = self.uids if kind == "uid" else self.gids
+        return f"{m.container_id} {m.host_id} {m.size}\n"
+
+    def oci(self) -> dict[str, list[dict[str, int]]]:
+        return {"uidMappings": [self.uids.oci()], "gidMappings": [self.gids.oci()]}
+
+
+def _one_mapping(mappings: Sequence[pb.IDMapping], name: str) -> IdMap:
+    where = f"{_USERNS_FIELD}.{name}"
+    if len(mappings) != 1:
+        raise SpecError(f"{where}: exactly one mapping is supported, got {len(mappings)}")
+    m = mappings[0]
+    if m.container_id != 0:
+        raise SpecError(
+            f"{where}: container ID 0 must be mapped (the mapping starts at {m.container_id})"
+        )
+    if m.length == 0 or m.host_id + m.length > MAX_ID:
+        raise SpecError(
+            f"{where}: host range {m.host_id}+{m.length} is empty or beyond {MAX_ID - 1}"
+        )
+    return IdMap(m.container_id, m.host_id, m.length)
+
+
+def pod_userns(sc: pb.LinuxSandboxSecurityContext) -> PodUserns | None:
+    """The pod's user namespace (None: the host's), validated as containerd and CRI-O do:
+    POD needs exactly one uid and one gid mapping, with container ID 0 mapped; NODE takes no
+    mappings; CONTAINER and TARGET are not modes a user namespace can have. A pod with its own
+    user namespace cannot use the node's network, IPC or PID namespace (kubelet forbids it,
+    and the kernel would refuse the pod's sysfs, mqueue or proc mounts)."""
+    opts = sc.namespace_options
+    if not opts.HasField("userns_options"):
+        return None
+    u = opts.userns_options
+    mode = _MODE_NAMES.get(u.mode, str(u.mode))
+    if u.mode == pb.NODE:
+        if len(u.uids) or len(u.gids):
+            raise SpecError(f"{_USERNS_FIELD}: mode NODE takes no uids or gids mappings")
+        return None
+    if u.mode != pb.POD:
+        raise SpecError(f"{_USERNS_FIELD}.mode: {mode} is not supported (use POD or NODE)")
+    userns = PodUserns(_one_mapping(u.uids, "uids"), _one_mapping(u.gids, "gids"))
+    for name, value in (("network", opts.network), ("ipc", opts.ipc), ("pid", opts.pid)):
+        if value == pb.NODE:
+            raise SpecError(
+                f"namespace_options.{name}: NODE cannot be combined with a pod user namespace"
+            )
+    return userns
+
+
+def container_userns(sc: pb.LinuxContainerSecurityContext, pod: PodUserns | None) -> None:
+    """A container shares its pod's user namespace. Its own userns_options, when given, must
+    say the same: POD (with no mappings, or the pod's) in a POD pod, NODE in a NODE pod."""
+    if not sc.namespace_options.HasField("userns_options"):
+        return
+    u = sc.namespace_options.userns_options
+    mode = _MODE_NAMES.get(u.mode, str(u.mode))
+    if u.mode not in (pb.POD, pb.NODE):
+        raise SpecError(f"{_USERNS_FIELD}.mode: {mode} is not supported (use POD or NODE)")
+    if (u.mode == pb.POD) != (pod is not None):
+        raise SpecError(
+            f"{_USERNS_FIELD}.mode: {mode} differs from the pod sandbox's user namespace "
+            f"({'POD' if pod else 'NODE'})"
+        )
+    if pod is not None and (len(u.uids) or len(u.gids)):
+        mine = PodUserns(_one_mapping(u.uids, "uids"), _one_mapping(u.gids, "gids"))
+        if mine != pod:
+            raise SpecError(f"{_USERNS_FIELD}: mappings differ from the pod sandbox's")
+
+
+def _check_mapped(userns: PodUserns | None, uid: int, gids: Iterable[int], where: str) -> None:
+    if userns is None:
+        return
+    if uid >= userns.uids.size:
+        raise SpecError(f"{where}: uid {uid} is not mapped in the pod's user namespace")
+    for gid in gids:
+        if gid >= userns.gids.size:
+            raise SpecError(f"{where}: gid {gid} is not mapped in the pod's user namespace")
+
+
+# ---------------------------------------------------------------------------------------------
 # Namespaces
 
 
@@ -539,16 +651,19 @@ def _ns_options(sc: Any) -> pb.NamespaceOption:
     if sc is None or not sc.HasField("namespace_options"):
         return pb.NamespaceOption()
     opts: pb.NamespaceOption = sc.namespace_options
-    if opts.HasField("userns_options") and opts.userns_options.mode != pb.NODE:
-        raise SpecError("namespace_options.userns_options: user namespaces are not supported")
     return opts
 
 
 def container_namespaces(
     opts: pb.NamespaceOption, sandbox: SandboxPaths, target_pid_ns: Path | None
 ) -> list[dict[str, str]]:
-    """Join the pod's pinned files; new mount namespace; no cgroup namespace (cgroup v1)."""
-    nss = [_ns("mount")]
+    """Join the pod's pinned files; new mount namespace; no cgroup namespace (cgroup v1).
+
+    The pod's user namespace comes first: runc joins it before the others (it orders the
+    paths itself, user first), and the pod's netns, IPC, UTS and PID namespaces belong to it,
+    so only a process inside it may join them with the capabilities it has there."""
+    nss = [_ns("user", sandbox.user)] if sandbox.user is not None else []
+    nss.append(_ns("mount"))
     if opts.network != pb.NODE:
         if sandbox.netns is None:
             raise SpecError("namespace_options.network: the pod has no network namespace")
@@ -602,15 +717,21 @@ def build_pause_spec(
     oom_score_adj_floor: int = -1000,
     shm_path: Path | None = None,
     defaults: SpecDefaults | None = None,
+    userns_path: Path | None = None,
 ) -> dict[str, Any]:
     """The pause container: owns the pod's IPC/UTS/PID namespaces and sits in its netns.
 
     `netns_path` is None for host network. `shm_path` is the pod's /dev/shm dir to bind
-    (else a private tmpfs). The pause needs no capabilities.
+    (else a private tmpfs). The pause needs no capabilities. `userns_path` is the pod's pinned
+    user namespace (mode POD), which flatpod made with the netns inside it: the pause joins
+    both and its new IPC, UTS and PID namespaces belong to that user namespace too.
     """
     d = defaults or SpecDefaults()
     sc = pod.linux.security_context
     opts = _ns_options(sc)
+    userns = pod_userns(sc)
+    if (userns is None) != (userns_path is None):
+        raise SpecError(f"{_USERNS_FIELD}: userns_path must be given iff the mode is POD")
     host_net = opts.network == pb.NODE
     host_ipc = opts.ipc == pb.NODE
     if host_net != (netns_path is None):
@@ -618,7 +739,8 @@ def build_pause_spec(
     sysctls = dict(pod.linux.sysctls)
     validate_sysctls(sysctls, host_network=host_net, host_ipc=host_ipc)
 
-    nss = [_ns("mount")]
+    nss = [_ns("user", userns_path)] if userns_path is not None else []
+    nss.append(_ns("mount"))
     if netns_path is not None:
         nss.append(_ns("network", netns_path))
     if not host_ipc:
@@ -638,7 +760,12 @@ def build_pause_spec(
         "resources": {"devices": [{"allow": False, "access": "rwm"}]},
         "sysctl": sysctls,
         **_security_masks(sc.privileged, d.masked_paths, d.readonly_paths),
+        # runc 1.1.5 wants the mappings even for a joined user namespace (for the host ids of
+        # its root: device nodes, /dev ownership); it writes them only to one it creates.
+        **(userns.oci() if userns is not None else {}),
     }
+    pause_user = _pause_user(sc)
+    _check_mapped(userns, pause_user["uid"], pause_user["additionalGids"], "run_as_user")
     profile = seccomp_profile(
         sc.seccomp if sc.HasField("seccomp") else None, sc.seccomp_profile_path, [], d.arch
     )
@@ -650,7 +777,7 @@ def build_pause_spec(
         "root": {"path": str(rootfs), "readonly": True},
         "process": {
             "terminal": False,
-            "user": _pause_user(sc),
+            "user": pause_user,
             "args": list(args),
             "env": [DEFAULT_PATH_ENV],
             "cwd": "/",
@@ -719,6 +846,10 @@ def build_container_spec(
         raise SpecError("security_context.privileged: the pod sandbox is not privileged")
     opts = _ns_options(sc)
     pod_opts = _ns_options(pod.linux.security_context)
+    userns = pod_userns(pod.linux.security_context)
+    container_userns(sc, userns)
+    if (userns is None) != (sandbox.user is None):
+        raise SpecError(f"{_USERNS_FIELD}: the pod's user namespace is not pinned")
 
     args = merge_args(
         list(ctr.command),
@@ -735,6 +866,7 @@ def build_container_spec(
         [f"{kv.key}={kv.value}" for kv in ctr.envs],
     )
     user = _container_user(sc, str(image_config.get("User") or ""), rootfs_users)
+    _check_mapped(userns, user.uid, [user.gid, *user.additional_gids], "security_context user")
 
     caps = effective_capabilities(
         defaults.capabilities,
@@ -777,6 +909,7 @@ def build_container_spec(
         "devices": devs,
         "sysctl": sysctls,
         **_security_masks(privileged, masked, readonly),
+        **(userns.oci() if userns is not None else {}),
     }
     propagation = rootfs_propagation(ctr.mounts)
     if propagation:

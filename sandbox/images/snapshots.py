@@ -200,9 +200,13 @@ class SnapshotStore:
         work: Path | None,
         target: Path,
         readonly: bool,
+        idmap: Path | None = None,
+        owner: tuple[int, int] | None = None,
     ) -> None:
+        """`idmap`: a pinned user namespace; the layers are then idmapped with it (and the
+        upper and work dirs owned by `owner`, the host ids of the namespace's root)."""
         lowers = [self.path(c) for c in lower_chain_ids_topmost_first]
-        mount_overlay(lowers, upper, work, target, readonly)
+        mount_overlay(lowers, upper, work, target, readonly, idmap=idmap, owner=owner)
 
 
 # ---- extraction ------------------------------------------------------------------------------
@@ -475,32 +479,49 @@ def mount_overlay(
     work: Path | None,
     target: Path,
     readonly: bool,
+    *,
+    idmap: Path | None = None,
+    owner: tuple[int, int] | None = None,
 ) -> None:
     """Mounts the rootfs at `target`: an overlay of the lowers (and the upper unless readonly);
     a single readonly lower is a readonly bind mount (overlay wants two lowers without upper).
 
     Lower dirs are passed as /proc/self/fd/<n> of descriptors held open during mount(2): the
     kernel resolves them at mount time, and each costs ~17 bytes of the one-page option string,
-    without a chdir that would race with other threads."""
+    without a chdir that would race with other threads.
+
+    With `idmap` (a pinned user namespace) each lower is a detached idmapped clone of its
+    snapshot (overlayfs takes its own private copy of each layer at mount time, so the clones
+    go away with their fds; detached layers work on this 6.18 kernel, older kernels may refuse
+    them with EINVAL), and the upper and work
+    dirs are chowned to `owner`: what the container writes is owned by its root on the host,
+    and copied-up files keep the owner they have through the idmapped layer."""
     if not lowers_topmost_first:
         raise ValueError("a rootfs needs at least one layer")
+    if idmap is not None and (readonly or owner is None):
+        raise ValueError("an idmapped rootfs is writable and needs the owner of its upper dir")
     if readonly and len(lowers_topmost_first) == 1:
         source = str(lowers_topmost_first[0])
         _mount(source, str(target), None, MS_BIND, None)
         _mount(source, str(target), None, MS_BIND | MS_REMOUNT | MS_RDONLY, None)
         return
     with ExitStack() as stack:
-        def fd_path(path: Path) -> str:
-            fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        def fd_path(path: Path, mapped: bool = False) -> str:
+            if mapped and idmap is not None:
+                fd = idmapped_clone(path, idmap)
+            else:
+                fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             stack.callback(os.close, fd)
             return f"/proc/self/fd/{fd}"
 
-        options = ["lowerdir=" + ":".join(fd_path(p) for p in lowers_topmost_first)]
+        options = ["lowerdir=" + ":".join(fd_path(p, True) for p in lowers_topmost_first)]
         if not readonly:
             if upper is None or work is None:
                 raise ValueError("a writable rootfs needs an upper and a work dir")
             for d in (upper, work):
                 d.mkdir(mode=0o755, parents=True, exist_ok=True)
+                if owner is not None:
+                    os.chown(d, *owner)
             options += [f"upperdir={fd_path(upper)}", f"workdir={fd_path(work)}"]
         data = ",".join(options)
         if len(data) >= PAGE_SIZE:
@@ -508,6 +529,75 @@ def mount_overlay(
                 f"{len(lowers_topmost_first)} layers do not fit the mount options page"
             )
         _mount("overlay", str(target), "overlay", MS_RDONLY if readonly else 0, data)
+
+
+# ---- idmapped mounts (runc 1.1.5 cannot make them: flatpod does, before runc sees the paths) --
+
+SYS_OPEN_TREE = 428  # x86_64 and aarch64 share these numbers (new syscalls are unified)
+SYS_MOUNT_SETATTR = 442
+OPEN_TREE_CLONE = 1
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+MOUNT_ATTR_IDMAP = 0x00100000
+AT_FDCWD = -100
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def _syscall(number: int, *args: object, what: str) -> int:
+    libc = _libc()
+    libc.syscall.restype = ctypes.c_long
+    ret = int(libc.syscall(ctypes.c_long(number), *args))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def idmapped_clone(source: Path, userns: Path, recursive: bool = False) -> int:
+    """A detached clone of the mount at `source`, idmapped with the user namespace pinned at
+    `userns`: files the host sees owned by k appear owned by map(k) through it, so a
+    container whose root is host uid N sees the image's root-owned files as its own.
+
+    Returns the clone's O_PATH fd (close it to drop the clone); usable as /proc/self/fd/<n>."""
+    flags = OPEN_TREE_CLONE | os.O_CLOEXEC | (AT_RECURSIVE if recursive else 0)
+    tree = _syscall(
+        SYS_OPEN_TREE, ctypes.c_int(AT_FDCWD), str(source).encode(), ctypes.c_uint(flags),
+        what=f"open_tree {source}",
+    )
+    try:
+        ns_fd = os.open(userns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            attr = _MountAttr(attr_set=MOUNT_ATTR_IDMAP, userns_fd=ns_fd)
+            _syscall(
+                SYS_MOUNT_SETATTR, ctypes.c_int(tree), b"",
+                ctypes.c_uint(AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)),
+                ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)),
+                what=f"mount_setattr idmap {source}",
+            )
+        finally:
+            os.close(ns_fd)
+    except BaseException:
+        os.close(tree)
+        raise
+    return tree
+
+
+def idmap_supported(path: Path, userns: Path) -> bool:
+    """True if the filesystem holding `path` accepts idmapped mounts (as critest probes)."""
+    try:
+        os.close(idmapped_clone(path, userns))
+    except OSError as e:
+        log.info("idmapped mounts unavailable on %s: %s", path, e)
+        return False
+    return True
 
 
 def unmount(target: Path) -> None:
