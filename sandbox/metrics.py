@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
@@ -55,6 +55,11 @@ class RuntimeCollector(Collector):
         yield ctrs
         shims = len(self.rt.shims.clients) if self.rt.shims is not None else 0
         yield GaugeMetricFamily("flatpod_shims", "Pod shims connected.", value=shims)
+        if self.rt.images is not None:
+            yield CounterMetricFamily(
+                "flatpod_image_pulled_bytes", "Bytes downloaded from registries.",
+                value=self.rt.images.pulled.total,
+            )
 
 
 @dataclass

@@ -11,6 +11,7 @@ import base64
 import errno
 import json
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Set
 from contextlib import AbstractContextManager
@@ -82,6 +83,18 @@ class PullProgress:
             self.last_progress = time.monotonic()
 
 
+class ByteCount:
+    """Bytes downloaded from registries since startup (a metric); worker threads add to it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.total = 0
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self.total += nbytes
+
+
 class ImageService:
     def __init__(
         self,
@@ -94,6 +107,7 @@ class ImageService:
         faults: Faults | None = None,
     ) -> None:
         self.root = root
+        self.pulled = ByteCount()
         self.images = ImageStore(store)
         self.content = ContentStore(root, config.max_concurrent_downloads)
         self.snapshots = SnapshotStore(root)
@@ -197,9 +211,13 @@ class ImageService:
         def opener() -> AbstractContextManager[Readable]:
             return client.open_blob(blob.digest, first=manifest.endpoint)
 
+        def downloaded(nbytes: int) -> None:
+            progress.add(nbytes)
+            self.pulled.add(nbytes)
+
         try:
             return await _registry_call(
-                self.content.fetch(blob.digest, blob.size, opener, progress.add)
+                self.content.fetch(blob.digest, blob.size, opener, downloaded)
             )
         except BlobDigestMismatch as e:
             raise Internal(str(client.blob_error(str(e)))) from e
