@@ -52,7 +52,7 @@ class ShimRegistry:
     """The pods' shims, and the zygote that forks them.
 
     A shim forked from the preloaded zygote shares the interpreter's pages copy-on-write
-    (about 3 MiB private per pod, against about 10 MiB for a fresh interpreter). The zygote
+    (about 2.1 MiB private per pod, against about 10 MiB for a fresh interpreter). The zygote
     lives as long as the daemon; the shims it forked are not its children and outlive both.
     """
 

@@ -2,6 +2,12 @@
 
 Dependency-free (stdlib only) so that both the shim and the flatpod daemon can import it.
 Every call is synchronous; the daemon runs them in a worker thread.
+
+runc is started with os.posix_spawn (a vfork in glibc) and awaited through a pidfd, not with
+subprocess: Popen's Python machinery is large, and in a zygote-forked shim every page of it
+that runs (code objects, their constants, the objects they allocate) becomes a private copy
+(~0.1 MiB of USS per shim, hack/shim-memory). Above all, the shim zygote then need not
+import subprocess, which imports threading; see shim/zygote.py.
 """
 
 from __future__ import annotations
@@ -9,7 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
+import select
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +25,10 @@ DEFAULT_RUNC = "/usr/sbin/runc"
 DEFAULT_TIMEOUT = 60.0
 RUNC_COMMANDS = ("create", "start", "state", "kill", "delete", "exec", "update", "list")
 NOT_FOUND_MARKERS = ("does not exist", "not found", "no such file")
+READ_SIZE = 65536
+# Python ignores SIGPIPE (and SIGXFSZ); an ignored signal stays ignored across exec, so runc
+# gets them back at their defaults, as subprocess's restore_signals does.
+RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
 class RuncError(Exception):
@@ -70,17 +81,30 @@ class Runc:
     def _argv(self, *args: str) -> list[str]:
         return [self.binary, "--root", self.root, *self.extra_global_args, *args]
 
-    def _run(self, *args: str) -> str:
+    def _run(self, *args: str, input: bytes = b"") -> str:
+        """Run runc with stdout and stderr captured (and input on its stdin)."""
         argv = self._argv(*args)
+        ours: list[int] = []  # stdin's write end, stdout's and stderr's read ends
+        theirs: list[int] = []
         try:
-            done = subprocess.run(
-                argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=self.timeout
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
+            for index in range(3):
+                read_end, write_end = os.pipe()
+                ours.append(write_end if index == 0 else read_end)
+                theirs.append(read_end if index == 0 else write_end)
+            pid = _spawn(argv, *theirs)
+            for fd in theirs:
+                os.close(fd)
+            theirs.clear()
+            _write_input(ours.pop(0), input)
+            returncode, (stdout, stderr) = _wait(pid, self.timeout, ours)
+        except OSError as exc:
             raise RuncError(argv, -1, str(exc)) from exc
-        if done.returncode != 0:
-            raise RuncError(argv, done.returncode, done.stderr.decode(errors="replace"))
-        return done.stdout.decode(errors="replace")
+        finally:
+            for fd in ours + theirs:
+                os.close(fd)
+        if returncode != 0:
+            raise RuncError(argv, returncode, stderr.decode(errors="replace"))
+        return stdout.decode(errors="replace")
 
     def _run_with_stdio(self, stdio: Stdio, *args: str) -> None:
         """Run runc with the caller's fds as its stdio; errors come from a --log file
@@ -90,16 +114,12 @@ class Runc:
                 "--log", log_path, "--log-format", "json", *args]
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         try:
-            done = subprocess.run(
-                argv,
-                stdin=stdio.stdin if stdio.stdin >= 0 else devnull,
-                stdout=stdio.stdout if stdio.stdout >= 0 else devnull,
-                stderr=stdio.stderr if stdio.stderr >= 0 else devnull,
-                timeout=self.timeout,
-            )
-            if done.returncode != 0:
-                raise RuncError(argv, done.returncode, _errors_from_log(log_path))
-        except (OSError, subprocess.TimeoutExpired) as exc:
+            pid = _spawn(argv, *(fd if fd >= 0 else devnull
+                                 for fd in (stdio.stdin, stdio.stdout, stdio.stderr)))
+            returncode, _output = _wait(pid, self.timeout, [])
+            if returncode != 0:
+                raise RuncError(argv, returncode, _errors_from_log(log_path))
+        except OSError as exc:
             raise RuncError(argv, -1, str(exc)) from exc
         finally:
             os.close(devnull)
@@ -148,14 +168,8 @@ class Runc:
 
     def update(self, container_id: str, resources: dict[str, Any]) -> None:
         """Apply an OCI linux.resources object (passed on stdin as `-r -`)."""
-        argv = self._argv("update", "--resources", "-", container_id)
-        try:
-            done = subprocess.run(argv, input=json.dumps(resources).encode(),
-                                  capture_output=True, timeout=self.timeout)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise RuncError(argv, -1, str(exc)) from exc
-        if done.returncode != 0:
-            raise RuncError(argv, done.returncode, done.stderr.decode(errors="replace"))
+        self._run("update", "--resources", "-", container_id,
+                  input=json.dumps(resources).encode())
 
     def list(self) -> list[RuncState]:
         raw = json.loads(self._run("list", "--format", "json") or "null")
@@ -166,6 +180,88 @@ def _state_from_json(raw: dict[str, Any]) -> RuncState:
     return RuncState(id=str(raw.get("id", "")), status=str(raw.get("status", "")),
                      pid=int(raw.get("pid", 0)), created=str(raw.get("created", "")),
                      bundle=str(raw.get("bundle", "")))
+
+
+def _spawn(argv: list[str], stdin: int, stdout: int, stderr: int) -> int:
+    """Start argv with the given fds as its 0, 1, 2 and nothing else: every other fd a
+    Python process opens is close-on-exec (PEP 446), so it does not reach runc."""
+    duplicates: list[int] = []
+    try:
+        sources = []
+        for fd in (stdin, stdout, stderr):
+            if fd < 3:  # keep dup2 onto 0..2 from clobbering a source not yet copied
+                fd = os.dup(fd)
+                duplicates.append(fd)
+            sources.append(fd)
+        actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(sources)]
+        return os.posix_spawn(argv[0], argv, os.environ, file_actions=actions,
+                              setsigdef=RESET_SIGNALS)
+    finally:
+        for fd in duplicates:
+            os.close(fd)
+
+
+def _write_input(fd: int, data: bytes) -> None:
+    """All of data to the child's stdin (runc reads it whole), then EOF. A runc that
+    exits without reading it is reported by its exit code, so EPIPE is not an error."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BrokenPipeError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _wait(pid: int, timeout: float, outputs: list[int]) -> tuple[int, list[bytes]]:
+    """Wait for pid (by pidfd: a waitpid(-1) elsewhere, the shim's reaper, never sees it
+    first because the caller runs before the reaper) while reading outputs; returns its
+    exit code (-N for signal N) and what each output held. Past timeout the process is
+    killed and OSError raised."""
+    deadline = time.monotonic() + timeout
+    chunks: list[list[bytes]] = [[] for _ in outputs]
+    pidfd = os.pidfd_open(pid)
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        open_fds = {fd: index for index, fd in enumerate(outputs)}
+        for fd in open_fds:
+            poller.register(fd, select.POLLIN)
+        exited = False
+        while not exited:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise OSError(f"timed out after {timeout:g}s")
+            for fd, _events in poller.poll(remaining * 1000):
+                if fd == pidfd:
+                    exited = True
+                elif not _read_into(fd, chunks[open_fds[fd]]):
+                    poller.unregister(fd)
+                    del open_fds[fd]
+        # Whatever it wrote before it exited is in the pipes; a descendant still holding
+        # them open must not keep us waiting, so the rest is read without blocking.
+        for fd, index in open_fds.items():
+            os.set_blocking(fd, False)
+            while _read_into(fd, chunks[index]):
+                pass
+    finally:
+        os.close(pidfd)
+    _pid, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), [b"".join(c) for c in chunks]
+
+
+def _read_into(fd: int, chunks: list[bytes]) -> bool:
+    """One read into chunks; False at EOF (or, non-blocking, when nothing is left)."""
+    try:
+        data = os.read(fd, READ_SIZE)
+    except BlockingIOError:
+        return False
+    chunks.append(data)
+    return bool(data)
 
 
 def _errors_from_log(log_path: str) -> str:

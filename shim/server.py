@@ -795,7 +795,9 @@ def _describe(exc: BaseException) -> str:
 
 
 def _read_pid(pid_file: str) -> int:
-    with open(pid_file, encoding="ascii") as file:
+    # Files are read as bytes throughout: text mode would import and run the ascii codec
+    # in the forked shim, a few private pages for nothing.
+    with open(pid_file, "rb") as file:
         return int(file.read().strip())
 
 
@@ -866,10 +868,10 @@ def _read_oom_kills(path: str | None) -> int:
     if path is None:
         return 0
     try:
-        with open(path, encoding="ascii") as file:
+        with open(path, "rb") as file:
             for line in file:
-                name, _, value = line.partition(" ")
-                if name == "oom_kill":
+                name, _, value = line.partition(b" ")
+                if name == b"oom_kill":
                     return int(value)
     except (OSError, ValueError):
         pass
@@ -898,7 +900,7 @@ def children_of(pid: int) -> list[int]:
         return found
     for task in tasks:
         try:
-            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as file:
+            with open(f"/proc/{pid}/task/{task}/children", "rb") as file:
                 found.extend(int(child) for child in file.read().split())
         except (OSError, ValueError):
             continue
@@ -927,12 +929,31 @@ def _send(pid: int, signum: int) -> None:
         os.kill(pid, signum)
 
 
+_prctl: Any = None
+
+
+def load_prctl() -> Any:
+    """libc's prctl through ctypes, loaded once: the zygote calls this before it forks, so
+    a shim finds the CDLL and the function pointer made (ctypes builds both in Python
+    code that would otherwise run, and allocate, in every shim)."""
+    global _prctl
+    if _prctl is None:
+        import ctypes  # only here: ctypes is heavy and only shim processes need it
+
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return _prctl
+
+
 def set_child_subreaper(process_name: bytes = b"flatpod-shim") -> None:
     """Become the subreaper of every descendant; also name the process (comm), since a
     zygote-forked shim's cmdline is the zygote's."""
-    import ctypes  # only here: ctypes is heavy and only the shim process needs it
+    prctl = load_prctl()
+    if prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(_errno_of_ctypes(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    prctl(PR_SET_NAME, process_name[:15], 0, 0, 0)
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
-    libc.prctl(PR_SET_NAME, ctypes.c_char_p(process_name[:15]), 0, 0, 0)
+
+def _errno_of_ctypes() -> int:
+    import ctypes
+
+    return ctypes.get_errno()
