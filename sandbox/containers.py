@@ -179,7 +179,7 @@ async def _create(
             ctr.id, str(bundle), stdin=config.stdin, stdin_once=config.stdin_once,
             tty=config.tty, log_path=ctr.log_path or None, exit_file=str(bundle / "exit"),
         )
-        undo.push("runc", lambda: _delete_runc(rt, ctr.id))
+        undo.push("runc", lambda: delete_runc_state(rt, ctr.id))
         rt.faults.point("create_container:after_shim_create")
         ctr.state = CREATED
         save_container(rt.store, ctr)
@@ -298,7 +298,14 @@ def _forget(rt: Runtime, ctr: ContainerRecord) -> None:
     delete_container(rt.store, ctr)
 
 
-async def _delete_runc(rt: Runtime, container_id: str) -> None:
+async def delete_runc_state(rt: Runtime, container_id: str) -> None:
+    """Forgets runc's record of a container (the pause too); nothing to do when it has none.
+
+    Spawning runc costs milliseconds, so its state dir is looked at first: containers that
+    exited on their own had it deleted in the background already (see record_exit).
+    """
+    if not (rt.paths.runc_root / container_id).exists():
+        return
     runc = Runc(root=str(rt.paths.runc_root), binary=rt.config.runtime_path)
     try:
         await asyncio.to_thread(runc.delete, container_id, True)
@@ -355,7 +362,7 @@ async def stop_container_now(rt: Runtime, ctr: ContainerRecord, timeout: int) ->
     shim = rt.shims.get(ctr.pod_id)
     if shim is None:
         # Nobody holds it (its shim died, or the node rebooted): runc still can kill it.
-        await _delete_runc(rt, ctr.id)
+        await delete_runc_state(rt, ctr.id)
         record_exit(
             rt, ctr, {"exit_code": 255, "exited_at": None}, reason="Unknown",
             message=ctr.message or "the container's shim is gone; its exit status is unknown",
@@ -450,6 +457,8 @@ def record_exit(
     ctr.state = EXITED
     save_container(rt.store, ctr)
     _publish(rt, ctr, pb.CONTAINER_STOPPED_EVENT)
+    # The process is gone and reaped: runc's record of it is only work left for Remove.
+    rt.in_background(delete_runc_state(rt, ctr.id))
 
 
 def on_shim_lost(rt: Runtime, pod_id: str) -> None:
@@ -485,7 +494,7 @@ async def remove_container(
 async def remove_container_now(rt: Runtime, ctr: ContainerRecord) -> None:
     """Forcibly stops, then removes every trace: runc state, rootfs, cgroup, dirs, record."""
     await stop_container_now(rt, ctr, timeout=0)
-    await _delete_runc(rt, ctr.id)
+    await delete_runc_state(rt, ctr.id)
     bundle = rt.paths.bundle_dir(ctr.id)
     await asyncio.to_thread(unmount, bundle / "rootfs")
     if ctr.cgroup_path:

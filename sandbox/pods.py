@@ -44,7 +44,6 @@ from sandbox.spec import IdMap, PodUserns, SpecError, build_pause_spec, pod_user
 from sandbox.undo import undo_on_failure
 from sandbox.wire import repeated_entry
 from shim.client import ShimError
-from shim.runc import Runc, RuncError
 
 log = logging.getLogger("flatpod.pods")
 
@@ -169,7 +168,7 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
         shim = await rt.shims.spawn(pod_id, pod_dir)
         undo.push("shim", lambda: _shutdown_shim(rt, pod))
         rt.faults.point("run_pod:after_shim")
-        undo.push("pause", lambda: _delete_runc(rt, pod_id))
+        undo.push("pause", lambda: containers.delete_runc_state(rt, pod_id))
         pod.pause_pid = await shim.create(pod_id, str(bundle), exit_file=str(bundle / "exit"))
         await shim.start(pod_id)
         rt.faults.point("run_pod:after_pause_start")
@@ -508,16 +507,7 @@ async def _stop_pause(rt: Runtime, pod: PodRecord) -> None:
                 await shim.wait(pod.id, timeout=PAUSE_STOP_TIMEOUT)
         except (ShimError, OSError) as err:
             log.info("pause of pod %s: %s", pod.short, err)
-    await _delete_runc(rt, pod.id)
-
-
-async def _delete_runc(rt: Runtime, container_id: str) -> None:
-    runc = Runc(root=str(rt.paths.runc_root), binary=rt.config.runtime_path)
-    try:
-        await asyncio.to_thread(runc.delete, container_id, True)
-    except RuncError as err:
-        if not err.not_found:
-            raise
+    await containers.delete_runc_state(rt, pod.id)
 
 
 async def _teardown_network(rt: Runtime, pod: PodRecord) -> None:

@@ -8,8 +8,9 @@ top to bottom as the steps of its RPCs.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from sandbox.faults import Faults
 from sandbox.records import ContainerRecord, PodRecord
 from sandbox.store import Store
 
+log = logging.getLogger("flatpod.runtime")
 T = TypeVar("T")
 
 
@@ -117,6 +119,18 @@ class Runtime:
     streaming: Any = None
     events: Any = None
     started_at: float = 0.0
+    # Work that follows an event but that no RPC waits for (held so it is not collected).
+    background: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self.background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self.background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background work failed: %s", task.exception())
 
     # --- lookups shared by every RPC family -------------------------------------------------
 

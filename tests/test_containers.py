@@ -119,11 +119,29 @@ def rfc3339_nano(stamp: str) -> datetime:
     return datetime.fromisoformat(f"{whole[:19]}.{micro}{'+00:00' if zone == 'Z' else zone}")
 
 
+def host_commands_with(*needles: bytes) -> list[bytes]:
+    """Host processes whose command line (spaces for NULs) holds one of `needles`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if any(n in cmdline for n in needles):
+            found.append(cmdline)
+    return found
+
+
 def processes_in_cgroup(cgroup_path: str) -> list[str]:
-    """Host-side command lines of every process in a container's memory cgroup."""
+    """Host-side command lines of every process in a container's memory cgroup (none when
+    the cgroup is gone: runc deletes an exited container's cgroup, killing what is left)."""
     procs = MEMORY_CGROUP / cgroup_path.lstrip("/") / "cgroup.procs"
     found = []
-    for pid in procs.read_text().split():
+    try:
+        pids = procs.read_text().split()
+    except FileNotFoundError:
+        return []
+    for pid in pids:
         try:
             found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
         except OSError:
@@ -543,3 +561,6 @@ def test_pid_pod_exit_leaves_no_orphans(
                      what=f"no process left in {ctr[:12]}'s cgroup")
             fp.RemoveContainer(pb.RemoveContainerRequest(container_id=ctr))
             assert leftovers(shared_daemon, ctr, cgroup) == []
+        # Wherever they were, the orphaned sleeps are gone from the host.
+        wait_for(lambda: not host_commands_with(b"sleep 1234", b"sleep 1235"), timeout=5,
+                 what="the orphaned sleeps to be killed")

@@ -50,8 +50,9 @@ def test_run_status_list_stop_remove(fp: CriClient, shared_daemon: Daemon) -> No
     info = json.loads(status.info["info"])
     pause_pid = info["pid"]
     assert Path(info["netns"]).exists()
-    # The pause is catatonit, in the pod's pinned netns.
-    assert Path(f"/proc/{pause_pid}/cmdline").read_bytes().startswith(b"/catatonit")
+    # The pause is catatonit (once runc's init has exec'd it), in the pod's pinned netns.
+    wait_for(lambda: Path(f"/proc/{pause_pid}/cmdline").read_bytes().startswith(b"/catatonit"),
+             what="the pause to exec catatonit")
     assert os.stat(f"/proc/{pause_pid}/ns/net").st_ino == os.stat(info["netns"]).st_ino
     for kind, pinned in info["namespaces"].items():
         assert os.stat(f"/proc/{pause_pid}/ns/{kind}").st_ino == os.stat(pinned).st_ino
