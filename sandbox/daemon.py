@@ -184,6 +184,10 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    if os.environ.get("FLATPOD_MEMDUMP"):  # debug only: see sandbox/memdump.py
+        from sandbox import memdump
+
+        memdump.install(loop, Path(os.environ["FLATPOD_MEMDUMP"]))
     await stopping.wait()
 
     log.info("stopping: pods keep running")

@@ -222,6 +222,7 @@ class Stats:
                                                self.cgroup_ttl_ns)
             ]
             if not (stale_cgroups or stale_disks or stale_nets):
+                self._forget_gone(rt)  # samples of what was removed since, even so
                 return
             read = await asyncio.to_thread(read_all, stale_cgroups, stale_disks, stale_nets)
             for path, sample in read.cgroups.items():
