@@ -69,7 +69,7 @@ def rpc_handlers() -> Mapping[str, Handler]:
         "RuntimeService/ListMetricDescriptors": st.list_metric_descriptors,
         "RuntimeService/ListPodSandboxMetrics": st.list_pod_sandbox_metrics,
         "RuntimeService/StreamPodSandboxMetrics": st.stream_pod_sandbox_metrics,
-        "RuntimeService/UpdatePodSandboxResources": stats.update_pod_sandbox_resources,
+        "RuntimeService/UpdatePodSandboxResources": pods.update_pod_sandbox_resources,
         "RuntimeService/GetContainerEvents": events.get_container_events,
         "ImageService/PullImage": lambda rt, req: rt.images.PullImage(req),
         "ImageService/ListImages": lambda rt, req: rt.images.ListImages(req),

@@ -676,6 +676,30 @@ def _summary(pod: PodRecord) -> pb.PodSandbox:
     )
 
 
+# --- UpdatePodSandboxResources ---------------------------------------------------------------
+
+
+async def update_pod_sandbox_resources(
+    rt: Runtime, req: pb.UpdatePodSandboxResourcesRequest
+) -> pb.UpdatePodSandboxResourcesResponse:
+    """Applies the pod's new resources plus overhead to the pod cgroup (in-place resize) and
+    records them in the pod's config, so status and a restarted daemon see what is applied."""
+    pod = _visible(rt, req.pod_sandbox_id)
+    if pod.state != SANDBOX_READY or not pod.cgroup_path:
+        raise FailedPrecondition(f"pod sandbox {pod.id} is {pod.state}: nothing to update")
+    linux = pb.LinuxPodSandboxConfig(resources=req.resources, overhead=req.overhead)
+    async with rt.locks.hold(pod.id):
+        try:
+            await asyncio.to_thread(cgroups.update, pod.cgroup_path, pod_resources(linux))
+        except OSError as err:  # e.g. a memory limit below what the pod uses now (EBUSY)
+            raise FailedPrecondition(f"updating pod sandbox {pod.id} cgroup: {err}") from err
+        pod.config.linux.resources.CopyFrom(req.resources)
+        pod.config.linux.overhead.CopyFrom(req.overhead)
+        save_pod(rt.store, pod)
+    log.info("pod %s resources updated", pod.short)
+    return pb.UpdatePodSandboxResourcesResponse()
+
+
 # --- what the rest of the runtime asks of a pod ----------------------------------------------
 
 

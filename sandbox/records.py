@@ -120,7 +120,7 @@ def save_pod(store: Store, pod: PodRecord) -> None:
     with store.tx() as conn:
         conn.execute(
             "INSERT INTO pods(id, doc, config) VALUES (?, ?, ?) "
-            "ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
+            "ON CONFLICT(id) DO UPDATE SET doc = excluded.doc, config = excluded.config",
             (pod.id, _doc(pod), pod.config.SerializeToString()),
         )
 

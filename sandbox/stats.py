@@ -27,7 +27,7 @@ from cri_api import api_pb2 as pb
 from netns.enter import InterfaceCounters, interface_counters
 from sandbox import cgroups, pods
 from sandbox.containers import CONTAINER_CREATING, matching
-from sandbox.errors import FailedPrecondition, NotFound
+from sandbox.errors import NotFound
 from sandbox.images.snapshots import tree_usage
 from sandbox.records import SANDBOX_READY, ContainerRecord, PodRecord
 from sandbox.runtime import Runtime
@@ -563,27 +563,6 @@ def network_metrics(labels: tuple[str, str, str], n: NetSample) -> list[pb.Metri
 
 
 # --- UpdatePodSandboxResources ---------------------------------------------------------------
-
-
-async def update_pod_sandbox_resources(
-    rt: Runtime, req: pb.UpdatePodSandboxResourcesRequest
-) -> pb.UpdatePodSandboxResourcesResponse:
-    """Applies the pod's new resources plus overhead to the pod cgroup (in-place resize).
-
-    Same rule as at creation (pods.pod_resources). The record does not remember them: a
-    restart keeps the cgroup as it is, and kubelet sends them again on its next resize.
-    """
-    pod = _visible_pod(rt, req.pod_sandbox_id)
-    if pod.state != SANDBOX_READY or not pod.cgroup_path:
-        raise FailedPrecondition(f"pod sandbox {pod.id} is {pod.state}: nothing to update")
-    linux = pb.LinuxPodSandboxConfig(resources=req.resources, overhead=req.overhead)
-    async with rt.locks.hold(pod.id):
-        try:
-            await asyncio.to_thread(cgroups.update, pod.cgroup_path, pods.pod_resources(linux))
-        except OSError as err:  # e.g. a memory limit below what the pod uses now (EBUSY)
-            raise FailedPrecondition(f"updating pod sandbox {pod.id} cgroup: {err}") from err
-    log.info("pod %s resources updated", pod.short)
-    return pb.UpdatePodSandboxResourcesResponse()
 
 
 # --- which containers and pods a request names -----------------------------------------------

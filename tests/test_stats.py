@@ -247,6 +247,11 @@ def test_update_pod_sandbox_resources(fp: CriClient, pulled: TestImages, tmp_pat
         time.sleep(1.1)  # past a sample taken before the update
         limit = pod_stats(fp, pod_id).linux.memory
         assert limit.available_bytes.value == 256 * MiB - limit.working_set_bytes.value
+        # ...and it is recorded with the pod: its status shows what is applied.
+        info = json.loads(fp.PodSandboxStatus(pb.PodSandboxStatusRequest(
+            pod_sandbox_id=pod_id, verbose=True)).info["info"])
+        assert info["config"]["linux"]["resources"]["memoryLimitInBytes"] == str(200 * MiB)
+        assert info["config"]["linux"]["overhead"]["cpuShares"] == "2"
 
 
 @pytest.mark.slow
