@@ -5,6 +5,7 @@
 #   PARALLEL=2 hack/critest.sh          OUT=dir keeps the results
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
 conformance=${CONFORMANCE_DIR:-$repo/../shared/conformance}
 venv=${FLATPOD_VENV:-/opt/flatpod/venv}
 config=$repo/hack/conformance.toml
@@ -16,7 +17,26 @@ python3 "$conformance/build_images.py" >/dev/null
 
 PYTHONPATH=$repo "$venv/bin/python" -m sandbox serve --config "$config" >"$log" 2>&1 &
 daemon=$!
-trap 'kill -TERM $daemon 2>/dev/null; wait $daemon 2>/dev/null || true' EXIT
+
+# After the run: flatpod stopped, then what a node would keep but a test run should not: the
+# bridge, its masquerade rule and the pods' parent cgroup.
+cleanup() {
+  kill -TERM "$daemon" 2>/dev/null; wait "$daemon" 2>/dev/null || true
+  PYTHONPATH=$repo "$venv/bin/python" - <<'PY' || true
+import tempfile
+from pathlib import Path
+from netns.bridge import BridgeConfig, BridgeNetwork
+from netns.ipam import JsonFileLeaseBook
+from sandbox import cgroups
+from sandbox.config import load_config
+config = load_config(Path("hack/conformance.toml"))
+with tempfile.TemporaryDirectory() as tmp:
+    book = JsonFileLeaseBook(Path(tmp) / "leases.json")
+    BridgeNetwork(BridgeConfig(name=config.network.bridge, subnet=config.network.subnet), book).destroy()
+cgroups.remove(config.default_cgroup_parent)
+PY
+}
+trap cleanup EXIT
 for _ in $(seq 100); do [ -S "$socket" ] && break; sleep 0.1; done
 
 status=0

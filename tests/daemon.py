@@ -109,11 +109,14 @@ def test_network() -> tuple[str, str]:
 def write_config(
     path: Path, root: Path, state: Path, extra: str = "", network: tuple[str, str] | None = None
 ) -> None:
+    cgroup_parent = f"/{state.name}"  # a test daemon's pods, apart from a node's /flatpod
     path.write_text(
         f'root_dir = "{root}"\n'
         f'state_dir = "{state}"\n'
         'log_level = "debug"\n'
-        f"{extra}\n"
+        + (f'default_cgroup_parent = "{cgroup_parent}"\n'
+           if "default_cgroup_parent" not in extra else "")
+        + f"{extra}\n"
     )
     if "[network]" not in extra:
         bridge, subnet = network or test_network()
@@ -147,6 +150,14 @@ def running_daemon(
         kill_stray_zygote(state)
         shutil.rmtree(state, ignore_errors=True)
         remove_bridge(bridge, subnet)
+        remove_cgroup_parent(f"/{state.name}")
+
+
+def remove_cgroup_parent(path: str) -> None:
+    """The (by now empty) parent cgroup of the daemon's pods, in every hierarchy."""
+    from sandbox import cgroups
+
+    cgroups.remove(path)
 
 
 def remove_bridge(bridge: str, subnet: str) -> None:
