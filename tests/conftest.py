@@ -32,6 +32,17 @@ def cri(daemon: Daemon) -> Iterator[CriClient]:
     client.close()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _host_port_chains_removed() -> Iterator[None]:
+    """flatpod's top host-port chains stay while a node runs; after the tests, when no pod
+    owns a rule in them, they go too (flatpod makes them again at its next hostPort)."""
+    yield
+    from netns import ports
+
+    if not ports.list_owners():
+        ports.remove_base_chains(ports.HostPortChains())
+
+
 @pytest.fixture(scope="module")
 def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """One `flatpod serve` for a whole test module; every pod is removed at the end, and

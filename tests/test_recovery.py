@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from cri_api import api_pb2 as pb
+from sandbox import cgroups
 from tests.cri import CriClient, status_code
 from tests.daemon import Daemon, running_daemon
 from tests.pods import (
@@ -182,17 +183,18 @@ def _simulate_reboot(d: Daemon, pod_ids: list[str]) -> None:
     d.stop()
     for pid in shim_pids(d):
         os.kill(pid, signal.SIGKILL)
-    for pod_id in pod_ids:
-        for controller in ("pids", "memory", "cpu,cpuacct", "freezer", "devices"):
-            top = Path("/sys/fs/cgroup") / controller / "flatpod" / f"flatpod-{pod_id}"
-            if top.is_dir():
-                _kill_cgroup_tree(top)
+    # The pods' cgroups, in every mounted hierarchy, under the test daemon's own parent.
+    tops = [h.dir_for(cgroups.pod_cgroup_path(f"/{d.state.name}", pod_id))
+            for pod_id in pod_ids for h in cgroups.hierarchies()]
+    for top in tops:
+        if top.is_dir():
+            _kill_cgroup_tree(top)
     time.sleep(0.3)
-    for pod_id in pod_ids:
-        for controller in ("pids", "memory", "cpu,cpuacct", "freezer", "devices"):
-            top = Path("/sys/fs/cgroup") / controller / "flatpod" / f"flatpod-{pod_id}"
+    for top in tops:
+        if top.is_dir():
             for dirpath, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
                 wait_for(functools.partial(_rmdir, dirpath), what=f"rmdir {dirpath}")
+    for pod_id in pod_ids:
         pin = Path(f"/run/netns/flatpod-{pod_id[:24]}")
         if pin.exists():
             subprocess.run(["umount", "-l", str(pin)], check=False)
