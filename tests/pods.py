@@ -135,3 +135,12 @@ def http_get(url: str) -> list[str]:
         "    pass\n"
     )
     return [sys.executable, "-c", code]
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie, or a pid reaped while we look, counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -24,6 +24,7 @@ import pytest
 from shim import protocol
 from shim.client import AttachStream, ShimClient, ShimError, spawn_shim
 from shim.runc import Runc
+from tests.pods import pid_alive
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/sbin/runc"),
                                 reason="needs root and runc")
@@ -46,14 +47,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or predicate}")
         time.sleep(0.02)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def cgroup_dirs(cgroup: str) -> list[Path]:

@@ -13,6 +13,7 @@ import pytest
 
 from sandbox.streaming import spdy
 from sandbox.streaming.server import AttachParams, ExecParams
+from tests.pods import pid_alive
 from tests.test_streaming_support import (
     RemoteCommand,
     ServerHarness,
@@ -203,16 +204,6 @@ def test_twenty_concurrent_execs(harness: ServerHarness) -> None:
         assert status == ("Success" if i % 3 == 0 else "Failure")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0); it counts as gone.
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().split(")")[-1].split()[0] != "Z"
-
-
 @pytest.mark.parametrize("polite", [True, False])
 def test_client_disconnect_kills_exec(harness: ServerHarness, polite: bool) -> None:
     url = exec_url(harness, ["sh", "-c", "echo ready; exec sleep 300"])
@@ -230,9 +221,9 @@ def test_client_disconnect_kills_exec(harness: ServerHarness, polite: bool) -> N
     assert len(processes) == 1
     pid = processes[0].process.pid
     deadline = time.monotonic() + 10
-    while _pid_alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _pid_alive(pid)
+    assert not pid_alive(pid)
 
 
 def test_token_is_single_use(harness: ServerHarness) -> None:

@@ -108,6 +108,7 @@ class ImageService:
     ) -> None:
         self.root = root
         self.pulled = ByteCount()
+        self.gc_lock = asyncio.Lock()
         self.images = ImageStore(store)
         self.content = ContentStore(root, config.max_concurrent_downloads)
         self.snapshots = SnapshotStore(root)
@@ -130,9 +131,12 @@ class ImageService:
         return await self.collect_garbage()
 
     async def collect_garbage(self) -> GcReport:
-        return await collect_garbage(
-            self.images, self.content, self.snapshots, self.leases, self.live_snapshots()
-        )
+        # One collection at a time: two that overlap would both doom, and both remove, the
+        # same blobs (simultaneous RemoveImage calls of one image do exactly that).
+        async with self.gc_lock:
+            return await collect_garbage(
+                self.images, self.content, self.snapshots, self.leases, self.live_snapshots()
+            )
 
     # ---- PullImage ---------------------------------------------------------------------------
 
