@@ -15,6 +15,7 @@ import ssl
 import subprocess
 import textwrap
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,6 +118,35 @@ def node(
             cgroups.remove("/kubepods")
 
 
+def _exec_via_kubelet(
+    port: str, pod: str, container: str, command: list[str]
+) -> tuple[bytes, dict[str, Any]]:
+    """stdout and the v5 error-channel Status of an exec through kubelet's /exec endpoint."""
+    import websocket  # the kubernetes client's WebSocket library
+
+    query = "&".join(f"command={urllib.parse.quote(c)}" for c in command)
+    ws = websocket.create_connection(
+        f"wss://127.0.0.1:{port}/exec/default/{pod}/{container}?{query}&output=1&error=1",
+        subprotocols=["v5.channel.k8s.io"], sslopt={"cert_reqs": ssl.CERT_NONE}, timeout=30,
+    )
+    out, status = b"", b""
+    try:
+        while True:
+            opcode, data = ws.recv_data()
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                break
+            if data[:1] == b"\x01":
+                out += data[1:]
+            elif data[:1] == b"\x03":
+                status += data[1:]
+    except websocket.WebSocketConnectionClosedException:
+        pass
+    finally:
+        ws.close()
+    parsed: dict[str, Any] = json.loads(status)
+    return out, parsed
+
+
 def _manifest(image: str) -> str:
     return textwrap.dedent(f"""\
         apiVersion: v1
@@ -147,6 +177,13 @@ def test_static_pod_logs_stats_and_restarts(
     port = PORTS["KUBELET_PORT"]
     logs_url = f"https://127.0.0.1:{port}/containerLogs/default/ticker-fptnode/tick"
     assert wait_for(lambda: b"tick 2" in _get(logs_url), timeout=30, what="logs via kubelet")
+
+    # Exec through kubelet's streaming proxy (WebSocket, v5 channels) to flatpod's server.
+    out, status = _exec_via_kubelet(port, "ticker-fptnode", "tick",
+                                    ["sh", "-c", "echo hello from $(hostname); exit 3"])
+    assert out == b"hello from ticker-fptnode\n"
+    assert status["reason"] == "NonZeroExitCode"
+    assert status["details"]["causes"][0]["message"] == "3"
 
     # /stats/summary is filled from flatpod's stats.
     summary = json.loads(_get(f"http://127.0.0.1:{PORTS['READ_ONLY_PORT']}/stats/summary"))
