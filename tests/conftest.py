@@ -41,6 +41,37 @@ def _host_port_chains_removed() -> Iterator[None]:
 
     if not ports.list_owners():
         ports.remove_base_chains(ports.HostPortChains())
+    _remove_portmap_plugin_chains()
+
+
+# The CNI portmap plugin's shared chains (it makes them on first use and never removes them).
+PORTMAP_JUMPS = (
+    ("PREROUTING", "-m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT"),
+    ("OUTPUT", "-m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT"),
+    ("POSTROUTING",
+     '-m comment --comment "CNI portfwd requiring masquerade" -j CNI-HOSTPORT-MASQ'),
+)
+PORTMAP_CHAINS = ("CNI-HOSTPORT-DNAT", "CNI-HOSTPORT-MASQ", "CNI-HOSTPORT-SETMARK")
+
+
+def _remove_portmap_plugin_chains() -> None:
+    """After the CNI tests: the plugin's chains, when no pod has a rule left in them."""
+    import shlex
+    import subprocess
+
+    def nat(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["iptables", "-w", "-t", "nat", *args],
+                              capture_output=True, text=True)
+
+    listed = nat("-S", "CNI-HOSTPORT-DNAT")
+    if listed.returncode != 0 or any(line.startswith("-A") for line in listed.stdout.splitlines()):
+        return  # absent, or still in use
+    for builtin, rule in PORTMAP_JUMPS:
+        nat("-D", builtin, *shlex.split(rule))
+    for chain in PORTMAP_CHAINS:
+        nat("-F", chain)
+    for chain in PORTMAP_CHAINS:
+        nat("-X", chain)
 
 
 @pytest.fixture(scope="module")
