@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
 from google.protobuf.message import Message
 
 from cri_api import api_pb2 as pb
-from sandbox.errors import CriError
+from sandbox.errors import CriError, Unimplemented
 
 log = logging.getLogger("flatpod.server")
 
@@ -57,8 +58,8 @@ def build_server(
             key = f"{service.name}/{method.name}"
             request_type = _message_class(method.input_type.name)
             response_type = _message_class(method.output_type.name)
-            func = handlers.get(key)
             full_name = f"/{service_name}/{method.name}"
+            func = handlers.get(key) or _unimplemented(full_name, method.server_streaming)
             if method.server_streaming:
                 method_handlers[method.name] = grpc.unary_stream_rpc_method_handler(
                     _stream(runtime, full_name, func, observe),
@@ -86,65 +87,71 @@ def _message_class(name: str) -> type[Message]:
     return cls
 
 
+def _unimplemented(name: str, streaming: bool) -> Handler:
+    """What answers an RPC flatpod has no function for."""
+    message = f"{name} is not implemented by flatpod"
+
+    async def unary(runtime: Any, request: Any) -> Message:
+        raise Unimplemented(message)
+
+    async def stream(runtime: Any, request: Any) -> AsyncIterator[Message]:
+        raise Unimplemented(message)
+        yield  # an async generator, like the streaming handlers
+
+    return stream if streaming else unary
+
+
+@asynccontextmanager
+async def _answering(
+    name: str, context: grpc.aio.ServicerContext[Any, Any], observe: RpcObserver | None
+) -> AsyncIterator[None]:
+    """Turns whatever a handler raises into a gRPC status, and times the call.
+
+    CriErrors carry their own status; anything else is INTERNAL, logged with its traceback,
+    and the daemon goes on serving.
+    """
+    started = time.monotonic()
+    code = grpc.StatusCode.OK
+    try:
+        yield
+    except CriError as err:
+        code = err.code
+        log.info("%s: %s: %s", name, code.name, err)
+        await context.abort(code, str(err))
+    except grpc.aio.AbortError:
+        raise
+    except Exception as err:
+        code = grpc.StatusCode.INTERNAL
+        log.exception("%s failed", name)
+        await context.abort(code, f"{name}: internal error: {err}")
+    finally:
+        if observe is not None:
+            observe(name, time.monotonic() - started, code)
+
+
 def _unary(
-    runtime: Any, name: str, func: Handler | None, observe: RpcObserver | None
+    runtime: Any, name: str, func: Handler, observe: RpcObserver | None
 ) -> Callable[[Message, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message | bytes]]:
     async def handle(
         request: Message, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Message | bytes:
-        started = time.monotonic()
-        code = grpc.StatusCode.OK
-        try:
-            if func is None:
-                code = grpc.StatusCode.UNIMPLEMENTED
-                await context.abort(code, f"{name} is not implemented by flatpod")
+        async with _answering(name, context, observe):
             result = await func(runtime, request)  # type: ignore[misc]
             assert isinstance(result, Message | bytes)
             return result
-        except CriError as err:
-            code = err.code
-            log.info("%s: %s: %s", name, code.name, err)
-            await context.abort(code, str(err))
-        except grpc.aio.AbortError:
-            raise
-        except Exception as err:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("%s failed", name)
-            await context.abort(code, f"{name}: internal error: {err}")
-        finally:
-            if observe is not None:
-                observe(name, time.monotonic() - started, code)
-        raise AssertionError("unreachable: abort raises")
+        raise AssertionError("unreachable: a failure aborts the call")
 
     return handle
 
 
 def _stream(
-    runtime: Any, name: str, func: Handler | None, observe: RpcObserver | None
+    runtime: Any, name: str, func: Handler, observe: RpcObserver | None
 ) -> Callable[[Message, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Message]]:
     async def handle(
         request: Message, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Message]:
-        started = time.monotonic()
-        code = grpc.StatusCode.OK
-        try:
-            if func is None:
-                code = grpc.StatusCode.UNIMPLEMENTED
-                await context.abort(code, f"{name} is not implemented by flatpod")
+        async with _answering(name, context, observe):
             async for item in func(runtime, request):  # type: ignore[union-attr]
                 yield item
-        except CriError as err:
-            code = err.code
-            log.info("%s: %s: %s", name, code.name, err)
-            await context.abort(code, str(err))
-        except grpc.aio.AbortError:
-            raise
-        except Exception as err:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("%s failed", name)
-            await context.abort(code, f"{name}: internal error: {err}")
-        finally:
-            if observe is not None:
-                observe(name, time.monotonic() - started, code)
 
     return handle
