@@ -55,7 +55,7 @@ from sandbox.spec import (
 )
 from sandbox.users import UserDb
 from sandbox.wire import repeated_entry
-from shim.client import ShimError
+from shim.client import ShimClient, ShimError
 from shim.runc import Runc, RuncError
 
 log = logging.getLogger("flatpod.containers")
@@ -174,7 +174,7 @@ async def _create(
         if ctr.log_path:
             Path(ctr.log_path).parent.mkdir(parents=True, exist_ok=True)
         # 5. The shim creates it: the process waits in runc's init until StartContainer.
-        shim = _shim(rt, pod)
+        shim = shim_of(rt, pod.id)
         ctr.pid = await shim.create(
             ctr.id, str(bundle), stdin=config.stdin, stdin_once=config.stdin_once,
             tty=config.tty, log_path=ctr.log_path or None, exit_file=str(bundle / "exit"),
@@ -286,10 +286,11 @@ def _log_path(pod: PodRecord, config: pb.ContainerConfig) -> str:
     return os.path.join(pod.config.log_directory, config.log_path)
 
 
-def _shim(rt: Runtime, pod: PodRecord) -> Any:
-    shim = rt.shims.get(pod.id)
+def shim_of(rt: Runtime, pod_id: str) -> ShimClient:
+    """The shim of a pod (containers, exec and attach all go through it)."""
+    shim: ShimClient | None = rt.shims.get(pod_id)
     if shim is None:
-        raise FailedPrecondition(f"the shim of pod {pod.id} is gone; stop and remove the pod")
+        raise FailedPrecondition(f"the shim of pod {pod_id} is gone; stop and remove the pod")
     return shim
 
 
@@ -328,7 +329,7 @@ async def start_container(rt: Runtime, req: pb.StartContainerRequest) -> pb.Star
         started_at = time.time_ns()
         rt.faults.point("start_container:before_runc_start")
         try:
-            await _shim(rt, pod).start(ctr.id)
+            await shim_of(rt, pod.id).start(ctr.id)
         except ShimError as err:
             ctr.state, ctr.reason, ctr.message = EXITED, "StartError", str(err)
             ctr.exit_code, ctr.finished_at = 128, time.time_ns()
@@ -623,11 +624,11 @@ def _summary(ctr: ContainerRecord) -> pb.Container:
 
 
 async def exec_sync(rt: Runtime, req: pb.ExecSyncRequest) -> pb.ExecSyncResponse:
-    ctr = _running(rt, req.container_id)
+    ctr = running_container(rt, req.container_id)
     if not req.cmd:
         raise InvalidArgument("exec command is empty")
     process = exec_process(rt, ctr, list(req.cmd), tty=False)
-    shim = _shim(rt, rt.pod(ctr.pod_id))
+    shim = shim_of(rt, ctr.pod_id)
     timeout = float(req.timeout) if req.timeout > 0 else None
     result = await shim.exec_sync(ctr.id, process, timeout)
     if result.timed_out:
@@ -649,7 +650,7 @@ def exec_process(rt: Runtime, ctr: ContainerRecord, cmd: list[str], tty: bool) -
     return process
 
 
-def _running(rt: Runtime, ref: str) -> ContainerRecord:
+def running_container(rt: Runtime, ref: str) -> ContainerRecord:
     ctr = _visible(rt, ref)
     if ctr.state != RUNNING:
         raise FailedPrecondition(f"container {ctr.id} is {ctr.state}, not running")
@@ -659,8 +660,8 @@ def _running(rt: Runtime, ref: str) -> ContainerRecord:
 async def reopen_container_log(
     rt: Runtime, req: pb.ReopenContainerLogRequest
 ) -> pb.ReopenContainerLogResponse:
-    ctr = _running(rt, req.container_id)
-    await _shim(rt, rt.pod(ctr.pod_id)).reopen_log(ctr.id)
+    ctr = running_container(rt, req.container_id)
+    await shim_of(rt, ctr.pod_id).reopen_log(ctr.id)
     return pb.ReopenContainerLogResponse()
 
 

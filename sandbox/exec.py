@@ -23,9 +23,8 @@ from pathlib import Path
 
 from cri_api import api_pb2 as pb
 from netns.enter import connect_in_netns
-from sandbox.containers import exec_process
-from sandbox.errors import FailedPrecondition, InvalidArgument, NotFound
-from sandbox.records import RUNNING, ContainerRecord
+from sandbox.containers import exec_process, running_container, shim_of
+from sandbox.errors import InvalidArgument, NotFound
 from sandbox.runtime import Runtime
 from shim.client import AttachStream, ExecHandle, ShimClient, ShimError, resize_fd
 from shim.protocol import STREAM_STDERR, STREAM_STDOUT
@@ -64,20 +63,6 @@ async def port_forward(rt: Runtime, req: pb.PortForwardRequest) -> pb.PortForwar
     return pb.PortForwardResponse(url=_url(rt.streaming.get_portforward_url, req))
 
 
-def running_container(rt: Runtime, ref: str) -> ContainerRecord:
-    ctr = rt.container(ref)
-    if ctr.state != RUNNING:
-        raise FailedPrecondition(f"container {ctr.id} is {ctr.state}, not running")
-    return ctr
-
-
-def shim_of(rt: Runtime, ctr: ContainerRecord) -> ShimClient:
-    shim: ShimClient | None = rt.shims.get(ctr.pod_id)
-    if shim is None:
-        raise FailedPrecondition(f"the shim of pod {ctr.pod_id} is gone")
-    return shim
-
-
 def _url(make: object, req: object) -> str:
     try:
         return str(make(req))  # type: ignore[operator]
@@ -97,7 +82,7 @@ class ShimBackend:
     async def exec(self, container_id: str, cmd: list[str], tty: bool, stdin: bool,
                    stdout: bool, stderr: bool) -> ExecSession:
         ctr = running_container(self.rt, container_id)
-        shim = shim_of(self.rt, ctr)
+        shim = shim_of(self.rt, ctr.pod_id)
         process = exec_process(self.rt, ctr, cmd, tty=tty)
         handle = await shim.exec(ctr.id, process, tty=tty, stdin=stdin)
         session = ExecSession(shim, handle)
@@ -107,7 +92,7 @@ class ShimBackend:
     async def attach(self, container_id: str, tty: bool, stdin: bool, stdout: bool,
                      stderr: bool) -> AttachSession:
         ctr = running_container(self.rt, container_id)
-        shim = shim_of(self.rt, ctr)
+        shim = shim_of(self.rt, ctr.pod_id)
         stream = await shim.attach(ctr.id, stdin=stdin)
         session = AttachSession(shim, ctr.id, stream)
         await session.open(stdin=stdin and stream.has_stdin, stdout=stdout, stderr=stderr)
