@@ -308,12 +308,9 @@ class Stats:
     async def list_pod_sandbox_stats(
         self, rt: Runtime, req: pb.ListPodSandboxStatsRequest
     ) -> pb.ListPodSandboxStatsResponse:
-        # Ready pods only (as containerd): a stopped pod has no process and no network left.
-        pod_list = [p for p in _pods(rt, req.filter) if p.state == SANDBOX_READY]
-        by_pod = {p.id: _containers_of(rt, p) for p in pod_list}
-        await self.refresh(rt, [c for cs in by_pod.values() for c in cs], pod_list)
+        by_pod = await self._sampled_ready_pods(rt, _pods(rt, req.filter))
         return pb.ListPodSandboxStatsResponse(
-            stats=[self.pod_message(rt, p, by_pod[p.id]) for p in pod_list]
+            stats=[self.pod_message(rt, p, ctrs) for p, ctrs in by_pod]
         )
 
     async def stream_pod_sandbox_stats(
@@ -324,6 +321,17 @@ class Stats:
         )
         for page in _pages(list(listed.stats)):
             yield pb.StreamPodSandboxStatsResponse(pod_sandbox_stats=page)
+
+    async def _sampled_ready_pods(
+        self, rt: Runtime, candidates: Iterable[PodRecord]
+    ) -> list[tuple[PodRecord, list[ContainerRecord]]]:
+        """The ready pods among `candidates` with their containers, all freshly sampled.
+
+        Ready pods only (as containerd): a stopped pod has no process and no network left.
+        """
+        by_pod = [(p, _containers_of(rt, p)) for p in candidates if p.state == SANDBOX_READY]
+        await self.refresh(rt, [c for _, cs in by_pod for c in cs], [p for p, _ in by_pod])
+        return by_pod
 
     def pod_message(
         self, rt: Runtime, pod: PodRecord, ctrs: Iterable[ContainerRecord]
@@ -362,11 +370,9 @@ class Stats:
     async def list_pod_sandbox_metrics(
         self, rt: Runtime, req: pb.ListPodSandboxMetricsRequest
     ) -> pb.ListPodSandboxMetricsResponse:
-        pod_list = [p for p in rt.pods.values() if p.state == SANDBOX_READY]
-        by_pod = {p.id: _containers_of(rt, p) for p in pod_list}
-        await self.refresh(rt, [c for cs in by_pod.values() for c in cs], pod_list)
+        by_pod = await self._sampled_ready_pods(rt, rt.pods.values())
         return pb.ListPodSandboxMetricsResponse(
-            pod_metrics=[self.pod_metrics(rt, p, by_pod[p.id]) for p in pod_list]
+            pod_metrics=[self.pod_metrics(rt, p, ctrs) for p, ctrs in by_pod]
         )
 
     async def stream_pod_sandbox_metrics(
