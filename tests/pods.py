@@ -69,11 +69,18 @@ def remove_all_pods(cri: CriClient) -> None:
         cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod.id))
 
 
-def container_state(cri: CriClient, ctr_id: str) -> pb.ContainerStatus:
+def container_status(cri: CriClient, ctr_id: str) -> pb.ContainerStatus:
     status: pb.ContainerStatus = cri.ContainerStatus(
         pb.ContainerStatusRequest(container_id=ctr_id)
     ).status
     return status
+
+
+def pod_state(cri: CriClient, pod_id: str) -> int:
+    state: int = cri.PodSandboxStatus(
+        pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id)
+    ).status.state
+    return state
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:

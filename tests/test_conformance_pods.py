@@ -18,7 +18,7 @@ from tests.cri import CriClient
 from tests.pods import (
     a_pod,
     container_config,
-    container_state,
+    container_status,
     exec_sync,
     start_container,
 )
@@ -133,7 +133,7 @@ def test_stop_and_remove_twice(fp: CriClient, pulled: TestImages, tmp_path: Path
             pulled.busybox.reference, command=PAUSE))
         for _ in range(2):
             fp.StopContainer(pb.StopContainerRequest(container_id=ctr, timeout=1))
-            assert container_state(fp, ctr).state == pb.CONTAINER_EXITED
+            assert container_status(fp, ctr).state == pb.CONTAINER_EXITED
         for _ in range(2):
             fp.RemoveContainer(pb.RemoveContainerRequest(container_id=ctr))
         assert not fp.ListContainers(pb.ListContainersRequest(

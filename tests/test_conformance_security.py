@@ -21,7 +21,7 @@ from tests.pods import (
 )
 from tests.pods import (
     container_config,
-    container_state,
+    container_status,
     exec_sync,
     start_container,
     wait_for,
@@ -98,9 +98,9 @@ def status_field(fp: CriClient, ctr_id: str, name: str) -> str:
 
 def log_output(fp: CriClient, ctr_id: str) -> str:
     """What an exited container wrote to stdout, from its CRI log."""
-    wait_for(lambda: container_state(fp, ctr_id).state == pb.CONTAINER_EXITED,
+    wait_for(lambda: container_status(fp, ctr_id).state == pb.CONTAINER_EXITED,
              what="the container to exit")
-    lines = Path(container_state(fp, ctr_id).log_path).read_text().splitlines()
+    lines = Path(container_status(fp, ctr_id).log_path).read_text().splitlines()
     return "".join(line.split(" ", 3)[3] + "\n" for line in lines if " stdout " in line)
 
 
@@ -143,7 +143,7 @@ def test_supplemental_groups_policy(fp: CriClient, pulled: TestImages, tmp_path:
             pulled.busybox_user.reference, run_as_user=pb.Int64Value(value=1000),
             supplemental_groups=[1234], supplemental_groups_policy=policy))
         assert stdout_of(fp, ctr, "id", "-G").split() == [str(g) for g in groups]
-        user = container_state(fp, ctr).user.linux
+        user = container_status(fp, ctr).user.linux
         assert (user.uid, user.gid) == (1000, 1000)
         assert sorted(user.supplemental_groups) == groups
 

@@ -23,7 +23,7 @@ from cri_api import api_pb2 as pb
 from tests.cri import CriClient
 from tests.pods import (
     container_config,
-    container_state,
+    container_status,
     exec_sync,
     pod_config,
     run_pod,
@@ -278,7 +278,7 @@ def test_attach_over_spdy(fp: CriClient, pulled: TestImages,
     seen, stderr, error = run(scenario())
     assert (seen, stderr) == (b"hello", b"")
     assert error == b"" or json.loads(error)["status"] == "Success"
-    assert wait_for(lambda: container_state(fp, shell).state == pb.CONTAINER_EXITED,
+    assert wait_for(lambda: container_status(fp, shell).state == pb.CONTAINER_EXITED,
                     what="sh to exit on stdin EOF")
 
 
@@ -296,7 +296,7 @@ def test_attach_over_websocket(fp: CriClient, pulled: TestImages,
         assert client.read_stderr() == b""
     finally:
         client.close()
-    assert wait_for(lambda: container_state(fp, shell).state == pb.CONTAINER_EXITED,
+    assert wait_for(lambda: container_status(fp, shell).state == pb.CONTAINER_EXITED,
                     what="sh to exit on stdin EOF")
 
 

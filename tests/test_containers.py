@@ -20,7 +20,7 @@ from tests.daemon import Daemon
 from tests.pods import (
     a_pod,
     container_config,
-    container_state,
+    container_status,
     exec_sync,
     mounts_under,
     start_container,
@@ -70,7 +70,7 @@ def details(err: grpc.RpcError) -> str:
 
 def exited(fp: CriClient, ctr_id: str, timeout: float = 15.0) -> pb.ContainerStatus:
     def status() -> pb.ContainerStatus | None:
-        current = container_state(fp, ctr_id)
+        current = container_status(fp, ctr_id)
         return current if current.state == pb.CONTAINER_EXITED else None
 
     result: pb.ContainerStatus = wait_for(status, timeout, f"container {ctr_id[:12]} to exit")
@@ -161,7 +161,7 @@ def test_log_format_and_reopen(fp: CriClient, pulled: TestImages, tmp_path: Path
         config.log_path = "nested/deeper/ctr.log"
         ctr = start_container(fp, pod_id, pod, config)
         log = tmp_path / "logs" / "nested" / "deeper" / "ctr.log"
-        assert container_state(fp, ctr).log_path == str(log)
+        assert container_status(fp, ctr).log_path == str(log)
         wait_for(lambda: log.exists() and "tick" in log.read_text(), what="log lines")
         records = log_records(log)
         # stdout and stderr are separate pipes: their relative order is not defined.
@@ -301,7 +301,7 @@ def test_readonly_rootfs_and_users(fp: CriClient, pulled: TestImages, tmp_path: 
         assert out(fp, numeric, "id", "-u") == "1000"
         assert out(fp, numeric, "id", "-g") == "2000"
         assert "3000" in out(fp, numeric, "id", "-G").split()
-        user = container_state(fp, numeric).user.linux
+        user = container_status(fp, numeric).user.linux
         assert (user.uid, user.gid) == (1000, 2000)
         assert 3000 in user.supplemental_groups
 
@@ -314,7 +314,7 @@ def test_readonly_rootfs_and_users(fp: CriClient, pulled: TestImages, tmp_path: 
         by_image = start_container(fp, pod_id, pod, container_config(
             pulled.busybox_user.reference, command=SLEEP))
         assert out(fp, by_image, "id", "-un") == "flat"
-        assert container_state(fp, by_image).user.linux.uid == 1000
+        assert container_status(fp, by_image).user.linux.uid == 1000
 
         err = rpc_error(create, fp, pod_id, pod, container_config(
             busybox, command=SLEEP, linux=security(run_as_username="nosuchuser")))
@@ -409,11 +409,11 @@ def test_state_machine_and_remove(
         assert "exited" in details(err)
 
         created = create(fp, pod_id, pod, container_config(busybox, command=SLEEP))
-        assert container_state(fp, created).state == pb.CONTAINER_CREATED
+        assert container_status(fp, created).state == pb.CONTAINER_CREATED
         # A container stopped before it started never ran: no started_at, and no grace period.
         never = create(fp, pod_id, pod, container_config(busybox, command=SLEEP))
         assert stop(fp, never, 5) < 3.0
-        status = container_state(fp, never)
+        status = container_status(fp, never)
         assert status.state == pb.CONTAINER_EXITED
         assert status.started_at == 0 and status.finished_at > status.created_at
         err = rpc_error(fp.StartContainer, pb.StartContainerRequest(container_id=never))
@@ -424,7 +424,7 @@ def test_state_machine_and_remove(
                 assert (MEMORY_CGROUP / cgroup.lstrip("/")).is_dir()
             fp.RemoveContainer(pb.RemoveContainerRequest(container_id=ctr))
             assert leftovers(shared_daemon, ctr, cgroup) == []
-            err = rpc_error(container_state, fp, ctr)
+            err = rpc_error(container_status, fp, ctr)
             assert status_code(err) == grpc.StatusCode.NOT_FOUND
         fp.RemoveContainer(pb.RemoveContainerRequest(container_id="e" * 64))
 
@@ -467,7 +467,7 @@ def test_status_list_and_update(fp: CriClient, pulled: TestImages, tmp_path: Pat
         ctr = start_container(fp, pod_id, pod, config)
         other = start_container(fp, pod_id, pod, container_config(
             pulled.busybox.reference, command=["true"], labels={"app": "other"}))
-        status = container_state(fp, ctr)
+        status = container_status(fp, ctr)
         assert status.state == pb.CONTAINER_RUNNING
         assert status.metadata == config.metadata
         assert status.image.image == pulled.busybox.reference
@@ -506,7 +506,7 @@ def test_status_list_and_update(fp: CriClient, pulled: TestImages, tmp_path: Pat
             container_id=ctr, linux=pb.LinuxContainerResources(
                 memory_limit_in_bytes=32 * 1024 * 1024, cpu_shares=512)))
         assert int(limit.read_text()) == 32 * 1024 * 1024
-        assert container_state(fp, ctr).resources.linux.memory_limit_in_bytes == 32 << 20
+        assert container_status(fp, ctr).resources.linux.memory_limit_in_bytes == 32 << 20
 
 
 # --- mounts ----------------------------------------------------------------------------------

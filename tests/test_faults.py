@@ -21,9 +21,11 @@ from tests.cri import CriClient, status_code
 from tests.daemon import Daemon, running_daemon
 from tests.pods import (
     container_config,
+    container_status,
     exec_sync,
     mounts_under,
     pod_config,
+    pod_state,
     remove_all_pods,
     run_pod,
     start_container,
@@ -188,16 +190,8 @@ def _works(cri: CriClient, ctr_id: str) -> None:
     assert exec_sync(cri, ctr_id, "echo", "alive").stdout == b"alive\n"
 
 
-def _state(cri: CriClient, ctr_id: str) -> int:
-    state: int = cri.ContainerStatus(pb.ContainerStatusRequest(container_id=ctr_id)).status.state
-    return state
 
 
-def _pod_state(cri: CriClient, pod_id: str) -> int:
-    state: int = cri.PodSandboxStatus(
-        pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id)
-    ).status.state
-    return state
 
 
 def run_pod_case(world: World) -> Case:
@@ -211,7 +205,7 @@ def run_pod_case(world: World) -> Case:
     def retry(cri: CriClient, ctx: dict[str, str]) -> None:
         assert not cri.ListPodSandbox(pb.ListPodSandboxRequest()).items
         pod_id = run_pod(cri, _pod_config(ctx))
-        assert _pod_state(cri, pod_id) == pb.SANDBOX_READY
+        assert pod_state(cri, pod_id) == pb.SANDBOX_READY
         ctr = start_container(cri, pod_id, _pod_config(ctx),
                               container_config(world.images.busybox.reference, command=SLEEP))
         _works(cri, ctr)
@@ -249,12 +243,12 @@ def start_case(world: World, started: bool) -> Case:
         ctr = ctx["ctr"]
         if started:
             # It runs: the restart found it so; starting it again is a precondition error.
-            assert _state(cri, ctr) == pb.CONTAINER_RUNNING
+            assert container_status(cri, ctr).state == pb.CONTAINER_RUNNING
             with pytest.raises(grpc.RpcError) as err:
                 crash(cri, ctx)
             assert status_code(err.value) == grpc.StatusCode.FAILED_PRECONDITION
         else:
-            assert _state(cri, ctr) == pb.CONTAINER_CREATED
+            assert container_status(cri, ctr).state == pb.CONTAINER_CREATED
             crash(cri, ctx)
         _works(cri, ctr)
 
@@ -273,8 +267,8 @@ def stop_pod_case(world: World) -> Case:
 
     def retry(cri: CriClient, ctx: dict[str, str]) -> None:
         crash(cri, ctx)
-        assert _pod_state(cri, ctx["pod"]) == pb.SANDBOX_NOTREADY
-        assert _state(cri, ctx["ctr"]) == pb.CONTAINER_EXITED
+        assert pod_state(cri, ctx["pod"]) == pb.SANDBOX_NOTREADY
+        assert container_status(cri, ctx["ctr"]).state == pb.CONTAINER_EXITED
 
     return Case(setup, crash, retry)
 
@@ -288,7 +282,7 @@ def remove_pod_case(world: World) -> Case:
     def retry(cri: CriClient, ctx: dict[str, str]) -> None:
         crash(cri, ctx)
         with pytest.raises(grpc.RpcError) as err:
-            _pod_state(cri, ctx["pod"])
+            pod_state(cri, ctx["pod"])
         assert status_code(err.value) == grpc.StatusCode.NOT_FOUND
 
     return Case(stop.setup, crash, retry)

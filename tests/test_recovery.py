@@ -22,10 +22,11 @@ from tests.cri import CriClient, status_code
 from tests.daemon import Daemon, running_daemon
 from tests.pods import (
     container_config,
-    container_state,
+    container_status,
     exec_sync,
     mounts_under,
     pod_config,
+    pod_state,
     remove_all_pods,
     run_pod,
     start_container,
@@ -66,11 +67,6 @@ def _pod_info(cri: CriClient, pod_id: str) -> dict[str, object]:
     return info
 
 
-def _pod_state(cri: CriClient, pod_id: str) -> int:
-    state: int = cri.PodSandboxStatus(
-        pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id)
-    ).status.state
-    return state
 
 
 def _attach_echo(cri: CriClient, ctr_id: str) -> bytes:
@@ -103,7 +99,7 @@ def test_restart_keeps_containers(
     quitter = start_container(cri, pod_id, config, container_config(
         busybox, command=["sh", "-c", "sleep 1; exit 7"]))
     pids = {c: _info(cri, c)["pid"] for c in (ticker, cat)}
-    log = Path(container_state(cri, ticker).log_path)
+    log = Path(container_status(cri, ticker).log_path)
     wait_for(lambda: log.exists() and "tick 3" in log.read_text(), what="ticks")
 
     stopped_at = time.time_ns()
@@ -113,13 +109,13 @@ def test_restart_keeps_containers(
     restarted_at = time.time_ns()
 
     for ctr in (ticker, cat):
-        assert container_state(cri, ctr).state == pb.CONTAINER_RUNNING
+        assert container_status(cri, ctr).state == pb.CONTAINER_RUNNING
         assert _info(cri, ctr)["pid"] == pids[ctr]
-    status = container_state(cri, quitter)
+    status = container_status(cri, quitter)
     assert status.state == pb.CONTAINER_EXITED and status.exit_code == 7
     assert stopped_at < status.finished_at < restarted_at
     assert status.reason == "Error"
-    assert _pod_state(cri, pod_id) == pb.SANDBOX_READY
+    assert pod_state(cri, pod_id) == pb.SANDBOX_READY
     lines = log.read_text().count("\n")
     wait_for(lambda: log.read_text().count("\n") > lines + 3, what="ticks after the restart")
     assert exec_sync(cri, ticker, "echo", "still").stdout == b"still\n"
@@ -139,15 +135,15 @@ def test_killed_shim(node: tuple[Daemon, CriClient], test_images: TestImages) ->
     os.kill(shim, signal.SIGKILL)
 
     def unknown() -> bool:
-        return container_state(cri, ctr).state in (pb.CONTAINER_UNKNOWN, pb.CONTAINER_EXITED)
+        return container_status(cri, ctr).state in (pb.CONTAINER_UNKNOWN, pb.CONTAINER_EXITED)
 
     wait_for(unknown, what="the container reported unknown")
-    status = container_state(cri, ctr)
+    status = container_status(cri, ctr)
     assert status.reason and status.message
-    assert _pod_state(cri, pod_id) == pb.SANDBOX_NOTREADY
+    assert pod_state(cri, pod_id) == pb.SANDBOX_NOTREADY
     cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
     assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
-    assert container_state(cri, ctr).state == pb.CONTAINER_EXITED
+    assert container_status(cri, ctr).state == pb.CONTAINER_EXITED
     assert_all_gone(d, cri, {pod_id, ctr})
 
 
@@ -165,9 +161,9 @@ def test_killed_pause(node: tuple[Daemon, CriClient], test_images: TestImages) -
     ctr = start_container(cri, pod_id, config,
                           container_config(test_images.busybox.reference, command=["sleep", "1h"]))
     os.kill(int(str(_pod_info(cri, pod_id)["pid"])), signal.SIGKILL)
-    wait_for(lambda: _pod_state(cri, pod_id) == pb.SANDBOX_NOTREADY, what="NOTREADY")
+    wait_for(lambda: pod_state(cri, pod_id) == pb.SANDBOX_NOTREADY, what="NOTREADY")
     cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
-    assert container_state(cri, ctr).state == pb.CONTAINER_EXITED
+    assert container_status(cri, ctr).state == pb.CONTAINER_EXITED
     assert_all_gone(d, cri, {pod_id, ctr})
 
 
@@ -230,7 +226,7 @@ def test_reboot(node: tuple[Daemon, CriClient], test_images: TestImages) -> None
     assert sorted(p.id for p in listed) == sorted(pods)
     assert all(p.state == pb.SANDBOX_NOTREADY for p in listed)
     for ctr in ctrs:
-        status = container_state(cri, ctr)
+        status = container_status(cri, ctr)
         assert status.state == pb.CONTAINER_EXITED and status.reason == "Unknown"
     assert len(list((d.root / "containers").iterdir())) == 2
     assert_all_gone(d, cri, set(pods + ctrs))

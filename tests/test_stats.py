@@ -16,7 +16,7 @@ from tests.cri import CriClient
 from tests.pods import (
     a_pod,
     container_config,
-    container_state,
+    container_status,
     exec_sync,
     start_container,
     wait_for,
@@ -226,7 +226,7 @@ def test_oom_kill_is_reported(fp: CriClient, pulled: TestImages, tmp_path: Path)
         ctr_id = start_container(fp, pod_id, pod, hog)
 
         def exited() -> pb.ContainerStatus | None:
-            status = container_state(fp, ctr_id)
+            status = container_status(fp, ctr_id)
             return status if status.state == pb.CONTAINER_EXITED else None
 
         status: pb.ContainerStatus = wait_for(exited, 30, "the hog to be killed")

@@ -29,7 +29,7 @@ from sandbox.spec import (
 from sandbox.users import UserDb
 from tests.cri import CriClient, status_code
 from tests.daemon import Daemon
-from tests.pods import container_config, container_state, host_traces, pod_config, wait_for
+from tests.pods import container_config, container_status, host_traces, pod_config, wait_for
 from tests.support.plugin import TestImages
 
 MAPPING = [pb.IDMapping(container_id=0, host_id=1000, length=100000)]  # critest's default
@@ -69,7 +69,7 @@ def run_to_exit(fp: CriClient, pod_id: str, pod: pb.PodSandboxConfig, image: str
     ctr_id = fp.CreateContainer(pb.CreateContainerRequest(
         pod_sandbox_id=pod_id, config=config, sandbox_config=pod)).container_id
     fp.StartContainer(pb.StartContainerRequest(container_id=ctr_id))
-    status = wait_for(lambda: (s := container_state(fp, ctr_id)).state == pb.CONTAINER_EXITED
+    status = wait_for(lambda: (s := container_status(fp, ctr_id)).state == pb.CONTAINER_EXITED
                       and s, what="the container's exit")
     text = (tmp_path / "logs" / config.log_path).read_text()
     assert status.exit_code == 0, text
