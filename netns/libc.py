@@ -29,6 +29,7 @@ def _libc() -> ctypes.CDLL:
     libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
     libc.unshare.argtypes = [ctypes.c_int]
     libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.syscall.restype = ctypes.c_long
     return libc
 
 
@@ -48,6 +49,16 @@ def mount(source: str, target: str, fstype: str, flags: int, data: str | None = 
 
 def umount2(target: str, flags: int) -> None:
     _check(_libc().umount2(target.encode(), flags), f"umount2 {target}", target)
+
+
+def syscall(number: int, *args: object, what: str) -> int:
+    """A raw system call (for those libc has no wrapper for, like open_tree); its result."""
+    libc = _libc()
+    ret = int(libc.syscall(ctypes.c_long(number), *args))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
 
 
 def unshare(flags: int) -> None:

@@ -15,7 +15,8 @@ import pytest
 from cri_api import api_pb2 as pb
 from sandbox.config import ImagesConfig
 from sandbox.images.service import ImageService
-from sandbox.images.snapshots import mount_overlay, unmount
+from sandbox.images.snapshots import mount_overlay
+from sandbox.mounts import unmount
 from sandbox.store import Store
 from tests.support.plugin import PushedImage, TestImages
 

@@ -160,7 +160,8 @@ def test_chain_ids() -> None:
 
 
 def test_many_layers_fit_the_mount_page(tmp_path: Path) -> None:
-    from sandbox.images.snapshots import mount_overlay, unmount
+    from sandbox.images.snapshots import mount_overlay
+    from sandbox.mounts import unmount
 
     store = SnapshotStore(tmp_path / "root")
     diff_ids = []

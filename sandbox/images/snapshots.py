@@ -32,6 +32,8 @@ from typing import BinaryIO, cast
 
 import zstandard
 
+from netns import libc
+
 log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
@@ -455,22 +457,8 @@ def tree_usage(root: Path) -> Usage:
 # ---- mounting --------------------------------------------------------------------------------
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
 def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
-    libc = _libc()
-    libc.mount.argtypes = [
-        ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p
-    ]
-    rc = libc.mount(
-        source.encode(), target.encode(), fstype.encode() if fstype else None, flags,
-        data.encode() if data is not None else None,
-    )
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {fstype or 'bind'} on {target}: {os.strerror(err)}")
+    libc.mount(source, target, fstype or "", flags, data)
 
 
 def mount_overlay(
@@ -551,16 +539,6 @@ class _MountAttr(ctypes.Structure):
     ]
 
 
-def _syscall(number: int, *args: object, what: str) -> int:
-    libc = _libc()
-    libc.syscall.restype = ctypes.c_long
-    ret = int(libc.syscall(ctypes.c_long(number), *args))
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return ret
-
-
 def idmapped_clone(source: Path, userns: Path, recursive: bool = False) -> int:
     """A detached clone of the mount at `source`, idmapped with the user namespace pinned at
     `userns`: files the host sees owned by k appear owned by map(k) through it, so a
@@ -568,7 +546,7 @@ def idmapped_clone(source: Path, userns: Path, recursive: bool = False) -> int:
 
     Returns the clone's O_PATH fd (close it to drop the clone); usable as /proc/self/fd/<n>."""
     flags = OPEN_TREE_CLONE | os.O_CLOEXEC | (AT_RECURSIVE if recursive else 0)
-    tree = _syscall(
+    tree = libc.syscall(
         SYS_OPEN_TREE, ctypes.c_int(AT_FDCWD), str(source).encode(), ctypes.c_uint(flags),
         what=f"open_tree {source}",
     )
@@ -576,7 +554,7 @@ def idmapped_clone(source: Path, userns: Path, recursive: bool = False) -> int:
         ns_fd = os.open(userns, os.O_RDONLY | os.O_CLOEXEC)
         try:
             attr = _MountAttr(attr_set=MOUNT_ATTR_IDMAP, userns_fd=ns_fd)
-            _syscall(
+            libc.syscall(
                 SYS_MOUNT_SETATTR, ctypes.c_int(tree), b"",
                 ctypes.c_uint(AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)),
                 ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)),
@@ -598,17 +576,6 @@ def idmap_supported(path: Path, userns: Path) -> bool:
         log.info("idmapped mounts unavailable on %s: %s", path, e)
         return False
     return True
-
-
-def unmount(target: Path) -> None:
-    """Detaches the mount at `target`; nothing mounted there (or no target) is fine."""
-    libc = _libc()
-    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    if libc.umount2(str(target).encode(), MNT_DETACH) != 0:
-        err = ctypes.get_errno()
-        if err in (errno.EINVAL, errno.ENOENT):
-            return
-        raise OSError(err, f"unmount {target}: {os.strerror(err)}")
 
 
 def mounted_lowers(chain_ids_bottom_first: Iterable[str]) -> list[str]:
