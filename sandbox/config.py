@@ -69,6 +69,10 @@ class Config:
     default_cgroup_parent: str = "/flatpod"
     # CRI log records longer than this are split into partial (P) records.
     max_log_line_size: int = 16384
+    # KSM for the shims' memory (shim/ksm.py): "on" marks the pages the shims inherit from
+    # the zygote mergeable and starts ksmd if it is stopped; "advise" only marks them (ksmd
+    # is the administrator's); "off" does neither.
+    shim_page_merging: str = "on"
     # Empty: no Prometheus endpoint. Otherwise "host:port".
     metrics_address: str = ""
     network: NetworkConfig = field(default_factory=NetworkConfig)
@@ -84,6 +88,7 @@ class Config:
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+_PAGE_MERGING = ("on", "advise", "off")
 # <state_dir>/pods/<64-hex pod id>/shim.sock must fit in sockaddr_un's 108 bytes.
 MAX_STATE_DIR_LEN = 107 - len("/pods/") - 64 - len("/shim.sock")
 
@@ -171,6 +176,10 @@ def _validate(config: Config) -> None:
         raise ConfigError("config key 'streaming.port' must be between 0 and 65535")
     if bool(config.streaming.tls_cert) != bool(config.streaming.tls_key):
         raise ConfigError("config keys 'streaming.tls_cert' and 'streaming.tls_key' go together")
+    if config.shim_page_merging not in _PAGE_MERGING:
+        raise ConfigError(
+            f"config key 'shim_page_merging' must be one of {', '.join(_PAGE_MERGING)}"
+        )
     if config.max_log_line_size < 256:
         raise ConfigError("config key 'max_log_line_size' must be at least 256")
     if config.images.pull_progress_timeout_seconds < 1:

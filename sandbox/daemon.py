@@ -142,7 +142,7 @@ def open_runtime(config: Config) -> Runtime:
     rt.shims = ShimRegistry(
         runc_root=paths.runc_root, runc=config.runtime_path, log_level=config.log_level,
         on_exit=on_exit, on_lost=lambda pod_id: containers.on_shim_lost(rt, pod_id),
-        zygote_socket=paths.state / "zygote.sock",
+        zygote_socket=paths.state / "zygote.sock", page_merging=config.shim_page_merging,
     )
     pods.ensure_pause_rootfs(rt)
     return rt

@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from shim import ksm
 from shim.client import (
     ShimClient,
     ShimError,
@@ -52,8 +53,10 @@ class ShimRegistry:
     """The pods' shims, and the zygote that forks them.
 
     A shim forked from the preloaded zygote shares the interpreter's pages copy-on-write
-    (about 2.1 MiB private per pod, against about 10 MiB for a fresh interpreter). The zygote
-    lives as long as the daemon; the shims it forked are not its children and outlive both.
+    (about 2.1 MiB private per pod, against about 10 MiB for a fresh interpreter; about
+    0.35 MiB once KSM has merged the pages CPython's reference counting copied, see
+    shim/ksm.py). The zygote lives as long as the daemon; the shims it forked are not its
+    children and outlive both.
     """
 
     runc_root: Path
@@ -63,6 +66,8 @@ class ShimRegistry:
     # Called with the pod id when a shim goes away without being asked to (killed, OOM).
     on_lost: LostHandler = lambda _pod_id: None
     zygote_socket: Path | None = None
+    # config.shim_page_merging: "on", "advise" or "off"
+    page_merging: str = "off"
     clients: dict[str, ShimClient] = field(default_factory=dict)
     followers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
@@ -85,7 +90,10 @@ class ShimRegistry:
                 log.warning("shim zygote %d does not answer (%s); replacing it", old_pid, err)
             _kill(old_pid)
         self.zygote_socket.unlink(missing_ok=True)
-        await start_zygote(socket_path, log_path=str(self.zygote_socket.with_suffix(".log")))
+        if self.page_merging == "on":
+            _start_ksmd()
+        await start_zygote(socket_path, log_path=str(self.zygote_socket.with_suffix(".log")),
+                           merge_pages=self.page_merging != "off")
         reply = await zygote_call(socket_path, "ping", timeout=ZYGOTE_PING_TIMEOUT)
         pid_file.write_text(f"{int(reply['pid'])}\n")
 
@@ -172,6 +180,21 @@ def _read_pid(path: Path) -> int:
         return int(path.read_text().strip())
     except (OSError, ValueError):
         return 0
+
+
+def _start_ksmd() -> None:
+    try:
+        started = ksm.start_ksmd()
+    except OSError as err:
+        log.warning("could not start ksmd (%s): shim pages will not be merged", err)
+        return
+    state = ksm.ksmd_state()
+    if started:
+        log.info("started the kernel's same-page merging (%s=1) for shim memory", ksm.KSM_RUN)
+    elif state is None:
+        log.info("no KSM in this kernel: shim pages will not be merged")
+    elif state != "1":
+        log.info("%s is %s: shim pages will not be merged", ksm.KSM_RUN, state)
 
 
 def _is_zygote(pid: int) -> bool:

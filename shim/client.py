@@ -352,10 +352,12 @@ async def _run_detaching(op: str, argv: list[str], timeout: float) -> None:
 
 
 async def start_zygote(socket_path: str, *, python: str = sys.executable,
-                       log_path: str = os.devnull, timeout: float = DEFAULT_TIMEOUT) -> None:
-    """Start a detached shim zygote listening on socket_path (see shim/zygote.py)."""
-    await _run_detaching("zygote", [python, "-m", "shim.zygote", "--socket", socket_path,
-                                    "--log", log_path], timeout)
+                       log_path: str = os.devnull, merge_pages: bool = False,
+                       timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Start a detached shim zygote listening on socket_path (see shim/zygote.py);
+    merge_pages offers the memory its shims inherit to KSM (see shim/ksm.py)."""
+    argv = [python, "-m", "shim.zygote", "--socket", socket_path, "--log", log_path]
+    await _run_detaching("zygote", argv + (["--merge-pages"] if merge_pages else []), timeout)
 
 
 async def spawn_shim(pod_id: str, shim_dir: str, runc_root: str, *,

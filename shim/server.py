@@ -929,19 +929,23 @@ def _send(pid: int, signum: int) -> None:
         os.kill(pid, signum)
 
 
-_prctl: Any = None
+_libc: Any = None
+
+
+def load_libc() -> Any:
+    """libc through ctypes, loaded once: the zygote calls this (and looks up prctl) before
+    it forks, so a shim finds the CDLL and the function pointer made (ctypes builds both in
+    Python code that would otherwise run, and allocate, in every shim)."""
+    global _libc
+    if _libc is None:
+        import ctypes  # only here: ctypes is heavy and only shim processes need it
+
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
 
 
 def load_prctl() -> Any:
-    """libc's prctl through ctypes, loaded once: the zygote calls this before it forks, so
-    a shim finds the CDLL and the function pointer made (ctypes builds both in Python
-    code that would otherwise run, and allocate, in every shim)."""
-    global _prctl
-    if _prctl is None:
-        import ctypes  # only here: ctypes is heavy and only shim processes need it
-
-        _prctl = ctypes.CDLL(None, use_errno=True).prctl
-    return _prctl
+    return load_libc().prctl
 
 
 def set_child_subreaper(process_name: bytes = b"flatpod-shim") -> None:

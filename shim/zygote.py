@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import gc
 import json
 import os
@@ -25,9 +26,9 @@ import tempfile
 from typing import Any
 
 from shim import __main__ as shim_main
-from shim import protocol
+from shim import ksm, protocol
 from shim.runc import DEFAULT_RUNC
-from shim.server import LOG_LEVELS, load_prctl
+from shim.server import LOG_LEVELS, load_libc, load_prctl
 
 
 def spawn_args(request: dict[str, Any]) -> argparse.Namespace:
@@ -245,8 +246,23 @@ def preload() -> None:
     gc.freeze()
 
 
-def serve_zygote(listener: socket.socket) -> None:
+def advise_merging() -> None:
+    """Offer the zygote's memory, and so the shims' copies of it, to KSM (shim/ksm.py).
+    Last before serving: a mapping made after this is not marked."""
+    madvise = load_libc().madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    try:
+        marked = ksm.mark_mergeable(madvise)
+    except OSError as err:
+        print(f"flatpod zygote: shim pages not merged: {err}", file=sys.stderr)
+    else:
+        print(f"flatpod zygote: {marked >> 10} KiB offered to KSM", file=sys.stderr)
+
+
+def serve_zygote(listener: socket.socket, merge_pages: bool = False) -> None:
     preload()
+    if merge_pages:
+        advise_merging()
     while True:
         conn, _addr = listener.accept()
         handle(conn, listener)
@@ -257,12 +273,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--socket", required=True)
     parser.add_argument("--log", default=os.devnull)
     parser.add_argument("--foreground", action="store_true")
+    parser.add_argument("--merge-pages", action="store_true",
+                        help="mark the memory the shims inherit MADV_MERGEABLE (KSM)")
     args = parser.parse_args(argv)
     # Listening before detaching: when this command exits 0 the zygote is ready.
     listener = shim_main.bind_listener(args.socket)
     if not args.foreground:
         shim_main.detach(args.log)
-    serve_zygote(listener)
+    serve_zygote(listener, args.merge_pages)
     sys.exit(0)
 
 

@@ -45,6 +45,7 @@ def test_values_and_nested_tables(tmp_path: Path) -> None:
         ("[network]\nsubnet = \"nope\"", "'network.subnet'"),
         ("[streaming]\ntls_cert = \"/x\"", "'streaming.tls_cert'"),
         ("log_level = \"loud\"", "'log_level'"),
+        ("shim_page_merging = \"yes\"", "'shim_page_merging'"),
         ("network = 3", "'network'"),
         ("root_dir = \"relative\"", "'root_dir'"),
         ("[images]\nmirrors = {a = 1}", "'images.mirrors'"),

@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from cri_api import api_pb2 as pb
+from shim import ksm
 from tests.cri import CriClient, status_code
 from tests.daemon import REPO, Daemon, running_daemon
 
@@ -130,3 +131,22 @@ def test_missing_default_config_means_defaults(tmp_path: Path) -> None:
     assert info["runtime_path"] == "/usr/sbin/runc"
     assert info["images"]["pull_progress_timeout_seconds"] == 300
     assert info["network"]["mtu"] == 1500
+
+
+def test_shim_page_merging_on_starts_ksmd_and_marks_the_zygote(tmp_path: Path) -> None:
+    """The default, "on": ksmd is started when stopped, and the zygote's memory (which every
+    shim inherits) is offered to it. The test puts ksmd back as it was."""
+    before = ksm.ksmd_state()
+    if before is None:
+        pytest.skip("no KSM in this kernel")
+    ksm.set_ksmd_state("0")
+    try:
+        with running_daemon(tmp_path, 'shim_page_merging = "on"') as d:
+            assert ksm.ksmd_state() == "1"
+            zygote = int((d.state / "zygote.pid").read_text())
+            heap = Path(f"/proc/{zygote}/smaps").read_text().split("[heap]\n", 1)[1]
+            flags = next(line for line in heap.splitlines() if line.startswith("VmFlags:"))
+            assert " mg" in flags
+            assert "started the kernel's same-page merging" in d.log()
+    finally:
+        ksm.set_ksmd_state(before)

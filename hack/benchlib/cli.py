@@ -16,6 +16,7 @@ from benchlib.cri import BUSYBOX, describe
 from benchlib.runtimes import Containerd, Flatpod, Runtime
 from benchlib.stats import Report
 from benchlib.workloads import MS, Plan, run_at_scale, run_latencies
+from shim import ksm
 
 WORKLOADS = ("runpod", "create-start", "stop-remove", "concurrent", "relist", "stats",
              "memory", "pull", "floor")
@@ -137,6 +138,7 @@ def main(argv: list[str]) -> int:
                           "nproc": os.cpu_count()})
     began = time.monotonic()
     clean = False
+    ksmd_before = ksm.ksmd_state()
     try:
         start_all(runtimes)
         run_workloads(report, runtimes, plan, args.only)
@@ -144,6 +146,9 @@ def main(argv: list[str]) -> int:
         report.notes.append(f"ABORTED: {describe(err)}")
     finally:
         clean = stop_all(runtimes, report)
+        if ksmd_before == "0" and ksm.ksmd_state() == "1":  # flatpod started it
+            ksm.set_ksmd_state("0")
+            report.notes.append("ksmd stopped again, as it was before the bench")
         for runtime in runtimes:
             if isinstance(runtime, Flatpod) and report_has_errors(report):
                 report.notes.append(f"flatpod log tail:\n{runtime.log_tail()}")

@@ -79,3 +79,20 @@ def in_cgroup_named(pid: int, name: str) -> bool:
     except OSError:
         return False
     return any(f"/{name}/" in line or line.endswith(f"/{name}") for line in text.splitlines())
+
+
+def ksm_full_scans() -> int:
+    """How many full passes ksmd has made (0 without KSM)."""
+    try:
+        return int(Path("/sys/kernel/mm/ksm/full_scans").read_text())
+    except OSError:
+        return 0
+
+
+def ksmd_cpu_seconds() -> float:
+    """CPU time ksmd (a kernel thread) has used since boot; 0 without KSM."""
+    for proc in snapshot().values():
+        if proc.comm == "ksmd" and proc.ppid == 2:  # a child of kthreadd
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
