@@ -15,13 +15,18 @@ log=${FLATPOD_LOG:-/var/tmp/flatpod-conformance.log}
 "$conformance/registry.sh" status >/dev/null 2>&1 || "$conformance/registry.sh" start
 python3 "$conformance/build_images.py" >/dev/null
 
+# flatpod starts ksmd if it is stopped (shim_page_merging = "on"): put it back afterwards.
+ksm_run=/sys/kernel/mm/ksm/run
+ksm_before=$(cat "$ksm_run" 2>/dev/null || true)
+
 PYTHONPATH=$repo "$venv/bin/python" -m sandbox serve --config "$config" >"$log" 2>&1 &
 daemon=$!
 
 # After the run: flatpod stopped, then what a node would keep but a test run should not: the
-# bridge, its masquerade rule and the pods' parent cgroup.
+# bridge, its masquerade rule, the pods' parent cgroup and a ksmd it started.
 cleanup() {
   kill -TERM "$daemon" 2>/dev/null; wait "$daemon" 2>/dev/null || true
+  if [ "$ksm_before" = 0 ]; then echo 0 >"$ksm_run"; fi
   PYTHONPATH=$repo "$venv/bin/python" - <<'PY' || true
 import tempfile
 from pathlib import Path
