@@ -18,9 +18,9 @@ from sandbox.config import ConfigError, load_config
 GRPC_EXPERIMENTS = "GRPC_EXPERIMENTS"
 # Without its EventEngine listener, gRPC serves accepted connections the long-standing iomgr
 # way: the thread that waits on the completion queue (grpc.aio's poller) also reads and writes
-# the socket, instead of handing every event over from an EventEngine thread. One thread
-# handoff less per completion: a relist pair (ListPodSandbox + ListContainers) measured ~10%
-# faster end to end and ~15% less server CPU, and scale-up faster too (see hack/bench.md).
+# the socket, instead of having each event handed over by an EventEngine thread. One thread
+# wakeup less per completion: a relist pair (ListPodSandbox + ListContainers) measured ~8-10%
+# faster and ~15% cheaper in server CPU (ARCHITECTURE.md, "Inside flatpod serve").
 SERVER_EXPERIMENTS = "-event_engine_listener"
 
 
