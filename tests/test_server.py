@@ -200,3 +200,23 @@ def test_handler_failures_map_to_statuses_and_are_observed(tmp_path: Path) -> No
         (f"{service}/GetContainerEvents", grpc.StatusCode.INTERNAL),
         (f"{service}/CheckpointContainer", grpc.StatusCode.UNIMPLEMENTED),
     ]
+
+
+def test_entry_point_chooses_grpc_experiments_before_grpc_loads() -> None:
+    """gRPC reads GRPC_EXPERIMENTS once, at import: the entry point must set it first, so its
+    module may not import grpc; an operator's own value is kept."""
+    probe = (
+        "import os, sys\n"
+        "from sandbox import __main__ as m\n"
+        "assert 'grpc' not in sys.modules, 'sandbox.__main__ imports grpc at its top'\n"
+        "m.choose_grpc_experiments()\n"
+        "print(os.environ['GRPC_EXPERIMENTS'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+    env["PYTHONPATH"] = str(REPO)
+    run = [sys.executable, "-c", probe]
+    chosen = subprocess.run(run, env=env, capture_output=True, text=True, check=True)
+    assert chosen.stdout.strip() == "-event_engine_listener"
+    env["GRPC_EXPERIMENTS"] = "operator_choice"
+    kept = subprocess.run(run, env=env, capture_output=True, text=True, check=True)
+    assert kept.stdout.strip() == "operator_choice"
