@@ -567,9 +567,16 @@ def container_status_message(rt: Runtime, ctr: ContainerRecord) -> pb.ContainerS
 
 
 async def list_containers(rt: Runtime, req: pb.ListContainersRequest) -> bytes:
-    """A ListContainersResponse, assembled from each container's cached entry (sandbox/wire.py)."""
-    # A list, not a generator, and the entry inline: kubelet's relist runs this every second.
-    return b"".join([c.list_entry or _list_entry(c) for c in _filtered(rt, req.filter)])
+    """A ListContainersResponse, assembled from each container's cached entry (sandbox/wire.py).
+    Unfiltered, as kubelet's relist asks every second, the whole answer is cached too."""
+    flt = req.filter
+    if flt.ByteSize():
+        return _answer(rt, flt)
+    return rt.answers.get("containers", rt.listed_state(rt.containers), lambda: _answer(rt, flt))
+
+
+def _answer(rt: Runtime, flt: pb.ContainerFilter) -> bytes:
+    return b"".join([c.list_entry or _list_entry(c) for c in _filtered(rt, flt)])
 
 
 def _list_entry(ctr: ContainerRecord) -> bytes:

@@ -638,9 +638,16 @@ def sandbox_status(pod: PodRecord) -> pb.PodSandboxStatus:
 
 
 async def list_pod_sandbox(rt: Runtime, req: pb.ListPodSandboxRequest) -> bytes:
-    """A ListPodSandboxResponse, assembled from each pod's cached entry (see sandbox/wire.py)."""
-    # A list, not a generator, and the entry inline: kubelet's relist runs this every second.
-    return b"".join([p.list_entry or _list_entry(p) for p in _filtered(rt, req.filter)])
+    """A ListPodSandboxResponse, assembled from each pod's cached entry (see sandbox/wire.py).
+    Unfiltered, as kubelet's relist asks every second, the whole answer is cached too."""
+    flt = req.filter
+    if flt.ByteSize():
+        return _answer(rt, flt)
+    return rt.answers.get("pods", rt.listed_state(rt.pods), lambda: _answer(rt, flt))
+
+
+def _answer(rt: Runtime, flt: pb.PodSandboxFilter) -> bytes:
+    return b"".join([p.list_entry or _list_entry(p) for p in _filtered(rt, flt)])
 
 
 def _list_entry(pod: PodRecord) -> bytes:
