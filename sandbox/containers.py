@@ -15,7 +15,7 @@ import shutil
 import signal
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -567,8 +567,16 @@ def container_status_message(rt: Runtime, ctr: ContainerRecord) -> pb.ContainerS
 
 
 async def list_containers(rt: Runtime, req: pb.ListContainersRequest) -> bytes:
-    """A ListContainersResponse, assembled from each container's cached entry (sandbox/wire.py)."""
-    return b"".join(_list_entry(c) for c in _filtered(rt, req.filter))
+    """A ListContainersResponse, assembled from each container's cached entry (sandbox/wire.py).
+    Unfiltered, as kubelet's relist asks every second, the whole answer is cached too."""
+    flt = req.filter
+    if flt.ByteSize():
+        return _answer(rt, flt)
+    return rt.answers.get("containers", rt.listed_state(rt.containers), lambda: _answer(rt, flt))
+
+
+def _answer(rt: Runtime, flt: pb.ContainerFilter) -> bytes:
+    return b"".join([c.list_entry or _list_entry(c) for c in _filtered(rt, flt)])
 
 
 def _list_entry(ctr: ContainerRecord) -> bytes:
@@ -577,7 +585,7 @@ def _list_entry(ctr: ContainerRecord) -> bytes:
     return ctr.list_entry
 
 
-def _filtered(rt: Runtime, flt: pb.ContainerFilter) -> Iterable[ContainerRecord]:
+def _filtered(rt: Runtime, flt: pb.ContainerFilter) -> list[ContainerRecord]:
     want_state = _STATE_NAMES.get(flt.state.state) if flt.HasField("state") else None
     return matching(rt, flt.id, flt.pod_sandbox_id, flt.label_selector, want_state)
 
@@ -588,20 +596,23 @@ def matching(
     pod_prefix: str = "",
     labels: Mapping[str, str] | None = None,
     state: str | None = None,
-) -> Iterator[ContainerRecord]:
-    """The visible containers that a CRI filter selects (ListContainers, the stats RPCs)."""
-    for ctr in rt.containers.values():
-        if ctr.state == CONTAINER_CREATING:
-            continue
-        if id_prefix and not ctr.id.startswith(id_prefix):
-            continue
-        if pod_prefix and not ctr.pod_id.startswith(pod_prefix):
-            continue
-        if state is not None and ctr.state != state:
-            continue
-        if labels and any(ctr.config.labels.get(k) != v for k, v in labels.items()):
-            continue
-        yield ctr
+) -> list[ContainerRecord]:
+    """The visible containers that a CRI filter selects (ListContainers, the stats RPCs).
+
+    One pass per criterion given, so the empty filter of kubelet's relist costs one
+    comprehension; the label selector (a protobuf map) is read once, not once per container.
+    """
+    found = [c for c in rt.containers.values() if c.state != CONTAINER_CREATING]
+    if id_prefix:
+        found = [c for c in found if c.id.startswith(id_prefix)]
+    if pod_prefix:
+        found = [c for c in found if c.pod_id.startswith(pod_prefix)]
+    if state is not None:
+        found = [c for c in found if c.state == state]
+    if labels:
+        selector = dict(labels)
+        found = [c for c in found if all(c.config.labels.get(k) == v for k, v in selector.items())]
+    return found
 
 
 def _summary(ctr: ContainerRecord) -> pb.Container:

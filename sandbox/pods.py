@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -638,8 +638,16 @@ def sandbox_status(pod: PodRecord) -> pb.PodSandboxStatus:
 
 
 async def list_pod_sandbox(rt: Runtime, req: pb.ListPodSandboxRequest) -> bytes:
-    """A ListPodSandboxResponse, assembled from each pod's cached entry (see sandbox/wire.py)."""
-    return b"".join(_list_entry(p) for p in _filtered(rt, req.filter))
+    """A ListPodSandboxResponse, assembled from each pod's cached entry (see sandbox/wire.py).
+    Unfiltered, as kubelet's relist asks every second, the whole answer is cached too."""
+    flt = req.filter
+    if flt.ByteSize():
+        return _answer(rt, flt)
+    return rt.answers.get("pods", rt.listed_state(rt.pods), lambda: _answer(rt, flt))
+
+
+def _answer(rt: Runtime, flt: pb.PodSandboxFilter) -> bytes:
+    return b"".join([p.list_entry or _list_entry(p) for p in _filtered(rt, flt)])
 
 
 def _list_entry(pod: PodRecord) -> bytes:
@@ -648,20 +656,20 @@ def _list_entry(pod: PodRecord) -> bytes:
     return pod.list_entry
 
 
-def _filtered(rt: Runtime, flt: pb.PodSandboxFilter) -> Iterable[PodRecord]:
-    want_state = None
+def _filtered(rt: Runtime, flt: pb.PodSandboxFilter) -> list[PodRecord]:
+    """The visible pods the filter selects. One pass per criterion the filter sets, so the
+    empty filter of kubelet's relist costs one comprehension (reading the protobuf filter,
+    above all its label map, once per pod cost ~0.8 us a pod)."""
+    found = [p for p in rt.pods.values() if p.state != SANDBOX_CREATING]
+    if flt.id:
+        found = [p for p in found if p.id.startswith(flt.id)]
     if flt.HasField("state"):
-        want_state = SANDBOX_READY if flt.state.state == pb.SANDBOX_READY else SANDBOX_NOTREADY
-    for pod in rt.pods.values():
-        if pod.state == SANDBOX_CREATING:
-            continue
-        if flt.id and not pod.id.startswith(flt.id):
-            continue
-        if want_state is not None and pod.state != want_state:
-            continue
-        if any(pod.config.labels.get(k) != v for k, v in flt.label_selector.items()):
-            continue
-        yield pod
+        want = SANDBOX_READY if flt.state.state == pb.SANDBOX_READY else SANDBOX_NOTREADY
+        found = [p for p in found if p.state == want]
+    if flt.label_selector:
+        selector = dict(flt.label_selector)
+        found = [p for p in found if all(p.config.labels.get(k) == v for k, v in selector.items())]
+    return found
 
 
 def _summary(pod: PodRecord) -> pb.PodSandbox:

@@ -22,6 +22,7 @@ from sandbox.errors import InvalidArgument, NotFound
 from sandbox.faults import Faults
 from sandbox.records import ContainerRecord, PodRecord
 from sandbox.store import Store
+from sandbox.wire import AnswerCache
 
 log = logging.getLogger("flatpod.runtime")
 T = TypeVar("T")
@@ -104,6 +105,8 @@ class Runtime:
     paths: Paths
     pods: dict[str, PodRecord] = field(default_factory=dict)
     containers: dict[str, ContainerRecord] = field(default_factory=dict)
+    # Unfiltered ListPodSandbox / ListContainers answers (see listed_state).
+    answers: AnswerCache = field(default_factory=AnswerCache)
     locks: KeyedLocks = field(default_factory=KeyedLocks)
     creations: Creations = field(default_factory=Creations)
     # Test-only crash points (sandbox/faults.py); empty unless FLATPOD_CRASH_AT was set.
@@ -155,6 +158,16 @@ class Runtime:
 
     def containers_of(self, pod_id: str) -> list[ContainerRecord]:
         return [c for c in self.containers.values() if c.pod_id == pod_id]
+
+    def listed_state(self, index: dict[str, Any]) -> tuple[int, int, int]:
+        """What an unfiltered list answer of `index` (self.pods or self.containers) depends on.
+
+        Every change to a record is saved to the store, which is also what empties the
+        record's cached list entry, and records join or leave the index together with their
+        insert or delete in the store. So the store's commit count changes whenever an answer
+        could; the index's identity and size are there for an index changed without it.
+        """
+        return self.store.commits, id(index), len(index)
 
 
 def _by_id_or_prefix(index: dict[str, T], ref: str, what: str) -> T:

@@ -89,6 +89,7 @@ class Store:
         db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = db_path
         self._lock = threading.RLock()
+        self._commits = 0
         self._conn = sqlite3.connect(
             db_path, isolation_level=None, check_same_thread=False, timeout=30
         )
@@ -97,6 +98,11 @@ class Store:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._migrate()
+
+    @property
+    def commits(self) -> int:
+        """How many write transactions committed so far: unchanged, nothing was written."""
+        return self._commits
 
     @property
     def schema_version(self) -> int:
@@ -129,6 +135,7 @@ class Store:
                 raise
             else:
                 self._conn.execute("COMMIT")
+                self._commits += 1
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:

@@ -7,6 +7,8 @@ serialized once (when the record changes) and a list answer is the concatenation
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
+
 from google.protobuf.message import Message
 
 _WIRE_TYPE_LENGTH_DELIMITED = 2
@@ -28,3 +30,26 @@ def repeated_entry(field_number: int, message: Message) -> bytes:
     payload = message.SerializeToString()
     tag = varint(field_number << 3 | _WIRE_TYPE_LENGTH_DELIMITED)
     return tag + varint(len(payload)) + payload
+
+
+class AnswerCache:
+    """Whole list answers, each kept with the state it was built from.
+
+    The concatenation above still reads every record on every call, and in a busy gRPC server
+    those are cold cache lines: ~0.08 ms of a ~1.2 ms relist pair at 100 pods. So the
+    unfiltered answers kubelet's relist asks for every second are kept whole, keyed by what
+    they were built from; the caller names that state (see pods.list_pod_sandbox).
+    """
+
+    def __init__(self) -> None:
+        self._answers: dict[str, tuple[Hashable, bytes]] = {}
+
+    def get(self, name: str, state: Hashable, build: Callable[[], bytes]) -> bytes:
+        """The answer `name` built for `state`: the cached one, or `build()` when the state
+        differs from the one it was built for."""
+        cached = self._answers.get(name)
+        if cached is not None and cached[0] == state:
+            return cached[1]
+        answer = build()
+        self._answers[name] = (state, answer)
+        return answer

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import stat
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
 
 from cri_api import api_pb2 as pb
+from cri_api import api_pb2_grpc as rpc
+from sandbox.errors import NotFound
+from sandbox.server import Handler, build_server
 from shim import ksm
 from tests.cri import CriClient, status_code
 from tests.daemon import REPO, Daemon, running_daemon
@@ -150,3 +155,86 @@ def test_shim_page_merging_on_starts_ksmd_and_marks_the_zygote(tmp_path: Path) -
             assert "started the kernel's same-page merging" in d.log()
     finally:
         ksm.set_ksmd_state(before)
+def test_handler_failures_map_to_statuses_and_are_observed(tmp_path: Path) -> None:
+    """In process, no daemon: what build_server answers when a unary or streaming handler
+    raises, and what the observer (the metrics endpoint's hook) is told for each call."""
+
+    async def not_found(rt: object, req: object) -> pb.VersionResponse:
+        raise NotFound("no such thing")
+
+    async def broken(rt: object, req: object) -> pb.VersionResponse:
+        raise RuntimeError("boom")
+
+    async def answer_bytes(rt: object, req: object) -> bytes:
+        return pb.ListContainersResponse(containers=[pb.Container(id="c1")]).SerializeToString()
+
+    async def broken_stream(rt: object, req: object) -> AsyncIterator[pb.ContainerEventResponse]:
+        yield pb.ContainerEventResponse(container_id="first")
+        raise RuntimeError("stream boom")
+
+    handlers: dict[str, Handler] = {
+        "RuntimeService/Version": not_found,
+        "RuntimeService/Status": broken,
+        "RuntimeService/ListContainers": answer_bytes,
+        "RuntimeService/GetContainerEvents": broken_stream,
+    }
+    observed: list[tuple[str, grpc.StatusCode]] = []
+    socket = tmp_path / "s.sock"
+
+    async def scenario() -> None:
+        server = build_server(None, handlers, lambda name, _s, code: observed.append((name, code)))
+        server.add_insecure_port(f"unix://{socket}")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
+                stub = rpc.RuntimeServiceStub(channel)  # type: ignore[no-untyped-call]
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.Version(pb.VersionRequest())
+                assert err.value.code() == grpc.StatusCode.NOT_FOUND
+                assert err.value.details() == "no such thing"
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.Status(pb.StatusRequest())
+                assert err.value.code() == grpc.StatusCode.INTERNAL
+                assert "internal error: boom" in (err.value.details() or "")
+                listed = await stub.ListContainers(pb.ListContainersRequest())
+                assert [c.id for c in listed.containers] == ["c1"]
+                call = stub.GetContainerEvents(pb.GetEventsRequest())
+                assert (await call.read()).container_id == "first"
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call.read()
+                assert err.value.code() == grpc.StatusCode.INTERNAL
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.CheckpointContainer(pb.CheckpointContainerRequest())
+                assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())
+    service = "/runtime.v1.RuntimeService"
+    assert observed == [
+        (f"{service}/Version", grpc.StatusCode.NOT_FOUND),
+        (f"{service}/Status", grpc.StatusCode.INTERNAL),
+        (f"{service}/ListContainers", grpc.StatusCode.OK),
+        (f"{service}/GetContainerEvents", grpc.StatusCode.INTERNAL),
+        (f"{service}/CheckpointContainer", grpc.StatusCode.UNIMPLEMENTED),
+    ]
+
+
+def test_entry_point_chooses_grpc_experiments_before_grpc_loads() -> None:
+    """gRPC reads GRPC_EXPERIMENTS once, at import: the entry point must set it first, so its
+    module may not import grpc; an operator's own value is kept."""
+    probe = (
+        "import os, sys\n"
+        "from sandbox import __main__ as m\n"
+        "assert 'grpc' not in sys.modules, 'sandbox.__main__ imports grpc at its top'\n"
+        "m.choose_grpc_experiments()\n"
+        "print(os.environ['GRPC_EXPERIMENTS'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+    env["PYTHONPATH"] = str(REPO)
+    run = [sys.executable, "-c", probe]
+    chosen = subprocess.run(run, env=env, capture_output=True, text=True, check=True)
+    assert chosen.stdout.strip() == "-event_engine_listener"
+    env["GRPC_EXPERIMENTS"] = "operator_choice"
+    kept = subprocess.run(run, env=env, capture_output=True, text=True, check=True)
+    assert kept.stdout.strip() == "operator_choice"

@@ -1,0 +1,126 @@
+"""ListPodSandbox and ListContainers as kubelet's relist calls them: unfiltered, every second.
+
+In process, no daemon: the list functions over a real store. Their unfiltered answers are
+cached whole (sandbox/wire.py, AnswerCache); these tests change records the way the RPCs do
+(save, insert, delete) and check that every answer is the current one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from cri_api import api_pb2 as pb
+from sandbox import containers, pods
+from sandbox.config import Config
+from sandbox.records import (
+    EXITED,
+    RUNNING,
+    SANDBOX_NOTREADY,
+    SANDBOX_READY,
+    ContainerRecord,
+    PodRecord,
+    delete_container,
+    delete_pod,
+    insert_container,
+    insert_pod,
+    save_container,
+    save_pod,
+)
+from sandbox.runtime import Paths, Runtime
+from sandbox.store import Store
+
+
+@pytest.fixture
+def rt(tmp_path: Path) -> Runtime:
+    return Runtime(config=Config(), store=Store(tmp_path / "state.db"),
+                   paths=Paths(tmp_path / "root", tmp_path / "state"))
+
+
+def _add_pod(rt: Runtime, pod_id: str, state: str = SANDBOX_READY) -> PodRecord:
+    config = pb.PodSandboxConfig(
+        metadata=pb.PodSandboxMetadata(name=pod_id, uid="u", namespace="ns"),
+        labels={"app": pod_id},
+    )
+    pod = PodRecord(id=pod_id, name=pod_id, created_at=time.time_ns(), config=config,
+                    state=state)
+    assert insert_pod(rt.store, pod) is None
+    rt.pods[pod.id] = pod
+    return pod
+
+
+def _add_container(rt: Runtime, ctr_id: str, pod_id: str, state: str = RUNNING) -> ContainerRecord:
+    config = pb.ContainerConfig(metadata=pb.ContainerMetadata(name=ctr_id))
+    ctr = ContainerRecord(id=ctr_id, pod_id=pod_id, name=ctr_id, created_at=time.time_ns(),
+                          config=config, image_ref="busybox", state=state)
+    assert insert_container(rt.store, ctr) is None
+    rt.containers[ctr.id] = ctr
+    return ctr
+
+
+def _pods(rt: Runtime, flt: pb.PodSandboxFilter | None = None) -> list[tuple[str, int]]:
+    raw = asyncio.run(pods.list_pod_sandbox(rt, pb.ListPodSandboxRequest(filter=flt)))
+    return sorted((p.id, p.state) for p in pb.ListPodSandboxResponse.FromString(raw).items)
+
+
+def _containers(rt: Runtime, flt: pb.ContainerFilter | None = None) -> list[tuple[str, int]]:
+    raw = asyncio.run(containers.list_containers(rt, pb.ListContainersRequest(filter=flt)))
+    listed = pb.ListContainersResponse.FromString(raw).containers
+    return sorted((c.id, c.state) for c in listed)
+
+
+def test_unfiltered_pod_list_follows_every_change(rt: Runtime) -> None:
+    ready, notready = pb.SANDBOX_READY, pb.SANDBOX_NOTREADY
+    first = _add_pod(rt, "p1")
+    creating = _add_pod(rt, "p2", state=pods.SANDBOX_CREATING)
+    assert _pods(rt) == [("p1", ready)]  # a pod being created is listed nowhere
+
+    creating.state = SANDBOX_READY
+    save_pod(rt.store, creating)
+    assert _pods(rt) == [("p1", ready), ("p2", ready)]
+
+    first.state = SANDBOX_NOTREADY
+    save_pod(rt.store, first)
+    assert _pods(rt) == [("p1", notready), ("p2", ready)]
+    # a filter is answered from the records, beside the cached unfiltered answer
+    only_ready = pb.PodSandboxFilter(state=pb.PodSandboxStateValue(state=pb.SANDBOX_READY))
+    assert _pods(rt, only_ready) == [("p2", ready)]
+    assert _pods(rt, pb.PodSandboxFilter(label_selector={"app": "p1"})) == [("p1", notready)]
+
+    rt.pods.pop(first.id)
+    delete_pod(rt.store, first)
+    assert _pods(rt) == [("p2", ready)]
+
+
+def test_unfiltered_container_list_follows_every_change(rt: Runtime) -> None:
+    running, exited = pb.CONTAINER_RUNNING, pb.CONTAINER_EXITED
+    _add_pod(rt, "p1")
+    c1 = _add_container(rt, "c1", "p1")
+    assert _containers(rt) == [("c1", running)]
+
+    _add_container(rt, "c2", "p1", state=containers.CONTAINER_CREATING)
+    assert _containers(rt) == [("c1", running)]
+
+    c1.state = EXITED
+    save_container(rt.store, c1)
+    assert _containers(rt) == [("c1", exited)]
+    assert _containers(rt, pb.ContainerFilter(id="c1")) == [("c1", exited)]
+
+    rt.containers.pop(c1.id)
+    delete_container(rt.store, c1)
+    assert _containers(rt) == []
+
+
+def test_unchanged_records_answer_the_same_bytes(rt: Runtime) -> None:
+    _add_pod(rt, "p1")
+    _add_pod(rt, "p2")
+    request = pb.ListPodSandboxRequest()
+    first = asyncio.run(pods.list_pod_sandbox(rt, request))
+    again = asyncio.run(pods.list_pod_sandbox(rt, request))
+    assert again is first  # kept whole: not reassembled from the records
+    rt.store.put_setting("unrelated", "1")  # any write: built again, equal
+    rebuilt = asyncio.run(pods.list_pod_sandbox(rt, request))
+    assert rebuilt == first and rebuilt is not first
