@@ -54,7 +54,7 @@ class ShimRegistry:
 
     A shim forked from the preloaded zygote shares the interpreter's pages copy-on-write
     (about 2.1 MiB private per pod, against about 10 MiB for a fresh interpreter; about
-    0.35 MiB once KSM has merged the pages CPython's reference counting copied, see
+    0.25 MiB once KSM has merged the pages CPython's reference counting copied, see
     shim/ksm.py). The zygote lives as long as the daemon; the shims it forked are not its
     children and outlive both.
     """

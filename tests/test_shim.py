@@ -519,7 +519,7 @@ def fast_ksmd() -> Iterator[None]:
 def test_merged_shim_memory_is_under_the_target() -> None:
     """With --merge-pages the memory a shim inherits is MADV_MERGEABLE (VmFlags "mg"), and
     once ksmd has merged the pages that CPython's reference counting copied, a shim running
-    a container keeps under 1.5 MiB private (issue #5's target; ~0.35 MiB measured)."""
+    a container keeps under 1.5 MiB private (issue #5's target; ~0.25 MiB measured)."""
     with foreground_zygote("--merge-pages") as zygote, shim_pod(zygote) as one, \
             shim_pod(zygote) as two:
         for pod_ in (one, two):
