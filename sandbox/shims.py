@@ -79,6 +79,8 @@ class ShimRegistry:
         """
         if self.zygote_socket is None:
             return
+        if self.page_merging == "on":  # also when a running zygote is reused
+            _start_ksmd()
         socket_path, pid_file = str(self.zygote_socket), self.zygote_socket.with_suffix(".pid")
         old_pid = _read_pid(pid_file)
         if old_pid and _is_zygote(old_pid):
@@ -90,8 +92,6 @@ class ShimRegistry:
                 log.warning("shim zygote %d does not answer (%s); replacing it", old_pid, err)
             _kill(old_pid)
         self.zygote_socket.unlink(missing_ok=True)
-        if self.page_merging == "on":
-            _start_ksmd()
         await start_zygote(socket_path, log_path=str(self.zygote_socket.with_suffix(".log")),
                            merge_pages=self.page_merging != "off")
         reply = await zygote_call(socket_path, "ping", timeout=ZYGOTE_PING_TIMEOUT)
