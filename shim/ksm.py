@@ -30,14 +30,14 @@ MADV_MERGEABLE = 12
 # Per-thread or kernel-provided: never worth merging.
 _SKIPPED = (b"[stack]", b"[vvar]", b"[vdso]", b"[vsyscall]")
 
-Madvise = Callable[[int, int, int], int]
+# libc's madvise(address, length, advice), raising OSError (with errno) when it fails.
+Madvise = Callable[[int, int, int], None]
 
 
 def mark_mergeable(madvise: Madvise) -> int:
     """Marks this process's writable private mappings (heap, anonymous memory, libraries'
-    data) MADV_MERGEABLE; returns how many bytes were marked. `madvise` is libc's, taking
-    (address, length, advice) and returning 0 or -1. Raises OSError when the kernel has no
-    KSM (EINVAL)."""
+    data) MADV_MERGEABLE; returns how many bytes were marked. Raises OSError (EINVAL) when
+    the kernel has no KSM."""
     marked = 0
     with open("/proc/self/maps", "rb") as maps:
         lines = maps.read().splitlines()
@@ -46,8 +46,14 @@ def mark_mergeable(madvise: Madvise) -> int:
         if fields[1] != b"rw-p" or (len(fields) > 5 and fields[5].strip() in _SKIPPED):
             continue
         start, end = (int(bound, 16) for bound in fields[0].split(b"-"))
-        if madvise(start, end - start, MADV_MERGEABLE) != 0:
-            raise OSError(errno.EINVAL, "madvise(MADV_MERGEABLE) refused: no KSM in this kernel?")
+        try:
+            madvise(start, end - start, MADV_MERGEABLE)
+        except OSError as err:
+            # The allocator may have unmapped an arena since the maps were read (this loop
+            # allocates too): that mapping is gone, the others are still to be marked.
+            if err.errno == errno.ENOMEM:
+                continue
+            raise
         marked += end - start
     return marked
 

@@ -249,8 +249,13 @@ def preload() -> None:
 def advise_merging() -> None:
     """Offer the zygote's memory, and so the shims' copies of it, to KSM (shim/ksm.py).
     Last before serving: a mapping made after this is not marked."""
-    madvise = load_libc().madvise
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc_madvise = load_libc().madvise
+    libc_madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+    def madvise(address: int, length: int, advice: int) -> None:
+        if libc_madvise(address, length, advice) != 0:
+            raise OSError(ctypes.get_errno(), f"madvise({advice}) refused")
+
     try:
         marked = ksm.mark_mergeable(madvise)
     except OSError as err:

@@ -53,3 +53,33 @@ def test_spawn_args_match_the_shim_command_line() -> None:
         "                            '--log-level', 'debug', '--foreground']))\n"
         "print(built == parsed)\n")
     assert out.strip() == "True"
+
+
+def test_marking_skips_a_mapping_unmapped_meanwhile() -> None:
+    """The allocator may unmap an arena between reading /proc/self/maps and marking it: that
+    mapping is skipped (ENOMEM), the rest are still marked."""
+    out = _run_in_fresh_python(
+        "import ctypes, mmap\n"
+        "from pathlib import Path\n"
+        "from shim import ksm\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "libc.mmap.restype = ctypes.c_void_p\n"
+        "libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,\n"
+        "                      ctypes.c_int, ctypes.c_long]\n"
+        "libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]\n"
+        "libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]\n"
+        "size = 1 << 20\n"
+        "doomed = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE,\n"
+        "                   mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)\n"
+        "refused = []\n"
+        "def madvise(address, length, advice):\n"
+        "    if address <= doomed < address + length:\n"
+        "        libc.munmap(doomed, size)\n"
+        "    if libc.madvise(address, length, advice) != 0:\n"
+        "        refused.append(ctypes.get_errno())\n"
+        "        raise OSError(refused[-1], 'madvise')\n"
+        "marked = ksm.mark_mergeable(madvise)\n"
+        "heap = Path('/proc/self/smaps').read_text().split('[heap]\\n', 1)[1]\n"
+        "flags = next(l for l in heap.splitlines() if l.startswith('VmFlags:'))\n"
+        "print(refused, marked > 0, ' mg' in flags)\n")
+    assert out.split() == ["[12]", "True", "True"]  # 12: ENOMEM
