@@ -569,10 +569,7 @@ def container_status_message(rt: Runtime, ctr: ContainerRecord) -> pb.ContainerS
 async def list_containers(rt: Runtime, req: pb.ListContainersRequest) -> bytes:
     """A ListContainersResponse, assembled from each container's cached entry (sandbox/wire.py).
     Unfiltered, as kubelet's relist asks every second, the whole answer is cached too."""
-    flt = req.filter
-    if flt.ByteSize():
-        return _answer(rt, flt)
-    return rt.answers.get("containers", rt.listed_state(rt.containers), lambda: _answer(rt, flt))
+    return rt.list_answer("containers", rt.containers, req.filter, lambda: _answer(rt, req.filter))
 
 
 def _answer(rt: Runtime, flt: pb.ContainerFilter) -> bytes:

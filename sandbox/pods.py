@@ -640,10 +640,7 @@ def sandbox_status(pod: PodRecord) -> pb.PodSandboxStatus:
 async def list_pod_sandbox(rt: Runtime, req: pb.ListPodSandboxRequest) -> bytes:
     """A ListPodSandboxResponse, assembled from each pod's cached entry (see sandbox/wire.py).
     Unfiltered, as kubelet's relist asks every second, the whole answer is cached too."""
-    flt = req.filter
-    if flt.ByteSize():
-        return _answer(rt, flt)
-    return rt.answers.get("pods", rt.listed_state(rt.pods), lambda: _answer(rt, flt))
+    return rt.list_answer("pods", rt.pods, req.filter, lambda: _answer(rt, req.filter))
 
 
 def _answer(rt: Runtime, flt: pb.PodSandboxFilter) -> bytes:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from google.protobuf.message import Message
 
 from sandbox.config import Config
 from sandbox.creation import Creations
@@ -105,7 +107,7 @@ class Runtime:
     paths: Paths
     pods: dict[str, PodRecord] = field(default_factory=dict)
     containers: dict[str, ContainerRecord] = field(default_factory=dict)
-    # Unfiltered ListPodSandbox / ListContainers answers (see listed_state).
+    # Unfiltered ListPodSandbox / ListContainers answers (see list_answer).
     answers: AnswerCache = field(default_factory=AnswerCache)
     locks: KeyedLocks = field(default_factory=KeyedLocks)
     creations: Creations = field(default_factory=Creations)
@@ -159,15 +161,20 @@ class Runtime:
     def containers_of(self, pod_id: str) -> list[ContainerRecord]:
         return [c for c in self.containers.values() if c.pod_id == pod_id]
 
-    def listed_state(self, index: dict[str, Any]) -> tuple[int, int, int]:
-        """What an unfiltered list answer of `index` (self.pods or self.containers) depends on.
+    def list_answer(
+        self, name: str, index: dict[str, Any], flt: Message, build: Callable[[], bytes]
+    ) -> bytes:
+        """A list answer of `index` (self.pods or self.containers): built for a filtered
+        request, kept whole for kubelet's unfiltered relist.
 
         Every change to a record is saved to the store, which is also what empties the
         record's cached list entry, and records join or leave the index together with their
         insert or delete in the store. So the store's commit count changes whenever an answer
         could; the index's identity and size are there for an index changed without it.
         """
-        return self.store.commits, id(index), len(index)
+        if flt.ByteSize():
+            return build()
+        return self.answers.get(name, (self.store.commits, id(index), len(index)), build)
 
 
 def _by_id_or_prefix(index: dict[str, T], ref: str, what: str) -> T:
