@@ -9,12 +9,16 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import re
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 DEFAULT_CONFIG_PATH = Path("/etc/flatpod/config.toml")
+# The built-in runtime handler, whose binary is the top-level runtime_path.
+RUNC_HANDLER = "runc"
 
 
 class ConfigError(ValueError):
@@ -56,12 +60,29 @@ class StreamingConfig:
 
 
 @dataclass(frozen=True)
+class RuntimeHandlerConfig:
+    """One `[runtimes.<handler>]` table: an OCI runtime with runc's command line (runc, crun)
+    that pods choose by RuntimeClass handler name."""
+
+    # The binary. Empty only in [runtimes.runc], which then uses the top-level runtime_path.
+    runtime_path: str = ""
+    # Its --root, where it keeps container state. Empty: <state_dir>/<handler>.
+    runtime_root: str = ""
+    # Global options put before every command, e.g. ["--debug"].
+    global_args: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Config:
     root_dir: str = "/var/lib/flatpod"
     state_dir: str = "/run/flatpod"
     socket: str = ""  # empty: <state_dir>/flatpod.sock
     log_level: str = "info"
+    # The binary of the built-in "runc" handler (unless [runtimes.runc] names another).
     runtime_path: str = "/usr/sbin/runc"
+    # The handler of pods whose RunPodSandbox names none (kubelet sends "" for the default).
+    default_runtime: str = RUNC_HANDLER
+    runtimes: dict[str, RuntimeHandlerConfig] = field(default_factory=dict)
     # Empty: the built-in pause, `catatonit -P` in a rootfs assembled from pause_binary.
     sandbox_image: str = ""
     pause_binary: str = "/usr/bin/catatonit"
@@ -83,10 +104,30 @@ class Config:
     def socket_path(self) -> Path:
         return Path(self.socket) if self.socket else Path(self.state_dir) / "flatpod.sock"
 
+    def handlers(self) -> dict[str, RuntimeHandlerConfig]:
+        """Every runtime handler with its paths filled in: the built-in "runc" (from
+        runtime_path) and the [runtimes.*] tables, which may replace it."""
+        tables = {RUNC_HANDLER: RuntimeHandlerConfig(), **self.runtimes}
+        return {
+            name: dataclasses.replace(
+                table,
+                runtime_path=table.runtime_path
+                or (self.runtime_path if name == RUNC_HANDLER else ""),
+                runtime_root=table.runtime_root or str(Path(self.state_dir) / name),
+            )
+            for name, table in tables.items()
+        }
+
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        doc = dataclasses.asdict(self)
+        doc["runtimes"] = {n: dataclasses.asdict(h) for n, h in self.handlers().items()}
+        return json.dumps(doc, sort_keys=True)
 
 
+# RuntimeClass handlers are DNS labels (Kubernetes validates them so).
+_HANDLER_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+# What flatpod keeps in the state dir: no handler's default root may be one of them.
+_STATE_DIR_ENTRIES = ("pods", "containers", "pause-rootfs")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _PAGE_MERGING = ("on", "advise", "off")
 # <state_dir>/pods/<64-hex pod id>/shim.sock must fit in sockaddr_un's 108 bytes.
@@ -122,16 +163,36 @@ def _build(cls: type[T], raw: dict[str, Any], prefix: str) -> T:
             raise ConfigError(f"unknown config key '{prefix}{key}'")
     values: dict[str, Any] = {}
     defaults = cls()
+    hints = typing.get_type_hints(cls)
     for name, value in raw.items():
         default = getattr(defaults, name)
         where = f"{prefix}{name}"
+        table_type = _table_of_tables(hints[name])
         if dataclasses.is_dataclass(default):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key {where!r} must be a table")
-            values[name] = _build(type(default), value, f"{where}.")
+            values[name] = _build(type(default), _table(where, value), f"{where}.")
+        elif table_type is not None:
+            values[name] = {
+                key: _build(table_type, _table(f"{where}.{key}", table), f"{where}.{key}.")
+                for key, table in _table(where, value).items()
+            }
         else:
             values[name] = _check_type(where, default, value)
     return cls(**values)
+
+
+def _table_of_tables(hint: Any) -> type | None:
+    """The dataclass D of a field typed dict[str, D] (e.g. runtimes), else None."""
+    if typing.get_origin(hint) is not dict:
+        return None
+    value_type = typing.get_args(hint)[1]
+    is_table = isinstance(value_type, type) and dataclasses.is_dataclass(value_type)
+    return value_type if is_table else None
+
+
+def _table(where: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key {where!r} must be a table")
+    return value
 
 
 def _check_type(where: str, default: Any, value: Any) -> Any:
@@ -186,11 +247,45 @@ def _validate(config: Config) -> None:
         raise ConfigError("config key 'images.pull_progress_timeout_seconds' must be positive")
     if config.images.max_concurrent_downloads < 1:
         raise ConfigError("config key 'images.max_concurrent_downloads' must be positive")
-    for key in ("root_dir", "state_dir"):
+    for key in ("root_dir", "state_dir", "runtime_path"):
         if not Path(getattr(config, key)).is_absolute():
             raise ConfigError(f"config key {key!r} must be an absolute path")
+    _validate_handlers(config)
     if len(config.state_dir) > MAX_STATE_DIR_LEN:
         raise ConfigError(
             f"config key 'state_dir' is longer than {MAX_STATE_DIR_LEN} characters: each pod's "
             "shim socket lives below it, and unix socket paths are limited to 108 bytes"
+        )
+
+
+def _validate_handlers(config: Config) -> None:
+    handlers = config.handlers()
+    roots: dict[str, str] = {}
+    for name, handler in handlers.items():
+        where = f"runtimes.{name}"
+        if not _HANDLER_NAME.fullmatch(name):
+            raise ConfigError(
+                f"config key {where!r}: a handler name is a DNS label (at most 63 lowercase "
+                "letters, digits and '-'), as Kubernetes requires of RuntimeClass handlers"
+            )
+        if not handler.runtime_path:
+            raise ConfigError(f"config key '{where}.runtime_path' is required")
+        for key in ("runtime_path", "runtime_root"):
+            if not Path(getattr(handler, key)).is_absolute():
+                raise ConfigError(f"config key '{where}.{key}' must be an absolute path")
+        if name in _STATE_DIR_ENTRIES and not config.runtimes[name].runtime_root:
+            raise ConfigError(
+                f"config key '{where}.runtime_root' is required: the default, "
+                f"<state_dir>/{name}, is flatpod's own"
+            )
+        other = roots.setdefault(handler.runtime_root, name)
+        if other != name:
+            raise ConfigError(
+                f"config key '{where}.runtime_root' is also the root of handler {other!r}: "
+                "each handler keeps its containers' state apart"
+            )
+    if config.default_runtime not in handlers:
+        raise ConfigError(
+            f"config key 'default_runtime' names {config.default_runtime!r}, which is not a "
+            f"configured handler ({', '.join(sorted(handlers))})"
         )

@@ -56,7 +56,7 @@ from sandbox.spec import (
 from sandbox.users import UserDb
 from sandbox.wire import repeated_entry
 from shim.client import ShimClient, ShimError
-from shim.runc import Runc, RuncError
+from shim.runc import RuncError
 
 log = logging.getLogger("flatpod.containers")
 
@@ -305,11 +305,12 @@ async def delete_runc_state(rt: Runtime, container_id: str) -> None:
     Spawning runc costs milliseconds, so its state dir is looked at first: containers that
     exited on their own had it deleted in the background already (see record_exit).
     """
-    if not (rt.paths.runc_root / container_id).exists():
+    ctr = rt.containers.get(container_id)  # else the pause, whose id is its pod's
+    handler = rt.handlers.of_pod(rt.pods.get(ctr.pod_id if ctr else container_id))
+    if not (handler.root / container_id).exists():
         return
-    runc = Runc(root=str(rt.paths.runc_root), binary=rt.config.runtime_path)
     try:
-        await asyncio.to_thread(runc.delete, container_id, True)
+        await asyncio.to_thread(handler.runc().delete, container_id, True)
     except RuncError as err:
         if not err.not_found:
             raise

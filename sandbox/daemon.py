@@ -120,6 +120,7 @@ def open_runtime(config: Config) -> Runtime:
     paths.create_dirs()
     store = Store(paths.db)
     rt = Runtime(config=config, store=store, paths=paths, faults=Faults.from_env())
+    rt.handlers.create_roots()
     rt.pods = load_pods(store)
     rt.containers = load_containers(store)
     rt.started_at = time.time()
@@ -140,8 +141,8 @@ def open_runtime(config: Config) -> Runtime:
         await containers.on_exit(rt, pod_id, event)
 
     rt.shims = ShimRegistry(
-        runc_root=paths.runc_root, runc=config.runtime_path, log_level=config.log_level,
-        on_exit=on_exit, on_lost=lambda pod_id: containers.on_shim_lost(rt, pod_id),
+        log_level=config.log_level, on_exit=on_exit,
+        on_lost=lambda pod_id: containers.on_shim_lost(rt, pod_id),
         zygote_socket=paths.state / "zygote.sock", page_merging=config.shim_page_merging,
     )
     pods.ensure_pause_rootfs(rt)

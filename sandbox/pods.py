@@ -49,8 +49,6 @@ log = logging.getLogger("flatpod.pods")
 
 # A sandbox that is still being made: listed nowhere, found only by its own retry.
 SANDBOX_CREATING = "creating"
-# Handlers kubelet may name for the default runtime (kubelet sends "" for the default).
-DEFAULT_HANDLERS = frozenset({"", "runc"})
 NETNS_DIR = Path("/run/netns")
 SHM_SIZE = 64 * 1024 * 1024
 PAUSE_STOP_TIMEOUT = 10.0
@@ -72,11 +70,7 @@ def sandbox_name(meta: pb.PodSandboxMetadata) -> str:
 
 async def run_pod_sandbox(rt: Runtime, req: pb.RunPodSandboxRequest) -> pb.RunPodSandboxResponse:
     validate_sandbox_config(req.config)
-    if req.runtime_handler not in DEFAULT_HANDLERS:
-        raise InvalidArgument(
-            f"runtime handler {req.runtime_handler!r} is not configured (flatpod has the "
-            "default handler only)"
-        )
+    rt.handlers.for_request(req.runtime_handler)
     name = sandbox_name(req.config.metadata)
     pod_id = await _join_or_start(rt, name, req)
     return pb.RunPodSandboxResponse(pod_sandbox_id=pod_id)
@@ -165,7 +159,7 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
         spec = _pause_spec(rt, pod, pod_dir)
         await asyncio.to_thread(_write_bundle, bundle, spec)
         undo.push("bundle", lambda: shutil.rmtree(bundle, ignore_errors=True))
-        shim = await rt.shims.spawn(pod_id, pod_dir)
+        shim = await rt.shims.spawn(pod_id, pod_dir, rt.handlers.of_pod(pod))
         undo.push("shim", lambda: _shutdown_shim(rt, pod))
         rt.faults.point("run_pod:after_shim")
         undo.push("pause", lambda: containers.delete_runc_state(rt, pod_id))

@@ -37,6 +37,12 @@ log = logging.getLogger("flatpod.recovery")
 async def recover(rt: Runtime) -> None:
     await _finish_interrupted(rt)
     for pod in list(rt.pods.values()):
+        if not rt.handlers.is_configured(pod):
+            log.warning(
+                "pod %s: its runtime handler %r is no longer configured; its shim keeps the "
+                "runtime it started with, and the pod can still be stopped and removed",
+                pod.short, pod.runtime_handler,
+            )
         shim = await rt.shims.reconnect(pod.id, rt.paths.pod_dir(pod.id))
         if shim is None and pod.state == SANDBOX_READY:
             await pods.on_pause_exit(rt, pod)

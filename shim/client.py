@@ -362,18 +362,23 @@ async def start_zygote(socket_path: str, *, python: str = sys.executable,
 
 async def spawn_shim(pod_id: str, shim_dir: str, runc_root: str, *,
                      python: str = sys.executable, runc: str | None = None,
+                     runc_args: list[str] | None = None,
                      log_level: str = "info", zygote_socket: str | None = None,
                      timeout: float = DEFAULT_TIMEOUT) -> ShimClient:
     """Start a detached shim and return a client once it listens: forked by the zygote
-    at zygote_socket when given, else a fresh `python -m shim`."""
+    at zygote_socket when given, else a fresh `python -m shim`. runc (the OCI runtime's
+    binary), runc_root and runc_args (its global options) are the shim's for life."""
     if zygote_socket is not None:
         await _spawn_by_zygote(zygote_socket, timeout, pod_id=pod_id, dir=shim_dir,
-                               runc_root=runc_root, runc=runc, log_level=log_level)
+                               runc_root=runc_root, runc=runc, runc_args=runc_args or [],
+                               log_level=log_level)
         return await connect(shim_dir, timeout)
     argv = [python, "-m", "shim", "--pod-id", pod_id, "--dir", shim_dir,
             "--runc-root", runc_root, "--log-level", log_level]
     if runc is not None:
         argv += ["--runc", runc]
+    # "--runc-arg=--x": an option's value that starts with "-" must be joined to it.
+    argv += [f"--runc-arg={arg}" for arg in runc_args or []]
     await _run_detaching("spawn", argv, timeout)
     return await connect(shim_dir, timeout)
 

@@ -23,7 +23,8 @@ from typing import Any
 
 DEFAULT_RUNC = "/usr/sbin/runc"
 DEFAULT_TIMEOUT = 60.0
-RUNC_COMMANDS = ("create", "start", "state", "kill", "delete", "exec", "update", "list")
+RUNC_COMMANDS = ("create", "start", "state", "kill", "delete", "exec", "update", "list",
+                 "features")
 NOT_FOUND_MARKERS = ("does not exist", "not found", "no such file")
 READ_SIZE = 65536
 # Python ignores SIGPIPE (and SIGXFSZ); an ignored signal stays ignored across exec, so runc
@@ -38,8 +39,11 @@ class RuncError(Exception):
         self.argv = argv
         self.returncode = returncode
         self.stderr = stderr.strip()
-        command = next((a for a in argv[1:] if a in RUNC_COMMANDS), argv[0])
-        super().__init__(f"runc {command} failed (rc={returncode}): {self.stderr}")
+        command = next((a for a in argv[1:] if a in RUNC_COMMANDS), "")
+        # Named after the binary: a pod's handler may be crun or another runc-compatible one.
+        runtime = os.path.basename(argv[0]) if argv else "runc"
+        what = f"{runtime} {command}" if command else runtime
+        super().__init__(f"{what} failed (rc={returncode}): {self.stderr}")
 
     @property
     def not_found(self) -> bool:
@@ -174,6 +178,17 @@ class Runc:
     def list(self) -> list[RuncState]:
         raw = json.loads(self._run("list", "--format", "json") or "null")
         return [_state_from_json(item) for item in raw or []]
+
+    def features(self) -> dict[str, Any]:
+        """`runc features`: what this runtime supports (the OCI runtime-spec's features
+        document: mountOptions, linux.namespaces...). runc 1.1 and crun 1.8 have it."""
+        try:
+            raw = json.loads(self._run("features"))
+        except ValueError as exc:
+            raise RuncError(self._argv("features"), 0, f"not JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise RuncError(self._argv("features"), 0, "not a JSON object")
+        return raw
 
 
 def _state_from_json(raw: dict[str, Any]) -> RuncState:

@@ -3,7 +3,7 @@ its imported modules copy-on-write instead of paying for a fresh Python (~14 MiB
 
 `python -m shim.zygote --socket PATH [--log FILE]`; one JSON line per connection:
     -> {"v": 1, "op": "spawn", "pod_id": ..., "dir": ..., "runc_root": ...,
-        "runc": ..., "log_level": ..., "max_log_line": ...}
+        "runc": ..., "runc_args": [...], "log_level": ..., "max_log_line": ...}
     <- {"v": 1, "ok": true, "pid": <shim pid>}   (the shim's socket is listening)
     -> {"v": 1, "op": "ping"}   <- {"v": 1, "ok": true, "pid": <zygote pid>}
     -> {"v": 1, "op": "stop"}   <- {"v": 1, "ok": true}, then the zygote exits; the shims it
@@ -41,6 +41,7 @@ def spawn_args(request: dict[str, Any]) -> argparse.Namespace:
     return argparse.Namespace(
         pod_id=str(request["pod_id"]), dir=str(request["dir"]),
         runc_root=str(request["runc_root"]), runc=str(request.get("runc") or DEFAULT_RUNC),
+        runc_args=[str(arg) for arg in request.get("runc_args") or []],
         log_level=log_level, max_log_line=int(request.get("max_log_line") or 16 * 1024),
         foreground=True)
 
