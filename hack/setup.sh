@@ -25,10 +25,11 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
-# What flatpod runs: the OCI runtime, the pause, netlink and firewall tools, CNI plugins;
+# What flatpod runs: the OCI runtime (runc, the default handler; crun for a [runtimes.crun]
+# handler, see the README), the pause, netlink and firewall tools, CNI plugins;
 # busybox and docker-registry are for the test images and the test registry.
 packages=(
-  runc catatonit iproute2 iptables nftables conntrack containernetworking-plugins
+  runc crun catatonit iproute2 iptables nftables conntrack containernetworking-plugins
   busybox-static docker-registry zstd sqlite3 python3 python3-venv python3-dev gcc
   ca-certificates procps util-linux
 )
