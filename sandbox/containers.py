@@ -15,7 +15,7 @@ import shutil
 import signal
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ from sandbox.spec import (
     pod_userns,
 )
 from sandbox.users import UserDb
-from sandbox.wire import repeated_entry
+from sandbox.wire import pages, repeated_entry
 from shim.client import ShimClient, ShimError
 from shim.runc import RuncError
 
@@ -573,8 +573,21 @@ async def list_containers(rt: Runtime, req: pb.ListContainersRequest) -> bytes:
     return rt.list_answer("containers", rt.containers, req.filter, lambda: _answer(rt, req.filter))
 
 
+async def stream_containers(
+    rt: Runtime, req: pb.StreamContainersRequest
+) -> AsyncIterator[bytes]:
+    """StreamContainersResponse messages: the entries ListContainers answers with, in pages
+    (`containers` is field 1 in both responses)."""
+    for page in pages(_entries(rt, req.filter)):
+        yield page
+
+
 def _answer(rt: Runtime, flt: pb.ContainerFilter) -> bytes:
-    return b"".join([c.list_entry or _list_entry(c) for c in _filtered(rt, flt)])
+    return b"".join(_entries(rt, flt))
+
+
+def _entries(rt: Runtime, flt: pb.ContainerFilter) -> list[bytes]:
+    return [c.list_entry or _list_entry(c) for c in _filtered(rt, flt)]
 
 
 def _list_entry(ctr: ContainerRecord) -> bytes:

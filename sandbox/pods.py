@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -42,7 +42,7 @@ from sandbox.records import (
 from sandbox.runtime import Runtime
 from sandbox.spec import IdMap, PodUserns, SpecError, build_pause_spec, pod_userns
 from sandbox.undo import undo_on_failure
-from sandbox.wire import repeated_entry
+from sandbox.wire import pages, repeated_entry
 from shim.client import ShimError
 
 log = logging.getLogger("flatpod.pods")
@@ -637,8 +637,21 @@ async def list_pod_sandbox(rt: Runtime, req: pb.ListPodSandboxRequest) -> bytes:
     return rt.list_answer("pods", rt.pods, req.filter, lambda: _answer(rt, req.filter))
 
 
+async def stream_pod_sandboxes(
+    rt: Runtime, req: pb.StreamPodSandboxesRequest
+) -> AsyncIterator[bytes]:
+    """StreamPodSandboxesResponse messages: the entries ListPodSandbox answers with, in pages
+    (its `pod_sandboxes` is field 1, like ListPodSandboxResponse's `items`)."""
+    for page in pages(_entries(rt, req.filter)):
+        yield page
+
+
 def _answer(rt: Runtime, flt: pb.PodSandboxFilter) -> bytes:
-    return b"".join([p.list_entry or _list_entry(p) for p in _filtered(rt, flt)])
+    return b"".join(_entries(rt, flt))
+
+
+def _entries(rt: Runtime, flt: pb.PodSandboxFilter) -> list[bytes]:
+    return [p.list_entry or _list_entry(p) for p in _filtered(rt, flt)]
 
 
 def _list_entry(pod: PodRecord) -> bytes:

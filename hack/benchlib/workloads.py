@@ -36,6 +36,8 @@ class Plan:
     concurrent_pods: int = 20
     setup_threads: int = 4
     big_image: str = ""
+    churn_clients: int = 8
+    churn_seconds: float = 60.0
     load: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -126,6 +128,52 @@ def pull_sampler(image: str) -> Sampler:
         runtime.cri.remove_image(image)
         return timed(lambda: runtime.cri.pull(image))
     return sample
+
+
+# ---- relist under churn ------------------------------------------------------------------------
+
+
+def churn(report: Report, runtime: Runtime, plan: Plan) -> None:
+    """`plan.churn_clients` clients cycle whole pod lifecycles (run, create+start, stop,
+    remove) for `plan.churn_seconds` while kubelet's relist pair runs once a second: the
+    lifecycles per second, and each relist's latency (its p90 is the figure to watch: one
+    event loop busy with lifecycle work makes the relist wait behind it)."""
+    stop_at = time.monotonic() + plan.churn_seconds
+    done: list[int] = []
+
+    def cycle(_: int) -> None:
+        count = 0
+        while time.monotonic() < stop_at:
+            config = runtime.new_pod_config()
+            pod_id = runtime.run_pod(config)
+            runtime.cri.create_and_start(pod_id, config, sleeper_config())
+            runtime.cri.stop_and_remove_pod(pod_id)
+            count += 1
+        done.append(count)
+
+    relist = report.figure("churn-relist", f"relist under churn ({plan.churn_clients} clients "
+                           "cycling pods), each relist", "ms").of(runtime.name)
+    started = time.monotonic()
+    with ThreadPoolExecutor(plan.churn_clients) as pool:
+        cyclers = [pool.submit(cycle, i) for i in range(plan.churn_clients)]
+        while time.monotonic() < stop_at:
+            relist.samples.append(sample_relist(runtime) * MS)
+            time.sleep(1.0)
+        for cycler in cyclers:
+            cycler.result()
+    rate = sum(done) / (time.monotonic() - started)
+    report.figure("churn-rate", "pod lifecycles completed per second under churn (higher is "
+                  "better)", "/s").of(runtime.name).samples.append(rate)
+
+
+def run_churn(report: Report, runtimes: list[Runtime], plan: Plan) -> None:
+    for runtime in runtimes:
+        try:
+            churn(report, runtime, plan)
+        except Exception as err:  # a failing runtime is reported, the others go on
+            report.figure("churn-rate", "pod lifecycles per second under churn", "/s").of(
+                runtime.name).error = describe(err)
+        reset(runtimes)
 
 
 def run_latencies(report: Report, runtimes: list[Runtime], plan: Plan, only: set[str]) -> None:
