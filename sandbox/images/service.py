@@ -45,6 +45,7 @@ from sandbox.images.registry import (
     RegistryHosts,
     TokenCache,
     Unauthorized,
+    registry_host,
 )
 from sandbox.images.snapshots import (
     LayerError,
@@ -373,6 +374,7 @@ def _credentials(auth: pb.AuthConfig) -> Credentials:
         auth=auth.auth,
         identity_token=auth.identity_token,
         registry_token=auth.registry_token,
+        server=registry_host(auth.server_address) if auth.server_address else "",
     )
 
 
