@@ -9,8 +9,9 @@ the registry they belong to (the AuthConfig's `server_address`, else the image's
 mirror gets them only when server_address names it), and only over TLS unless that host is in
 `insecure_registries`; a token realm must be https (or an insecure host's http); a redirect to
 another scheme or host (a CDN for blobs) carries no Authorization; what a registry writes in
-an error reaches the client only as a short printable excerpt. Every manifest is checked against its digest here;
-blobs are streamed to the caller, who hashes them while writing (content.py).
+an error reaches the client only as a short printable excerpt.
+
+Every manifest is checked against its digest here; blobs are streamed to the caller, who hashes them while writing (content.py).
 Call it from a worker thread: everything here blocks.
 """
 
@@ -450,7 +451,9 @@ class RegistryClient:
                 host, str(self.ref), f"token server {excerpt(realm.encode())} returned no token"
             )
         expires = doc.get("expires_in")
-        lifetime = float(expires) if type(expires) in (int, float) else 60.0
+        lifetime = 60.0
+        if isinstance(expires, int | float) and not isinstance(expires, bool):
+            lifetime = float(expires)
         self.tokens.put(key, token, lifetime)
         return token
 
