@@ -11,7 +11,8 @@ mirror gets them only when server_address names it), and only over TLS unless th
 another scheme or host (a CDN for blobs) carries no Authorization; what a registry writes in
 an error reaches the client only as a short printable excerpt.
 
-Every manifest is checked against its digest here; blobs are streamed to the caller, who hashes them while writing (content.py).
+Every manifest is checked against its digest here; blobs are streamed to the caller, who
+hashes them while writing (content.py).
 Call it from a worker thread: everything here blocks.
 """
 
