@@ -4,6 +4,8 @@ The image rootfs is untrusted: its /etc/passwd may be a symlink to /../../etc/sh
 host. Files are therefore opened with every path component resolved *inside* the rootfs
 (symlinks re-rooted at the rootfs, ".." clamped at its root), one O_NOFOLLOW step at a time
 from a directory fd, so nothing outside the rootfs can be reached even by a racing rename.
+Only a regular file of at most MAX_DB_BYTES is read: a FIFO or a device is refused from its
+O_PATH fd before it is opened, and the read has a deadline.
 """
 
 from __future__ import annotations
@@ -130,6 +132,17 @@ def _is_symlink(mode: int) -> bool:
 
 def _is_dir(mode: int) -> bool:
     return (mode & 0o170000) == 0o040000
+
+
+def open_to_group(path: Path, host_gid: int) -> None:
+    """Lets the pod's user namespace traverse `path` (a bundle or pod dir), and nobody else.
+
+    runc mounts the rootfs and the pod's files from inside the namespace, where host root's
+    dirs are "others'". 0711 would open them to every host user too, and below them are the
+    rootfs with the image's device nodes and setuid files: so the dir is group-owned by the
+    gid the namespace's root has on the host, 0710."""
+    os.chown(path, 0, host_gid)
+    os.chmod(path, 0o710)
 
 
 def _kind(mode: int) -> str:

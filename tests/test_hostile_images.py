@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import subprocess
 import tarfile
 import time
 import uuid
@@ -34,6 +35,7 @@ from sandbox.images.tarreader import (
 from tests.cri import CriClient, status_code
 from tests.daemon import Daemon, running_daemon
 from tests.pods import a_pod, container_config
+from tests.support import oci
 from tests.support.oci import (
     Entry,
     ImageConfig,
@@ -386,3 +388,66 @@ def test_user_db_checks_in_process(tmp_path: Path) -> None:
     with pytest.raises(users.UnsafeImageFile, match="10737418240 bytes"):
         users.UserDb.from_rootfs(root)
     assert time.monotonic() - started < ANSWER_WITHIN
+
+
+# ---- what a layer holds stays out of host users' reach ----------------------------------------
+
+USERNS_HOST_ID = 300000  # no host account has it: only the pod's namespace is these ids
+
+
+def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", *argv],
+        capture_output=True, text=True, timeout=30,
+    )
+
+
+@pytest.mark.parametrize("userns", [True, False], ids=["userns", "no-userns"])
+def test_layer_devices_and_setuid_files_are_out_of_host_users_reach(
+    cri: CriClient, daemon: Daemon, registry: Registry, tmp_path: Path, userns: bool
+) -> None:
+    """An image with a world-writable /dev/mem-like node, a block device and a setuid-root
+    copy of busybox, run in a pod (with and without a user namespace): the container works,
+    and host user nobody reaches none of it, nor the pod's files or /dev/shm."""
+    with open(oci.HOST_BUSYBOX, "rb") as f:
+        binary = f.read()
+    hostile = build_layer(LayerSpec((
+        device("opt/mem", "char", 1, 1, mode=0o666),
+        device("opt/disk", "block", 7, 0, mode=0o666),
+        file("opt/suid-sh", binary, mode=0o4755),
+        file("opt/open", "anyone\n", mode=0o666),
+    ), comment="devices and setuid"))
+    ref = push(registry, [busybox_layer(), hostile])
+    cri.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)))
+    fields: dict[str, object] = {}
+    if userns:
+        mapping = [pb.IDMapping(container_id=0, host_id=USERNS_HOST_ID, length=65536)]
+        opts = pb.NamespaceOption(userns_options=pb.UserNamespace(
+            mode=pb.POD, uids=mapping, gids=mapping))
+        fields["linux"] = pb.LinuxPodSandboxConfig(
+            security_context=pb.LinuxSandboxSecurityContext(namespace_options=opts))
+    with a_pod(cri, tmp_path, **fields) as (pod_id, pod):
+        ctr_config = container_config(ref, command=["sleep", "1000"])
+        if userns:
+            ctr_config.linux.security_context.namespace_options.CopyFrom(
+                pod.linux.security_context.namespace_options)
+        ctr_id = cri.CreateContainer(pb.CreateContainerRequest(
+            pod_sandbox_id=pod_id, config=ctr_config, sandbox_config=pod)).container_id
+        cri.StartContainer(pb.StartContainerRequest(container_id=ctr_id))
+        inside = cri.ExecSync(pb.ExecSyncRequest(
+            container_id=ctr_id, cmd=["cat", "/opt/open"], timeout=10))
+        assert inside.stdout == b"anyone\n", inside.stderr
+        rootfs = daemon.state / "containers" / ctr_id / "rootfs"
+        pod_dir = daemon.state / "pods" / pod_id
+        assert (rootfs / "opt" / "suid-sh").stat().st_mode & 0o4000  # root sees it
+        for target in ("opt/mem", "opt/disk", "opt/suid-sh", "opt/open"):
+            denied = as_nobody("stat", str(rootfs / target))
+            assert denied.returncode != 0 and "Permission denied" in denied.stderr, (
+                target, denied.stdout)
+        run = as_nobody(str(rootfs / "opt" / "suid-sh"), "-c", "id -u")
+        assert run.returncode != 0 and run.stdout == "", run.stdout  # never ran
+        for target in (pod_dir / "shm", pod_dir / "hostname"):
+            denied = as_nobody("stat", str(target))
+            assert denied.returncode != 0 and "Permission denied" in denied.stderr, target
+        for directory in (rootfs.parent, pod_dir):
+            assert directory.stat().st_mode & 0o007 == 0, oct(directory.stat().st_mode)
