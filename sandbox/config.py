@@ -49,6 +49,10 @@ class ImagesConfig:
     # A pull that makes no progress for this long is cancelled (containerd's default).
     pull_progress_timeout_seconds: int = 300
     max_concurrent_downloads: int = 3
+    # What one layer may expand to, checked while it streams: a small gzip of zeros must not
+    # fill the disk or take the node's inodes (see sandbox/images/snapshots.py for why these).
+    max_layer_bytes: int = 64 << 30
+    max_layer_entries: int = 500_000
 
 
 @dataclass(frozen=True)
@@ -245,6 +249,9 @@ def _validate(config: Config) -> None:
         raise ConfigError("config key 'max_log_line_size' must be at least 256")
     if config.images.pull_progress_timeout_seconds < 1:
         raise ConfigError("config key 'images.pull_progress_timeout_seconds' must be positive")
+    for key in ("max_layer_bytes", "max_layer_entries"):
+        if getattr(config.images, key) < 1:
+            raise ConfigError(f"config key 'images.{key}' must be positive")
     if config.images.max_concurrent_downloads < 1:
         raise ConfigError("config key 'images.max_concurrent_downloads' must be positive")
     for key in ("root_dir", "state_dir", "runtime_path"):

@@ -53,7 +53,7 @@ from sandbox.spec import (
     build_container_spec,
     pod_userns,
 )
-from sandbox.users import UserDb
+from sandbox.users import UserDb, open_to_group
 from sandbox.wire import pages, repeated_entry
 from shim.client import ShimClient, ShimError
 from shim.runc import RuncError
@@ -168,7 +168,7 @@ async def _create(
         (bundle / "config.json").write_text(json.dumps(spec))
         if userns is not None:  # runc reaches rootfs/ from inside the user namespace
             os.chmod(bundle / "config.json", 0o600)
-            os.chmod(bundle, 0o711)
+            open_to_group(bundle, userns.root[1])
         # 4. The log file, where kubelet reads it.
         ctr.log_path = _log_path(pod, config)
         if ctr.log_path:

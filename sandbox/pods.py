@@ -42,6 +42,7 @@ from sandbox.records import (
 from sandbox.runtime import Runtime
 from sandbox.spec import IdMap, PodUserns, SpecError, build_pause_spec, pod_userns
 from sandbox.undo import undo_on_failure
+from sandbox.users import open_to_group
 from sandbox.wire import pages, repeated_entry
 from shim.client import ShimError
 
@@ -256,7 +257,7 @@ def pod_resources(linux: pb.LinuxPodSandboxConfig) -> cgroups.Resources:
 
 
 def _write_pod_files(pod_dir: Path, config: pb.PodSandboxConfig, host_net: bool) -> None:
-    pod_dir.mkdir(parents=True, exist_ok=False, mode=0o711)
+    pod_dir.mkdir(parents=True, exist_ok=False, mode=0o700)
     (pod_dir / "ns").mkdir(mode=0o700)
     hostname = os.uname().nodename if host_net else (config.hostname or config.metadata.name)
     (pod_dir / "hostname").write_text(hostname + "\n")
@@ -422,8 +423,9 @@ def _loopback_up() -> None:
 def _share_with_userns(rt: Runtime, pod_dir: Path, userns: PodUserns) -> None:
     """What runc and the pod's root (host ids userns.root) must reach from inside the user
     namespace, where flatpod's root has no power over host-owned files: the path down to the
-    pause rootfs, bundles and pod dirs (traverse only, 0711 as containerd's state dirs), and
-    the pod's own files, given to the pod's root as a normal pod's files belong to root."""
+    pause rootfs, bundles and pod dirs (traverse only, 0711 as containerd's state dirs), the
+    pod's dir (its root's group only: users.open_to_group), and the pod's own files, given to
+    the pod's root as a normal pod's files belong to root."""
     for parent in rt.paths.state.parents:
         if not os.stat(parent).st_mode & 0o001:
             raise FailedPrecondition(
@@ -435,6 +437,7 @@ def _share_with_userns(rt: Runtime, pod_dir: Path, userns: PodUserns) -> None:
     for name in ("hostname", "resolv.conf", "hosts", "shm"):
         if (pod_dir / name).exists():
             os.chown(pod_dir / name, *userns.root)
+    open_to_group(pod_dir, userns.root[1])
 
 
 # Host ids of the probe's user namespace: any range works for the probe (as critest's).

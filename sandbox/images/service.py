@@ -45,9 +45,18 @@ from sandbox.images.registry import (
     RegistryHosts,
     TokenCache,
     Unauthorized,
+    registry_host,
 )
-from sandbox.images.snapshots import LayerError, SnapshotStore, chain_ids, tree_usage
+from sandbox.images.snapshots import (
+    LayerError,
+    LayerLimits,
+    LayerTooLarge,
+    SnapshotStore,
+    chain_ids,
+    tree_usage,
+)
 from sandbox.images.store import ImageRecord, ImageStore, LayerRecord
+from sandbox.images.tarreader import TarLimits
 from sandbox.store import Store
 from sandbox.wire import pages, repeated_entry
 
@@ -116,7 +125,10 @@ class ImageService:
         self.gc_lock = asyncio.Lock()
         self.images = ImageStore(store)
         self.content = ContentStore(root, config.max_concurrent_downloads)
-        self.snapshots = SnapshotStore(root)
+        self.snapshots = SnapshotStore(root, limits=LayerLimits(
+            max_bytes=config.max_layer_bytes,
+            tar=TarLimits(max_entries=config.max_layer_entries),
+        ))
         self.stall_timeout = float(config.pull_progress_timeout_seconds)
         self.hosts = RegistryHosts(
             mirrors=config.mirrors,
@@ -209,6 +221,8 @@ class ImageService:
         self.faults.point("pull_image:after_first_blob")
         try:
             await self.snapshots.ensure(chain_id, blob, diff_id, progress.add)
+        except LayerTooLarge as e:
+            raise DiskFull(f"pulling {client.ref}: layer {layer.digest}: {e}") from e
         except LayerError as e:
             raise InvalidArgument(f"pulling {client.ref}: layer {layer.digest}: {e}") from e
         except OSError as e:
@@ -388,6 +402,7 @@ def _credentials(auth: pb.AuthConfig) -> Credentials:
         auth=auth.auth,
         identity_token=auth.identity_token,
         registry_token=auth.registry_token,
+        server=registry_host(auth.server_address) if auth.server_address else "",
     )
 
 
