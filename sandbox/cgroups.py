@@ -47,6 +47,7 @@ SCOPE_PREFIX = "flatpod"
 REMOVE_TIMEOUT_S = 5.0
 REMOVE_POLL_S = 0.05
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+_UNIFIED_KEY = re.compile(r"^[a-z_]+\.[A-Za-z0-9_.]+$")
 _MOUNT_OPTIONS_NOT_CONTROLLERS = frozenset(
     {"rw", "ro", "relatime", "noatime", "nosuid", "nodev", "noexec", "clone_children", "xattr"}
 )
@@ -365,9 +366,15 @@ def _apply_v2(d: Path, r: Resources, v2: Hierarchy, pure: bool) -> None:
             continue  # no swap accounting: "no swap" and "any swap" need no file (runc)
         _write(d, name, value)
     for name, value in r.unified if pure else ():
-        if "/" in name or name.startswith(".") or name.startswith("cgroup."):
-            raise CgroupError(f"unified key {name!r} is not a cgroup v2 resource file")
+        check_unified_key(name)
         _write(d, name, value)
+
+
+def check_unified_key(name: str) -> None:
+    """A CRI `unified` key must name a controller's file in the cgroup (`memory.high`), not
+    a path or one of the cgroup core's own files (`cgroup.procs`)."""
+    if not _UNIFIED_KEY.match(name) or name.startswith("cgroup."):
+        raise CgroupError(f"unified key {name!r} is not a cgroup v2 resource file")
 
 
 def _write(d: Path, name: str, value: str) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cri_api import api_pb2 as pb
-from sandbox import seccomp, users
+from sandbox import cgroups, seccomp, users
 
 OCI_VERSION = "1.0.2-dev"
 DEFAULT_PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -525,8 +525,10 @@ def linux_resources(r: pb.LinuxContainerResources, defaults: SpecDefaults) -> di
         out["pids"] = {"limit": defaults.pids_limit}
     if r.unified and defaults.cgroup_v2:
         for key in r.unified:
-            if "/" in key or not key or key.startswith((".", "cgroup.")):
-                raise SpecError(f"resources.unified: {key!r} is not a cgroup v2 resource file")
+            try:
+                cgroups.check_unified_key(key)
+            except cgroups.CgroupError as e:
+                raise SpecError(f"resources.unified: {e}") from None
         out["unified"] = dict(sorted(r.unified.items()))
     return out
 
