@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sandbox import cgroups
+
 DEFAULT_CONFIG_PATH = Path("/etc/flatpod/config.toml")
 # The built-in runtime handler, whose binary is the top-level runtime_path.
 RUNC_HANDLER = "runc"
@@ -90,8 +92,12 @@ class Config:
     # Empty: the built-in pause, `catatonit -P` in a rootfs assembled from pause_binary.
     sandbox_image: str = ""
     pause_binary: str = "/usr/bin/catatonit"
-    # Where pods go when kubelet gives no cgroup_parent (crictl users often don't).
-    default_cgroup_parent: str = "/flatpod"
+    # "cgroupfs" or "systemd"; empty: systemd when it is PID 1, else cgroupfs (resolved by
+    # load_config, so `flatpod config` and RuntimeConfig show the driver in use).
+    cgroup_driver: str = ""
+    # Where pods go when kubelet gives no cgroup_parent (crictl users often don't): a
+    # cgroupfs path, or with systemd a slice. Empty: /flatpod, or system.slice.
+    default_cgroup_parent: str = ""
     # CRI log records longer than this are split into partial (P) records.
     max_log_line_size: int = 16384
     # KSM for the shims' memory (shim/ksm.py): "on" marks the pages the shims inherit from
@@ -103,6 +109,11 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
+
+    @property
+    def driver(self) -> cgroups.Driver:
+        """The cgroup driver (load_config resolves it; a bare Config() asks the host)."""
+        return cgroups.Driver(self.cgroup_driver) if self.cgroup_driver else cgroups.detect_driver()
 
     @property
     def socket_path(self) -> Path:
@@ -134,6 +145,7 @@ _HANDLER_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _STATE_DIR_ENTRIES = ("pods", "containers", "pause-rootfs")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _PAGE_MERGING = ("on", "advise", "off")
+_CGROUP_DRIVERS = tuple(d.value for d in cgroups.Driver)
 # <state_dir>/pods/<64-hex pod id>/shim.sock must fit in sockaddr_un's 108 bytes.
 MAX_STATE_DIR_LEN = 107 - len("/pods/") - 64 - len("/shim.sock")
 
@@ -157,7 +169,25 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> C
             raw[key] = value
     config = _build(Config, raw, "")
     _validate(config)
-    return config
+    return _resolve_cgroups(config)
+
+
+def _resolve_cgroups(config: Config, systemd_run_dir: Path = cgroups.SYSTEMD_RUN_DIR) -> Config:
+    """Fills in the automatic cgroup settings and checks the parent against the driver."""
+    if config.cgroup_driver not in ("", *_CGROUP_DRIVERS):
+        raise ConfigError(f"config key 'cgroup_driver' must be one of {', '.join(_CGROUP_DRIVERS)}")
+    driver = (cgroups.Driver(config.cgroup_driver) if config.cgroup_driver
+              else cgroups.detect_driver(systemd_run_dir))  # fmt: skip
+    parent = config.default_cgroup_parent or (
+        cgroups.DEFAULT_SLICE if driver is cgroups.Driver.SYSTEMD else cgroups.DEFAULT_PARENT
+    )
+    try:
+        cgroups.check_parent(driver, parent)
+    except cgroups.CgroupError as err:
+        raise ConfigError(
+            f"config key 'default_cgroup_parent' does not fit cgroup_driver {driver.value!r}: {err}"
+        ) from err
+    return dataclasses.replace(config, cgroup_driver=driver.value, default_cgroup_parent=parent)
 
 
 def _build(cls: type[T], raw: dict[str, Any], prefix: str) -> T:

@@ -51,6 +51,7 @@ from sandbox.spec import (
     SpecDefaults,
     SpecError,
     build_container_spec,
+    linux_resources,
     pod_userns,
 )
 from sandbox.users import UserDb, open_to_group
@@ -160,7 +161,7 @@ async def _create(
         rt.faults.point("create_container:after_rootfs")
         ctr.rootfs = str(rootfs)
         # 3. The OCI spec: joins the pod's pinned namespaces.
-        ctr.cgroup_path = cgroups.container_cgroup_path(pod.cgroup_path, ctr.id)
+        ctr.cgroup_path = pod_placement(pod).container_path(ctr.id)
         spec = await asyncio.to_thread(_container_spec, rt, pod, ctr, image, rootfs)
         user = spec["process"]["user"]
         ctr.uid, ctr.gid = int(user.get("uid", 0)), int(user.get("gid", 0))
@@ -175,9 +176,11 @@ async def _create(
             Path(ctr.log_path).parent.mkdir(parents=True, exist_ok=True)
         # 5. The shim creates it: the process waits in runc's init until StartContainer.
         shim = shim_of(rt, pod.id)
+        oom_file, systemd = await asyncio.to_thread(shim_cgroup_options, pod, ctr.id)
         ctr.pid = await shim.create(
             ctr.id, str(bundle), stdin=config.stdin, stdin_once=config.stdin_once,
             tty=config.tty, log_path=ctr.log_path or None, exit_file=str(bundle / "exit"),
+            oom_file=oom_file, systemd_cgroup=systemd,
         )
         undo.push("runc", lambda: delete_runc_state(rt, ctr.id))
         rt.faults.point("create_container:after_shim_create")
@@ -262,9 +265,10 @@ def _container_spec(
     try:
         return build_container_spec(
             pod.config, config, dict(image.config.get("config") or {}),
-            rootfs=rootfs, sandbox=sandbox, cgroups_path=ctr.cgroup_path,
+            rootfs=rootfs, sandbox=sandbox,
+            cgroups_path=pod_placement(pod).oci_cgroups_path(ctr.id),
             target_pid_ns=target, rootfs_users=UserDb.from_rootfs(rootfs),
-            oom_score_adj_floor=rt.oom_score_adj_floor, defaults=SpecDefaults(),
+            oom_score_adj_floor=rt.oom_score_adj_floor, defaults=spec_defaults(),
         )
     except SpecError as err:
         raise InvalidArgument(str(err)) from err
@@ -297,6 +301,36 @@ def shim_of(rt: Runtime, pod_id: str) -> ShimClient:
 def _forget(rt: Runtime, ctr: ContainerRecord) -> None:
     rt.containers.pop(ctr.id, None)
     delete_container(rt.store, ctr)
+
+
+def pod_placement(pod: PodRecord) -> cgroups.Placement:
+    """Where the pod's cgroups are, by the driver it was made with."""
+    return cgroups.Placement(pod_path=pod.cgroup_path, slice=pod.cgroup_slice)
+
+
+def shim_cgroup_options(pod: PodRecord, container_id: str) -> tuple[str | None, bool]:
+    """What the shim needs of the cgroup of a container (or the pause) of `pod`: the file
+    that counts its OOM kills (None: no memory controller), and whether runc makes it as a
+    systemd scope."""
+    place = pod_placement(pod)
+    try:
+        oom_file: str | None = str(cgroups.oom_events_file(place.container_path(container_id)))
+    except cgroups.CgroupError:
+        oom_file = None
+    return oom_file, place.driver is cgroups.Driver.SYSTEMD
+
+
+def spec_defaults() -> SpecDefaults:
+    """The node-level spec defaults that depend on the host's cgroups."""
+    hs = cgroups.hierarchies()
+    pure_v2 = cgroups.is_unified_only()
+    # runc places hugetlb limits on v1's hugetlb hierarchy, or on pure v2; not on a hybrid
+    # host's v2 mount.
+    owner = cgroups.owner("hugetlb", hs)
+    return SpecDefaults(
+        cgroup_v2=pure_v2,
+        hugetlb_available=owner is not None and (owner.version == 1 or pure_v2),
+    )
 
 
 async def delete_runc_state(rt: Runtime, container_id: str) -> None:
@@ -499,7 +533,7 @@ async def remove_container_now(rt: Runtime, ctr: ContainerRecord) -> None:
     await delete_runc_state(rt, ctr.id)
     bundle = rt.paths.bundle_dir(ctr.id)
     await asyncio.to_thread(unmount, bundle / "rootfs")
-    if ctr.cgroup_path:
+    if ctr.cgroup_path and not cgroups.systemd_owned(ctr.cgroup_path):  # runc stops scopes
         await asyncio.to_thread(cgroups.remove, ctr.cgroup_path)
     await asyncio.to_thread(_remove_dirs, bundle, rt.paths.writable_layers / ctr.id)
     _forget(rt, ctr)
@@ -694,11 +728,27 @@ async def update_container_resources(
     if ctr.state not in (CREATED, RUNNING):
         raise FailedPrecondition(f"container {ctr.id} is {ctr.state}: nothing to update")
     async with rt.locks.hold(ctr.id):
-        resources = cgroups.Resources.from_cri(req.linux)
-        await asyncio.to_thread(cgroups.update, ctr.cgroup_path, resources)
+        try:
+            await asyncio.to_thread(_apply_resources, rt, ctr, req.linux)
+        except cgroups.CgroupError as err:
+            raise InvalidArgument(f"container {ctr.id} resources: {err}") from err
+        except (OSError, RuncError) as err:  # e.g. a memory limit below what it uses now
+            raise FailedPrecondition(f"updating container {ctr.id} cgroup: {err}") from err
         ctr.resources = req.linux.SerializeToString()
         save_container(rt.store, ctr)
     return pb.UpdateContainerResourcesResponse()
+
+
+def _apply_resources(rt: Runtime, ctr: ContainerRecord, linux: pb.LinuxContainerResources) -> None:
+    """cgroupfs: flatpod writes the files itself. systemd: the scope's limits are properties
+    of its unit, so `runc update` asks systemd to change them (and writes what systemd has no
+    property for), as containerd does."""
+    if not cgroups.systemd_owned(ctr.cgroup_path):
+        cgroups.update(ctr.cgroup_path, cgroups.Resources.from_cri(linux))
+        return
+    resources = linux_resources(linux, spec_defaults())
+    handler = rt.handlers.of_pod(rt.pods.get(ctr.pod_id))
+    handler.runc(systemd_cgroup=True).update(ctr.id, resources)
 
 
 # --- events ----------------------------------------------------------------------------------

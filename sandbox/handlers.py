@@ -31,10 +31,11 @@ class Handler:
     root: Path
     global_args: tuple[str, ...] = ()
 
-    def runc(self) -> Runc:
-        """The driver for this handler's runtime (shim/runc.py: the one door to it)."""
-        return Runc(root=str(self.root), binary=self.binary,
-                    extra_global_args=list(self.global_args))
+    def runc(self, systemd_cgroup: bool = False) -> Runc:
+        """The driver for this handler's runtime (shim/runc.py: the one door to it);
+        `systemd_cgroup` for calls that change a systemd scope (`update`)."""
+        extra = [*self.global_args, *(["--systemd-cgroup"] if systemd_cgroup else [])]
+        return Runc(root=str(self.root), binary=self.binary, extra_global_args=extra)
 
 
 @dataclass(frozen=True)

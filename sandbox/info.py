@@ -9,6 +9,7 @@ import platform
 from importlib import metadata
 
 from cri_api import api_pb2 as pb
+from sandbox import cgroups
 from sandbox.pods import userns_supported
 from sandbox.runtime import Runtime
 
@@ -65,7 +66,8 @@ async def status(rt: Runtime, req: pb.StatusRequest) -> pb.StatusResponse:
 
 
 async def runtime_config(rt: Runtime, req: pb.RuntimeConfigRequest) -> pb.RuntimeConfigResponse:
-    return pb.RuntimeConfigResponse(linux=pb.LinuxRuntimeConfiguration(cgroup_driver=pb.CGROUPFS))
+    driver = pb.SYSTEMD if rt.config.driver is cgroups.Driver.SYSTEMD else pb.CGROUPFS
+    return pb.RuntimeConfigResponse(linux=pb.LinuxRuntimeConfiguration(cgroup_driver=driver))
 
 
 async def update_runtime_config(

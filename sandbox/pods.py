@@ -71,6 +71,10 @@ def sandbox_name(meta: pb.PodSandboxMetadata) -> str:
 
 async def run_pod_sandbox(rt: Runtime, req: pb.RunPodSandboxRequest) -> pb.RunPodSandboxResponse:
     validate_sandbox_config(req.config)
+    try:
+        cgroups.check_parent(rt.config.driver, req.config.linux.cgroup_parent)
+    except cgroups.CgroupError as err:
+        raise InvalidArgument(f"linux.cgroup_parent: {err}") from err
     rt.handlers.for_request(req.runtime_handler)
     name = sandbox_name(req.config.metadata)
     pod_id = await _join_or_start(rt, name, req)
@@ -148,12 +152,15 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
             pod.ip = result.ip
             pod.additional_ips = list(result.additional_ips)
             rt.faults.point("run_pod:after_network")
-        # 4. The pod cgroup, with the pod's overhead and resources.
-        pod.cgroup_path = cgroups.pod_cgroup_path(
-            config.linux.cgroup_parent or rt.config.default_cgroup_parent, pod_id
+        # 4. The pod cgroup, with the pod's overhead and resources (cgroupfs driver; with
+        # systemd the pod's slice and its limits are kubelet's, as with containerd).
+        place = cgroups.placement(
+            rt.config.driver, config.linux.cgroup_parent, rt.config.default_cgroup_parent, pod_id
         )
-        await asyncio.to_thread(cgroups.create, pod.cgroup_path, pod_resources(config.linux))
-        undo.push("cgroup", lambda: cgroups.remove(pod.cgroup_path))
+        pod.cgroup_path, pod.cgroup_slice = place.pod_path, place.slice
+        if place.driver is cgroups.Driver.CGROUPFS:
+            await asyncio.to_thread(cgroups.create, pod.cgroup_path, pod_resources(config.linux))
+            undo.push("cgroup", lambda: cgroups.remove(pod.cgroup_path))
         rt.faults.point("run_pod:after_cgroup")
         # 5. The pause bundle, and the pod's shim to run it.
         bundle = rt.paths.bundle_dir(pod_id)
@@ -164,7 +171,9 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
         undo.push("shim", lambda: _shutdown_shim(rt, pod))
         rt.faults.point("run_pod:after_shim")
         undo.push("pause", lambda: containers.delete_runc_state(rt, pod_id))
-        pod.pause_pid = await shim.create(pod_id, str(bundle), exit_file=str(bundle / "exit"))
+        oom_file, systemd = await asyncio.to_thread(containers.shim_cgroup_options, pod, pod_id)
+        pod.pause_pid = await shim.create(pod_id, str(bundle), exit_file=str(bundle / "exit"),
+                                          oom_file=oom_file, systemd_cgroup=systemd)
         await shim.start(pod_id)
         rt.faults.point("run_pod:after_pause_start")
         # 6. Pin the pause's namespaces: containers join these files, never /proc/<pid>/ns.
@@ -204,9 +213,6 @@ def validate_sandbox_config(config: pb.PodSandboxConfig) -> None:
         raise InvalidArgument(f"log_directory {config.log_directory!r} must be an absolute path")
     if len(config.hostname) > 64:
         raise InvalidArgument(f"hostname {config.hostname[:80]!r} is longer than 64 characters")
-    parent = config.linux.cgroup_parent
-    if parent and (not parent.startswith("/") or ".." in parent.split("/")):
-        raise InvalidArgument(f"linux.cgroup_parent {parent!r} must be an absolute cgroupfs path")
     dns = config.dns_config
     for field_name, values in (
         ("dns_config.servers", dns.servers), ("dns_config.searches", dns.searches),
@@ -253,6 +259,7 @@ def pod_resources(linux: pb.LinuxPodSandboxConfig) -> cgroups.Resources:
         cpu_quota=total(res.cpu_quota, over.cpu_quota),
         cpu_period=res.cpu_period if res.cpu_quota > 0 else 0,
         memory_limit=total(res.memory_limit_in_bytes, over.memory_limit_in_bytes),
+        unified=tuple(sorted(res.unified.items())),
     )
 
 
@@ -292,7 +299,7 @@ def _pause_spec(rt: Runtime, pod: PodRecord, pod_dir: Path) -> dict[str, Any]:
             pod.config,
             rootfs=rt.paths.pause_rootfs,
             netns_path=Path(pod.netns_path) if pod.netns_path else None,
-            cgroups_path=cgroups.container_cgroup_path(pod.cgroup_path, pod.id),
+            cgroups_path=containers.pod_placement(pod).oci_cgroups_path(pod.id),
             oom_score_adj_floor=rt.oom_score_adj_floor,
             shm_path=shm if shm.is_dir() else None,
             userns_path=Path(pod.namespaces["user"]) if "user" in pod.namespaces else None,
@@ -569,7 +576,7 @@ async def remove_pod_now(rt: Runtime, pod: PodRecord) -> None:
     pod_dir = rt.paths.pod_dir(pod.id)
     unpin(pod_dir / "ns" / "user")  # a half-made pod's record may not name it
     await asyncio.to_thread(mounts.unmount, pod_dir / "shm")
-    if pod.cgroup_path:
+    if pod.cgroup_path and containers.pod_placement(pod).driver is cgroups.Driver.CGROUPFS:
         await asyncio.to_thread(cgroups.remove, pod.cgroup_path)
     await asyncio.to_thread(shutil.rmtree, pod_dir, True)
     await asyncio.to_thread(shutil.rmtree, rt.paths.bundle_dir(pod.id), True)
@@ -698,14 +705,21 @@ async def update_pod_sandbox_resources(
     rt: Runtime, req: pb.UpdatePodSandboxResourcesRequest
 ) -> pb.UpdatePodSandboxResourcesResponse:
     """Applies the pod's new resources plus overhead to the pod cgroup (in-place resize) and
-    records them in the pod's config, so status and a restarted daemon see what is applied."""
+    records them in the pod's config, so status and a restarted daemon see what is applied.
+
+    With the systemd driver the pod's slice is kubelet's, which sets its limits itself (the
+    request is a notification, as containerd treats it): recorded, nothing written."""
     pod = _visible(rt, req.pod_sandbox_id)
-    if pod.state != SANDBOX_READY or not pod.cgroup_path:
+    owned = containers.pod_placement(pod).driver is cgroups.Driver.CGROUPFS
+    if pod.state != SANDBOX_READY or (owned and not pod.cgroup_path):
         raise FailedPrecondition(f"pod sandbox {pod.id} is {pod.state}: nothing to update")
     linux = pb.LinuxPodSandboxConfig(resources=req.resources, overhead=req.overhead)
     async with rt.locks.hold(pod.id):
         try:
-            await asyncio.to_thread(cgroups.update, pod.cgroup_path, pod_resources(linux))
+            if owned:
+                await asyncio.to_thread(cgroups.update, pod.cgroup_path, pod_resources(linux))
+        except cgroups.CgroupError as err:
+            raise InvalidArgument(f"pod sandbox {pod.id} resources: {err}") from err
         except OSError as err:  # e.g. a memory limit below what the pod uses now (EBUSY)
             raise FailedPrecondition(f"updating pod sandbox {pod.id} cgroup: {err}") from err
         pod.config.linux.resources.CopyFrom(req.resources)

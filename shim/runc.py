@@ -18,7 +18,7 @@ import os
 import select
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 DEFAULT_RUNC = "/usr/sbin/runc"
@@ -130,11 +130,17 @@ class Runc:
             _unlink_quietly(log_path)
 
     def create(self, container_id: str, bundle: str, pid_file: str,
-               console_socket: str | None = None, stdio: Stdio = Stdio()) -> None:
+               console_socket: str | None = None, stdio: Stdio = Stdio(),
+               systemd_cgroup: bool = False) -> None:
+        """`systemd_cgroup`: cgroupsPath is `slice:prefix:name` and systemd makes the scope
+        (later calls need no flag: runc keeps the cgroup manager in the container's state)."""
+        runc = self
+        if systemd_cgroup:
+            runc = replace(self, extra_global_args=[*self.extra_global_args, "--systemd-cgroup"])
         args = ["create", "--bundle", bundle, "--pid-file", pid_file]
         if console_socket is not None:
             args += ["--console-socket", console_socket]
-        self._run_with_stdio(stdio, *args, container_id)
+        runc._run_with_stdio(stdio, *args, container_id)
 
     def start(self, container_id: str) -> None:
         self._run("start", container_id)

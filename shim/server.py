@@ -147,8 +147,11 @@ class Container:
     outputs: dict[int, int] = field(default_factory=dict)
     splitters: dict[int, LineSplitter] = field(default_factory=dict)
     pty_master: int = -1
-    oom_control: str | None = None
+    oom_control: str | None = None  # the file whose oom_kill line counts its OOM kills
     oom_kills_at_create: int = 0
+    oom_kills_seen: int = 0  # the count as last read while the cgroup still existed
+    oom_watch: int = -1  # inotify watch descriptor on oom_control (v2 memory.events)
+    systemd_cgroup: bool = False  # runc makes its cgroup as a systemd scope
     kill_all_on_exit: bool = False
     status: str = "created"
     exit_code: int | None = None
@@ -299,6 +302,8 @@ class Shim:
         self.shutting_down = False
         self.running = True
         self.wakeup_reader, self.wakeup_writer = socket.socketpair()
+        self.oom_inotify = -1  # made with the first watch
+        self.oom_watches: dict[int, Container] = {}
 
     # ---- lifecycle ----------------------------------------------------------------
 
@@ -394,12 +399,14 @@ class Shim:
         log_path = request.get("log_path")
         pid_file = os.path.join(bundle, "init.pid")
         log = CriLogFile(str(log_path)) if log_path else None
-        oom_control = _oom_control_path(bundle)
+        oom_file = request.get("oom_file")
+        oom_control = str(oom_file) if oom_file else None
         container = Container(
             id=container_id, bundle=bundle, pid=0, tty=tty,
             stdin_once=bool(request.get("stdin_once")),
             exit_file=str(request.get("exit_file") or os.path.join(bundle, "exit")),
             log=log, stdin=None, oom_control=oom_control,
+            systemd_cgroup=bool(request.get("systemd_cgroup")),
             kill_all_on_exit=not _owns_pid_namespace(bundle))
         try:
             if tty:
@@ -413,6 +420,8 @@ class Shim:
                 log.close()
             raise
         container.oom_kills_at_create = _read_oom_kills(oom_control)
+        container.oom_kills_seen = container.oom_kills_at_create
+        self._watch_oom(container)
         self.containers[container_id] = container
         self.pids[container.pid] = container
         for fd in container.outputs:
@@ -435,7 +444,8 @@ class Shim:
             container.outputs[err_read] = protocol.STREAM_STDERR
             child_fds.append(err_write)
             self.runc.create(container.id, container.bundle, pid_file,
-                             stdio=Stdio(stdin_read, out_write, err_write))
+                             stdio=Stdio(stdin_read, out_write, err_write),
+                             systemd_cgroup=container.systemd_cgroup)
         finally:
             for fd in child_fds:
                 os.close(fd)
@@ -447,7 +457,7 @@ class Shim:
         socket_path = os.path.join(self.state_dir, self._next_name("c") + ".sock")
         with ConsoleListener(socket_path) as listener:
             self.runc.create(container.id, container.bundle, pid_file,
-                             console_socket=socket_path)
+                             console_socket=socket_path, systemd_cgroup=container.systemd_cgroup)
             master = _receive_console(listener)
         container.pty_master = master
         os.set_blocking(master, False)
@@ -743,8 +753,10 @@ class Shim:
         container.status = "exited"
         container.exit_code = exit_code
         container.exited_at = protocol.rfc3339nano()
-        container.oom_killed = _read_oom_kills(container.oom_control) > \
-            container.oom_kills_at_create
+        self._on_oom_event()  # a kill notified but not handled yet is read first
+        self._unwatch_oom(container)
+        kills = max(_read_oom_kills(container.oom_control), container.oom_kills_seen)
+        container.oom_killed = kills > container.oom_kills_at_create
         try:
             _write_exit_file(container.exit_file, container.view())
         except OSError as exc:
@@ -760,6 +772,51 @@ class Shim:
         for conn in list(container.attachers):
             conn.close_after_flush()
         self._maybe_exit()
+
+    def _watch_oom(self, container: Container) -> None:
+        """cgroup v2 notifies a change of memory.events (inotify IN_MODIFY) when the kernel
+        OOM-kills in the cgroup: the count is read then, while the cgroup exists. At exit it
+        may be gone already: systemd removes an emptied scope's cgroup on its own."""
+        path = container.oom_control
+        if path is None or not path.endswith("memory.events"):
+            return  # v1's memory.oom_control notifies nothing; its cgroup stays until delete
+        libc = load_libc()
+        if self.oom_inotify < 0:
+            fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+            if fd < 0:
+                self.logger.log("warning", f"inotify_init1: {os.strerror(_errno_of_ctypes())}")
+                return
+            self.oom_inotify = fd
+            self.loop.watch(fd, self._on_oom_event, None)
+        wd = libc.inotify_add_watch(self.oom_inotify, os.fsencode(path), IN_MODIFY)
+        if wd < 0:
+            self.logger.log("warning", f"watching {path}: {os.strerror(_errno_of_ctypes())}")
+            return
+        container.oom_watch = wd
+        self.oom_watches[wd] = container
+
+    def _unwatch_oom(self, container: Container) -> None:
+        if container.oom_watch >= 0:
+            self.oom_watches.pop(container.oom_watch, None)
+            load_libc().inotify_rm_watch(self.oom_inotify, container.oom_watch)
+            container.oom_watch = -1
+
+    def _on_oom_event(self) -> None:
+        if self.oom_inotify < 0:
+            return
+        while True:
+            try:
+                data = os.read(self.oom_inotify, 4096)
+            except BlockingIOError:
+                return
+            offset = 0
+            while offset + INOTIFY_EVENT.size <= len(data):
+                wd, _mask, _cookie, name_len = INOTIFY_EVENT.unpack_from(data, offset)
+                offset += INOTIFY_EVENT.size + name_len
+                container = self.oom_watches.get(wd)
+                if container is not None:
+                    kills = _read_oom_kills(container.oom_control)
+                    container.oom_kills_seen = max(container.oom_kills_seen, kills)
 
     def _kill_leftovers(self, container: Container) -> None:
         """A container sharing a PID namespace does not take its other processes down with
@@ -839,20 +896,6 @@ def _receive_console(listener: socket.socket, timeout: float = 10.0) -> int:
     return fds[0]
 
 
-def _oom_control_path(bundle: str) -> str | None:
-    """cgroup v1 memory.oom_control of the container, from config.json's cgroupsPath."""
-    try:
-        with open(os.path.join(bundle, "config.json"), encoding="utf-8") as file:
-            cgroups_path = json.load(file).get("linux", {}).get("cgroupsPath", "")
-    except (OSError, ValueError):
-        return None
-    if not cgroups_path or ":" in cgroups_path:  # systemd slice:prefix:name is not ours
-        return None
-    if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
-        return os.path.join("/sys/fs/cgroup", cgroups_path.lstrip("/"), "memory.events")
-    return os.path.join("/sys/fs/cgroup/memory", cgroups_path.lstrip("/"), "memory.oom_control")
-
-
 def _owns_pid_namespace(bundle: str) -> bool:
     """Whether config.json gives the container a PID namespace of its own (not the pod's, a
     target's by path, or the host's)."""
@@ -930,6 +973,10 @@ def _send(pid: int, signum: int) -> None:
 
 
 _libc: Any = None
+IN_MODIFY = 0x2
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name)
 
 
 def load_libc() -> Any:

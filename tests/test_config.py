@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from sandbox import cgroups, config
 from sandbox.config import Config, ConfigError, RuntimeHandlerConfig, load_config
 
 
@@ -108,3 +109,28 @@ def test_runtime_handler_tables(tmp_path: Path) -> None:
     }
     assert '"test-handler": {"global_args": [], "runtime_path": "/usr/sbin/runc"' in (
         config.to_json())
+
+
+def test_cgroup_driver_resolved_and_checked(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text("")
+    resolved = load_config(conf)
+    assert resolved.cgroup_driver == cgroups.detect_driver().value
+    assert resolved.default_cgroup_parent in ("/flatpod", "system.slice")
+    no_systemd = config._resolve_cgroups(config.Config(), tmp_path / "absent")
+    assert (no_systemd.cgroup_driver, no_systemd.default_cgroup_parent) == ("cgroupfs", "/flatpod")
+    (tmp_path / "system").mkdir()
+    with_systemd = config._resolve_cgroups(config.Config(), tmp_path / "system")
+    assert (with_systemd.cgroup_driver, with_systemd.default_cgroup_parent) == (
+        "systemd", "system.slice")
+    assert with_systemd.driver is cgroups.Driver.SYSTEMD
+    for text, key in (('cgroup_driver = "docker"', "cgroup_driver"),
+                      ('cgroup_driver = "systemd"\ndefault_cgroup_parent = "/flatpod"',
+                       "default_cgroup_parent"),
+                      ('cgroup_driver = "cgroupfs"\ndefault_cgroup_parent = "pods.slice"',
+                       "default_cgroup_parent")):
+        conf.write_text(text)
+        with pytest.raises(ConfigError, match=key):
+            load_config(conf)
+    conf.write_text('cgroup_driver = "systemd"\ndefault_cgroup_parent = "pods.slice"')
+    assert load_config(conf).default_cgroup_parent == "pods.slice"

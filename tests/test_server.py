@@ -17,6 +17,7 @@ import pytest
 
 from cri_api import api_pb2 as pb
 from cri_api import api_pb2_grpc as rpc
+from sandbox import cgroups
 from sandbox.errors import NotFound
 from sandbox.server import Handler, build_server
 from shim import ksm
@@ -47,7 +48,9 @@ def test_status_conditions_and_verbose_config(cri: CriClient, daemon: Daemon) ->
 
 def test_runtime_config_is_cgroupfs(cri: CriClient) -> None:
     response = cri.RuntimeConfig(pb.RuntimeConfigRequest())
-    assert response.linux.cgroup_driver == pb.CGROUPFS
+    # The driver in use: systemd where it is PID 1 (the default), else cgroupfs.
+    systemd = cgroups.detect_driver() is cgroups.Driver.SYSTEMD
+    assert response.linux.cgroup_driver == (pb.SYSTEMD if systemd else pb.CGROUPFS)
 
 
 def test_update_runtime_config_stores_pod_cidr(cri: CriClient, daemon: Daemon) -> None:

@@ -655,3 +655,43 @@ def test_all_means_the_daemons_bounding_set(tmp_path: Path) -> None:
     assert spec.effective_capabilities(["CAP_KILL"], ["SYS_ADMIN"], [], False, ("CAP_KILL",)) == [
         "CAP_KILL"
     ]
+
+
+# --- cgroup v2 --------------------------------------------------------------------------------
+
+
+def test_cgroup_namespace_on_v2_only(tmp_path: Path) -> None:
+    v2 = SpecDefaults(cgroup_v2=True)
+    assert ns_of(build(tmp_path, ctr_config(), defaults=v2))["cgroup"] is None  # a new one
+    assert "cgroup" not in ns_of(build(tmp_path, ctr_config()))  # v1 or hybrid
+    # A privileged container sees the host's tree, as with containerd.
+    privileged = ctr_config(pb.LinuxContainerSecurityContext(privileged=True))
+    s = build(tmp_path, privileged, pod=privileged_pod(), defaults=v2)
+    assert "cgroup" not in ns_of(s)
+    pause = spec.build_pause_spec(
+        pod_config(), rootfs=tmp_path, netns_path=Path("/n"), cgroups_path="/x", defaults=v2
+    )
+    assert "cgroup" not in {n["type"] for n in pause["linux"]["namespaces"]}
+
+
+def test_unified_passed_through_on_v2(tmp_path: Path) -> None:
+    res = pb.LinuxContainerResources(
+        memory_limit_in_bytes=1 << 26, unified={"memory.oom.group": "1", "memory.high": "max"}
+    )
+    v2 = SpecDefaults(cgroup_v2=True)
+    r = build(tmp_path, ctr_config(resources=res), defaults=v2)["linux"]["resources"]
+    assert r["unified"] == {"memory.high": "max", "memory.oom.group": "1"}
+    assert r["memory"] == {"limit": 1 << 26, "swap": 1 << 26}  # runc converts for v2
+    res.unified["../../escape"] = "1"
+    with pytest.raises(SpecError, match="unified"):
+        build(tmp_path, ctr_config(resources=res), defaults=v2)
+
+
+def test_systemd_cgroups_path_is_passed_as_given(tmp_path: Path) -> None:
+    s = spec.build_container_spec(
+        pod_config(), ctr_config(), {}, rootfs=tmp_path / "rootfs",
+        sandbox=sandbox_paths(tmp_path), cgroups_path="kubepods-pod1.slice:flatpod:c1",
+        target_pid_ns=None, rootfs_users=db(), oom_score_adj_floor=-1000,
+        defaults=SpecDefaults(),
+    )  # fmt: skip
+    assert s["linux"]["cgroupsPath"] == "kubepods-pod1.slice:flatpod:c1"
