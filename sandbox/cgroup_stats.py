@@ -124,12 +124,17 @@ def _psi_line(rest: str) -> PsiData | None:
 
 
 @dataclass(frozen=True)
+class BlockDevice:
+    major: int
+    minor: int
+    name: str  # "/dev/vda1", or "major:minor" when the kernel names no node
+
+
+@dataclass(frozen=True)
 class DeviceIo:
     """Block I/O of a cgroup on one device, by operation as cAdvisor names them."""
 
-    major: int
-    minor: int
-    device: str  # "/dev/vda", or "major:minor" when the kernel names no node
+    device: BlockDevice
     bytes: Mapping[str, int] = field(default_factory=dict)  # "Read", "Write", (v1) "Sync", ...
     ios: Mapping[str, int] = field(default_factory=dict)
 
@@ -148,13 +153,6 @@ def keyed_values(text: str | None) -> dict[str, str]:
         if sep:
             out[key] = value
     return out
-
-
-@dataclass(frozen=True)
-class BlockDevice:
-    major: int
-    minor: int
-    name: str  # "/dev/vda1", or "major:minor" when the kernel names no node
 
 
 def filesystem_device(path: Path, sys_dev_block: Path = SYS_DEV_BLOCK) -> BlockDevice | None:
@@ -225,7 +223,8 @@ def _device(word: str) -> tuple[int, int] | None:
 def _devices(by_dev: Mapping[tuple[int, int], tuple[Mapping[str, int], Mapping[str, int]]],
              sys_dev_block: Path) -> tuple[DeviceIo, ...]:  # fmt: skip
     return tuple(
-        DeviceIo(major, minor, device_name(major, minor, sys_dev_block), dict(b), dict(i))
+        DeviceIo(BlockDevice(major, minor, device_name(major, minor, sys_dev_block)), dict(b),
+                 dict(i))
         for (major, minor), (b, i) in sorted(by_dev.items())
     )
 

@@ -300,21 +300,20 @@ def io_metrics(labels: BaseLabels, timestamp: int, devices: Sequence[DeviceIo],
     the disk yet still has its rows (as it has on a containerd node, from the rootfs)."""
     devices = list(devices)
     if layer_disk is not None and not any(
-        (d.major, d.minor) == (layer_disk.major, layer_disk.minor) for d in devices
+        (d.device.major, d.device.minor) == (layer_disk.major, layer_disk.minor) for d in devices
     ):
         zeros = {"Read": 0, "Write": 0}
-        devices.append(DeviceIo(layer_disk.major, layer_disk.minor, layer_disk.name, zeros,
-                                zeros))
+        devices.append(DeviceIo(layer_disk, zeros, zeros))
     metrics = []
     for d in devices:
         for name, table, op in (("container_fs_reads_bytes_total", d.bytes, "Read"),
                                 ("container_fs_writes_bytes_total", d.bytes, "Write"),
                                 ("container_fs_reads_total", d.ios, "Read"),
                                 ("container_fs_writes_total", d.ios, "Write")):
-            metrics.append(metric(name, timestamp, labels, table.get(op, 0), d.device))
+            metrics.append(metric(name, timestamp, labels, table.get(op, 0), d.device.name))
         for op, value in sorted(d.bytes.items()):
             metrics.append(metric("container_blkio_device_usage_total", timestamp, labels, value,
-                                  d.device, str(d.major), str(d.minor), op))
+                                  d.device.name, str(d.device.major), str(d.device.minor), op))
     return metrics
 
 

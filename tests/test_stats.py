@@ -103,7 +103,7 @@ def test_v2_reader_takes_every_figure_from_its_file(tmp_path: Path) -> None:
                                              memory_limit=104857600, memory_swap_limit=0,
                                              memory_reservation=0)
     assert f.oom_kills == 1 and (f.threads, f.threads_max) == (7, 0)
-    assert [(d.device, dict(d.bytes), dict(d.ios)) for d in f.io] == [
+    assert [(d.device.name, dict(d.bytes), dict(d.ios)) for d in f.io] == [
         ("/dev/sda", {"Read": 90430464, "Write": 299008000}, {"Read": 8950, "Write": 1252}),
         ("/dev/sdb", {"Read": 1459200, "Write": 314773504}, {"Read": 192, "Write": 353}),
     ]
@@ -194,7 +194,7 @@ def test_odd_stat_files_keep_what_parses(tmp_path: Path) -> None:
     assert f.cpu.usage_ns == 5000 and f.cpu.user_ns == 0 and f.cpu.periods == 0
     assert (f.memory.usage, f.memory.rss, f.memory.inactive_file, f.memory.limit) == (
         0, 4096, 0, None)
-    assert [(d.major, d.minor, dict(d.bytes), dict(d.ios)) for d in f.io] == [
+    assert [(d.device.major, d.device.minor, dict(d.bytes), dict(d.ios)) for d in f.io] == [
         (8, 0, {"Read": 10}, {"Write": 2})]
     assert f.spec.cpu_quota is None and f.spec.cpu_shares == 0
 
@@ -246,7 +246,7 @@ def test_v1_reader_takes_every_figure_from_its_files(tmp_path: Path) -> None:
                                              memory_limit=79998976)
     assert f.oom_kills == 2 and (f.threads, f.threads_max) == (3, 1024)
     [sda] = f.io
-    assert sda.device == "/dev/sda" and sda.bytes["Sync"] == 1 and sda.ios["Write"] == 1252
+    assert sda.device.name == "/dev/sda" and sda.bytes["Sync"] == 1 and sda.ios["Write"] == 1252
     assert f.cpu_pressure is None  # no unified directory given: v1 has no PSI
 
 
