@@ -45,14 +45,31 @@ SYS_DEV_BLOCK = Path("/sys/dev/block")
 # --- bounded, lenient parsing ----------------------------------------------------------------
 
 
-def read_small(file: Path) -> str | None:
-    """The start of a small kernel file, or None when it cannot be read (absent, gone)."""
+def read_small(file: Path | str) -> str | None:
+    """The start of a small kernel file, or None when it cannot be read (absent, gone, or a
+    read the kernel refuses, as some refuse PSI reads when it is off)."""
     try:
-        with open(file, "rb") as f:
-            data = f.read(MAX_FILE_BYTES)
+        fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
-    return data.decode("ascii", "replace")
+    chunks, size = [], 0
+    try:
+        while size < MAX_FILE_BYTES:  # seq files hand out about a page per read
+            chunk = os.read(fd, MAX_FILE_BYTES - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("ascii", "replace")
+
+
+def _read(d: Path, name: str) -> str | None:
+    """A file of cgroup directory `d` (a string join: a sample reads about 25 of them)."""
+    return read_small(f"{d}/{name}")
 
 
 def keyed_ints(text: str | None) -> dict[str, int]:
@@ -140,7 +157,7 @@ class DeviceIo:
 
 
 def device_name(major: int, minor: int, sys_dev_block: Path = SYS_DEV_BLOCK) -> str:
-    uevent = keyed_values(read_small(sys_dev_block / f"{major}:{minor}" / "uevent"))
+    uevent = keyed_values(read_small(f"{sys_dev_block}/{major}:{minor}/uevent"))
     name = uevent.get("DEVNAME")
     return f"/dev/{name}" if name else f"{major}:{minor}"
 
@@ -306,19 +323,19 @@ def read_pressures(d: Path | None) -> tuple[Pressure | None, Pressure | None, Pr
     """(cpu, memory, io) pressure in directory `d`; None for each file the kernel lacks."""
     if d is None:
         return None, None, None
-    return (parse_pressure(read_small(d / "cpu.pressure")),
-            parse_pressure(read_small(d / "memory.pressure")),
-            parse_pressure(read_small(d / "io.pressure")))
+    return (parse_pressure(_read(d, "cpu.pressure")),
+            parse_pressure(_read(d, "memory.pressure")),
+            parse_pressure(_read(d, "io.pressure")))
 
 
 def read_v2(d: Path, sys_dev_block: Path = SYS_DEV_BLOCK) -> CgroupFigures:
     """Every figure of the v2 cgroup in directory `d`."""
-    cpu_text = read_small(d / "cpu.stat")
+    cpu_text = _read(d, "cpu.stat")
     if cpu_text is None:  # present in every v2 cgroup, whatever its controllers
         raise FileNotFoundError(f"no cgroup at {d} (cpu.stat is missing)")
     cpu = keyed_ints(cpu_text)
     cpu_psi, memory_psi, io_psi = read_pressures(d)
-    events = keyed_ints(read_small(d / "memory.events"))
+    events = keyed_ints(_read(d, "memory.events"))
     return CgroupFigures(
         cpu=CpuFigures(
             usage_ns=cpu.get("usage_usec", 0) * NS_PER_US,
@@ -330,10 +347,10 @@ def read_v2(d: Path, sys_dev_block: Path = SYS_DEV_BLOCK) -> CgroupFigures:
         ),
         memory=_memory_v2(d, events),
         spec=_spec_v2(d),
-        io=_devices(parse_io_stat(read_small(d / "io.stat")), sys_dev_block),
+        io=_devices(parse_io_stat(_read(d, "io.stat")), sys_dev_block),
         oom_kills=events.get("oom_kill", 0),
-        threads=single_int(read_small(d / "pids.current")) or 0,
-        threads_max=single_int(read_small(d / "pids.max")) or 0,
+        threads=single_int(_read(d, "pids.current")) or 0,
+        threads_max=single_int(_read(d, "pids.max")) or 0,
         cpu_pressure=cpu_psi,
         memory_pressure=memory_psi,
         io_pressure=io_psi,
@@ -341,22 +358,22 @@ def read_v2(d: Path, sys_dev_block: Path = SYS_DEV_BLOCK) -> CgroupFigures:
 
 
 def _memory_v2(d: Path, events: Mapping[str, int]) -> MemoryFigures:
-    stat = keyed_ints(read_small(d / "memory.stat"))
+    stat = keyed_ints(_read(d, "memory.stat"))
     return MemoryFigures(
-        usage=single_int(read_small(d / "memory.current")) or 0,
+        usage=single_int(_read(d, "memory.current")) or 0,
         rss=stat.get("anon", 0),
         cache=stat.get("file", 0),
         mapped_file=stat.get("file_mapped", 0),
         active_file=stat.get("active_file", 0),
         inactive_file=stat.get("inactive_file", 0),
         kernel=stat.get("kernel"),
-        max_usage=single_int(read_small(d / "memory.peak")) or 0,
+        max_usage=single_int(_read(d, "memory.peak")) or 0,
         failcnt=events.get("max", 0),
         page_faults=stat.get("pgfault", 0),
         major_page_faults=stat.get("pgmajfault", 0),
-        limit=single_int(read_small(d / "memory.max")),
-        swap_usage=single_int(read_small(d / "memory.swap.current")),
-        swap_limit=single_int(read_small(d / "memory.swap.max")),
+        limit=single_int(_read(d, "memory.max")),
+        swap_usage=single_int(_read(d, "memory.swap.current")),
+        swap_limit=single_int(_read(d, "memory.swap.max")),
     )
 
 
@@ -366,27 +383,27 @@ def weight_to_shares(weight: int) -> int:
 
 
 def _spec_v2(d: Path) -> CgroupSpec:
-    weight = single_int(read_small(d / "cpu.weight"))
-    quota_word, _, period_word = (read_small(d / "cpu.max") or "").strip().partition(" ")
+    weight = single_int(_read(d, "cpu.weight"))
+    quota_word, _, period_word = (_read(d, "cpu.max") or "").strip().partition(" ")
     return CgroupSpec(
         cpu_shares=weight_to_shares(weight) if weight else 0,
         cpu_period=_int(period_word) or 0,
         cpu_quota=_int(quota_word),  # "max": None
-        memory_limit=single_int(read_small(d / "memory.max")) or 0,
-        memory_swap_limit=single_int(read_small(d / "memory.swap.max")) or 0,
-        memory_reservation=single_int(read_small(d / "memory.min")) or 0,
+        memory_limit=single_int(_read(d, "memory.max")) or 0,
+        memory_swap_limit=single_int(_read(d, "memory.swap.max")) or 0,
+        memory_reservation=single_int(_read(d, "memory.min")) or 0,
     )
 
 
 def read_v1(dirs: V1Dirs, sys_dev_block: Path = SYS_DEV_BLOCK) -> CgroupFigures:
     """Every figure of a cgroup on a v1 host, from its directory in each hierarchy."""
     acct = dirs.get("cpuacct")
-    usage = single_int(read_small(acct / "cpuacct.usage")) if acct else None
+    usage = single_int(_read(acct, "cpuacct.usage")) if acct else None
     if usage is None:
         raise FileNotFoundError(f"no cgroup at {acct} (cpuacct.usage is missing)")
-    ticks = keyed_ints(read_small(acct / "cpuacct.stat")) if acct else {}
+    ticks = keyed_ints(_read(acct, "cpuacct.stat")) if acct else {}
     cpu_dir, pids_dir = dirs.get("cpu"), dirs.get("pids")
-    throttling = keyed_ints(read_small(cpu_dir / "cpu.stat")) if cpu_dir else {}
+    throttling = keyed_ints(_read(cpu_dir, "cpu.stat")) if cpu_dir else {}
     memory_dir, blkio_dir = dirs.get("memory"), dirs.get("blkio")
     cpu_psi, memory_psi, io_psi = read_pressures(dirs.unified)
     return CgroupFigures(
@@ -401,10 +418,10 @@ def read_v1(dirs: V1Dirs, sys_dev_block: Path = SYS_DEV_BLOCK) -> CgroupFigures:
         memory=_memory_v1(memory_dir) if memory_dir else MemoryFigures(),
         spec=_spec_v1(cpu_dir, memory_dir),
         io=_io_v1(blkio_dir, sys_dev_block) if blkio_dir else (),
-        oom_kills=(keyed_ints(read_small(memory_dir / "memory.oom_control")).get("oom_kill", 0)
+        oom_kills=(keyed_ints(_read(memory_dir, "memory.oom_control")).get("oom_kill", 0)
                    if memory_dir else 0),
-        threads=(single_int(read_small(pids_dir / "pids.current")) or 0) if pids_dir else 0,
-        threads_max=(single_int(read_small(pids_dir / "pids.max")) or 0) if pids_dir else 0,
+        threads=(single_int(_read(pids_dir, "pids.current")) or 0) if pids_dir else 0,
+        threads_max=(single_int(_read(pids_dir, "pids.max")) or 0) if pids_dir else 0,
         cpu_pressure=cpu_psi,
         memory_pressure=memory_psi,
         io_pressure=io_psi,
@@ -412,16 +429,16 @@ def read_v1(dirs: V1Dirs, sys_dev_block: Path = SYS_DEV_BLOCK) -> CgroupFigures:
 
 
 def _v1_limit(d: Path, name: str) -> int | None:
-    value = single_int(read_small(d / name))
+    value = single_int(_read(d, name))
     return None if value is None or value >= V1_UNLIMITED else value
 
 
 def _memory_v1(d: Path) -> MemoryFigures:
-    stat = keyed_ints(read_small(d / "memory.stat"))
-    usage = single_int(read_small(d / "memory.usage_in_bytes")) or 0
+    stat = keyed_ints(_read(d, "memory.stat"))
+    usage = single_int(_read(d, "memory.usage_in_bytes")) or 0
     limit = _v1_limit(d, "memory.limit_in_bytes")
     # v1 counts memory+swap together (memsw); swap alone is the difference.
-    memsw = single_int(read_small(d / "memory.memsw.usage_in_bytes"))
+    memsw = single_int(_read(d, "memory.memsw.usage_in_bytes"))
     memsw_limit = _v1_limit(d, "memory.memsw.limit_in_bytes")
     swap_limit = None
     if memsw_limit is not None and limit is not None:
@@ -433,9 +450,9 @@ def _memory_v1(d: Path) -> MemoryFigures:
         mapped_file=stat.get("total_mapped_file", 0),
         active_file=stat.get("total_active_file", 0),
         inactive_file=stat.get("total_inactive_file", 0),
-        kernel=single_int(read_small(d / "memory.kmem.usage_in_bytes")),
-        max_usage=single_int(read_small(d / "memory.max_usage_in_bytes")) or 0,
-        failcnt=single_int(read_small(d / "memory.failcnt")) or 0,
+        kernel=single_int(_read(d, "memory.kmem.usage_in_bytes")),
+        max_usage=single_int(_read(d, "memory.max_usage_in_bytes")) or 0,
+        failcnt=single_int(_read(d, "memory.failcnt")) or 0,
         page_faults=stat.get("total_pgfault", 0),
         major_page_faults=stat.get("total_pgmajfault", 0),
         limit=limit,
@@ -445,10 +462,10 @@ def _memory_v1(d: Path) -> MemoryFigures:
 
 
 def _spec_v1(cpu: Path | None, memory: Path | None) -> CgroupSpec:
-    quota = _int((read_small(cpu / "cpu.cfs_quota_us") or "").strip()) if cpu else None
+    quota = _int((_read(cpu, "cpu.cfs_quota_us") or "").strip()) if cpu else None
     return CgroupSpec(
-        cpu_shares=(single_int(read_small(cpu / "cpu.shares")) or 0) if cpu else 0,
-        cpu_period=(single_int(read_small(cpu / "cpu.cfs_period_us")) or 0) if cpu else 0,
+        cpu_shares=(single_int(_read(cpu, "cpu.shares")) or 0) if cpu else 0,
+        cpu_period=(single_int(_read(cpu, "cpu.cfs_period_us")) or 0) if cpu else 0,
         cpu_quota=quota if quota is not None and quota >= 0 else None,
         memory_limit=(_v1_limit(memory, "memory.limit_in_bytes") or 0) if memory else 0,
         memory_swap_limit=(_v1_limit(memory, "memory.memsw.limit_in_bytes") or 0) if memory
@@ -460,9 +477,9 @@ def _spec_v1(cpu: Path | None, memory: Path | None) -> CgroupSpec:
 
 def _io_v1(d: Path, sys_dev_block: Path) -> tuple[DeviceIo, ...]:
     for prefix in ("blkio.throttle.", "blkio.bfq."):
-        nbytes = read_small(d / f"{prefix}io_service_bytes_recursive")
+        nbytes = _read(d, f"{prefix}io_service_bytes_recursive")
         if nbytes is not None:
-            ios = parse_blkio(read_small(d / f"{prefix}io_serviced_recursive"))
+            ios = parse_blkio(_read(d, f"{prefix}io_serviced_recursive"))
             by_bytes = parse_blkio(nbytes)
             merged = {dev: (by_bytes.get(dev, {}), ios.get(dev, {}))
                       for dev in by_bytes.keys() | ios.keys()}
