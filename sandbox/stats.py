@@ -2,8 +2,9 @@
 Stream* variants, ListMetricDescriptors, ListPodSandboxMetrics, UpdatePodSandboxResources.
 
 Figures come straight from the kernel: the cgroup of each container and pod (cpu, memory,
-swap, processes, OOM kills), the container's writable upper dir (disk), and /proc/net/dev
-inside the pod's netns (network). kubelet reads them for its summary API and for eviction
+swap, block I/O, pressure, processes, OOM kills; read by cgroup_stats.py), the container's
+writable upper dir (disk), and /proc/net/dev inside the pod's netns (network). The metrics
+made of them are in metrics_cri.py. kubelet reads them for its summary API and for eviction
 (working set, available memory, writable layer bytes and inodes).
 
 Every RPC takes its figures from one `Stats` object owned by the server, which keeps the
