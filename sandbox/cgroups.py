@@ -115,15 +115,6 @@ class Resources:
         )
 
 
-@dataclass(frozen=True)
-class MemoryStats:
-    usage: int
-    working_set: int  # usage - inactive_file, what kubelet evicts on
-    rss: int
-    page_faults: int
-    major_page_faults: int
-    limit: int | None  # None: unlimited
-
 
 # --------------------------------------------------------------------------------------------
 # Paths and hierarchies
@@ -559,47 +550,6 @@ def pids(path: str, hs: Sequence[Hierarchy] | None = None) -> list[int]:
     return sorted(set(found))
 
 
-def read_cpu_usage_ns(path: str, hs: Sequence[Hierarchy] | None = None) -> int:
-    hs = list(hs) if hs is not None else hierarchies()
-    h = _v1("cpuacct", hs)
-    if h is not None:
-        return int(_node(h, path).controller.usage)
-    v2 = _require(_v2(hs), "cpu")
-    stat = _kv(v2.dir_for(path) / "cpu.stat")
-    return stat["usage_usec"] * 1000
-
-
-def read_memory(path: str, hs: Sequence[Hierarchy] | None = None) -> MemoryStats:
-    hs = list(hs) if hs is not None else hierarchies()
-    h = _require(owner("memory", hs), "memory")
-    if h.version == 1:
-        ctl = _node(h, path).controller
-        stat: dict[str, int] = {k: int(v) for k, v in ctl.stat.items()}
-        usage = int(ctl.usage_in_bytes)
-        limit = int(ctl.limit_in_bytes or 0)
-        inactive = stat.get("total_inactive_file", 0)
-        rss = stat.get("total_rss", 0)
-        faults, major = stat.get("total_pgfault", 0), stat.get("total_pgmajfault", 0)
-        # v1 reports "unlimited" as a huge page-aligned number.
-        unlimited = limit >= 1 << 62 or limit == 0
-    else:
-        d = h.dir_for(path)
-        stat = _kv(d / "memory.stat")
-        usage = int((d / "memory.current").read_text())
-        raw = (d / "memory.max").read_text().strip()
-        limit, unlimited = (0, True) if raw == "max" else (int(raw), False)
-        inactive, rss = stat.get("inactive_file", 0), stat.get("anon", 0)
-        faults, major = stat.get("pgfault", 0), stat.get("pgmajfault", 0)
-    return MemoryStats(
-        usage=usage,
-        working_set=max(0, usage - inactive),
-        rss=rss,
-        page_faults=faults,
-        major_page_faults=major,
-        limit=None if unlimited else limit,
-    )
-
-
 def cgroup_dir(cgroup_path: str, controller: str, hs: Sequence[Hierarchy] | None = None) -> Path:
     """The directory on disk of a pod's or container's cgroup for `controller`: its v1
     hierarchy's, else the v2 one's (on pure v2, the one directory for every controller).
@@ -621,18 +571,6 @@ def oom_events_file(cgroup_path: str, hs: Sequence[Hierarchy] | None = None) -> 
     return h.dir_for(cgroup_path) / name
 
 
-def oom_kill_count(path: str, hs: Sequence[Hierarchy] | None = None) -> int:
-    """OOM kills in the cgroup (v1: memory.oom_control's oom_kill; v2: memory.events)."""
-    return _kv(oom_events_file(path, hs)).get("oom_kill", 0)
-
-
-def _kv(file: Path) -> dict[str, int]:
-    out = {}
-    for line in file.read_text().splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
-            out[parts[0]] = int(parts[1])
-    return out
 
 
 def _require(h: Hierarchy | None, controller: str) -> Hierarchy:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cri_api import api_pb2 as pb
-from sandbox import cgroups
+from sandbox import cgroups, stats
 from sandbox.cgroups import CgroupError, Resources
 
 _counter = itertools.count()
@@ -134,17 +134,19 @@ def test_pids_stats_and_busy_remove(cg: str) -> None:
         proc.stdin.flush()
         assert proc.stdout.readline() == b"grown\n"
         assert cgroups.pids(cg) == [proc.pid]
-        mem = cgroups.read_memory(cg)
+        figures = stats.read_cgroup(cg, cgroups.hierarchies()).figures
+        assert figures is not None
+        mem = figures.memory
         assert mem.limit == 64 << 20 and 0 < mem.working_set <= mem.usage
         assert mem.page_faults > 0
-        assert cgroups.oom_kill_count(cg) == 0
+        assert figures.oom_kills == 0
         with pytest.raises(OSError):
             cgroups.remove(cg, timeout_s=0.2)
     finally:
         proc.kill()
         proc.wait()
     assert cgroups.pids(cg) == []
-    assert cgroups.read_cpu_usage_ns(cg) >= 0
+    assert stats.read_cgroup(cg, cgroups.hierarchies()).cpu_ns >= 0
     cgroups.remove(cg)
     assert cgroups.pids(cg) == []
 
@@ -163,7 +165,7 @@ def test_cpu_usage_counts(cg: str) -> None:
     finally:
         proc.kill()
         proc.wait()
-    assert cgroups.read_cpu_usage_ns(cg) > 1_000_000
+    assert stats.read_cgroup(cg, cgroups.hierarchies()).cpu_ns > 1_000_000
 
 
 def test_remove_refuses_root() -> None:
