@@ -138,9 +138,32 @@ def test_missing_default_config_means_defaults(tmp_path: Path) -> None:
     assert info["network"]["mtu"] == 1500
 
 
+def test_default_page_merging_marks_the_zygote_and_leaves_ksmd_stopped(tmp_path: Path) -> None:
+    """The default, "advise": the zygote's memory (which every shim inherits) is marked
+    mergeable, but ksmd, a host-wide setting, stays as the operator left it. The test puts
+    ksmd back as it was."""
+    before = ksm.ksmd_state()
+    if before is None:
+        pytest.skip("no KSM in this kernel")
+    ksm.set_ksmd_state("0")
+    try:
+        # tests/daemon.py writes "advise" unless the extra config names the key; a comment
+        # naming it leaves the key unset, so the daemon runs on its built-in default.
+        with running_daemon(tmp_path, "# shim_page_merging: the default") as d:
+            assert ksm.ksmd_state() == "0"
+            zygote = int((d.state / "zygote.pid").read_text())
+            heap = Path(f"/proc/{zygote}/smaps").read_text().split("[heap]\n", 1)[1]
+            flags = next(line for line in heap.splitlines() if line.startswith("VmFlags:"))
+            assert " mg" in flags
+            assert "started the kernel's same-page merging" not in d.log()
+            assert ksm.ksmd_state() == "0"
+    finally:
+        ksm.set_ksmd_state(before)
+
+
 def test_shim_page_merging_on_starts_ksmd_and_marks_the_zygote(tmp_path: Path) -> None:
-    """The default, "on": ksmd is started when stopped, and the zygote's memory (which every
-    shim inherits) is offered to it. The test puts ksmd back as it was."""
+    """"on", the operator's opt-in: ksmd is started when stopped, and the zygote's memory
+    (which every shim inherits) is offered to it. The test puts ksmd back as it was."""
     before = ksm.ksmd_state()
     if before is None:
         pytest.skip("no KSM in this kernel")
