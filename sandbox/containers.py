@@ -22,7 +22,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 
 from cri_api import api_pb2 as pb
-from sandbox import cgroups
+from sandbox import cgroups, validate
 from sandbox.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -91,6 +91,7 @@ async def create_container(
     from sandbox.pods import ready_pod  # pods imports this module for stop and remove
 
     pod = ready_pod(rt, req.pod_sandbox_id)
+    validate.container_in_pod(req.config, pod.config)
     image = rt.images.images.resolve(req.config.image.image)
     if image is None:
         raise NotFound(f"image {req.config.image.image!r} not found; pull it first")
@@ -131,7 +132,7 @@ async def _create(
         image_name=_image_name(image, config.image.image),
         state=CONTAINER_CREATING,
         snapshots=list(reversed(image.chain_ids)),
-        stop_signal=str(image.config.get("config", {}).get("StopSignal") or ""),
+        stop_signal=validate.stop_signal(config, image.config.get("config") or {}),
         resources=config.linux.resources.SerializeToString(),
     )
     # 1. Reserve the name, before touching the host.
@@ -214,6 +215,7 @@ def validate_container_config(config: pb.ContainerConfig) -> None:
     for env in config.envs:
         if "\x00" in env.key or "\x00" in env.value or "=" in env.key or not env.key:
             raise InvalidArgument(f"environment variable name {env.key!r} is invalid")
+    validate.container_config(config)
 
 
 def _image_name(image: Any, requested: str) -> str:
@@ -252,7 +254,7 @@ def _container_spec(
         hosts=pod_dir / "hosts",
         user=Path(ns["user"]) if "user" in ns else None,
     )
-    target = _target_pid_ns(rt, ctr.config)
+    target = _target_pid_ns(rt, pod.id, ctr.config)
     # A container cannot have a network of its own in a flat pod: it is the pod's, whatever
     # the container's options say (kubelet sends the pod's mode; crictl users often don't).
     config = pb.ContainerConfig()
@@ -270,11 +272,13 @@ def _container_spec(
         raise InvalidArgument(str(err)) from err
 
 
-def _target_pid_ns(rt: Runtime, config: pb.ContainerConfig) -> Path | None:
+def _target_pid_ns(rt: Runtime, pod_id: str, config: pb.ContainerConfig) -> Path | None:
     opts = config.linux.security_context.namespace_options
     if opts.pid != pb.TARGET:
         return None
     target = rt.find_container(opts.target_id)
+    if target is not None:
+        validate.target_in_pod(opts.target_id, target.pod_id, pod_id)
     if target is None or target.state != RUNNING or not target.pid:
         raise NotFound(f"target container {opts.target_id!r} for the PID namespace is not running")
     return Path(f"/proc/{target.pid}/ns/pid")
@@ -410,14 +414,8 @@ async def _shim_view(shim: Any, ctr_id: str) -> dict[str, Any] | None:
 
 
 def _stop_signal(ctr: ContainerRecord) -> int:
-    name = ctr.stop_signal.upper()
-    if not name:
-        return int(signal.SIGTERM)
-    if name.isdigit():
-        return int(name)
-    if not name.startswith("SIG"):
-        name = "SIG" + name
-    return int(getattr(signal, name, signal.SIGTERM))
+    # Validated at CreateContainer; a record from before that check may still name none.
+    return validate.parse_signal(ctr.stop_signal) or int(signal.SIGTERM)
 
 
 # --- exits, from the shim --------------------------------------------------------------------
@@ -633,8 +631,7 @@ def _summary(ctr: ContainerRecord) -> pb.Container:
 
 async def exec_sync(rt: Runtime, req: pb.ExecSyncRequest) -> pb.ExecSyncResponse:
     ctr = running_container(rt, req.container_id)
-    if not req.cmd:
-        raise InvalidArgument("exec command is empty")
+    validate.exec_command(req.cmd)
     process = exec_process(rt, ctr, list(req.cmd), tty=False)
     shim = shim_of(rt, ctr.pod_id)
     timeout = float(req.timeout) if req.timeout > 0 else None
@@ -679,9 +676,13 @@ async def update_container_resources(
     ctr = _visible(rt, req.container_id)
     if ctr.state not in (CREATED, RUNNING):
         raise FailedPrecondition(f"container {ctr.id} is {ctr.state}: nothing to update")
+    validate.resources(req.linux, "linux")
     async with rt.locks.hold(ctr.id):
         resources = cgroups.Resources.from_cri(req.linux)
-        await asyncio.to_thread(cgroups.update, ctr.cgroup_path, resources)
+        try:
+            await asyncio.to_thread(cgroups.update, ctr.cgroup_path, resources)
+        except OSError as err:  # e.g. a memory limit below what the container uses (EBUSY)
+            raise FailedPrecondition(f"updating container {ctr.id} cgroup: {err}") from err
         ctr.resources = req.linux.SerializeToString()
         save_container(rt.store, ctr)
     return pb.UpdateContainerResourcesResponse()
