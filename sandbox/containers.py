@@ -637,8 +637,10 @@ async def exec_sync(rt: Runtime, req: pb.ExecSyncRequest) -> pb.ExecSyncResponse
     timeout = float(req.timeout) if req.timeout > 0 else None
     result = await shim.exec_sync(ctr.id, process, timeout)
     if result.timed_out:
+        lingering = "" if result.tree_gone else "; some of its processes were not dead yet"
         raise DeadlineExceeded(
-            f"command {list(req.cmd)!r} in container {ctr.id} timed out after {req.timeout}s"
+            f"command {list(req.cmd)[:8]!r} in container {ctr.id} timed out after "
+            f"{req.timeout}s and was killed{lingering}"
         )
     return pb.ExecSyncResponse(
         stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code
