@@ -56,6 +56,7 @@ from sandbox.spec import (
 from sandbox.users import UserDb
 from sandbox.wire import repeated_entry
 from shim.client import ShimClient, ShimError
+from shim.crilog import open_beneath
 from shim.runc import Runc, RuncError
 
 log = logging.getLogger("flatpod.containers")
@@ -172,13 +173,15 @@ async def _create(
             os.chmod(bundle, 0o711)
         # 4. The log file, where kubelet reads it.
         ctr.log_path = _log_path(pod, config)
+        log_root = pod.config.log_directory or None
         if ctr.log_path:
-            Path(ctr.log_path).parent.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(_prepare_log, pod.config.log_directory, config.log_path)
         # 5. The shim creates it: the process waits in runc's init until StartContainer.
         shim = shim_of(rt, pod.id)
         ctr.pid = await shim.create(
             ctr.id, str(bundle), stdin=config.stdin, stdin_once=config.stdin_once,
-            tty=config.tty, log_path=ctr.log_path or None, exit_file=str(bundle / "exit"),
+            tty=config.tty, log_path=ctr.log_path or None, log_root=log_root,
+            exit_file=str(bundle / "exit"),
         )
         undo.push("runc", lambda: delete_runc_state(rt, ctr.id))
         rt.faults.point("create_container:after_shim_create")
@@ -282,6 +285,16 @@ def _target_pid_ns(rt: Runtime, pod_id: str, config: pb.ContainerConfig) -> Path
     if target is None or target.state != RUNNING or not target.pid:
         raise NotFound(f"target container {opts.target_id!r} for the PID namespace is not running")
     return Path(f"/proc/{target.pid}/ns/pid")
+
+
+def _prepare_log(log_directory: str, log_path: str) -> None:
+    """Makes the log file (and its directories) beneath the pod's log directory as the shim
+    will open it, following no symlink: a link planted there is the request's fault."""
+    os.makedirs(log_directory, exist_ok=True)
+    try:
+        os.close(open_beneath(log_directory, log_path))
+    except OSError as err:
+        raise InvalidArgument(f"log_path: {err.strerror or err}") from err
 
 
 def _log_path(pod: PodRecord, config: pb.ContainerConfig) -> str:

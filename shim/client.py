@@ -151,10 +151,13 @@ class ShimClient:
 
     async def create(self, container_id: str, bundle: str, *, stdin: bool = False,
                      stdin_once: bool = False, tty: bool = False, log_path: str | None = None,
-                     exit_file: str | None = None, timeout: float = CREATE_TIMEOUT) -> int:
+                     log_root: str | None = None, exit_file: str | None = None,
+                     timeout: float = CREATE_TIMEOUT) -> int:
+        """`log_path` is opened beneath `log_root` (the pod's log directory), following no
+        symlink (shim/crilog.py)."""
         reply = await self.call("create", timeout, container_id=container_id, bundle=bundle,
                                 stdin=stdin, stdin_once=stdin_once, tty=tty,
-                                log_path=log_path, exit_file=exit_file)
+                                log_path=log_path, log_root=log_root, exit_file=exit_file)
         return int(reply["pid"])
 
     async def start(self, container_id: str, timeout: float = CREATE_TIMEOUT) -> dict[str, Any]:

@@ -397,7 +397,8 @@ class Shim:
         want_stdin = bool(request.get("stdin"))
         log_path = request.get("log_path")
         pid_file = os.path.join(bundle, "init.pid")
-        log = CriLogFile(str(log_path)) if log_path else None
+        log_root = request.get("log_root")
+        log = CriLogFile(str(log_path), str(log_root) if log_root else None) if log_path else None
         oom_control = _oom_control_path(bundle)
         container = Container(
             id=container_id, bundle=bundle, pid=0, tty=tty,

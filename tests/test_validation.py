@@ -298,3 +298,31 @@ def test_every_proto_signal_is_one_flatpod_can_send() -> None:
             config.stop_signal = value
             name = validate.stop_signal(config, {})
             assert validate.parse_signal(name), name
+
+
+def test_a_symlink_planted_in_the_log_directory_is_refused(
+    fp: CriClient, pulled: TestImages, running: tuple[str, pb.PodSandboxConfig, str],
+    tmp_path: Path
+) -> None:
+    """A link where a container's log goes (a tenant with the log directory in a hostPath
+    volume could plant one) never turns the container's output onto a host file."""
+    pod_id, pod, _ = running
+    victim = tmp_path / "host-file"
+    victim.write_text("host data\n")
+    logs = Path(pod.log_directory)
+    (logs / "planted.log").symlink_to(victim)
+    (logs / "planted-dir").symlink_to(tmp_path)
+    try:
+        for log_path in ("planted.log", "planted-dir/host-file"):
+            config = container_config(pulled.busybox.reference, command=["echo", "tenant"])
+            config.log_path = log_path
+            request = pb.CreateContainerRequest(pod_sandbox_id=pod_id, config=config,
+                                                sandbox_config=pod)
+            assert_invalid(lambda r=request: fp.CreateContainer(r), "log_path")
+        assert victim.read_text() == "host data\n"
+        assert not fp.ListContainers(pb.ListContainersRequest(filter=pb.ContainerFilter(
+            pod_sandbox_id=pod_id, state=pb.ContainerStateValue(state=pb.CONTAINER_CREATED),
+        ))).containers
+    finally:
+        (logs / "planted.log").unlink()
+        (logs / "planted-dir").unlink()
