@@ -83,13 +83,7 @@ def sandbox_config(config: pb.PodSandboxConfig) -> None:
     _enum(opts.network, (pb.POD, pb.NODE), f"{where}.namespace_options.network", _MODES)
     _enum(opts.ipc, (pb.POD, pb.NODE), f"{where}.namespace_options.ipc", _MODES)
     _enum(opts.pid, _POD_PID_MODES, f"{where}.namespace_options.pid", _MODES)
-    _identity(sc.run_as_user.value if sc.HasField("run_as_user") else 0,
-              sc.run_as_group.value if sc.HasField("run_as_group") else 0,
-              sc.supplemental_groups, where)
-    _enum(sc.supplemental_groups_policy, tuple(_POLICIES), f"{where}.supplemental_groups_policy",
-          _POLICIES)
-    _profile(sc.seccomp if sc.HasField("seccomp") else None, f"{where}.seccomp")
-    _apparmor(sc.apparmor if sc.HasField("apparmor") else None, "", f"{where}.apparmor")
+    _identity_and_profiles(sc, "", where)
     for i, mapping in enumerate(config.port_mappings):
         _enum(mapping.protocol, tuple(_PROTOCOLS), f"port_mappings[{i}].protocol", _PROTOCOLS)
     _map(config.labels, "labels")
@@ -138,14 +132,7 @@ def container_config(config: pb.ContainerConfig) -> None:
     _enum(opts.pid, _CONTAINER_PID_MODES, f"{where}.namespace_options.pid", _MODES)
     if opts.pid == pb.TARGET and not opts.target_id:
         raise InvalidArgument(f"{where}.namespace_options.target_id: required with pid TARGET")
-    _identity(sc.run_as_user.value if sc.HasField("run_as_user") else 0,
-              sc.run_as_group.value if sc.HasField("run_as_group") else 0,
-              sc.supplemental_groups, where)
-    _enum(sc.supplemental_groups_policy, tuple(_POLICIES), f"{where}.supplemental_groups_policy",
-          _POLICIES)
-    _profile(sc.seccomp if sc.HasField("seccomp") else None, f"{where}.seccomp")
-    _apparmor(sc.apparmor if sc.HasField("apparmor") else None, sc.apparmor_profile,
-              f"{where}.apparmor")
+    _identity_and_profiles(sc, sc.apparmor_profile, where)
     caps = sc.capabilities
     for field_name, names in (
         ("add_capabilities", caps.add_capabilities),
@@ -307,6 +294,22 @@ def _page_size(text: str, where: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Pieces
+
+
+def _identity_and_profiles(
+    sc: pb.LinuxSandboxSecurityContext | pb.LinuxContainerSecurityContext,
+    legacy_apparmor: str, where: str,
+) -> None:
+    """What pod and container security contexts share: the identity, the groups policy, the
+    seccomp and AppArmor profiles."""
+    _identity(sc.run_as_user.value if sc.HasField("run_as_user") else 0,
+              sc.run_as_group.value if sc.HasField("run_as_group") else 0,
+              sc.supplemental_groups, where)
+    _enum(sc.supplemental_groups_policy, tuple(_POLICIES), f"{where}.supplemental_groups_policy",
+          _POLICIES)
+    _profile(sc.seccomp if sc.HasField("seccomp") else None, f"{where}.seccomp")
+    _apparmor(sc.apparmor if sc.HasField("apparmor") else None, legacy_apparmor,
+              f"{where}.apparmor")
 
 
 def _identity(uid: int, gid: int, groups: Iterable[int], where: str) -> None:
