@@ -100,10 +100,11 @@ class Config:
     default_cgroup_parent: str = ""
     # CRI log records longer than this are split into partial (P) records.
     max_log_line_size: int = 16384
-    # KSM for the shims' memory (shim/ksm.py): "on" marks the pages the shims inherit from
-    # the zygote mergeable and starts ksmd if it is stopped; "advise" only marks them (ksmd
-    # is the administrator's); "off" does neither.
-    shim_page_merging: str = "on"
+    # KSM for the shims' memory (shim/ksm.py): "advise" (the default) marks the pages the
+    # shims inherit from the zygote mergeable and leaves ksmd, a host-wide kernel setting, to
+    # the administrator (marking costs nothing while ksmd is stopped); "on" also starts ksmd
+    # if it is stopped; "off" does neither.
+    shim_page_merging: str = "advise"
     # Empty: no Prometheus endpoint. Otherwise "host:port".
     metrics_address: str = ""
     network: NetworkConfig = field(default_factory=NetworkConfig)

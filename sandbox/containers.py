@@ -22,7 +22,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 
 from cri_api import api_pb2 as pb
-from sandbox import cgroups
+from sandbox import cgroups, validate
 from sandbox.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -57,6 +57,7 @@ from sandbox.spec import (
 from sandbox.users import UserDb, open_to_group
 from sandbox.wire import pages, repeated_entry
 from shim.client import ShimClient, ShimError
+from shim.crilog import open_beneath
 from shim.runc import RuncError
 
 log = logging.getLogger("flatpod.containers")
@@ -92,6 +93,7 @@ async def create_container(
     from sandbox.pods import ready_pod  # pods imports this module for stop and remove
 
     pod = ready_pod(rt, req.pod_sandbox_id)
+    validate.container_in_pod(req.config, pod.config)
     image = rt.images.images.resolve(req.config.image.image)
     if image is None:
         raise NotFound(f"image {req.config.image.image!r} not found; pull it first")
@@ -132,7 +134,7 @@ async def _create(
         image_name=_image_name(image, config.image.image),
         state=CONTAINER_CREATING,
         snapshots=list(reversed(image.chain_ids)),
-        stop_signal=str(image.config.get("config", {}).get("StopSignal") or ""),
+        stop_signal=validate.stop_signal(config, image.config.get("config") or {}),
         resources=config.linux.resources.SerializeToString(),
     )
     # 1. Reserve the name, before touching the host.
@@ -172,15 +174,16 @@ async def _create(
             open_to_group(bundle, userns.root[1])
         # 4. The log file, where kubelet reads it.
         ctr.log_path = _log_path(pod, config)
+        log_root = pod.config.log_directory or None
         if ctr.log_path:
-            Path(ctr.log_path).parent.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(_prepare_log, pod.config.log_directory, config.log_path)
         # 5. The shim creates it: the process waits in runc's init until StartContainer.
         shim = shim_of(rt, pod.id)
         oom_file, systemd = await asyncio.to_thread(shim_cgroup_options, pod, ctr.id)
         ctr.pid = await shim.create(
             ctr.id, str(bundle), stdin=config.stdin, stdin_once=config.stdin_once,
-            tty=config.tty, log_path=ctr.log_path or None, exit_file=str(bundle / "exit"),
-            oom_file=oom_file, systemd_cgroup=systemd,
+            tty=config.tty, log_path=ctr.log_path or None, log_root=log_root,
+            exit_file=str(bundle / "exit"), oom_file=oom_file, systemd_cgroup=systemd,
         )
         undo.push("runc", lambda: delete_runc_state(rt, ctr.id))
         rt.faults.point("create_container:after_shim_create")
@@ -217,6 +220,7 @@ def validate_container_config(config: pb.ContainerConfig) -> None:
     for env in config.envs:
         if "\x00" in env.key or "\x00" in env.value or "=" in env.key or not env.key:
             raise InvalidArgument(f"environment variable name {env.key!r} is invalid")
+    validate.container_config(config)
 
 
 def _image_name(image: Any, requested: str) -> str:
@@ -255,7 +259,7 @@ def _container_spec(
         hosts=pod_dir / "hosts",
         user=Path(ns["user"]) if "user" in ns else None,
     )
-    target = _target_pid_ns(rt, ctr.config)
+    target = _target_pid_ns(rt, pod.id, ctr.config)
     # A container cannot have a network of its own in a flat pod: it is the pod's, whatever
     # the container's options say (kubelet sends the pod's mode; crictl users often don't).
     config = pb.ContainerConfig()
@@ -274,14 +278,26 @@ def _container_spec(
         raise InvalidArgument(str(err)) from err
 
 
-def _target_pid_ns(rt: Runtime, config: pb.ContainerConfig) -> Path | None:
+def _target_pid_ns(rt: Runtime, pod_id: str, config: pb.ContainerConfig) -> Path | None:
     opts = config.linux.security_context.namespace_options
     if opts.pid != pb.TARGET:
         return None
     target = rt.find_container(opts.target_id)
+    if target is not None:
+        validate.target_in_pod(opts.target_id, target.pod_id, pod_id)
     if target is None or target.state != RUNNING or not target.pid:
         raise NotFound(f"target container {opts.target_id!r} for the PID namespace is not running")
     return Path(f"/proc/{target.pid}/ns/pid")
+
+
+def _prepare_log(log_directory: str, log_path: str) -> None:
+    """Makes the log file (and its directories) beneath the pod's log directory as the shim
+    will open it, following no symlink: a link planted there is the request's fault."""
+    os.makedirs(log_directory, exist_ok=True)
+    try:
+        os.close(open_beneath(log_directory, log_path))
+    except OSError as err:
+        raise InvalidArgument(f"log_path: {err.strerror or err}") from err
 
 
 def _log_path(pod: PodRecord, config: pb.ContainerConfig) -> str:
@@ -445,14 +461,8 @@ async def _shim_view(shim: Any, ctr_id: str) -> dict[str, Any] | None:
 
 
 def _stop_signal(ctr: ContainerRecord) -> int:
-    name = ctr.stop_signal.upper()
-    if not name:
-        return int(signal.SIGTERM)
-    if name.isdigit():
-        return int(name)
-    if not name.startswith("SIG"):
-        name = "SIG" + name
-    return int(getattr(signal, name, signal.SIGTERM))
+    # Validated at CreateContainer; a record from before that check may still name none.
+    return validate.parse_signal(ctr.stop_signal) or int(signal.SIGTERM)
 
 
 # --- exits, from the shim --------------------------------------------------------------------
@@ -681,15 +691,16 @@ def _summary(ctr: ContainerRecord) -> pb.Container:
 
 async def exec_sync(rt: Runtime, req: pb.ExecSyncRequest) -> pb.ExecSyncResponse:
     ctr = running_container(rt, req.container_id)
-    if not req.cmd:
-        raise InvalidArgument("exec command is empty")
+    validate.exec_command(req.cmd)
     process = exec_process(rt, ctr, list(req.cmd), tty=False)
     shim = shim_of(rt, ctr.pod_id)
     timeout = float(req.timeout) if req.timeout > 0 else None
     result = await shim.exec_sync(ctr.id, process, timeout)
     if result.timed_out:
+        lingering = "" if result.tree_gone else "; some of its processes were not dead yet"
         raise DeadlineExceeded(
-            f"command {list(req.cmd)!r} in container {ctr.id} timed out after {req.timeout}s"
+            f"command {list(req.cmd)[:8]!r} in container {ctr.id} timed out after "
+            f"{req.timeout}s and was killed{lingering}"
         )
     return pb.ExecSyncResponse(
         stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code
@@ -727,6 +738,7 @@ async def update_container_resources(
     ctr = _visible(rt, req.container_id)
     if ctr.state not in (CREATED, RUNNING):
         raise FailedPrecondition(f"container {ctr.id} is {ctr.state}: nothing to update")
+    validate.resources(req.linux, "linux")
     async with rt.locks.hold(ctr.id):
         try:
             await asyncio.to_thread(_apply_resources, rt, ctr, req.linux)

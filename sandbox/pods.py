@@ -28,7 +28,7 @@ from cri_api import api_pb2 as pb
 from netns.enter import run_in_netns
 from netns.pin import create_netns, ensure_shared_mount_dir, is_pinned, pin_namespace, unpin
 from netns.ports import PortMapping
-from sandbox import cgroups, containers, mounts
+from sandbox import cgroups, containers, mounts, validate
 from sandbox.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from sandbox.images.snapshots import idmap_supported
 from sandbox.records import (
@@ -225,6 +225,7 @@ def validate_sandbox_config(config: pb.PodSandboxConfig) -> None:
     for mapping in config.port_mappings:
         if not 0 < mapping.container_port < 65536 or not 0 <= mapping.host_port < 65536:
             raise InvalidArgument(f"port mapping {MessageToDict(mapping)} is out of range")
+    validate.sandbox_config(config)  # enums, ids, sizes, resources
 
 
 def _check_text(field_name: str, value: str) -> None:
@@ -237,6 +238,7 @@ def _check_text(field_name: str, value: str) -> None:
 def port_mappings(config: pb.PodSandboxConfig) -> list[PortMapping]:
     return [
         PortMapping(
+            # validate.sandbox_config refuses other protocols; "tcp" only for older records.
             protocol=_PROTOCOLS.get(m.protocol, "tcp"),
             container_port=m.container_port,
             host_port=m.host_port,
@@ -714,6 +716,7 @@ async def update_pod_sandbox_resources(
     if pod.state != SANDBOX_READY or (owned and not pod.cgroup_path):
         raise FailedPrecondition(f"pod sandbox {pod.id} is {pod.state}: nothing to update")
     linux = pb.LinuxPodSandboxConfig(resources=req.resources, overhead=req.overhead)
+    validate.pod_resources(linux)
     async with rt.locks.hold(pod.id):
         try:
             if owned:

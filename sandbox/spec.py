@@ -470,21 +470,21 @@ def seccomp_profile(
             return seccomp.profile_for(caps, arch)
         if profile.profile_type == pb.SecurityProfile.Unconfined:
             return None
-        return _localhost(profile.localhost_ref, "seccomp.localhost_ref")
+        return _localhost(profile.localhost_ref, "seccomp.localhost_ref", caps, arch)
     if legacy_path in ("", "unconfined"):
         return None
     if legacy_path in ("runtime/default", "docker/default"):
         return seccomp.profile_for(caps, arch)
     if legacy_path.startswith("localhost/"):
-        return _localhost(legacy_path.removeprefix("localhost"), "seccomp_profile_path")
+        return _localhost(legacy_path.removeprefix("localhost"), "seccomp_profile_path", caps, arch)
     raise SpecError(f"seccomp_profile_path: unknown profile {legacy_path!r}")
 
 
-def _localhost(path: str, field_name: str) -> dict[str, Any]:
+def _localhost(path: str, field_name: str, caps: Sequence[str], arch: str) -> dict[str, Any]:
     if not path.startswith("/"):
         raise SpecError(f"{field_name}: localhost profile {path!r} must be an absolute path")
     try:
-        return seccomp.load_localhost_profile(path)
+        return seccomp.load_localhost_profile(path, caps, arch)
     except seccomp.SeccompError as e:
         raise SpecError(f"{field_name}: {e}") from None
 

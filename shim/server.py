@@ -174,6 +174,10 @@ class ExecSession:
     exit_code: int | None = None
     exited_at: str | None = None
     waiters: list[tuple[Connection, Any]] = field(default_factory=list)
+    # After exec_kill with "wait": pidfds of the killed tree's processes not yet dead, and
+    # who to answer once they all are and the exec's own process has been reaped.
+    dying: set[int] = field(default_factory=set)
+    kill_waiters: list[tuple[Connection, Any]] = field(default_factory=list)
 
     def view(self) -> dict[str, Any]:
         return {"exec_id": self.id, "container_id": self.container_id, "pid": self.pid,
@@ -398,7 +402,8 @@ class Shim:
         want_stdin = bool(request.get("stdin"))
         log_path = request.get("log_path")
         pid_file = os.path.join(bundle, "init.pid")
-        log = CriLogFile(str(log_path)) if log_path else None
+        log_root = request.get("log_root")
+        log = CriLogFile(str(log_path), str(log_root) if log_root else None) if log_path else None
         oom_file = request.get("oom_file")
         oom_control = str(oom_file) if oom_file else None
         container = Container(
@@ -631,11 +636,39 @@ class Shim:
         session.waiters.append((conn, request.get("id")))
         return None
 
-    def op_exec_kill(self, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
+    def op_exec_kill(self, conn: Connection, request: dict[str, Any]) -> dict[str, Any] | None:
+        """SIGKILL the exec's process tree. With "wait", the answer comes only once every
+        process of the tree is dead and the exec's own process is reaped (ExecSync's timeout
+        must not answer while the command still runs)."""
         session = self._exec(request)
-        if session.exit_code is None:
-            kill_tree(session.pid)
-        return session.view()
+        pidfds = kill_tree(session.pid) if session.exit_code is None else []
+        if not request.get("wait"):
+            for pidfd in pidfds:
+                os.close(pidfd)
+            return session.view()
+        for pidfd in pidfds:
+            session.dying.add(pidfd)
+            self.loop.watch(pidfd, self._dead_reader(session, pidfd), None)
+        session.kill_waiters.append((conn, request.get("id")))
+        self._answer_kill_waiters(session)
+        return None
+
+    def _dead_reader(self, session: ExecSession, pidfd: int) -> Callback:
+        return lambda: self._tree_member_died(session, pidfd)
+
+    def _tree_member_died(self, session: ExecSession, pidfd: int) -> None:
+        self.loop.forget(pidfd)
+        os.close(pidfd)
+        session.dying.discard(pidfd)
+        self._answer_kill_waiters(session)
+
+    def _answer_kill_waiters(self, session: ExecSession) -> None:
+        if session.dying or session.exit_code is None:
+            return
+        view = session.view()
+        for conn, request_id in session.kill_waiters:
+            conn.send_message({"id": request_id, "ok": True, **view})
+        session.kill_waiters.clear()
 
     # ---- attach -------------------------------------------------------------------
 
@@ -835,6 +868,7 @@ class Shim:
         for conn, request_id in session.waiters:
             conn.send_message({"id": request_id, "ok": True, **view})
         session.waiters.clear()
+        self._answer_kill_waiters(session)
 
     def _publish(self, event: dict[str, Any]) -> None:
         for conn in list(self.subscribers):
@@ -950,26 +984,41 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL pid and all its descendants. Everything is SIGSTOPped while the tree is
-    walked (so nothing forks behind our back and orphans are not re-parented away
-    before we see them), then the whole set is killed."""
-    members = [pid]
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL pid and all its descendants; returns a pidfd of each (the caller closes them),
+    readable once that process is dead. Everything is SIGSTOPped while the tree is walked
+    (so nothing forks behind our back and orphans are not re-parented away before we see
+    them), then the whole set is killed. Signals go through the pidfds, so a pid that dies
+    and is reused meanwhile is never signalled."""
+    pidfds: dict[int, int] = {}
     frontier = [pid]
-    while frontier:
-        for member in frontier:
-            _send(member, signal.SIGSTOP)
-        frontier = [c for m in frontier for c in children_of(m) if c not in members]
-        members.extend(frontier)
-    # A fork racing the SIGSTOP shows up only now.
-    members.extend(c for m in list(members) for c in children_of(m) if c not in members)
-    for member in members:
-        _send(member, signal.SIGKILL)
+    try:
+        while frontier:
+            for member in frontier:
+                _stop(pidfds, member)
+            frontier = [c for m in frontier for c in children_of(m) if c not in pidfds]
+        # A fork racing the SIGSTOP shows up only now.
+        for child in [c for m in list(pidfds) for c in children_of(m) if c not in pidfds]:
+            _stop(pidfds, child)
+        for pidfd in pidfds.values():
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except BaseException:
+        for pidfd in pidfds.values():
+            os.close(pidfd)
+        raise
+    return list(pidfds.values())
 
 
-def _send(pid: int, signum: int) -> None:
+def _stop(pidfds: dict[int, int], pid: int) -> None:
+    """Opens a pidfd for pid (kept in pidfds) and SIGSTOPs it; nothing if it is gone."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    pidfds[pid] = pidfd
     with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signum)
+        signal.pidfd_send_signal(pidfd, signal.SIGSTOP)
 
 
 _libc: Any = None

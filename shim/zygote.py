@@ -150,11 +150,12 @@ def _warm_up() -> None:
             {"v": 1, "id": 1, "op": "state"},
             {"v": 1, "id": 2, "op": "state", "container_id": "missing"},
             {"v": 1, "id": 3, "op": "create", "container_id": "warm-up", "bundle": bundle,
-             "log_path": os.devnull},
+             "log_path": os.path.join(state_dir, "create.log"), "log_root": state_dir},
             {"v": 1, "id": 4, "op": "start", "container_id": "missing"},
             {"v": 1, "id": 5, "op": "nonsense"},
             {"v": 1, "id": 6, "op": "subscribe"}))
-        log = CriLogFile(os.devnull)
+        # A real file: CRI logs are opened beneath a directory, never a device like /dev/null.
+        log = CriLogFile(os.path.join(state_dir, "warm-up.log"), state_dir)
         try:
             for _ in range(WARM_UP_ROUNDS):
                 ours, theirs = socket.socketpair()

@@ -118,7 +118,7 @@ def write_config(
         f'root_dir = "{root}"\n'
         f'state_dir = "{state}"\n'
         'log_level = "debug"\n'
-        # ksmd is the host's: tests only mark pages (test_ksm.py covers "on").
+        # ksmd is the host's: tests only mark pages (test_server.py covers "on" and the default).
         + ('shim_page_merging = "advise"\n' if "shim_page_merging" not in extra else "")
         + (f'default_cgroup_parent = "{cgroup_parent}"\n'
            if "default_cgroup_parent" not in extra and own_parent else "")

@@ -15,6 +15,8 @@ def test_defaults() -> None:
     assert config.network.bridge == "flatpod0"
     assert config.network.subnet == "10.88.0.0/16"
     assert str(config.socket_path) == "/run/flatpod/flatpod.sock"
+    # ksmd is a host-wide setting: by default flatpod only marks shim pages mergeable.
+    assert config.shim_page_merging == "advise"
 
 
 def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:

@@ -226,7 +226,7 @@ def sample_stats(runtime: Runtime) -> float:
 
 def settle_page_merging(report: Report) -> None:
     """Waits for ksmd to make four full passes, so that shims are measured as they stay
-    (flatpod's default shim_page_merging = "on" starts ksmd); notes what ksmd cost."""
+    once merged (measure_memory_both_ways starts ksmd); notes what ksmd cost."""
     if ksm.ksmd_state() != "1":
         report.notes.append("ksmd is not running: shim pages are measured unmerged")
         return
@@ -241,20 +241,42 @@ def settle_page_merging(report: Report) -> None:
         f"figures, using {100 * cpu / elapsed:.1f}% of one CPU meanwhile")
 
 
-def measure_memory(report: Report, runtime: Runtime, pods: int) -> None:
-    pairs = runtime.pauses_and_shims()
+def measure_memory_both_ways(report: Report, runtimes: list[Runtime], pods: int) -> None:
+    """Shim memory as flatpod leaves it by default (ksmd is the operator's: stopped here, the
+    shims' pages stay unmerged), then with ksmd started by the bench and settled; main()
+    stops ksmd again if it was stopped before."""
+    if ksm.ksmd_state() == "0":
+        for runtime in runtimes:
+            measure_shims(report, runtime, runtime.pauses_and_shims(), "-no-ksmd",
+                          " without ksmd")
+        ksm.set_ksmd_state("1")
+    elif ksm.ksmd_state() == "1":
+        report.notes.append("ksmd was already running: no figures for shims without merging")
+    settle_page_merging(report)
+    for runtime in runtimes:
+        measure_memory(report, runtime, pods)
+
+
+def measure_shims(report: Report, runtime: Runtime, pairs: list[tuple[int, int]],
+                  key_suffix: str = "", title_suffix: str = "") -> None:
+    """USS and PSS per pod of the shims and pauses in `pairs` ((pause, shim) pids)."""
     figures = {
         "shim-uss": ("shim USS per pod", 0), "shim-pss": ("shim PSS per pod", 1),
         "pause-uss": ("pause USS per pod", 0), "pause-pss": ("pause PSS per pod", 1),
     }
     for key, (title, index) in figures.items():
-        series = report.figure(key, title, "MiB").of(runtime.name)
+        series = report.figure(key + key_suffix, title + title_suffix, "MiB").of(runtime.name)
         for pause, shim in pairs:
             pid = shim if key.startswith("shim") else pause
             try:
                 series.samples.append(procs.uss_pss_mib(pid)[index])
             except OSError as err:
                 series.error = f"{pid}: {err}"
+
+
+def measure_memory(report: Report, runtime: Runtime, pods: int) -> None:
+    pairs = runtime.pauses_and_shims()
+    measure_shims(report, runtime, pairs)
     daemon = runtime.daemon_pid()
     title = f"daemon RSS at {pods} pods"
     report.figure("daemon-rss", title, "MiB").of(runtime.name).samples.append(
@@ -285,9 +307,7 @@ def run_at_scale(report: Report, runtimes: list[Runtime], plan: Plan, only: set[
         alternate(report, "stats", f"ListContainerStats at {n_ctr} ctrs", "ms",
                   live, plan.runs, sample_stats)
     if "memory" in only:
-        settle_page_merging(report)
-        for runtime in live:
-            measure_memory(report, runtime, plan.pods)
+        measure_memory_both_ways(report, live, plan.pods)
     for runtime in runtimes:
         series = report.figure("scale-down", f"scale-down {scale} ({plan.setup_threads} thr)",
                                "s").of(runtime.name)
