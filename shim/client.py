@@ -146,13 +146,16 @@ class ShimClient:
     async def create(self, container_id: str, bundle: str, *, stdin: bool = False,
                      stdin_once: bool = False, tty: bool = False, log_path: str | None = None,
                      exit_file: str | None = None, oom_file: str | None = None,
-                     systemd_cgroup: bool = False, timeout: float = CREATE_TIMEOUT) -> int:
+                     systemd_cgroup: bool = False, restore: dict[str, str] | None = None,
+                     timeout: float = CREATE_TIMEOUT) -> int:
         """`oom_file` counts the container's OOM kills (`oom_kill` line: memory.events, or
-        v1's memory.oom_control); `systemd_cgroup`: runc makes its cgroup as a systemd scope."""
+        v1's memory.oom_control); `systemd_cgroup`: runc makes its cgroup as a systemd scope.
+        `restore` (image_path, work_path, criu): nothing runs now, start restores the
+        container from that checkpoint; the pid is then 0 until start."""
         reply = await self.call("create", timeout, container_id=container_id, bundle=bundle,
                                 stdin=stdin, stdin_once=stdin_once, tty=tty,
                                 log_path=log_path, exit_file=exit_file, oom_file=oom_file,
-                                systemd_cgroup=systemd_cgroup)
+                                systemd_cgroup=systemd_cgroup, restore=restore)
         return int(reply["pid"])
 
     async def start(self, container_id: str, timeout: float = CREATE_TIMEOUT) -> dict[str, Any]:
