@@ -100,7 +100,7 @@ def confined(config: Config, path: Path, what: str) -> None:
     """INVALID_ARGUMENT when `path`'s real location (symlinks followed) leaves the dirs."""
     real = Path(os.path.realpath(path))
     dirs = [Path(os.path.realpath(d)) for d in config.checkpoint_dirs]
-    if not any(real.is_relative_to(d) and real != d for d in dirs):
+    if not any(real.is_relative_to(d) for d in dirs):
         raise InvalidArgument(f"{what} {str(path)!r} resolves to {str(real)!r}, outside the "
                               "checkpoint directories")
 
@@ -178,6 +178,7 @@ class Checkpoints:
                 f"container {ctr.id} has a terminal; flatpod checkpoints only containers "
                 "without one"
             )
+        await asyncio.to_thread(prepare_location, rt.config, archive)
         criu = self.criu_of(rt.config)
         await asyncio.to_thread(criu.require_kernel)
         deadline = time.monotonic() + (req.timeout if req.timeout > 0 else DEFAULT_TIMEOUT)
@@ -187,15 +188,19 @@ class Checkpoints:
         return pb.CheckpointContainerResponse()
 
 
+def prepare_location(config: Config, archive: Path) -> None:
+    """The archive's directory made (flatpod's own dir too; kubelet makes its own), and
+    checked to be inside the checkpoint dirs once symlinks are followed."""
+    config.checkpoint_dirs[0].mkdir(parents=True, exist_ok=True, mode=0o700)
+    archive.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    confined(config, archive.parent, "checkpoint location's directory")
+    if archive.is_dir():
+        raise InvalidArgument(f"checkpoint location {str(archive)!r} is a directory")
+
+
 def _checkpoint(rt: Runtime, ctr: ContainerRecord, archive: Path, criu: str,
                 deadline: float) -> None:
     """Blocking: the archive of a running container, written whole or not at all."""
-    for own in rt.config.checkpoint_dirs[:1]:  # flatpod's own dir; kubelet makes its own
-        own.mkdir(parents=True, exist_ok=True, mode=0o700)
-    archive.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    confined(rt.config, archive.parent, "checkpoint location's directory")
-    if archive.is_dir():
-        raise InvalidArgument(f"checkpoint location {str(archive)!r} is a directory")
     staging = archive.parent / f".{archive.name}.{uuid.uuid4().hex[:8]}.tmp"
     staging.mkdir(mode=0o700)
     try:
