@@ -30,10 +30,10 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # What flatpod runs: the OCI runtime (runc, the default handler; crun for a [runtimes.crun]
-# handler, see the README), the pause, netlink and firewall tools, CNI plugins;
-# busybox and docker-registry are for the test images and the test registry.
+# handler, see the README), the pause, netlink and firewall tools, CNI plugins, CRIU (runc's
+# checkpoint and restore); busybox and docker-registry are for the test images and registry.
 packages=(
-  runc crun catatonit iproute2 iptables nftables conntrack containernetworking-plugins
+  runc crun catatonit criu iproute2 iptables nftables conntrack containernetworking-plugins
   busybox-static docker-registry zstd sqlite3 python3 python3-venv python3-dev gcc
   ca-certificates procps util-linux
 )

@@ -21,6 +21,8 @@ from sandbox import cgroups
 DEFAULT_CONFIG_PATH = Path("/etc/flatpod/config.toml")
 # The built-in runtime handler, whose binary is the top-level runtime_path.
 RUNC_HANDLER = "runc"
+# kubelet's checkpoint API writes here (its --root-dir's checkpoints/, by default).
+KUBELET_CHECKPOINT_DIR = Path("/var/lib/kubelet/checkpoints")
 
 
 class ConfigError(ValueError):
@@ -107,6 +109,13 @@ class Config:
     shim_page_merging: str = "advise"
     # Empty: no Prometheus endpoint. Otherwise "host:port".
     metrics_address: str = ""
+    # CheckpointContainer writes archives, and CreateContainer restores them, only inside
+    # this directory (empty: <root_dir>/checkpoints) or kubelet's, KUBELET_CHECKPOINT_DIR:
+    # an archive holds every memory page of a container, and a pod's image field is the
+    # tenant's to choose.
+    checkpoint_dir: str = ""
+    # The CRIU binary runc runs to checkpoint and restore (runc's --criu).
+    criu_path: str = "/usr/sbin/criu"
     network: NetworkConfig = field(default_factory=NetworkConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
@@ -115,6 +124,12 @@ class Config:
     def driver(self) -> cgroups.Driver:
         """The cgroup driver (load_config resolves it; a bare Config() asks the host)."""
         return cgroups.Driver(self.cgroup_driver) if self.cgroup_driver else cgroups.detect_driver()
+
+    @property
+    def checkpoint_dirs(self) -> tuple[Path, ...]:
+        """Where checkpoint archives may be written and read from."""
+        own = Path(self.checkpoint_dir or Path(self.root_dir) / "checkpoints")
+        return (own, KUBELET_CHECKPOINT_DIR) if own != KUBELET_CHECKPOINT_DIR else (own,)
 
     @property
     def socket_path(self) -> Path:
@@ -285,9 +300,11 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"config key 'images.{key}' must be positive")
     if config.images.max_concurrent_downloads < 1:
         raise ConfigError("config key 'images.max_concurrent_downloads' must be positive")
-    for key in ("root_dir", "state_dir", "runtime_path"):
+    for key in ("root_dir", "state_dir", "runtime_path", "criu_path"):
         if not Path(getattr(config, key)).is_absolute():
             raise ConfigError(f"config key {key!r} must be an absolute path")
+    if config.checkpoint_dir and not Path(config.checkpoint_dir).is_absolute():
+        raise ConfigError("config key 'checkpoint_dir' must be an absolute path")
     _validate_handlers(config)
     if len(config.state_dir) > MAX_STATE_DIR_LEN:
         raise ConfigError(

@@ -22,7 +22,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 
 from cri_api import api_pb2 as pb
-from sandbox import cgroups, validate
+from sandbox import cgroups, checkpoint, validate
 from sandbox.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -94,7 +94,13 @@ async def create_container(
 
     pod = ready_pod(rt, req.pod_sandbox_id)
     validate.container_in_pod(req.config, pod.config)
-    image = rt.images.images.resolve(req.config.image.image)
+    restore = None
+    source = checkpoint.restore_source(rt, req.config.image.image)
+    if source is not None:  # the image is a checkpoint: restore it (sandbox/checkpoint.py)
+        req, image, restore = await checkpoint.prepare_restore(rt, req, source)
+        validate.container_in_pod(req.config, pod.config)  # what the checkpoint brought
+    else:
+        image = rt.images.images.resolve(req.config.image.image)
     if image is None:
         raise NotFound(f"image {req.config.image.image!r} not found; pull it first")
     name = container_name(req.config.metadata, pod)
@@ -110,15 +116,20 @@ async def create_container(
             save_container(rt.store, ctr)
 
     holder = next((c for c in rt.containers.values() if c.name == name), None)
-    ctr_id = await rt.creations.create_once(
-        name, "container", holder, lambda: _create(rt, pod, name, req, image), claim,
-        mark_unclaimed,
-    )
+    try:
+        ctr_id = await rt.creations.create_once(
+            name, "container", holder, lambda: _create(rt, pod, name, req, image, restore),
+            claim, mark_unclaimed,
+        )
+    finally:
+        if restore is not None:
+            await asyncio.to_thread(shutil.rmtree, restore.dumps, True)
     return pb.CreateContainerResponse(container_id=ctr_id)
 
 
 async def _create(
-    rt: Runtime, pod: PodRecord, name: str, req: pb.CreateContainerRequest, image: Any
+    rt: Runtime, pod: PodRecord, name: str, req: pb.CreateContainerRequest, image: Any,
+    restore: checkpoint.Restore | None = None,
 ) -> str:
     from sandbox.undo import undo_on_failure
 
@@ -151,6 +162,8 @@ async def _create(
         rootfs = bundle / "rootfs"
         undo.push("dirs", lambda: _remove_dirs(bundle, layer))
         await asyncio.to_thread(_make_dirs, bundle, layer, rootfs)
+        if restore is not None:  # CRIU's images, and the rootfs diff into the upper dir
+            await checkpoint.unpack_restore(rt, restore, layer)
         # In a pod with its own user namespace the layers are idmapped with it, so its root
         # owns what the host's root owns in the image (runc 1.1.5 cannot idmap mounts).
         userns = pod_userns(pod.config.linux.security_context)
@@ -184,6 +197,7 @@ async def _create(
             ctr.id, str(bundle), stdin=config.stdin, stdin_once=config.stdin_once,
             tty=config.tty, log_path=ctr.log_path or None, log_root=log_root,
             exit_file=str(bundle / "exit"), oom_file=oom_file, systemd_cgroup=systemd,
+            restore=restore.shim_request(layer) if restore is not None else None,
         )
         undo.push("runc", lambda: delete_runc_state(rt, ctr.id))
         rt.faults.point("create_container:after_shim_create")
@@ -380,13 +394,16 @@ async def start_container(rt: Runtime, req: pb.StartContainerRequest) -> pb.Star
         started_at = time.time_ns()
         rt.faults.point("start_container:before_runc_start")
         try:
-            await shim_of(rt, pod.id).start(ctr.id)
+            view = await shim_of(rt, pod.id).start(ctr.id)
         except ShimError as err:
             ctr.state, ctr.reason, ctr.message = EXITED, "StartError", str(err)
             ctr.exit_code, ctr.finished_at = 128, time.time_ns()
             save_container(rt.store, ctr)
             raise FailedPrecondition(f"starting container {ctr.id}: {err}") from err
         rt.faults.point("start_container:after_runc_start")
+        if not ctr.pid:  # restored from a checkpoint: its process exists only now
+            ctr.pid = int(view.get("pid") or 0)
+            await asyncio.to_thread(checkpoint.discard_images, rt, ctr)
         if ctr.state == CREATED:  # its exit may already have been reported
             ctr.state = RUNNING
         ctr.started_at = started_at

@@ -19,7 +19,7 @@ from typing import Any
 
 from netns.bridge import BridgeConfig, BridgeNetwork
 from netns.cni import CniNetwork
-from sandbox import containers, events, exec, info, pods, recovery, stats
+from sandbox import checkpoint, containers, events, exec, info, pods, recovery, stats
 from sandbox.config import Config
 from sandbox.faults import Faults
 from sandbox.images.service import ImageService
@@ -38,6 +38,7 @@ def rpc_handlers() -> Mapping[str, Handler]:
     """Every RPC flatpod implements, by "Service/Method"; the rest answer UNIMPLEMENTED."""
     # The stats RPCs share their samples (and the previous one, for cpu rates): one per server.
     st = stats.Stats()
+    checkpoints = checkpoint.Checkpoints()  # holds what `criu check` said, asked once
     return {
         "RuntimeService/Version": info.version,
         "RuntimeService/Status": info.status,
@@ -73,6 +74,7 @@ def rpc_handlers() -> Mapping[str, Handler]:
         "RuntimeService/StreamPodSandboxMetrics": st.stream_pod_sandbox_metrics,
         "RuntimeService/UpdatePodSandboxResources": pods.update_pod_sandbox_resources,
         "RuntimeService/GetContainerEvents": events.get_container_events,
+        "RuntimeService/CheckpointContainer": checkpoints.checkpoint_container,
         "ImageService/PullImage": lambda rt, req: rt.images.PullImage(req),
         "ImageService/ListImages": lambda rt, req: rt.images.ListImages(req),
         "ImageService/StreamImages": lambda rt, req: rt.images.StreamImages(req),

@@ -24,7 +24,7 @@ from typing import Any
 DEFAULT_RUNC = "/usr/sbin/runc"
 DEFAULT_TIMEOUT = 60.0
 RUNC_COMMANDS = ("create", "start", "state", "kill", "delete", "exec", "update", "list",
-                 "features")
+                 "features", "checkpoint", "restore")
 NOT_FOUND_MARKERS = ("does not exist", "not found", "no such file")
 READ_SIZE = 65536
 # Python ignores SIGPIPE (and SIGXFSZ); an ignored signal stays ignored across exec, so runc
@@ -185,6 +185,30 @@ class Runc:
         raw = json.loads(self._run("list", "--format", "json") or "null")
         return [_state_from_json(item) for item in raw or []]
 
+    def checkpoint(self, container_id: str, image_path: str, work_path: str, *,
+                   criu: str, leave_running: bool = True) -> None:
+        """`runc checkpoint`: CRIU's image files go to image_path, its dump.log and
+        stats-dump to work_path. `criu` is the CRIU binary runc runs (its --criu)."""
+        args = ["checkpoint", "--image-path", image_path, "--work-path", work_path]
+        if leave_running:
+            args.append("--leave-running")
+        replace(self, extra_global_args=[*self.extra_global_args, "--criu", criu])._run(
+            *args, container_id)
+
+    def restore(self, container_id: str, bundle: str, image_path: str, work_path: str,
+                pid_file: str, *, criu: str, stdio: Stdio = Stdio(),
+                systemd_cgroup: bool = False) -> None:
+        """`runc restore --detach`: the process continues from image_path's CRIU images in
+        the bundle's container. runc exits once it runs, so the process is re-parented to
+        the nearest subreaper (the shim). The pipes of `stdio` replace the ones it had at
+        checkpoint time (runc maps them by descriptors.json)."""
+        extra = [*self.extra_global_args, "--criu", criu]
+        if systemd_cgroup:
+            extra.append("--systemd-cgroup")
+        replace(self, extra_global_args=extra)._run_with_stdio(
+            stdio, "restore", "--detach", "--bundle", bundle, "--image-path", image_path,
+            "--work-path", work_path, "--pid-file", pid_file, container_id)
+
     def features(self) -> dict[str, Any]:
         """`runc features`: what this runtime supports (the OCI runtime-spec's features
         document: mountOptions, linux.namespaces...). runc 1.1 and crun 1.8 have it."""
@@ -301,6 +325,27 @@ def _errors_from_log(log_path: str) -> str:
         if isinstance(record, dict) and record.get("level") in ("error", "fatal"):
             messages.append(str(record.get("msg", "")))
     return "; ".join(messages) or "\n".join(lines[-3:])
+
+
+def criu_errors(text: str) -> str:
+    """The messages of CRIU's `Error (file:line): message` lines (its log, or `criu check`'s
+    output), in order and without repeats; "" when it has none."""
+    messages: list[str] = []
+    for line in text.splitlines():
+        _, marker, rest = line.partition("Error (")
+        message = rest.partition("): ")[2].strip() if marker else ""
+        if message and message not in messages:
+            messages.append(message)
+    return "; ".join(messages)
+
+
+def criu_log_errors(log_path: str) -> str:
+    """criu_errors of a CRIU log file (dump.log, restore.log); "" when it is unreadable."""
+    try:
+        with open(log_path, encoding="utf-8", errors="replace") as log_file:
+            return criu_errors(log_file.read())
+    except OSError:
+        return ""
 
 
 def _unlink_quietly(path: str) -> None:

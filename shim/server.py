@@ -24,7 +24,7 @@ from typing import Any
 
 from shim import protocol
 from shim.crilog import DEFAULT_MAX_LINE, CriLogFile, LineSplitter
-from shim.runc import Runc, RuncError, Stdio
+from shim.runc import Runc, RuncError, Stdio, criu_log_errors
 
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NAME = 15
@@ -153,6 +153,8 @@ class Container:
     oom_watch: int = -1  # inotify watch descriptor on oom_control (v2 memory.events)
     systemd_cgroup: bool = False  # runc makes its cgroup as a systemd scope
     kill_all_on_exit: bool = False
+    want_stdin: bool = False
+    restore: Restore | None = None  # start restores it from a checkpoint (no runc create)
     status: str = "created"
     exit_code: int | None = None
     exited_at: str | None = None
@@ -164,6 +166,22 @@ class Container:
         return {"container_id": self.id, "pid": self.pid, "status": self.status,
                 "exit_code": self.exit_code, "exited_at": self.exited_at,
                 "oom_killed": self.oom_killed}
+
+
+@dataclass(frozen=True)
+class Restore:
+    """Where a container's checkpoint is: CRIU's images, a work dir for restore.log, and
+    the CRIU binary runc runs."""
+
+    image_path: str
+    work_path: str
+    criu: str
+
+    @classmethod
+    def from_request(cls, raw: Any) -> Restore | None:
+        if not raw:
+            return None
+        return cls(str(raw["image_path"]), str(raw["work_path"]), str(raw["criu"]))
 
 
 @dataclass
@@ -412,27 +430,39 @@ class Shim:
             exit_file=str(request.get("exit_file") or os.path.join(bundle, "exit")),
             log=log, stdin=None, oom_control=oom_control,
             systemd_cgroup=bool(request.get("systemd_cgroup")),
-            kill_all_on_exit=not _owns_pid_namespace(bundle))
-        try:
+            kill_all_on_exit=not _owns_pid_namespace(bundle), want_stdin=want_stdin,
+            restore=Restore.from_request(request.get("restore")))
+        if container.restore is not None:
             if tty:
+                raise OpError("a container with a terminal cannot be restored from a checkpoint")
+            # Nothing runs until start restores it: runc restore makes the container.
+            self.containers[container_id] = container
+            self.logger.log("info", f"created {container_id} to restore at start")
+            return {"pid": 0}
+        self._run_container(container, pid_file)
+        return {"pid": container.pid}
+
+    def _run_container(self, container: Container, pid_file: str) -> None:
+        """runc create (or restore) with the container's stdio; then it is watched."""
+        try:
+            if container.tty:
                 self._create_with_pty(container, pid_file)
             else:
-                self._create_with_pipes(container, pid_file, want_stdin)
+                self._create_with_pipes(container, pid_file, container.want_stdin)
             container.pid = _read_pid(pid_file)
         except BaseException:
             self._release_stdio(container)
-            if log:
-                log.close()
+            if container.log:
+                container.log.close()
             raise
-        container.oom_kills_at_create = _read_oom_kills(oom_control)
+        container.oom_kills_at_create = _read_oom_kills(container.oom_control)
         container.oom_kills_seen = container.oom_kills_at_create
         self._watch_oom(container)
-        self.containers[container_id] = container
+        self.containers[container.id] = container
         self.pids[container.pid] = container
         for fd in container.outputs:
             self.loop.watch(fd, self._output_reader(container, fd), None)
-        self.logger.log("info", f"created {container_id} pid {container.pid}")
-        return {"pid": container.pid}
+        self.logger.log("info", f"created {container.id} pid {container.pid}")
 
     def _create_with_pipes(self, container: Container, pid_file: str, want_stdin: bool) -> None:
         child_fds: list[int] = []
@@ -448,9 +478,15 @@ class Shim:
             err_read, err_write = os.pipe()
             container.outputs[err_read] = protocol.STREAM_STDERR
             child_fds.append(err_write)
-            self.runc.create(container.id, container.bundle, pid_file,
-                             stdio=Stdio(stdin_read, out_write, err_write),
-                             systemd_cgroup=container.systemd_cgroup)
+            stdio = Stdio(stdin_read, out_write, err_write)
+            restore = container.restore
+            if restore is None:
+                self.runc.create(container.id, container.bundle, pid_file, stdio=stdio,
+                                 systemd_cgroup=container.systemd_cgroup)
+            else:
+                self.runc.restore(container.id, container.bundle, restore.image_path,
+                                  restore.work_path, pid_file, criu=restore.criu, stdio=stdio,
+                                  systemd_cgroup=container.systemd_cgroup)
         finally:
             for fd in child_fds:
                 os.close(fd)
@@ -480,6 +516,17 @@ class Shim:
 
     def op_start(self, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
         container = self._container(request)
+        if container.restore is not None and container.status == "created":
+            # Restored, not started: the process continues where its checkpoint left it.
+            restore = container.restore
+            try:
+                self._run_container(container, os.path.join(container.bundle, "init.pid"))
+            except RuncError as exc:
+                criu_says = criu_log_errors(os.path.join(restore.work_path, "restore.log"))
+                raise OpError(f"{exc}; CRIU: {criu_says}" if criu_says else str(exc)) from exc
+            container.restore = None
+            container.status = "running"
+            return container.view()
         self.runc.start(container.id)
         if container.status == "created":
             container.status = "running"
@@ -487,6 +534,11 @@ class Shim:
 
     def op_signal(self, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
         container = self._container(request)
+        if container.restore is not None and container.status != "exited":
+            # Never restored: no process, so a kill (a stop, a remove) ends it at once.
+            container.restore = None
+            self._container_exited(container, 128 + int(signal.SIGKILL))
+            return container.view()
         if container.status != "exited":
             self.runc.kill(container.id, request.get("signal", "TERM"),
                            all=bool(request.get("all")))

@@ -67,9 +67,12 @@ def test_update_runtime_config_stores_pod_cidr(cri: CriClient, daemon: Daemon) -
     assert json.loads(info["pod_cidr"]) == "10.1.0.0/24"
 
 
-def test_unimplemented_rpc_answers_unimplemented(cri: CriClient) -> None:
-    with pytest.raises(grpc.RpcError) as err:
-        cri.CheckpointContainer(pb.CheckpointContainerRequest(container_id="x"))
+def test_unknown_rpc_answers_unimplemented(daemon: Daemon, cri: CriClient) -> None:
+    # Every runtime.v1 RPC is implemented; a method the daemon does not know stands in.
+    with grpc.insecure_channel(f"unix://{daemon.socket}") as channel:
+        call = channel.unary_unary("/runtime.v1.RuntimeService/NoSuchMethod")
+        with pytest.raises(grpc.RpcError) as err:
+            call(b"", timeout=10)
     assert status_code(err.value) == grpc.StatusCode.UNIMPLEMENTED
     # and the daemon keeps serving
     assert cri.Version(pb.VersionRequest()).runtime_name == "flatpod"

@@ -289,7 +289,24 @@ def unpack_layer(
 ) -> None:
     """Blocking: extracts the layer in `blob` (gzip, zstd or plain tar) into `dest`, within
     `limits`, checked as the stream is read (never after)."""
-    limits = limits or LayerLimits()
+    actual = _extract(blob, dest, progress, limits or LayerLimits(), (), f"layer {blob.name}")
+    if actual != diff_id:
+        raise LayerError(
+            f"layer {blob.name}: uncompressed digest {actual} does not match diff id {diff_id}"
+        )
+
+
+def extract_tar(archive: Path, dest: Path, limits: LayerLimits, deleted: Iterable[str] = ()
+                ) -> None:
+    """Blocking: a tar that is not an image layer (a checkpoint archive, its rootfs diff) into
+    `dest` by a layer's rules: nothing escapes `dest`, within `limits`. Each of the `deleted`
+    paths becomes an overlayfs whiteout in `dest`, as a layer's .wh. entry would."""
+    _extract(archive, dest, lambda _: None, limits, deleted, str(archive))
+
+
+def _extract(blob: Path, dest: Path, progress: Progress, limits: LayerLimits,
+             deleted: Iterable[str], what: str) -> str:
+    """Extracts `blob` into `dest` and whites out `deleted`; the uncompressed digest."""
     with ExitStack() as stack:
         raw = stack.enter_context(open(blob, "rb"))
         tar_stream = _decompressed(raw, progress, stack, limits.max_bytes)
@@ -298,18 +315,18 @@ def unpack_layer(
             extractor = _Extractor(dest)
             for member in tar:
                 extractor.apply(member, tar)
+            for path in deleted:
+                parent, _, base = clean_member_path(path).rpartition("/")
+                if base:
+                    extractor.whiteout(parent, WHITEOUT_PREFIX + base)
             extractor.finish()
-            actual = tar_stream.drain()
+            return tar_stream.drain()
         except TarLimitExceeded as e:
-            raise LayerTooLarge(f"layer {blob.name}: {e}") from e
+            raise LayerTooLarge(f"{what}: {e}") from e
         except (
             TarFormatError, EOFError, zstandard.ZstdError, gzip.BadGzipFile, zlib.error
         ) as e:
-            raise LayerError(f"layer {blob.name} is not a valid tar stream: {e}") from e
-    if actual != diff_id:
-        raise LayerError(
-            f"layer {blob.name}: uncompressed digest {actual} does not match diff id {diff_id}"
-        )
+            raise LayerError(f"{what} is not a valid tar stream: {e}") from e
 
 
 def clean_member_path(name: str) -> str:
@@ -331,7 +348,7 @@ class _Extractor:
         rel = clean_member_path(member.name)
         parent, _, base = rel.rpartition("/")
         if base.startswith(WHITEOUT_PREFIX):
-            self._whiteout(parent, base)
+            self.whiteout(parent, base)
             return
         if rel == "":
             if not member.isdir():
@@ -398,7 +415,7 @@ class _Extractor:
         else:
             os.unlink(path)
 
-    def _whiteout(self, parent: str, base: str) -> None:
+    def whiteout(self, parent: str, base: str) -> None:
         self._ensure_real_parents(parent)
         if base == OPAQUE_MARKER:
             # Hides the lower layers' content of this directory, not this layer's.
