@@ -15,7 +15,6 @@ import shutil
 import signal
 import time
 import uuid
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,23 +28,18 @@ from sandbox.errors import (
     InvalidArgument,
     NotFound,
 )
+from sandbox.exits import apply_exit, delete_runc_state, publish, record_exit
 from sandbox.mounts import unmount
 from sandbox.records import (
     CREATED,
     EXITED,
     RUNNING,
-    SANDBOX_NOTREADY,
-    SANDBOX_READY,
     UNKNOWN,
     ContainerRecord,
+    ContainerState,
     PodRecord,
-    delete_container,
-    insert_container,
-    save_container,
-    save_pod,
 )
 from sandbox.runtime import Runtime
-from sandbox.shims import rfc3339_to_ns
 from sandbox.spec import (
     SandboxPaths,
     SpecDefaults,
@@ -56,11 +50,10 @@ from sandbox.spec import (
 from sandbox.users import UserDb
 from sandbox.wire import repeated_entry
 from shim.client import ShimClient, ShimError
-from shim.runc import Runc, RuncError
 
 log = logging.getLogger("flatpod.containers")
 
-CONTAINER_CREATING = "creating"
+CONTAINER_CREATING = ContainerState.CREATING
 _STATES = {
     CREATED: pb.CONTAINER_CREATED,
     RUNNING: pb.CONTAINER_RUNNING,
@@ -88,28 +81,13 @@ async def create_container(
     rt: Runtime, req: pb.CreateContainerRequest
 ) -> pb.CreateContainerResponse:
     validate_container_config(req.config)
-    from sandbox.pods import ready_pod  # pods imports this module for stop and remove
-
-    pod = ready_pod(rt, req.pod_sandbox_id)
+    pod = rt.registry.ready_pod(req.pod_sandbox_id)
     image = rt.images.images.resolve(req.config.image.image)
     if image is None:
         raise NotFound(f"image {req.config.image.image!r} not found; pull it first")
     name = container_name(req.config.metadata, pod)
-
-    def claim(ctr: Any) -> None:
-        ctr.unclaimed = False
-        save_container(rt.store, ctr)
-
-    def mark_unclaimed(ctr_id: str) -> None:
-        ctr = rt.containers.get(ctr_id)
-        if ctr is not None:
-            ctr.unclaimed = True
-            save_container(rt.store, ctr)
-
-    holder = next((c for c in rt.containers.values() if c.name == name), None)
-    ctr_id = await rt.creations.create_once(
-        name, "container", holder, lambda: _create(rt, pod, name, req, image), claim,
-        mark_unclaimed,
+    ctr_id = await rt.registry.create_once(
+        "container", name, lambda: _create(rt, pod, name, req, image)
     )
     return pb.CreateContainerResponse(container_id=ctr_id)
 
@@ -135,13 +113,10 @@ async def _create(
         resources=config.linux.resources.SerializeToString(),
     )
     # 1. Reserve the name, before touching the host.
-    holder = insert_container(rt.store, ctr)
-    if holder is not None:
-        raise FailedPrecondition(f"container name {name!r} is reserved by {holder}")
-    rt.containers[ctr.id] = ctr
+    rt.registry.reserve(ctr)
     rt.faults.point("create_container:after_reserve")
     async with rt.locks.hold(ctr.id), undo_on_failure() as undo:
-        undo.push("record", lambda: _forget(rt, ctr))
+        undo.push("record", lambda: rt.registry.forget(ctr))
         # 2. The rootfs: an overlay of the image's snapshots and a writable layer.
         bundle = rt.paths.bundle_dir(ctr.id)
         layer = rt.paths.writable_layers / ctr.id
@@ -181,9 +156,8 @@ async def _create(
         )
         undo.push("runc", lambda: delete_runc_state(rt, ctr.id))
         rt.faults.point("create_container:after_shim_create")
-        ctr.state = CREATED
-        save_container(rt.store, ctr)
-    _publish(rt, ctr, pb.CONTAINER_CREATED_EVENT)
+        rt.registry.transition(ctr, CREATED)
+    publish(rt, ctr, pb.CONTAINER_CREATED_EVENT)
     log.info("container %s (%s) created in pod %s", ctr.id[:12], name, pod.short)
     return ctr.id
 
@@ -294,32 +268,11 @@ def shim_of(rt: Runtime, pod_id: str) -> ShimClient:
     return shim
 
 
-def _forget(rt: Runtime, ctr: ContainerRecord) -> None:
-    rt.containers.pop(ctr.id, None)
-    delete_container(rt.store, ctr)
-
-
-async def delete_runc_state(rt: Runtime, container_id: str) -> None:
-    """Forgets runc's record of a container (the pause too); nothing to do when it has none.
-
-    Spawning runc costs milliseconds, so its state dir is looked at first: containers that
-    exited on their own had it deleted in the background already (see record_exit).
-    """
-    if not (rt.paths.runc_root / container_id).exists():
-        return
-    runc = Runc(root=str(rt.paths.runc_root), binary=rt.config.runtime_path)
-    try:
-        await asyncio.to_thread(runc.delete, container_id, True)
-    except RuncError as err:
-        if not err.not_found:
-            raise
-
-
 # --- StartContainer --------------------------------------------------------------------------
 
 
 async def start_container(rt: Runtime, req: pb.StartContainerRequest) -> pb.StartContainerResponse:
-    ctr = _visible(rt, req.container_id)
+    ctr = rt.registry.visible_container(req.container_id)
     async with rt.locks.hold(ctr.id):
         if ctr.state != CREATED:
             raise FailedPrecondition(f"container {ctr.id} is {ctr.state}, not created")
@@ -331,16 +284,16 @@ async def start_container(rt: Runtime, req: pb.StartContainerRequest) -> pb.Star
         try:
             await shim_of(rt, pod.id).start(ctr.id)
         except ShimError as err:
-            ctr.state, ctr.reason, ctr.message = EXITED, "StartError", str(err)
-            ctr.exit_code, ctr.finished_at = 128, time.time_ns()
-            save_container(rt.store, ctr)
+            rt.registry.transition(
+                ctr, EXITED, reason="StartError", message=str(err), exit_code=128,
+                finished_at=time.time_ns(),
+            )
             raise FailedPrecondition(f"starting container {ctr.id}: {err}") from err
         rt.faults.point("start_container:after_runc_start")
-        if ctr.state == CREATED:  # its exit may already have been reported
-            ctr.state = RUNNING
-        ctr.started_at = started_at
-        save_container(rt.store, ctr)
-    _publish(rt, ctr, pb.CONTAINER_STARTED_EVENT)
+        # Its exit may already have been reported: then it stays exited.
+        state = RUNNING if ctr.state == CREATED else ctr.state
+        rt.registry.transition(ctr, state, started_at=started_at)
+    publish(rt, ctr, pb.CONTAINER_STARTED_EVENT)
     return pb.StartContainerResponse()
 
 
@@ -423,61 +376,6 @@ def _stop_signal(ctr: ContainerRecord) -> int:
 # --- exits, from the shim --------------------------------------------------------------------
 
 
-async def on_exit(rt: Runtime, pod_id: str, event: dict[str, Any]) -> None:
-    """The shim saw a process of this pod exit."""
-    ctr_id = str(event.get("container_id", ""))
-    if ctr_id == pod_id:
-        from sandbox.pods import on_pause_exit
-
-        pod = rt.pods.get(pod_id)
-        if pod is not None:
-            await on_pause_exit(rt, pod)
-        return
-    ctr = rt.containers.get(ctr_id)
-    if ctr is not None:
-        await apply_exit(rt, ctr, event)
-
-
-async def apply_exit(rt: Runtime, ctr: ContainerRecord, view: dict[str, Any]) -> None:
-    if ctr.state == EXITED:
-        return
-    reason = "OOMKilled" if view.get("oom_killed") else ""
-    record_exit(rt, ctr, view, reason)
-
-
-def record_exit(
-    rt: Runtime, ctr: ContainerRecord, view: dict[str, Any], reason: str, message: str = ""
-) -> None:
-    code = int(view.get("exit_code") or 0)
-    ctr.exit_code = code
-    ctr.finished_at = rfc3339_to_ns(view.get("exited_at")) or time.time_ns()
-    if not ctr.started_at:
-        ctr.started_at = ctr.finished_at if ctr.state == RUNNING else 0
-    ctr.reason = reason or ("Completed" if code == 0 else "Error")
-    ctr.message = message
-    ctr.state = EXITED
-    save_container(rt.store, ctr)
-    _publish(rt, ctr, pb.CONTAINER_STOPPED_EVENT)
-    # The process is gone and reaped: runc's record of it is only work left for Remove.
-    rt.in_background(delete_runc_state(rt, ctr.id))
-
-
-def on_shim_lost(rt: Runtime, pod_id: str) -> None:
-    """The pod's shim died (killed, OOM): nobody reaps, logs or reports its containers any
-    more, so they are UNKNOWN (kubelet then stops them, and a stop kills them through runc)
-    and the pod is NOTREADY (kubelet makes a new one)."""
-    log.warning("shim of pod %s is gone; its containers are unknown", pod_id[:12])
-    for ctr in rt.containers_of(pod_id):
-        if ctr.state in (CREATED, RUNNING):
-            ctr.state, ctr.reason = UNKNOWN, "ShimLost"
-            ctr.message = "the pod's shim died; the container's state is unknown"
-            save_container(rt.store, ctr)
-    pod = rt.pods.get(pod_id)
-    if pod is not None and pod.state == SANDBOX_READY:
-        pod.state = SANDBOX_NOTREADY
-        save_pod(rt.store, pod)
-
-
 # --- RemoveContainer -------------------------------------------------------------------------
 
 
@@ -501,25 +399,18 @@ async def remove_container_now(rt: Runtime, ctr: ContainerRecord) -> None:
     if ctr.cgroup_path:
         await asyncio.to_thread(cgroups.remove, ctr.cgroup_path)
     await asyncio.to_thread(_remove_dirs, bundle, rt.paths.writable_layers / ctr.id)
-    _forget(rt, ctr)
-    _publish(rt, ctr, pb.CONTAINER_DELETED_EVENT)
+    rt.registry.forget(ctr)
+    publish(rt, ctr, pb.CONTAINER_DELETED_EVENT)
     log.info("container %s removed", ctr.id[:12])
 
 
 # --- ContainerStatus and ListContainers -------------------------------------------------------
 
 
-def _visible(rt: Runtime, ref: str) -> ContainerRecord:
-    ctr = rt.container(ref)
-    if ctr.state == CONTAINER_CREATING:
-        raise NotFound(f"container {ref!r} not found (it is still being created)")
-    return ctr
-
-
 async def container_status(
     rt: Runtime, req: pb.ContainerStatusRequest
 ) -> pb.ContainerStatusResponse:
-    ctr = _visible(rt, req.container_id)
+    ctr = rt.registry.visible_container(req.container_id)
     response = pb.ContainerStatusResponse(status=container_status_message(rt, ctr))
     if req.verbose:
         response.info["info"] = json.dumps(
@@ -569,7 +460,9 @@ def container_status_message(rt: Runtime, ctr: ContainerRecord) -> pb.ContainerS
 async def list_containers(rt: Runtime, req: pb.ListContainersRequest) -> bytes:
     """A ListContainersResponse, assembled from each container's cached entry (sandbox/wire.py).
     Unfiltered, as kubelet's relist asks every second, the whole answer is cached too."""
-    return rt.list_answer("containers", rt.containers, req.filter, lambda: _answer(rt, req.filter))
+    return rt.list_answer(
+        "containers", rt.registry.containers, req.filter, lambda: _answer(rt, req.filter)
+    )
 
 
 def _answer(rt: Runtime, flt: pb.ContainerFilter) -> bytes:
@@ -584,32 +477,9 @@ def _list_entry(ctr: ContainerRecord) -> bytes:
 
 def _filtered(rt: Runtime, flt: pb.ContainerFilter) -> list[ContainerRecord]:
     want_state = _STATE_NAMES.get(flt.state.state) if flt.HasField("state") else None
-    return matching(rt, flt.id, flt.pod_sandbox_id, flt.label_selector, want_state)
-
-
-def matching(
-    rt: Runtime,
-    id_prefix: str = "",
-    pod_prefix: str = "",
-    labels: Mapping[str, str] | None = None,
-    state: str | None = None,
-) -> list[ContainerRecord]:
-    """The visible containers that a CRI filter selects (ListContainers, the stats RPCs).
-
-    One pass per criterion given, so the empty filter of kubelet's relist costs one
-    comprehension; the label selector (a protobuf map) is read once, not once per container.
-    """
-    found = [c for c in rt.containers.values() if c.state != CONTAINER_CREATING]
-    if id_prefix:
-        found = [c for c in found if c.id.startswith(id_prefix)]
-    if pod_prefix:
-        found = [c for c in found if c.pod_id.startswith(pod_prefix)]
-    if state is not None:
-        found = [c for c in found if c.state == state]
-    if labels:
-        selector = dict(labels)
-        found = [c for c in found if all(c.config.labels.get(k) == v for k, v in selector.items())]
-    return found
+    return rt.registry.containers_matching(
+        flt.id, flt.pod_sandbox_id, flt.label_selector, want_state
+    )
 
 
 def _summary(ctr: ContainerRecord) -> pb.Container:
@@ -659,7 +529,7 @@ def exec_process(rt: Runtime, ctr: ContainerRecord, cmd: list[str], tty: bool) -
 
 
 def running_container(rt: Runtime, ref: str) -> ContainerRecord:
-    ctr = _visible(rt, ref)
+    ctr = rt.registry.visible_container(ref)
     if ctr.state != RUNNING:
         raise FailedPrecondition(f"container {ctr.id} is {ctr.state}, not running")
     return ctr
@@ -676,20 +546,12 @@ async def reopen_container_log(
 async def update_container_resources(
     rt: Runtime, req: pb.UpdateContainerResourcesRequest
 ) -> pb.UpdateContainerResourcesResponse:
-    ctr = _visible(rt, req.container_id)
+    ctr = rt.registry.visible_container(req.container_id)
     if ctr.state not in (CREATED, RUNNING):
         raise FailedPrecondition(f"container {ctr.id} is {ctr.state}: nothing to update")
     async with rt.locks.hold(ctr.id):
         resources = cgroups.Resources.from_cri(req.linux)
         await asyncio.to_thread(cgroups.update, ctr.cgroup_path, resources)
-        ctr.resources = req.linux.SerializeToString()
-        save_container(rt.store, ctr)
+        rt.registry.update(ctr, resources=req.linux.SerializeToString())
     return pb.UpdateContainerResourcesResponse()
 
-
-# --- events ----------------------------------------------------------------------------------
-
-
-def _publish(rt: Runtime, ctr: ContainerRecord, kind: int) -> None:
-    if rt.events is not None:
-        rt.events.publish(rt, ctr, kind)
