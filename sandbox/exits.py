@@ -100,5 +100,4 @@ async def delete_runc_state(rt: Runtime, container_id: str) -> None:
 
 def publish(rt: Runtime, ctr: ContainerRecord, kind: int) -> None:
     """Tells GetContainerEvents' subscribers (sandbox/events.py) what became of `ctr`."""
-    if rt.events is not None:
-        rt.events.publish(rt, ctr, kind)
+    rt.events.publish(rt, ctr, kind)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sized
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 
@@ -24,6 +24,13 @@ from sandbox.records import ContainerRecord, PodRecord
 from sandbox.registry import Registry
 from sandbox.store import Store
 from sandbox.wire import AnswerCache
+
+if TYPE_CHECKING:  # attached by the daemon; this module imports none of them at run time
+    from netns.network import PodNetwork
+    from sandbox.events import EventHub
+    from sandbox.images.service import ImageService
+    from sandbox.shims import ShimRegistry
+    from sandbox.streaming.server import StreamingServer
 
 log = logging.getLogger("flatpod.runtime")
 
@@ -113,13 +120,12 @@ class Runtime:
     # restrict_oom_score_adj: without CAP_SYS_RESOURCE nothing may go below our own value.
     oom_score_adj_floor: int = -1000
     network_kind: str = ""
-    # Subsystems, attached by the daemon at start (see daemon.py); Any until they land so
-    # that this module imports none of them.
-    images: Any = None
-    network: Any = None
-    shims: Any = None
-    streaming: Any = None
-    events: Any = None
+    # Subsystems, attached by the daemon at start (see daemon.py): they import this module.
+    images: ImageService = field(init=False)
+    network: PodNetwork = field(init=False)
+    shims: ShimRegistry = field(init=False)
+    streaming: StreamingServer = field(init=False)
+    events: EventHub = field(init=False)
     started_at: float = 0.0
     # Work that follows an event but that no RPC waits for (held so it is not collected).
     background: set[asyncio.Task[None]] = field(default_factory=set)
@@ -136,7 +142,7 @@ class Runtime:
     def containers(self) -> dict[str, ContainerRecord]:
         return self.registry.containers
 
-    def in_background(self, work: Coroutine[Any, Any, None]) -> None:
+    def in_background(self, work: Coroutine[object, object, None]) -> None:
         task = asyncio.create_task(work)
         self.background.add(task)
         task.add_done_callback(self._background_done)
@@ -164,7 +170,7 @@ class Runtime:
         return self.registry.containers_of(pod_id)
 
     def list_answer(
-        self, name: str, index: dict[str, Any], flt: Message, build: Callable[[], bytes]
+        self, name: str, index: Sized, flt: Message, build: Callable[[], bytes]
     ) -> bytes:
         """A list answer of `index` (self.pods or self.containers): built for a filtered
         request, kept whole for kubelet's unfiltered relist.
