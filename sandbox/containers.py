@@ -49,7 +49,7 @@ from sandbox.spec import (
 )
 from sandbox.users import UserDb
 from sandbox.wire import repeated_entry
-from shim.client import ShimClient, ShimError
+from shim.client import ProcessState, ShimClient, ShimError, ShimTimeout
 
 log = logging.getLogger("flatpod.containers")
 
@@ -318,7 +318,7 @@ async def stop_container_now(rt: Runtime, ctr: ContainerRecord, timeout: int) ->
         # Nobody holds it (its shim died, or the node rebooted): runc still can kill it.
         await delete_runc_state(rt, ctr.id)
         record_exit(
-            rt, ctr, {"exit_code": 255, "exited_at": None}, reason="Unknown",
+            rt, ctr, ProcessState("exited", exit_code=255), reason="Unknown",
             message=ctr.message or "the container's shim is gone; its exit status is unknown",
         )
         return
@@ -336,28 +336,25 @@ async def stop_container_now(rt: Runtime, ctr: ContainerRecord, timeout: int) ->
         await apply_exit(rt, ctr, view)
     except ShimError as err:
         view = await _shim_view(shim, ctr.id)
-        if view is not None and view.get("status") == "exited":
+        if view is not None and view.exited:
             await apply_exit(rt, ctr, view)
             return
         raise FailedPrecondition(f"stopping container {ctr.id}: {err}") from err
 
 
-async def _wait(shim: Any, ctr_id: str, timeout: float) -> dict[str, Any] | None:
+async def _wait(shim: ShimClient, ctr_id: str, timeout: float) -> ProcessState | None:
     try:
-        view: dict[str, Any] = await shim.wait(ctr_id, timeout=timeout)
-    except ShimError as err:
-        # The shim answers a wait only when the container exits; the client's deadline
-        # passing first (a TimeoutError under the ShimError) means "still running".
-        if isinstance(err.__cause__, TimeoutError):
-            return None
-        raise
-    return view if view.get("status") == "exited" else None
+        view = await shim.wait(ctr_id, timeout=timeout)
+    except ShimTimeout:
+        # The shim answers a wait only when the container exits: the client's deadline
+        # passing first means "still running".
+        return None
+    return view if view.exited else None
 
 
-async def _shim_view(shim: Any, ctr_id: str) -> dict[str, Any] | None:
+async def _shim_view(shim: ShimClient, ctr_id: str) -> ProcessState | None:
     try:
-        view: dict[str, Any] = await shim.state(ctr_id)
-        return view
+        return await shim.state(ctr_id)
     except (ShimError, OSError):
         return None
 

@@ -20,12 +20,11 @@ from sandbox.errors import AlreadyExists
 
 
 class Claimable(Protocol):
+    id: str
+    unclaimed: bool
+
     @property
-    def id(self) -> str: ...
-    @property
-    def state(self) -> str: ...
-    @property
-    def unclaimed(self) -> bool: ...
+    def state(self) -> str: ...  # read only: a record's state is a str enum
 
 
 @dataclass

@@ -29,6 +29,7 @@ from sandbox.server import Handler, build_server
 from sandbox.shims import ShimRegistry
 from sandbox.store import Store
 from sandbox.streaming.server import StreamingServer
+from shim.client import ProcessState
 
 log = logging.getLogger("flatpod.daemon")
 
@@ -134,7 +135,7 @@ def open_runtime(config: Config) -> Runtime:
         faults=rt.faults,
     )
 
-    async def on_exit(pod_id: str, event: dict[str, Any]) -> None:
+    async def on_exit(pod_id: str, event: ProcessState) -> None:
         await exits.on_exit(rt, pod_id, event)
 
     rt.shims = ShimRegistry(

@@ -10,20 +10,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 from cri_api import api_pb2 as pb
 from sandbox.records import ContainerRecord, ContainerState, PodRecord, PodState
 from sandbox.runtime import Runtime
 from sandbox.shims import rfc3339_to_ns
+from shim.client import ProcessState
 from shim.runc import Runc, RuncError
 
 log = logging.getLogger("flatpod.exits")
 
 
-async def on_exit(rt: Runtime, pod_id: str, event: dict[str, Any]) -> None:
+async def on_exit(rt: Runtime, pod_id: str, event: ProcessState) -> None:
     """The shim saw a process of this pod exit."""
-    ctr_id = str(event.get("container_id", ""))
+    ctr_id = event.container_id
     if ctr_id == pod_id:
         pod = rt.pods.get(pod_id)
         if pod is not None:
@@ -41,18 +41,18 @@ async def on_pause_exit(rt: Runtime, pod: PodRecord) -> None:
         rt.registry.transition(pod, PodState.NOTREADY)
 
 
-async def apply_exit(rt: Runtime, ctr: ContainerRecord, view: dict[str, Any]) -> None:
+async def apply_exit(rt: Runtime, ctr: ContainerRecord, view: ProcessState) -> None:
     if ctr.state == ContainerState.EXITED:
         return
-    reason = "OOMKilled" if view.get("oom_killed") else ""
+    reason = "OOMKilled" if view.oom_killed else ""
     record_exit(rt, ctr, view, reason)
 
 
 def record_exit(
-    rt: Runtime, ctr: ContainerRecord, view: dict[str, Any], reason: str, message: str = ""
+    rt: Runtime, ctr: ContainerRecord, view: ProcessState, reason: str, message: str = ""
 ) -> None:
-    code = int(view.get("exit_code") or 0)
-    finished_at = rfc3339_to_ns(view.get("exited_at")) or time.time_ns()
+    code = view.exit_code
+    finished_at = rfc3339_to_ns(view.exited_at) or time.time_ns()
     started_at = ctr.started_at
     if not started_at:
         started_at = finished_at if ctr.state == ContainerState.RUNNING else 0

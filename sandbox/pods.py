@@ -482,7 +482,7 @@ async def _stop_pause(rt: Runtime, pod: PodRecord) -> None:
     if shim is not None:
         try:
             view = await shim.state(pod.id)
-            if view.get("status") != "exited":
+            if not view.exited:
                 await shim.signal(pod.id, signal.SIGKILL)
                 await shim.wait(pod.id, timeout=PAUSE_STOP_TIMEOUT)
         except (ShimError, OSError) as err:
@@ -505,7 +505,7 @@ async def _shutdown_shim(rt: Runtime, pod: PodRecord) -> None:
     if shim is None:
         return
     try:
-        shim_pid = int((await shim.state()).get("pid", 0))
+        shim_pid = (await shim.shim_state()).pid
         await shim.shutdown()
     except (ShimError, OSError) as err:
         log.info("shim of pod %s: %s", pod.short, err)

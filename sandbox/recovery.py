@@ -28,7 +28,7 @@ from sandbox.records import (
     PodRecord,
 )
 from sandbox.runtime import Runtime
-from shim.client import ShimError
+from shim.client import ProcessState, ShimClient, ShimError
 
 log = logging.getLogger("flatpod.recovery")
 
@@ -88,10 +88,12 @@ async def _remove_half_made_pod(rt: Runtime, pod: PodRecord) -> None:
     await pods.remove_pod_now(rt, pod)
 
 
-async def _reconcile_container(rt: Runtime, ctr: ContainerRecord, shim: Any) -> None:
+async def _reconcile_container(
+    rt: Runtime, ctr: ContainerRecord, shim: ShimClient | None
+) -> None:
     if ctr.state == EXITED:
         return
-    view: dict[str, Any] | None = None
+    view: ProcessState | None = None
     if shim is not None:
         try:
             view = await shim.state(ctr.id)
@@ -103,34 +105,32 @@ async def _reconcile_container(rt: Runtime, ctr: ContainerRecord, shim: Any) -> 
         # Neither the shim nor an exit file knows it: the node rebooted, or the shim died
         # before the process exited. Report it exited so kubelet makes a new one.
         exits.record_exit(
-            rt, ctr, {"exit_code": 255, "exited_at": None}, reason="Unknown",
+            rt, ctr, ProcessState("exited", exit_code=255), reason="Unknown",
             message="the container's shim is gone; its exit status is unknown",
         )
         return
-    status = view.get("status")
-    if status == "exited":
+    if view.exited:
         await exits.apply_exit(rt, ctr, view)
-    elif status == "running" and ctr.state == CREATED:
+    elif view.status == "running" and ctr.state == CREATED:
         # Started, but the daemon died before it recorded so (StartContainer after `runc
         # start`): the shim reports "created" until start, so "running" means it started.
         rt.registry.transition(ctr, RUNNING, started_at=ctr.started_at or time.time_ns())
 
 
-async def _reconcile_pause(rt: Runtime, pod_id: str, shim: Any) -> None:
+async def _reconcile_pause(rt: Runtime, pod_id: str, shim: ShimClient) -> None:
     try:
         view = await shim.state(pod_id)
     except (ShimError, OSError):
-        view = {"status": "exited"}
+        view = ProcessState("exited")
     pod = rt.pods.get(pod_id)
-    if pod is not None and view.get("status") == "exited":
+    if pod is not None and view.exited:
         await exits.on_pause_exit(rt, pod)
 
 
-def _exit_file(rt: Runtime, ctr: ContainerRecord) -> dict[str, Any] | None:
+def _exit_file(rt: Runtime, ctr: ContainerRecord) -> ProcessState | None:
     path = Path(rt.paths.bundle_dir(ctr.id)) / "exit"
     try:
-        view: dict[str, Any] = json.loads(path.read_text())
+        record: dict[str, Any] = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    view["status"] = "exited"
-    return view
+    return ProcessState.from_message("exit file", {**record, "status": "exited"})

@@ -246,7 +246,7 @@ def _selected(
     if id_prefix:
         found = [r for r in found if r.id.startswith(id_prefix)]
     if state is not None:
-        found = [r for r in found if r.state == state]
+        found = [r for r in found if r.state is state]  # members both (see _POD_CREATING)
     if labels:
         selector = dict(labels)
         found = [r for r in found if all(r.config.labels.get(k) == v for k, v in selector.items())]
