@@ -57,7 +57,12 @@ fi
 if [ -n "$extras" ]; then
   "$venv/bin/pip" install -q -e "$repo$extras"
 else
-  "$venv/bin/pip" install -q "$repo"
+  # From a copy: setuptools builds a non-editable install in the source tree (build/ and
+  # *.egg-info), and the checkout is no place for that.
+  src=$(mktemp -d)
+  tar -C "$repo" --exclude=./.git --exclude=./build --exclude='*.egg-info' -cf - . | tar -C "$src" -xf -
+  "$venv/bin/pip" install -q "$src" || { rm -rf "$src"; exit 1; }
+  rm -rf "$src"
 fi
 ln -sf "$venv/bin/flatpod" /usr/local/bin/flatpod
 echo "setup.sh: $(flatpod --version) installed in $venv"

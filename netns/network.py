@@ -39,10 +39,6 @@ class PodNetwork(Protocol):
         """Undo setup; works when the netns is already gone and when nothing is left to undo."""
         ...
 
-    def check(self, pod_id: str, netns_path: Path) -> bool:
-        """True if the pod's network is still in place."""
-        ...
-
     def status(self) -> tuple[bool, str]:
         """(ready, reason) for the runtime's NetworkReady condition."""
         ...

@@ -15,7 +15,7 @@ import shutil
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,23 +29,18 @@ from sandbox.errors import (
     InvalidArgument,
     NotFound,
 )
+from sandbox.exits import apply_exit, delete_runc_state, publish, record_exit
 from sandbox.mounts import unmount
 from sandbox.records import (
     CREATED,
     EXITED,
     RUNNING,
-    SANDBOX_NOTREADY,
-    SANDBOX_READY,
     UNKNOWN,
     ContainerRecord,
+    ContainerState,
     PodRecord,
-    delete_container,
-    insert_container,
-    save_container,
-    save_pod,
 )
 from sandbox.runtime import Runtime
-from sandbox.shims import rfc3339_to_ns
 from sandbox.spec import (
     SandboxPaths,
     SpecDefaults,
@@ -56,13 +51,13 @@ from sandbox.spec import (
 )
 from sandbox.users import UserDb, open_to_group
 from sandbox.wire import pages, repeated_entry
-from shim.client import ShimClient, ShimError
+from shim.client import ProcessState, ShimClient, ShimError, ShimTimeout
 from shim.crilog import open_beneath
 from shim.runc import RuncError
 
 log = logging.getLogger("flatpod.containers")
 
-CONTAINER_CREATING = "creating"
+CONTAINER_CREATING = ContainerState.CREATING
 _STATES = {
     CREATED: pb.CONTAINER_CREATED,
     RUNNING: pb.CONTAINER_RUNNING,
@@ -90,9 +85,7 @@ async def create_container(
     rt: Runtime, req: pb.CreateContainerRequest
 ) -> pb.CreateContainerResponse:
     validate_container_config(req.config)
-    from sandbox.pods import ready_pod  # pods imports this module for stop and remove
-
-    pod = ready_pod(rt, req.pod_sandbox_id)
+    pod = rt.registry.ready_pod(req.pod_sandbox_id)
     validate.container_in_pod(req.config, pod.config)
     restore = None
     source = checkpoint.restore_source(rt, req.config.image.image)
@@ -104,22 +97,9 @@ async def create_container(
     if image is None:
         raise NotFound(f"image {req.config.image.image!r} not found; pull it first")
     name = container_name(req.config.metadata, pod)
-
-    def claim(ctr: Any) -> None:
-        ctr.unclaimed = False
-        save_container(rt.store, ctr)
-
-    def mark_unclaimed(ctr_id: str) -> None:
-        ctr = rt.containers.get(ctr_id)
-        if ctr is not None:
-            ctr.unclaimed = True
-            save_container(rt.store, ctr)
-
-    holder = next((c for c in rt.containers.values() if c.name == name), None)
     try:
-        ctr_id = await rt.creations.create_once(
-            name, "container", holder, lambda: _create(rt, pod, name, req, image, restore),
-            claim, mark_unclaimed,
+        ctr_id = await rt.registry.create_once(
+            "container", name, lambda: _create(rt, pod, name, req, image, restore)
         )
     finally:
         if restore is not None:
@@ -149,13 +129,10 @@ async def _create(
         resources=config.linux.resources.SerializeToString(),
     )
     # 1. Reserve the name, before touching the host.
-    holder = insert_container(rt.store, ctr)
-    if holder is not None:
-        raise FailedPrecondition(f"container name {name!r} is reserved by {holder}")
-    rt.containers[ctr.id] = ctr
+    rt.registry.reserve(ctr)
     rt.faults.point("create_container:after_reserve")
     async with rt.locks.hold(ctr.id), undo_on_failure() as undo:
-        undo.push("record", lambda: _forget(rt, ctr))
+        undo.push("record", lambda: rt.registry.forget(ctr))
         # 2. The rootfs: an overlay of the image's snapshots and a writable layer.
         bundle = rt.paths.bundle_dir(ctr.id)
         layer = rt.paths.writable_layers / ctr.id
@@ -201,9 +178,8 @@ async def _create(
         )
         undo.push("runc", lambda: delete_runc_state(rt, ctr.id))
         rt.faults.point("create_container:after_shim_create")
-        ctr.state = CREATED
-        save_container(rt.store, ctr)
-    _publish(rt, ctr, pb.CONTAINER_CREATED_EVENT)
+        rt.registry.transition(ctr, CREATED)
+    publish(rt, ctr, pb.CONTAINER_CREATED_EVENT)
     log.info("container %s (%s) created in pod %s", ctr.id[:12], name, pod.short)
     return ctr.id
 
@@ -328,11 +304,6 @@ def shim_of(rt: Runtime, pod_id: str) -> ShimClient:
     return shim
 
 
-def _forget(rt: Runtime, ctr: ContainerRecord) -> None:
-    rt.containers.pop(ctr.id, None)
-    delete_container(rt.store, ctr)
-
-
 def pod_placement(pod: PodRecord) -> cgroups.Placement:
     """Where the pod's cgroups are, by the driver it was made with."""
     return cgroups.Placement(pod_path=pod.cgroup_path, slice=pod.cgroup_slice)
@@ -363,28 +334,11 @@ def spec_defaults() -> SpecDefaults:
     )
 
 
-async def delete_runc_state(rt: Runtime, container_id: str) -> None:
-    """Forgets runc's record of a container (the pause too); nothing to do when it has none.
-
-    Spawning runc costs milliseconds, so its state dir is looked at first: containers that
-    exited on their own had it deleted in the background already (see record_exit).
-    """
-    ctr = rt.containers.get(container_id)  # else the pause, whose id is its pod's
-    handler = rt.handlers.of_pod(rt.pods.get(ctr.pod_id if ctr else container_id))
-    if not (handler.root / container_id).exists():
-        return
-    try:
-        await asyncio.to_thread(handler.runc().delete, container_id, True)
-    except RuncError as err:
-        if not err.not_found:
-            raise
-
-
 # --- StartContainer --------------------------------------------------------------------------
 
 
 async def start_container(rt: Runtime, req: pb.StartContainerRequest) -> pb.StartContainerResponse:
-    ctr = _visible(rt, req.container_id)
+    ctr = rt.registry.visible_container(req.container_id)
     async with rt.locks.hold(ctr.id):
         if ctr.state != CREATED:
             raise FailedPrecondition(f"container {ctr.id} is {ctr.state}, not created")
@@ -396,19 +350,20 @@ async def start_container(rt: Runtime, req: pb.StartContainerRequest) -> pb.Star
         try:
             view = await shim_of(rt, pod.id).start(ctr.id)
         except ShimError as err:
-            ctr.state, ctr.reason, ctr.message = EXITED, "StartError", str(err)
-            ctr.exit_code, ctr.finished_at = 128, time.time_ns()
-            save_container(rt.store, ctr)
+            rt.registry.transition(
+                ctr, EXITED, reason="StartError", message=str(err), exit_code=128,
+                finished_at=time.time_ns(),
+            )
             raise FailedPrecondition(f"starting container {ctr.id}: {err}") from err
         rt.faults.point("start_container:after_runc_start")
+        changes: dict[str, object] = {"started_at": started_at}
         if not ctr.pid:  # restored from a checkpoint: its process exists only now
-            ctr.pid = int(view.get("pid") or 0)
+            changes["pid"] = view.pid
             await asyncio.to_thread(checkpoint.discard_images, rt, ctr)
-        if ctr.state == CREATED:  # its exit may already have been reported
-            ctr.state = RUNNING
-        ctr.started_at = started_at
-        save_container(rt.store, ctr)
-    _publish(rt, ctr, pb.CONTAINER_STARTED_EVENT)
+        # Its exit may already have been reported: then it stays exited.
+        state = RUNNING if ctr.state == CREATED else ctr.state
+        rt.registry.transition(ctr, state, **changes)
+    publish(rt, ctr, pb.CONTAINER_STARTED_EVENT)
     return pb.StartContainerResponse()
 
 
@@ -433,7 +388,7 @@ async def stop_container_now(rt: Runtime, ctr: ContainerRecord, timeout: int) ->
         # Nobody holds it (its shim died, or the node rebooted): runc still can kill it.
         await delete_runc_state(rt, ctr.id)
         record_exit(
-            rt, ctr, {"exit_code": 255, "exited_at": None}, reason="Unknown",
+            rt, ctr, ProcessState("exited", exit_code=255), reason="Unknown",
             message=ctr.message or "the container's shim is gone; its exit status is unknown",
         )
         return
@@ -451,28 +406,25 @@ async def stop_container_now(rt: Runtime, ctr: ContainerRecord, timeout: int) ->
         await apply_exit(rt, ctr, view)
     except ShimError as err:
         view = await _shim_view(shim, ctr.id)
-        if view is not None and view.get("status") == "exited":
+        if view is not None and view.exited:
             await apply_exit(rt, ctr, view)
             return
         raise FailedPrecondition(f"stopping container {ctr.id}: {err}") from err
 
 
-async def _wait(shim: Any, ctr_id: str, timeout: float) -> dict[str, Any] | None:
+async def _wait(shim: ShimClient, ctr_id: str, timeout: float) -> ProcessState | None:
     try:
-        view: dict[str, Any] = await shim.wait(ctr_id, timeout=timeout)
-    except ShimError as err:
-        # The shim answers a wait only when the container exits; the client's deadline
-        # passing first (a TimeoutError under the ShimError) means "still running".
-        if isinstance(err.__cause__, TimeoutError):
-            return None
-        raise
-    return view if view.get("status") == "exited" else None
+        view = await shim.wait(ctr_id, timeout=timeout)
+    except ShimTimeout:
+        # The shim answers a wait only when the container exits: the client's deadline
+        # passing first means "still running".
+        return None
+    return view if view.exited else None
 
 
-async def _shim_view(shim: Any, ctr_id: str) -> dict[str, Any] | None:
+async def _shim_view(shim: ShimClient, ctr_id: str) -> ProcessState | None:
     try:
-        view: dict[str, Any] = await shim.state(ctr_id)
-        return view
+        return await shim.state(ctr_id)
     except (ShimError, OSError):
         return None
 
@@ -483,61 +435,6 @@ def _stop_signal(ctr: ContainerRecord) -> int:
 
 
 # --- exits, from the shim --------------------------------------------------------------------
-
-
-async def on_exit(rt: Runtime, pod_id: str, event: dict[str, Any]) -> None:
-    """The shim saw a process of this pod exit."""
-    ctr_id = str(event.get("container_id", ""))
-    if ctr_id == pod_id:
-        from sandbox.pods import on_pause_exit
-
-        pod = rt.pods.get(pod_id)
-        if pod is not None:
-            await on_pause_exit(rt, pod)
-        return
-    ctr = rt.containers.get(ctr_id)
-    if ctr is not None:
-        await apply_exit(rt, ctr, event)
-
-
-async def apply_exit(rt: Runtime, ctr: ContainerRecord, view: dict[str, Any]) -> None:
-    if ctr.state == EXITED:
-        return
-    reason = "OOMKilled" if view.get("oom_killed") else ""
-    record_exit(rt, ctr, view, reason)
-
-
-def record_exit(
-    rt: Runtime, ctr: ContainerRecord, view: dict[str, Any], reason: str, message: str = ""
-) -> None:
-    code = int(view.get("exit_code") or 0)
-    ctr.exit_code = code
-    ctr.finished_at = rfc3339_to_ns(view.get("exited_at")) or time.time_ns()
-    if not ctr.started_at:
-        ctr.started_at = ctr.finished_at if ctr.state == RUNNING else 0
-    ctr.reason = reason or ("Completed" if code == 0 else "Error")
-    ctr.message = message
-    ctr.state = EXITED
-    save_container(rt.store, ctr)
-    _publish(rt, ctr, pb.CONTAINER_STOPPED_EVENT)
-    # The process is gone and reaped: runc's record of it is only work left for Remove.
-    rt.in_background(delete_runc_state(rt, ctr.id))
-
-
-def on_shim_lost(rt: Runtime, pod_id: str) -> None:
-    """The pod's shim died (killed, OOM): nobody reaps, logs or reports its containers any
-    more, so they are UNKNOWN (kubelet then stops them, and a stop kills them through runc)
-    and the pod is NOTREADY (kubelet makes a new one)."""
-    log.warning("shim of pod %s is gone; its containers are unknown", pod_id[:12])
-    for ctr in rt.containers_of(pod_id):
-        if ctr.state in (CREATED, RUNNING):
-            ctr.state, ctr.reason = UNKNOWN, "ShimLost"
-            ctr.message = "the pod's shim died; the container's state is unknown"
-            save_container(rt.store, ctr)
-    pod = rt.pods.get(pod_id)
-    if pod is not None and pod.state == SANDBOX_READY:
-        pod.state = SANDBOX_NOTREADY
-        save_pod(rt.store, pod)
 
 
 # --- RemoveContainer -------------------------------------------------------------------------
@@ -563,25 +460,18 @@ async def remove_container_now(rt: Runtime, ctr: ContainerRecord) -> None:
     if ctr.cgroup_path and not cgroups.systemd_owned(ctr.cgroup_path):  # runc stops scopes
         await asyncio.to_thread(cgroups.remove, ctr.cgroup_path)
     await asyncio.to_thread(_remove_dirs, bundle, rt.paths.writable_layers / ctr.id)
-    _forget(rt, ctr)
-    _publish(rt, ctr, pb.CONTAINER_DELETED_EVENT)
+    rt.registry.forget(ctr)
+    publish(rt, ctr, pb.CONTAINER_DELETED_EVENT)
     log.info("container %s removed", ctr.id[:12])
 
 
 # --- ContainerStatus and ListContainers -------------------------------------------------------
 
 
-def _visible(rt: Runtime, ref: str) -> ContainerRecord:
-    ctr = rt.container(ref)
-    if ctr.state == CONTAINER_CREATING:
-        raise NotFound(f"container {ref!r} not found (it is still being created)")
-    return ctr
-
-
 async def container_status(
     rt: Runtime, req: pb.ContainerStatusRequest
 ) -> pb.ContainerStatusResponse:
-    ctr = _visible(rt, req.container_id)
+    ctr = rt.registry.visible_container(req.container_id)
     response = pb.ContainerStatusResponse(status=container_status_message(rt, ctr))
     if req.verbose:
         response.info["info"] = json.dumps(
@@ -631,7 +521,9 @@ def container_status_message(rt: Runtime, ctr: ContainerRecord) -> pb.ContainerS
 async def list_containers(rt: Runtime, req: pb.ListContainersRequest) -> bytes:
     """A ListContainersResponse, assembled from each container's cached entry (sandbox/wire.py).
     Unfiltered, as kubelet's relist asks every second, the whole answer is cached too."""
-    return rt.list_answer("containers", rt.containers, req.filter, lambda: _answer(rt, req.filter))
+    return rt.list_answer(
+        "containers", rt.registry.containers, req.filter, lambda: _answer(rt, req.filter)
+    )
 
 
 async def stream_containers(
@@ -659,32 +551,9 @@ def _list_entry(ctr: ContainerRecord) -> bytes:
 
 def _filtered(rt: Runtime, flt: pb.ContainerFilter) -> list[ContainerRecord]:
     want_state = _STATE_NAMES.get(flt.state.state) if flt.HasField("state") else None
-    return matching(rt, flt.id, flt.pod_sandbox_id, flt.label_selector, want_state)
-
-
-def matching(
-    rt: Runtime,
-    id_prefix: str = "",
-    pod_prefix: str = "",
-    labels: Mapping[str, str] | None = None,
-    state: str | None = None,
-) -> list[ContainerRecord]:
-    """The visible containers that a CRI filter selects (ListContainers, the stats RPCs).
-
-    One pass per criterion given, so the empty filter of kubelet's relist costs one
-    comprehension; the label selector (a protobuf map) is read once, not once per container.
-    """
-    found = [c for c in rt.containers.values() if c.state != CONTAINER_CREATING]
-    if id_prefix:
-        found = [c for c in found if c.id.startswith(id_prefix)]
-    if pod_prefix:
-        found = [c for c in found if c.pod_id.startswith(pod_prefix)]
-    if state is not None:
-        found = [c for c in found if c.state == state]
-    if labels:
-        selector = dict(labels)
-        found = [c for c in found if all(c.config.labels.get(k) == v for k, v in selector.items())]
-    return found
+    return rt.registry.containers_matching(
+        flt.id, flt.pod_sandbox_id, flt.label_selector, want_state
+    )
 
 
 def _summary(ctr: ContainerRecord) -> pb.Container:
@@ -735,7 +604,7 @@ def exec_process(rt: Runtime, ctr: ContainerRecord, cmd: list[str], tty: bool) -
 
 
 def running_container(rt: Runtime, ref: str) -> ContainerRecord:
-    ctr = _visible(rt, ref)
+    ctr = rt.registry.visible_container(ref)
     if ctr.state != RUNNING:
         raise FailedPrecondition(f"container {ctr.id} is {ctr.state}, not running")
     return ctr
@@ -752,7 +621,7 @@ async def reopen_container_log(
 async def update_container_resources(
     rt: Runtime, req: pb.UpdateContainerResourcesRequest
 ) -> pb.UpdateContainerResourcesResponse:
-    ctr = _visible(rt, req.container_id)
+    ctr = rt.registry.visible_container(req.container_id)
     if ctr.state not in (CREATED, RUNNING):
         raise FailedPrecondition(f"container {ctr.id} is {ctr.state}: nothing to update")
     validate.resources(req.linux, "linux")
@@ -763,8 +632,7 @@ async def update_container_resources(
             raise InvalidArgument(f"container {ctr.id} resources: {err}") from err
         except (OSError, RuncError) as err:  # e.g. a memory limit below what it uses now
             raise FailedPrecondition(f"updating container {ctr.id} cgroup: {err}") from err
-        ctr.resources = req.linux.SerializeToString()
-        save_container(rt.store, ctr)
+        rt.registry.update(ctr, resources=req.linux.SerializeToString())
     return pb.UpdateContainerResourcesResponse()
 
 
@@ -776,13 +644,6 @@ def _apply_resources(rt: Runtime, ctr: ContainerRecord, linux: pb.LinuxContainer
         cgroups.update(ctr.cgroup_path, cgroups.Resources.from_cri(linux))
         return
     resources = linux_resources(linux, spec_defaults())
-    handler = rt.handlers.of_pod(rt.pods.get(ctr.pod_id))
+    handler = rt.handlers.of_pod(rt.registry.pods.get(ctr.pod_id))
     handler.runc(systemd_cgroup=True).update(ctr.id, resources)
 
-
-# --- events ----------------------------------------------------------------------------------
-
-
-def _publish(rt: Runtime, ctr: ContainerRecord, kind: int) -> None:
-    if rt.events is not None:
-        rt.events.publish(rt, ctr, kind)

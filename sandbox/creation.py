@@ -21,8 +21,10 @@ from sandbox.errors import AlreadyExists
 
 class Claimable(Protocol):
     id: str
-    state: str
     unclaimed: bool
+
+    @property
+    def state(self) -> str: ...  # read only: a record's state is a str enum
 
 
 @dataclass
@@ -43,13 +45,13 @@ class Creations:
         what: str,
         holder: Claimable | None,
         make: Callable[[], Awaitable[str]],
-        claim: Callable[[Claimable], None],
+        claim: Callable[[str], None],
         mark_unclaimed: Callable[[str], None],
     ) -> str:
         """The id of the object called `name`: made by `make`, or the one already made.
 
-        `holder` is the existing object with that name, if any; `claim` records that a
-        request took an unclaimed one; `mark_unclaimed` records, by id, an object whose
+        `holder` is the existing object with that name, if any; `claim` records, by id, that
+        a request took an unclaimed one; `mark_unclaimed` records, by id, an object whose
         client went away before it was made.
         """
         inflight = self.pending.get(name)
@@ -61,12 +63,9 @@ class Creations:
                 inflight.waiters -= 1
         if holder is not None:
             if holder.unclaimed:
-                claim(holder)
+                claim(holder.id)
                 return holder.id
-            raise AlreadyExists(
-                f"{what} name {name!r} is reserved by {what} {holder.id} ({holder.state}); "
-                "remove it first"
-            )
+            raise name_taken(what, name, holder.id, holder.state)
         task = asyncio.ensure_future(make())
         entry = PendingCreate(task)
         self.pending[name] = entry
@@ -79,6 +78,14 @@ class Creations:
             entry.waiters -= 1
             task.add_done_callback(lambda t: _unclaimed_if_nobody_waits(t, entry, mark_unclaimed))
             raise
+
+
+def name_taken(what: str, name: str, holder_id: str, holder_state: str) -> AlreadyExists:
+    """The answer to a request for a name that another, delivered object holds."""
+    state = f" ({holder_state})" if holder_state else ""
+    return AlreadyExists(
+        f"{what} name {name!r} is reserved by {what} {holder_id}{state}; remove it first"
+    )
 
 
 def _unclaimed_if_nobody_waits(

@@ -19,17 +19,17 @@ from typing import Any
 
 from netns.bridge import BridgeConfig, BridgeNetwork
 from netns.cni import CniNetwork
-from sandbox import checkpoint, containers, events, exec, info, pods, recovery, stats
+from sandbox import checkpoint, containers, events, exec, exits, info, pods, recovery, stats
 from sandbox.config import Config
 from sandbox.faults import Faults
 from sandbox.images.service import ImageService
 from sandbox.metrics import MetricsEndpoint
-from sandbox.records import load_containers, load_pods
 from sandbox.runtime import Paths, Runtime
 from sandbox.server import Handler, build_server
 from sandbox.shims import ShimRegistry
 from sandbox.store import Store
 from sandbox.streaming.server import StreamingServer
+from shim.client import ProcessState
 
 log = logging.getLogger("flatpod.daemon")
 
@@ -126,8 +126,7 @@ def open_runtime(config: Config) -> Runtime:
     store = Store(paths.db)
     rt = Runtime(config=config, store=store, paths=paths, faults=Faults.from_env())
     rt.handlers.create_roots()
-    rt.pods = load_pods(store)
-    rt.containers = load_containers(store)
+    rt.registry.load()
     rt.started_at = time.time()
     rt.events = events.EventHub()
     rt.oom_score_adj_floor = own_oom_score_adj()
@@ -142,12 +141,12 @@ def open_runtime(config: Config) -> Runtime:
         faults=rt.faults,
     )
 
-    async def on_exit(pod_id: str, event: dict[str, Any]) -> None:
-        await containers.on_exit(rt, pod_id, event)
+    async def on_exit(pod_id: str, event: ProcessState) -> None:
+        await exits.on_exit(rt, pod_id, event)
 
     rt.shims = ShimRegistry(
         log_level=config.log_level, on_exit=on_exit,
-        on_lost=lambda pod_id: containers.on_shim_lost(rt, pod_id),
+        on_lost=lambda pod_id: exits.on_shim_lost(rt, pod_id),
         zygote_socket=paths.state / "zygote.sock", page_merging=config.shim_page_merging,
     )
     pods.ensure_pause_rootfs(rt)

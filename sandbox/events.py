@@ -84,8 +84,7 @@ def container_event(rt: Runtime, ctr: ContainerRecord, kind: int) -> pb.Containe
         event.pod_sandbox_status.CopyFrom(pods.sandbox_status(pod))
     event.containers_statuses.extend(
         containers.container_status_message(rt, c)
-        for c in rt.containers_of(ctr.pod_id)
-        if c.state != containers.CONTAINER_CREATING
+        for c in rt.registry.visible_containers_of(ctr.pod_id)
     )
     return event
 

@@ -172,7 +172,7 @@ class ExecSession:
         view = await self.shim.exec_wait(self.handle.exec_id, timeout=FOREVER)
         await self._drained()
         self._release()
-        return int(view.get("exit_code") or 0)
+        return view.exit_code
 
     async def _drained(self) -> None:
         """Lets the reader take what the process wrote to its terminal before it exited."""
@@ -250,7 +250,7 @@ class AttachSession:
 
     async def wait(self) -> int:
         view = await self.shim.wait(self.container_id, timeout=FOREVER)
-        return int(view.get("exit_code") or 0)
+        return view.exit_code
 
     async def kill(self) -> None:
         """Detach only: the container keeps running."""

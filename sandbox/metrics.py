@@ -50,8 +50,8 @@ class RuntimeCollector(Collector):
             pods.add_metric([state], n)
         yield pods
         ctrs = GaugeMetricFamily("flatpod_containers", "Containers by state.", labels=["state"])
-        for state, n in sorted(Counter(c.state for c in self.rt.containers.values()).items()):
-            ctrs.add_metric([state], n)
+        for ctr_state, n in sorted(Counter(c.state for c in self.rt.containers.values()).items()):
+            ctrs.add_metric([ctr_state], n)
         yield ctrs
         shims = len(self.rt.shims.clients) if self.rt.shims is not None else 0
         yield GaugeMetricFamily("flatpod_shims", "Pod shims connected.", value=shims)

@@ -29,15 +29,14 @@ from netns.enter import run_in_netns
 from netns.pin import create_netns, ensure_shared_mount_dir, is_pinned, pin_namespace, unpin
 from netns.ports import PortMapping
 from sandbox import cgroups, containers, mounts, validate
-from sandbox.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from sandbox.errors import FailedPrecondition, InvalidArgument
+from sandbox.exits import delete_runc_state
 from sandbox.images.snapshots import idmap_supported
 from sandbox.records import (
     SANDBOX_NOTREADY,
     SANDBOX_READY,
     PodRecord,
-    delete_pod,
-    insert_pod,
-    save_pod,
+    PodState,
 )
 from sandbox.runtime import Runtime
 from sandbox.spec import IdMap, PodUserns, SpecError, build_pause_spec, pod_userns
@@ -49,7 +48,7 @@ from shim.client import ShimError
 log = logging.getLogger("flatpod.pods")
 
 # A sandbox that is still being made: listed nowhere, found only by its own retry.
-SANDBOX_CREATING = "creating"
+SANDBOX_CREATING = PodState.CREATING
 NETNS_DIR = Path("/run/netns")
 SHM_SIZE = 64 * 1024 * 1024
 PAUSE_STOP_TIMEOUT = 10.0
@@ -82,20 +81,7 @@ async def run_pod_sandbox(rt: Runtime, req: pb.RunPodSandboxRequest) -> pb.RunPo
 
 
 async def _join_or_start(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> str:
-    def claim(pod: Any) -> None:
-        pod.unclaimed = False
-        save_pod(rt.store, pod)
-
-    def mark_unclaimed(pod_id: str) -> None:
-        pod = rt.pods.get(pod_id)
-        if pod is not None:
-            pod.unclaimed = True
-            save_pod(rt.store, pod)
-
-    holder = next((p for p in rt.pods.values() if p.name == name), None)
-    return await rt.creations.create_once(
-        name, "pod sandbox", holder, lambda: _create_pod(rt, name, req), claim, mark_unclaimed
-    )
+    return await rt.registry.create_once("pod sandbox", name, lambda: _create_pod(rt, name, req))
 
 
 async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> str:
@@ -111,10 +97,7 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
         state=SANDBOX_CREATING,
     )
     # 1. Reserve the name and journal the operation before touching the host.
-    holder = insert_pod(rt.store, pod)
-    if holder is not None:
-        raise AlreadyExists(f"pod sandbox name {name!r} is reserved by sandbox {holder}")
-    rt.pods[pod_id] = pod
+    rt.registry.reserve(pod)
     rt.store.begin_operation(f"run_pod:{pod_id}", "run_pod", pod_id, {})
     rt.faults.point("run_pod:after_reserve")
     async with rt.locks.hold(pod_id), undo_on_failure() as undo:
@@ -170,7 +153,7 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
         shim = await rt.shims.spawn(pod_id, pod_dir, rt.handlers.of_pod(pod))
         undo.push("shim", lambda: _shutdown_shim(rt, pod))
         rt.faults.point("run_pod:after_shim")
-        undo.push("pause", lambda: containers.delete_runc_state(rt, pod_id))
+        undo.push("pause", lambda: delete_runc_state(rt, pod_id))
         oom_file, systemd = await asyncio.to_thread(containers.shim_cgroup_options, pod, pod_id)
         pod.pause_pid = await shim.create(pod_id, str(bundle), exit_file=str(bundle / "exit"),
                                           oom_file=oom_file, systemd_cgroup=systemd)
@@ -181,16 +164,14 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
         undo.push("pins", lambda: _unpin_namespaces(pod))
         rt.faults.point("run_pod:after_pins")
         # 7. Ready.
-        pod.state = SANDBOX_READY
-        save_pod(rt.store, pod)
+        rt.registry.transition(pod, SANDBOX_READY)
         rt.store.end_operation(f"run_pod:{pod_id}")
     log.info("pod %s (%s) ready, ip %s", pod_id[:12], name, pod.ip or "host")
     return pod_id
 
 
 def _forget(rt: Runtime, pod: PodRecord) -> None:
-    rt.pods.pop(pod.id, None)
-    delete_pod(rt.store, pod)
+    rt.registry.forget(pod)
     rt.store.end_operation(f"run_pod:{pod.id}")
 
 
@@ -498,8 +479,7 @@ async def stop_pod(rt: Runtime, pod: PodRecord) -> None:
     if pod.netns_path:
         await asyncio.to_thread(unpin, Path(pod.netns_path))
     if pod.state != SANDBOX_NOTREADY:
-        pod.state = SANDBOX_NOTREADY
-        save_pod(rt.store, pod)
+        rt.registry.transition(pod, SANDBOX_NOTREADY)
     log.info("pod %s stopped", pod.short)
 
 
@@ -508,12 +488,12 @@ async def _stop_pause(rt: Runtime, pod: PodRecord) -> None:
     if shim is not None:
         try:
             view = await shim.state(pod.id)
-            if view.get("status") != "exited":
+            if not view.exited:
                 await shim.signal(pod.id, signal.SIGKILL)
                 await shim.wait(pod.id, timeout=PAUSE_STOP_TIMEOUT)
         except (ShimError, OSError) as err:
             log.info("pause of pod %s: %s", pod.short, err)
-    await containers.delete_runc_state(rt, pod.id)
+    await delete_runc_state(rt, pod.id)
 
 
 async def _teardown_network(rt: Runtime, pod: PodRecord) -> None:
@@ -531,7 +511,7 @@ async def _shutdown_shim(rt: Runtime, pod: PodRecord) -> None:
     if shim is None:
         return
     try:
-        shim_pid = int((await shim.state()).get("pid", 0))
+        shim_pid = (await shim.shim_state()).pid
         await shim.shutdown()
     except (ShimError, OSError) as err:
         log.info("shim of pod %s: %s", pod.short, err)
@@ -582,25 +562,17 @@ async def remove_pod_now(rt: Runtime, pod: PodRecord) -> None:
         await asyncio.to_thread(cgroups.remove, pod.cgroup_path)
     await asyncio.to_thread(shutil.rmtree, pod_dir, True)
     await asyncio.to_thread(shutil.rmtree, rt.paths.bundle_dir(pod.id), True)
-    rt.pods.pop(pod.id, None)
-    delete_pod(rt.store, pod)
+    rt.registry.forget(pod)
     log.info("pod %s removed", pod.short)
 
 
 # --- PodSandboxStatus and ListPodSandbox ------------------------------------------------------
 
 
-def _visible(rt: Runtime, ref: str) -> PodRecord:
-    pod = rt.pod(ref)
-    if pod.state == SANDBOX_CREATING:
-        raise NotFound(f"pod sandbox {ref!r} not found (it is still being created)")
-    return pod
-
-
 async def pod_sandbox_status(
     rt: Runtime, req: pb.PodSandboxStatusRequest
 ) -> pb.PodSandboxStatusResponse:
-    pod = _visible(rt, req.pod_sandbox_id)
+    pod = rt.registry.visible_pod(req.pod_sandbox_id)
     response = pb.PodSandboxStatusResponse(status=sandbox_status(pod), timestamp=time.time_ns())
     if req.verbose:
         response.info["info"] = json.dumps(
@@ -614,7 +586,10 @@ async def pod_sandbox_status(
                 "config": MessageToDict(pod.config),
             }
         )
-    statuses = [containers.container_status_message(rt, c) for c in rt.containers_of(pod.id)]
+    statuses = [
+        containers.container_status_message(rt, c)
+        for c in rt.registry.visible_containers_of(pod.id)
+    ]
     response.containers_statuses.extend(statuses)
     return response
 
@@ -646,7 +621,7 @@ def sandbox_status(pod: PodRecord) -> pb.PodSandboxStatus:
 async def list_pod_sandbox(rt: Runtime, req: pb.ListPodSandboxRequest) -> bytes:
     """A ListPodSandboxResponse, assembled from each pod's cached entry (see sandbox/wire.py).
     Unfiltered, as kubelet's relist asks every second, the whole answer is cached too."""
-    return rt.list_answer("pods", rt.pods, req.filter, lambda: _answer(rt, req.filter))
+    return rt.list_answer("pods", rt.registry.pods, req.filter, lambda: _answer(rt, req.filter))
 
 
 async def stream_pod_sandboxes(
@@ -673,19 +648,10 @@ def _list_entry(pod: PodRecord) -> bytes:
 
 
 def _filtered(rt: Runtime, flt: pb.PodSandboxFilter) -> list[PodRecord]:
-    """The visible pods the filter selects. One pass per criterion the filter sets, so the
-    empty filter of kubelet's relist costs one comprehension (reading the protobuf filter,
-    above all its label map, once per pod cost ~0.8 us a pod)."""
-    found = [p for p in rt.pods.values() if p.state != SANDBOX_CREATING]
-    if flt.id:
-        found = [p for p in found if p.id.startswith(flt.id)]
+    want = None
     if flt.HasField("state"):
         want = SANDBOX_READY if flt.state.state == pb.SANDBOX_READY else SANDBOX_NOTREADY
-        found = [p for p in found if p.state == want]
-    if flt.label_selector:
-        selector = dict(flt.label_selector)
-        found = [p for p in found if all(p.config.labels.get(k) == v for k, v in selector.items())]
-    return found
+    return rt.registry.pods_matching(flt.id, want, flt.label_selector)
 
 
 def _summary(pod: PodRecord) -> pb.PodSandbox:
@@ -711,7 +677,7 @@ async def update_pod_sandbox_resources(
 
     With the systemd driver the pod's slice is kubelet's, which sets its limits itself (the
     request is a notification, as containerd treats it): recorded, nothing written."""
-    pod = _visible(rt, req.pod_sandbox_id)
+    pod = rt.registry.visible_pod(req.pod_sandbox_id)
     owned = containers.pod_placement(pod).driver is cgroups.Driver.CGROUPFS
     if pod.state != SANDBOX_READY or (owned and not pod.cgroup_path):
         raise FailedPrecondition(f"pod sandbox {pod.id} is {pod.state}: nothing to update")
@@ -727,25 +693,7 @@ async def update_pod_sandbox_resources(
             raise FailedPrecondition(f"updating pod sandbox {pod.id} cgroup: {err}") from err
         pod.config.linux.resources.CopyFrom(req.resources)
         pod.config.linux.overhead.CopyFrom(req.overhead)
-        save_pod(rt.store, pod)
+        rt.registry.save(pod)
     log.info("pod %s resources updated", pod.short)
     return pb.UpdatePodSandboxResourcesResponse()
 
-
-# --- what the rest of the runtime asks of a pod ----------------------------------------------
-
-
-def ready_pod(rt: Runtime, ref: str) -> PodRecord:
-    """The pod a new container goes into: it must exist and be ready."""
-    pod = _visible(rt, ref)
-    if pod.state != SANDBOX_READY:
-        raise FailedPrecondition(f"pod sandbox {pod.id} is {pod.state}, not ready")
-    return pod
-
-
-async def on_pause_exit(rt: Runtime, pod: PodRecord) -> None:
-    """The pause died (killed, OOM): the pod can no longer hold containers."""
-    if pod.state == SANDBOX_READY:
-        log.warning("pause of pod %s exited; the pod is not ready", pod.short)
-        pod.state = SANDBOX_NOTREADY
-        save_pod(rt.store, pod)

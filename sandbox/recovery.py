@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cri_api import api_pb2 as pb
-from sandbox import cgroups, containers, pods
+from sandbox import cgroups, containers, exits, pods
 from sandbox.records import (
     CREATED,
     EXITED,
@@ -26,10 +26,9 @@ from sandbox.records import (
     SANDBOX_READY,
     ContainerRecord,
     PodRecord,
-    save_container,
 )
 from sandbox.runtime import Runtime
-from shim.client import ShimError
+from shim.client import ProcessState, ShimClient, ShimError
 
 log = logging.getLogger("flatpod.recovery")
 
@@ -45,7 +44,7 @@ async def recover(rt: Runtime) -> None:
             )
         shim = await rt.shims.reconnect(pod.id, rt.paths.pod_dir(pod.id))
         if shim is None and pod.state == SANDBOX_READY:
-            await pods.on_pause_exit(rt, pod)
+            await exits.on_pause_exit(rt, pod)
         for ctr in rt.containers_of(pod.id):
             await _reconcile_container(rt, ctr, shim)
         if shim is not None:
@@ -69,9 +68,9 @@ async def _finish_interrupted(rt: Runtime) -> None:
             await _remove_half_made_pod(rt, pod)
         rt.store.end_operation(op_id)
     # A crash between reserving the name and journalling the operation leaves a record only.
-    for pod in [p for p in rt.pods.values() if p.state == pods.SANDBOX_CREATING]:
+    for pod in rt.registry.creating_pods():
         await _remove_half_made_pod(rt, pod)
-    for ctr in [c for c in rt.containers.values() if c.state == containers.CONTAINER_CREATING]:
+    for ctr in rt.registry.creating_containers():
         await containers.remove_container_now(rt, ctr)
 
 
@@ -96,10 +95,12 @@ async def _remove_half_made_pod(rt: Runtime, pod: PodRecord) -> None:
     await pods.remove_pod_now(rt, pod)
 
 
-async def _reconcile_container(rt: Runtime, ctr: ContainerRecord, shim: Any) -> None:
+async def _reconcile_container(
+    rt: Runtime, ctr: ContainerRecord, shim: ShimClient | None
+) -> None:
     if ctr.state == EXITED:
         return
-    view: dict[str, Any] | None = None
+    view: ProcessState | None = None
     if shim is not None:
         try:
             view = await shim.state(ctr.id)
@@ -110,37 +111,33 @@ async def _reconcile_container(rt: Runtime, ctr: ContainerRecord, shim: Any) -> 
     if view is None:
         # Neither the shim nor an exit file knows it: the node rebooted, or the shim died
         # before the process exited. Report it exited so kubelet makes a new one.
-        containers.record_exit(
-            rt, ctr, {"exit_code": 255, "exited_at": None}, reason="Unknown",
+        exits.record_exit(
+            rt, ctr, ProcessState("exited", exit_code=255), reason="Unknown",
             message="the container's shim is gone; its exit status is unknown",
         )
         return
-    status = view.get("status")
-    if status == "exited":
-        await containers.apply_exit(rt, ctr, view)
-    elif status == "running" and ctr.state == CREATED:
+    if view.exited:
+        await exits.apply_exit(rt, ctr, view)
+    elif view.status == "running" and ctr.state == CREATED:
         # Started, but the daemon died before it recorded so (StartContainer after `runc
         # start`): the shim reports "created" until start, so "running" means it started.
-        ctr.state = RUNNING
-        ctr.started_at = ctr.started_at or time.time_ns()
-        save_container(rt.store, ctr)
+        rt.registry.transition(ctr, RUNNING, started_at=ctr.started_at or time.time_ns())
 
 
-async def _reconcile_pause(rt: Runtime, pod_id: str, shim: Any) -> None:
+async def _reconcile_pause(rt: Runtime, pod_id: str, shim: ShimClient) -> None:
     try:
         view = await shim.state(pod_id)
     except (ShimError, OSError):
-        view = {"status": "exited"}
+        view = ProcessState("exited")
     pod = rt.pods.get(pod_id)
-    if pod is not None and view.get("status") == "exited":
-        await pods.on_pause_exit(rt, pod)
+    if pod is not None and view.exited:
+        await exits.on_pause_exit(rt, pod)
 
 
-def _exit_file(rt: Runtime, ctr: ContainerRecord) -> dict[str, Any] | None:
+def _exit_file(rt: Runtime, ctr: ContainerRecord) -> ProcessState | None:
     path = Path(rt.paths.bundle_dir(ctr.id)) / "exit"
     try:
-        view: dict[str, Any] = json.loads(path.read_text())
+        record: dict[str, Any] = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    view["status"] = "exited"
-    return view
+    return ProcessState.from_message("exit file", {**record, "status": "exited"})

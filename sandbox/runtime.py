@@ -1,8 +1,8 @@
 """The daemon's state: configuration, store, in-memory indexes, locks and subsystems.
 
 One `Runtime` lives for the life of `flatpod serve`; every RPC function takes it as its first
-argument. It holds no behaviour of its own beyond lookups, so each RPC family's module reads
-top to bottom as the steps of its RPCs.
+argument. It holds no behaviour of its own: the records and their rules are the registry's
+(sandbox/registry.py), so each RPC family's module reads top to bottom as the steps of its RPCs.
 """
 
 from __future__ import annotations
@@ -11,25 +11,30 @@ import asyncio
 import functools
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Sized
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 
 from sandbox.config import Config
-from sandbox.creation import Creations
-from sandbox.errors import InvalidArgument, NotFound
 from sandbox.faults import Faults
 from sandbox.handlers import RuntimeHandlers
 from sandbox.records import ContainerRecord, PodRecord
+from sandbox.registry import Registry
 from sandbox.store import Store
 from sandbox.wire import AnswerCache
 
+if TYPE_CHECKING:  # attached by the daemon; this module imports none of them at run time
+    from netns.network import PodNetwork
+    from sandbox.events import EventHub
+    from sandbox.images.service import ImageService
+    from sandbox.shims import ShimRegistry
+    from sandbox.streaming.server import StreamingServer
+
 log = logging.getLogger("flatpod.runtime")
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -102,29 +107,39 @@ class Runtime:
     config: Config
     store: Store
     paths: Paths
-    pods: dict[str, PodRecord] = field(default_factory=dict)
-    containers: dict[str, ContainerRecord] = field(default_factory=dict)
+    # The pods and containers, and every rule about them.
+    registry: Registry = field(init=False)
     # Unfiltered ListPodSandbox / ListContainers answers (see list_answer).
     answers: AnswerCache = field(default_factory=AnswerCache)
     locks: KeyedLocks = field(default_factory=KeyedLocks)
-    creations: Creations = field(default_factory=Creations)
     # Test-only crash points (sandbox/faults.py); empty unless FLATPOD_CRASH_AT was set.
     faults: Faults = field(default_factory=Faults)
     # restrict_oom_score_adj: without CAP_SYS_RESOURCE nothing may go below our own value.
     oom_score_adj_floor: int = -1000
     network_kind: str = ""
-    # Subsystems, attached by the daemon at start (see daemon.py); Any until they land so
-    # that this module imports none of them.
-    images: Any = None
-    network: Any = None
-    shims: Any = None
-    streaming: Any = None
-    events: Any = None
+    # Subsystems, attached by the daemon at start (see daemon.py): they import this module.
+    images: ImageService = field(init=False)
+    network: PodNetwork = field(init=False)
+    shims: ShimRegistry = field(init=False)
+    streaming: StreamingServer = field(init=False)
+    events: EventHub = field(init=False)
     started_at: float = 0.0
     # Work that follows an event but that no RPC waits for (held so it is not collected).
     background: set[asyncio.Task[None]] = field(default_factory=set)
 
-    def in_background(self, work: Coroutine[Any, Any, None]) -> None:
+    def __post_init__(self) -> None:
+        self.registry = Registry(self.store)
+
+    @property
+    def pods(self) -> dict[str, PodRecord]:
+        """Every pod by id, also those being created (see registry.visible_pod)."""
+        return self.registry.pods
+
+    @property
+    def containers(self) -> dict[str, ContainerRecord]:
+        return self.registry.containers
+
+    def in_background(self, work: Coroutine[object, object, None]) -> None:
         task = asyncio.create_task(work)
         self.background.add(task)
         task.add_done_callback(self._background_done)
@@ -139,32 +154,25 @@ class Runtime:
         """The configured runtime handlers (sandbox/handlers.py)."""
         return RuntimeHandlers.from_config(self.config)
 
-    # --- lookups shared by every RPC family -------------------------------------------------
+    # --- lookups shared by every RPC family (the registry's, here for brevity) ----------
 
     def pod(self, ref: str) -> PodRecord:
-        """The pod whose id is `ref` or starts with it (crictl users type prefixes)."""
-        return _by_id_or_prefix(self.pods, ref, "pod sandbox")
+        return self.registry.pod(ref)
 
     def container(self, ref: str) -> ContainerRecord:
-        return _by_id_or_prefix(self.containers, ref, "container")
+        return self.registry.container(ref)
 
     def find_pod(self, ref: str) -> PodRecord | None:
-        try:
-            return self.pod(ref)
-        except NotFound:
-            return None
+        return self.registry.find_pod(ref)
 
     def find_container(self, ref: str) -> ContainerRecord | None:
-        try:
-            return self.container(ref)
-        except NotFound:
-            return None
+        return self.registry.find_container(ref)
 
     def containers_of(self, pod_id: str) -> list[ContainerRecord]:
-        return [c for c in self.containers.values() if c.pod_id == pod_id]
+        return self.registry.containers_of(pod_id)
 
     def list_answer(
-        self, name: str, index: dict[str, Any], flt: Message, build: Callable[[], bytes]
+        self, name: str, index: Sized, flt: Message, build: Callable[[], bytes]
     ) -> bytes:
         """A list answer of `index` (self.pods or self.containers): built for a filtered
         request, kept whole for kubelet's unfiltered relist.
@@ -178,20 +186,3 @@ class Runtime:
             return build()
         return self.answers.get(name, (self.store.commits, id(index), len(index)), build)
 
-
-def _by_id_or_prefix(index: dict[str, T], ref: str, what: str) -> T:
-    if not ref:
-        raise InvalidArgument(f"{what} id is empty")
-    found = index.get(ref)
-    if found is not None:
-        return found
-    matches = list(_prefixed(index.keys(), ref))
-    if len(matches) == 1:
-        return index[matches[0]]
-    if len(matches) > 1:
-        raise InvalidArgument(f"{what} id prefix {ref!r} is ambiguous: {len(matches)} match")
-    raise NotFound(f"{what} {ref!r} not found")
-
-
-def _prefixed(ids: Iterable[str], prefix: str) -> Iterable[str]:
-    return (i for i in ids if i.startswith(prefix))

@@ -17,13 +17,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from sandbox.handlers import Handler
 from shim import ksm
 from shim.client import (
+    ProcessState,
     ShimClient,
     ShimError,
+    ZygoteUnavailable,
     connect,
     spawn_shim,
     start_zygote,
@@ -32,7 +33,7 @@ from shim.client import (
 
 log = logging.getLogger("flatpod.shims")
 
-ExitHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
+ExitHandler = Callable[[str, ProcessState], Awaitable[None]]
 LostHandler = Callable[[str], None]
 # Generous: a loaded node may take a while to schedule the zygote, and a false "dead"
 # would mean killing a healthy one.
@@ -101,9 +102,7 @@ class ShimRegistry:
         zygote = str(self.zygote_socket) if self.zygote_socket else None
         try:
             client = await self._spawn(pod_id, pod_dir, handler, zygote)
-        except ShimError as err:
-            if zygote is None or "zygote" not in str(err):
-                raise
+        except ZygoteUnavailable as err:
             log.warning("shim zygote failed (%s); starting a new one", err)
             await self.start()
             client = await self._spawn(pod_id, pod_dir, handler, zygote)
@@ -143,7 +142,7 @@ class ShimRegistry:
             async for event in client.events():
                 if event.get("event") == "exit" and "exec_id" not in event:
                     try:
-                        await self.on_exit(pod_id, event)
+                        await self.on_exit(pod_id, ProcessState.from_message("exit", event))
                     except Exception:
                         log.exception("handling exit of %s", event.get("container_id"))
         except (ShimError, OSError) as err:

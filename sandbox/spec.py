@@ -82,7 +82,8 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class SpecDefaults:
-    """Node-level defaults the daemon config may override."""
+    """Node-level defaults of every container's spec, the same for all (no config key sets
+    them)."""
 
     capabilities: tuple[str, ...] = DEFAULT_CAPABILITIES
     # What "ALL" and privileged mean: every capability the daemon itself may pass on. runc
@@ -122,15 +123,6 @@ class SandboxPaths:
     shm: Path | None  # the pod's /dev/shm tmpfs dir; None for host IPC
     hosts: Path | None
     user: Path | None = None  # the pod's pinned user namespace; None: the host's
-
-
-@dataclass
-class _Linux:
-    """Pieces of `linux` assembled by small helpers."""
-
-    namespaces: list[dict[str, str]] = field(default_factory=list)
-    devices: list[dict[str, Any]] = field(default_factory=list)
-    device_rules: list[dict[str, Any]] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,9 +26,7 @@ from typing import TypeVar
 
 from cri_api import api_pb2 as pb
 from netns.enter import InterfaceCounters, interface_counters
-from sandbox import cgroup_stats, cgroups, metrics_cri, pods
-from sandbox.containers import CONTAINER_CREATING, matching
-from sandbox.errors import NotFound
+from sandbox import cgroup_stats, cgroups, metrics_cri
 from sandbox.images.snapshots import tree_usage
 from sandbox.records import SANDBOX_READY, ContainerRecord, PodRecord
 from sandbox.runtime import Runtime
@@ -270,16 +268,15 @@ class Stats:
     async def container_stats(
         self, rt: Runtime, req: pb.ContainerStatsRequest
     ) -> pb.ContainerStatsResponse:
-        ctr = rt.container(req.container_id)
-        if ctr.state == CONTAINER_CREATING:
-            raise NotFound(f"container {req.container_id!r} not found (it is still being created)")
+        ctr = rt.registry.visible_container(req.container_id)
         await self.refresh(rt, [ctr], [])
         return pb.ContainerStatsResponse(stats=self.container_message(rt, ctr))
 
     async def list_container_stats(
         self, rt: Runtime, req: pb.ListContainerStatsRequest
     ) -> pb.ListContainerStatsResponse:
-        ctrs = list(_containers(rt, req.filter))
+        flt = req.filter
+        ctrs = rt.registry.containers_matching(flt.id, flt.pod_sandbox_id, flt.label_selector)
         await self.refresh(rt, ctrs, [])
         return pb.ListContainerStatsResponse(stats=[self.container_message(rt, c) for c in ctrs])
 
@@ -316,15 +313,17 @@ class Stats:
     async def pod_sandbox_stats(
         self, rt: Runtime, req: pb.PodSandboxStatsRequest
     ) -> pb.PodSandboxStatsResponse:
-        pod = _visible_pod(rt, req.pod_sandbox_id)
-        ctrs = _containers_of(rt, pod)
+        pod = rt.registry.visible_pod(req.pod_sandbox_id)
+        ctrs = rt.registry.visible_containers_of(pod.id)
         await self.refresh(rt, ctrs, [pod])
         return pb.PodSandboxStatsResponse(stats=self.pod_message(rt, pod, ctrs))
 
     async def list_pod_sandbox_stats(
         self, rt: Runtime, req: pb.ListPodSandboxStatsRequest
     ) -> pb.ListPodSandboxStatsResponse:
-        by_pod = await self._sampled_ready_pods(rt, _pods(rt, req.filter))
+        by_pod = await self._sampled_ready_pods(
+            rt, rt.registry.pods_matching(req.filter.id, labels=req.filter.label_selector)
+        )
         return pb.ListPodSandboxStatsResponse(
             stats=[self.pod_message(rt, p, ctrs) for p, ctrs in by_pod]
         )
@@ -345,7 +344,10 @@ class Stats:
 
         Ready pods only (as containerd): a stopped pod has no process and no network left.
         """
-        by_pod = [(p, _containers_of(rt, p)) for p in candidates if p.state == SANDBOX_READY]
+        by_pod = [
+            (p, rt.registry.visible_containers_of(p.id))
+            for p in candidates if p.state == SANDBOX_READY
+        ]
         await self.refresh(rt, [c for _, cs in by_pod for c in cs], [p for p, _ in by_pod],
                            detail)
         return by_pod
@@ -524,36 +526,7 @@ def network_usage(n: NetSample) -> pb.NetworkUsage:
     return usage
 
 
-# --- UpdatePodSandboxResources ---------------------------------------------------------------
-
-
-# --- which containers and pods a request names -----------------------------------------------
-
-
-def _visible_pod(rt: Runtime, ref: str) -> PodRecord:
-    pod = rt.pod(ref)
-    if pod.state == pods.SANDBOX_CREATING:
-        raise NotFound(f"pod sandbox {ref!r} not found (it is still being created)")
-    return pod
-
-
-def _containers_of(rt: Runtime, pod: PodRecord) -> list[ContainerRecord]:
-    return [c for c in rt.containers_of(pod.id) if c.state != CONTAINER_CREATING]
-
-
-def _containers(rt: Runtime, flt: pb.ContainerStatsFilter) -> Iterable[ContainerRecord]:
-    return matching(rt, flt.id, flt.pod_sandbox_id, flt.label_selector)
-
-
-def _pods(rt: Runtime, flt: pb.PodSandboxStatsFilter) -> Iterable[PodRecord]:
-    for pod in rt.pods.values():
-        if pod.state == pods.SANDBOX_CREATING:
-            continue
-        if flt.id and not pod.id.startswith(flt.id):
-            continue
-        if any(pod.config.labels.get(k) != v for k, v in flt.label_selector.items()):
-            continue
-        yield pod
+# --- streams ----------------------------------------------------------------------------------
 
 
 def _pages(items: list[T]) -> Iterable[list[T]]:

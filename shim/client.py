@@ -12,9 +12,9 @@ import contextlib
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from shim import protocol
 
@@ -29,11 +29,71 @@ EXEC_KILL_WAIT = 10.0
 
 
 class ShimError(Exception):
-    """A shim call failed: the shim said no, timed out, or could not be reached."""
+    """A shim call failed: the shim said no (this class), or one of the kinds below."""
 
     def __init__(self, op: str, message: str) -> None:
         self.op = op
         super().__init__(f"shim {op}: {message}")
+
+
+class ShimTimeout(ShimError):
+    """No answer within the call's deadline (for `wait`: the process is still running)."""
+
+
+class ShimGone(ShimError):
+    """The shim cannot be reached, or it closed the connection without answering."""
+
+
+class ZygoteUnavailable(ShimError):
+    """The zygote cannot be reached or does not answer (a new one may be started)."""
+
+
+ProcessStatus = Literal["created", "running", "exited"]
+_STATUSES: dict[str, ProcessStatus] = {"created": "created", "running": "running",
+                                       "exited": "exited"}
+
+
+@dataclass(frozen=True)
+class ProcessState:
+    """A container's (or an exec's) process, as the shim reports it: state, wait, start,
+    signal, its exit event, and its exit file."""
+
+    status: ProcessStatus
+    exit_code: int = 0
+    exited_at: str | None = None  # RFC 3339, when it exited
+    oom_killed: bool = False
+    pid: int = 0
+    container_id: str = ""
+    exec_id: str = ""
+
+    @property
+    def exited(self) -> bool:
+        return self.status == "exited"
+
+    @classmethod
+    def from_message(cls, op: str, message: Mapping[str, Any]) -> ProcessState:
+        status = _STATUSES.get(str(message.get("status")))
+        if status is None:
+            raise ShimError(op, f"unknown process status {message.get('status')!r}")
+        exited_at = message.get("exited_at")
+        return cls(
+            status=status,
+            exit_code=int(message.get("exit_code") or 0),
+            exited_at=str(exited_at) if exited_at else None,
+            oom_killed=bool(message.get("oom_killed")),
+            pid=int(message.get("pid") or 0),
+            container_id=str(message.get("container_id") or ""),
+            exec_id=str(message.get("exec_id") or ""),
+        )
+
+
+@dataclass(frozen=True)
+class ShimState:
+    """The whole shim: its own pid and its containers."""
+
+    pid: int
+    pod_id: str
+    containers: list[ProcessState]
 
 
 @dataclass
@@ -122,8 +182,10 @@ class ShimClient:
         try:
             return await asyncio.wait_for(
                 asyncio.open_unix_connection(self.socket_path, limit=STREAM_LIMIT), timeout)
-        except (OSError, TimeoutError) as exc:
-            raise ShimError(op, f"cannot connect to {self.socket_path}: {exc!r}") from exc
+        except TimeoutError as exc:
+            raise ShimTimeout(op, f"cannot connect to {self.socket_path}: {exc!r}") from exc
+        except OSError as exc:
+            raise ShimGone(op, f"cannot connect to {self.socket_path}: {exc!r}") from exc
 
     async def _exchange(self, op: str, args: dict[str, Any], timeout: float,
                         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -133,8 +195,10 @@ class ShimClient:
             await writer.drain()
             line = await asyncio.wait_for(reader.readline(), timeout)
         except TimeoutError as exc:
-            raise ShimError(op, f"no reply within {timeout}s") from exc
-        except (OSError, ValueError) as exc:
+            raise ShimTimeout(op, f"no reply within {timeout}s") from exc
+        except OSError as exc:
+            raise ShimGone(op, repr(exc)) from exc
+        except ValueError as exc:
             raise ShimError(op, repr(exc)) from exc
         return _check_reply(op, line)
 
@@ -167,21 +231,32 @@ class ShimClient:
                                 restore=restore)
         return int(reply["pid"])
 
-    async def start(self, container_id: str, timeout: float = CREATE_TIMEOUT) -> dict[str, Any]:
-        return await self.call("start", timeout, container_id=container_id)
+    async def _process(self, op: str, timeout: float | None = None, **args: Any
+                       ) -> ProcessState:
+        return ProcessState.from_message(op, await self.call(op, timeout, **args))
+
+    async def start(self, container_id: str, timeout: float = CREATE_TIMEOUT) -> ProcessState:
+        return await self._process("start", timeout, container_id=container_id)
 
     async def signal(self, container_id: str, signal: int | str, all: bool = False
-                     ) -> dict[str, Any]:
-        return await self.call("signal", container_id=container_id, signal=signal, all=all)
+                     ) -> ProcessState:
+        return await self._process("signal", container_id=container_id, signal=signal, all=all)
 
-    async def state(self, container_id: str | None = None) -> dict[str, Any]:
-        """One container's view, or without an id the whole shim's."""
-        if container_id is None:
-            return await self.call("state")
-        return await self.call("state", container_id=container_id)
+    async def state(self, container_id: str) -> ProcessState:
+        """One container's process."""
+        return await self._process("state", container_id=container_id)
 
-    async def wait(self, container_id: str, timeout: float) -> dict[str, Any]:
-        return await self.call("wait", timeout, container_id=container_id)
+    async def shim_state(self) -> ShimState:
+        """The whole shim's view."""
+        reply = await self.call("state")
+        return ShimState(
+            pid=int(reply.get("pid") or 0), pod_id=str(reply.get("pod_id") or ""),
+            containers=[ProcessState.from_message("state", c) for c in reply.get("containers", [])],
+        )
+
+    async def wait(self, container_id: str, timeout: float) -> ProcessState:
+        """The process once it has exited; ShimTimeout when it runs past `timeout`."""
+        return await self._process("wait", timeout, container_id=container_id)
 
     async def reopen_log(self, container_id: str) -> None:
         await self.call("reopen_log", container_id=container_id)
@@ -224,21 +299,23 @@ class ShimClient:
         except BaseException as exc:
             for fd in fds:
                 os.close(fd)
+            if isinstance(exc, TimeoutError):
+                raise ShimTimeout("exec", repr(exc)) from exc
             if isinstance(exc, OSError):
-                raise ShimError("exec", repr(exc)) from exc
+                raise ShimGone("exec", repr(exc)) from exc
             raise
         return reply, fds
 
-    async def exec_state(self, exec_id: str) -> dict[str, Any]:
-        return await self.call("exec_state", exec_id=exec_id)
+    async def exec_state(self, exec_id: str) -> ProcessState:
+        return await self._process("exec_state", exec_id=exec_id)
 
-    async def exec_wait(self, exec_id: str, timeout: float) -> dict[str, Any]:
-        return await self.call("exec_wait", timeout, exec_id=exec_id)
+    async def exec_wait(self, exec_id: str, timeout: float) -> ProcessState:
+        return await self._process("exec_wait", timeout, exec_id=exec_id)
 
-    async def exec_kill(self, exec_id: str, wait: bool = False) -> dict[str, Any]:
+    async def exec_kill(self, exec_id: str, wait: bool = False) -> ProcessState:
         """SIGKILL the exec's process tree; with `wait`, answer once all of it is dead."""
-        return await self.call("exec_kill", EXEC_KILL_WAIT if wait else None, exec_id=exec_id,
-                               wait=wait)
+        return await self._process("exec_kill", EXEC_KILL_WAIT if wait else None,
+                                   exec_id=exec_id, wait=wait)
 
     async def exec_sync(self, container_id: str, process: dict[str, Any],
                         timeout: float | None) -> ExecSyncResult:
@@ -251,7 +328,7 @@ class ShimClient:
                               self.exec_wait(handle.exec_id, timeout=sys.float_info.max))
         try:
             stdout, stderr, final = await asyncio.wait_for(work, timeout)
-            return ExecSyncResult(int(final["exit_code"]), stdout, stderr)
+            return ExecSyncResult(final.exit_code, stdout, stderr)
         except TimeoutError:
             try:
                 await self.exec_kill(handle.exec_id, wait=True)
@@ -297,7 +374,7 @@ class ShimClient:
 
 def _check_reply(op: str, line: bytes) -> dict[str, Any]:
     if not line:
-        raise ShimError(op, "connection closed without a reply")
+        raise ShimGone(op, "connection closed without a reply")
     try:
         reply = protocol.decode_message(line)
     except protocol.ProtocolError as exc:
@@ -351,7 +428,7 @@ def resize_fd(pty_master: int, width: int, height: int) -> None:
 async def connect(shim_dir: str, timeout: float = DEFAULT_TIMEOUT) -> ShimClient:
     """A client for a running shim (e.g. after flatpod restarted); checks it answers."""
     client = ShimClient(shim_dir, timeout)
-    await client.state()
+    await client.shim_state()
     return client
 
 
@@ -368,7 +445,7 @@ async def _run_detaching(op: str, argv: list[str], timeout: float) -> None:
     except TimeoutError as exc:
         process.kill()
         await process.wait()
-        raise ShimError(op, f"{argv[2]} did not detach in {timeout}s") from exc
+        raise ShimTimeout(op, f"{argv[2]} did not detach in {timeout}s") from exc
     if process.returncode != 0:
         raise ShimError(op, f"{argv[2]} exited {process.returncode}: {err.decode().strip()}")
 
@@ -416,13 +493,13 @@ async def zygote_call(zygote_socket: str, op: str, timeout: float = DEFAULT_TIME
         reader, writer = await asyncio.wait_for(
             asyncio.open_unix_connection(zygote_socket), timeout)
     except (OSError, TimeoutError) as exc:
-        raise ShimError(op, f"cannot reach zygote {zygote_socket}: {exc!r}") from exc
+        raise ZygoteUnavailable(op, f"cannot reach zygote {zygote_socket}: {exc!r}") from exc
     try:
         request = {"v": protocol.PROTOCOL_VERSION, "op": op, **args}
         writer.write(protocol.encode_message(request))
         line = await asyncio.wait_for(reader.readline(), timeout)
     except (OSError, TimeoutError) as exc:
-        raise ShimError(op, f"zygote: {exc!r}") from exc
+        raise ZygoteUnavailable(op, f"zygote: {exc!r}") from exc
     finally:
         writer.close()
     return _check_reply(op, line)

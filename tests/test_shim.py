@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import pytest
 
 from shim import ksm, protocol
-from shim.client import AttachStream, ShimClient, ShimError, spawn_shim
+from shim.client import AttachStream, ProcessState, ShimClient, ShimError, spawn_shim
 from shim.runc import Runc
 from tests.pods import pid_alive
 
@@ -208,7 +208,7 @@ def shim_pod(zygote: str | None) -> Iterator[Pod]:
     try:
         pod_.client = run(spawn_shim(base.name, str(pod_.shim_dir), runc.root,
                                      log_level="debug", zygote_socket=zygote))
-        pod_.shim_pid = int(run(pod_.client.state())["pid"])
+        pod_.shim_pid = run(pod_.client.shim_state()).pid
         yield pod_
     finally:
         pod_.cleanup()
@@ -224,7 +224,7 @@ def read_log(path: Path) -> list[tuple[bytes, bytes, bytes]]:
     return records
 
 
-async def wait_exit(client: ShimClient, container_id: str, timeout: float = 15) -> dict[str, Any]:
+async def wait_exit(client: ShimClient, container_id: str, timeout: float = 15) -> ProcessState:
     return await client.wait(container_id, timeout)
 
 
@@ -243,7 +243,7 @@ def test_stdout_and_stderr_become_cri_log_lines(pod: Pod) -> None:
         cid, bundle = await pod.run_container(
             ["sh", "-c", "echo out1; echo err1 >&2; echo out2; printf 'no newline'"])
         final = await wait_exit(pod.client, cid)
-        assert final["exit_code"] == 0
+        assert final.exit_code == 0
         records = read_log(bundle / "ctr.log")
         stdout = [(tag, text) for stream, tag, text in records if stream == b"stdout"]
         stderr = [(tag, text) for stream, tag, text in records if stream == b"stderr"]
@@ -298,9 +298,9 @@ def test_exit_code_is_recorded_in_file_state_and_event(pod: Pod) -> None:
         assert event["container_id"] == cid
         assert event["exit_code"] == 3
         state = await pod.client.state(cid)
-        assert state["status"] == "exited"
-        assert state["exit_code"] == 3
-        assert state["exited_at"] == event["exited_at"]
+        assert state.status == "exited"
+        assert state.exit_code == 3
+        assert state.exited_at == event["exited_at"]
         record = json.loads((bundle / "exit").read_text())
         assert record["exit_code"] == 3
         assert record["exited_at"] == event["exited_at"]
@@ -318,13 +318,13 @@ def test_sigterm_ends_sleep_in_a_flat_pod(pod: Pod) -> None:
         cid, bundle = pod.bundle(["sleep", "1000"], join_pid_of=pause_pid)
         await pod.client.create(cid, str(bundle), log_path=str(bundle / "ctr.log"))
         await pod.client.start(cid)
-        assert (await pod.client.state(cid))["status"] == "running"
+        assert (await pod.client.state(cid)).status == "running"
         await pod.client.signal(cid, "TERM")
         final = await wait_exit(pod.client, cid, timeout=10)
-        assert final["exit_code"] == 128 + signal.SIGTERM
-        assert (await pod.client.state(pause_id))["status"] == "running"
+        assert final.exit_code == 128 + signal.SIGTERM
+        assert (await pod.client.state(pause_id)).status == "running"
         await pod.client.signal(pause_id, "KILL")
-        assert (await wait_exit(pod.client, pause_id))["exit_code"] == 128 + signal.SIGKILL
+        assert (await wait_exit(pod.client, pause_id)).exit_code == 128 + signal.SIGKILL
     run(scenario())
 
 
@@ -347,9 +347,9 @@ def test_shim_survives_clients_going_away(pod: Pod) -> None:
         from shim.client import connect
         client = await connect(str(pod.shim_dir))
         state = await client.state(pod.containers[0])
-        assert state["status"] == "running"
+        assert state.status == "running"
         await client.signal(pod.containers[0], "KILL")
-        assert (await client.wait(pod.containers[0], 10))["exit_code"] == 137
+        assert (await client.wait(pod.containers[0], 10)).exit_code == 137
     run(new_client())
 
 
@@ -367,7 +367,7 @@ def test_exec_sync_returns_output_and_exit_code(pod: Pod) -> None:
 def test_exec_sync_timeout_kills_the_whole_tree(pod: Pod) -> None:
     async def scenario() -> None:
         cid, _bundle = await pod.run_container(["sh", "-c", "read line"], stdin=True)
-        init_pid = (await pod.client.state(cid))["pid"]
+        init_pid = (await pod.client.state(cid)).pid
         process = {"args": ["sh", "-c", "sleep 1000 & sleep 1000"], "env": ["PATH=/bin"],
                    "cwd": "/", "user": {"uid": 0, "gid": 0}}
         started = time.monotonic()
@@ -391,7 +391,7 @@ def test_attach_two_readers_and_stdin(pod: Pod) -> None:
         assert await read_frames(watcher, b"hello\n") == b"hello\n"
         await writer.close()  # stdin_once: the first attacher leaving closes cat's stdin
         final = await wait_exit(pod.client, cid)
-        assert final["exit_code"] == 0
+        assert final.exit_code == 0
         eofs = [await watcher.read(), await watcher.read()]
         assert sorted(eofs) == [(protocol.STREAM_STDOUT, b""), (protocol.STREAM_STDERR, b"")]
         assert await watcher.read() is None  # the shim ends the stream after the exit
@@ -406,7 +406,7 @@ def test_tty_output_arrives_through_the_pty(pod: Pod) -> None:
             ["sh", "-c", "sleep 0.5; stty size; echo tty-out"], tty=True)
         await pod.client.resize(cid, width=100, height=40)
         final = await wait_exit(pod.client, cid)
-        assert final["exit_code"] == 0
+        assert final.exit_code == 0
         assert read_log(bundle / "ctr.log") == [(b"stdout", b"F", b"40 100"),
                                                (b"stdout", b"F", b"tty-out")]
     run(scenario())
@@ -423,7 +423,7 @@ def test_shutdown_leaves_no_process_behind(pod: Pod) -> None:
     assert not (pod.shim_dir / "shim.sock").exists()
     assert cgroup_pids(f"/fpt-shim/{pod.containers[0]}") == []
     with pytest.raises(ShimError):
-        run(pod.client.state())
+        run(pod.client.shim_state())
 
 
 def test_runc_driver_delete_is_idempotent_and_state_of_unknown_is_none(pod: Pod) -> None:

@@ -27,7 +27,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hack/bench", description=__doc__)
     parser.add_argument("--flatpod", action="store_true", help="measure flatpod (from this repo)")
     parser.add_argument("--containerd", action="store_true",
-                        help="measure containerd (/work/shared/conformance/containerd.sh)")
+                        help="measure containerd (../shared/conformance/containerd.sh)")
     parser.add_argument("--runs", type=int, default=20, help="samples per latency (20)")
     parser.add_argument("--heavy-runs", type=int, default=5,
                         help="samples of the 20-pod burst and of the 100 MB pull (5)")

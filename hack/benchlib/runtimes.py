@@ -25,7 +25,8 @@ from benchlib.cri import NAMESPACE, Cri, describe, pod_config
 from cri_api import api_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[2]
-CONFORMANCE = Path("/work/shared/conformance")
+# The conformance harness (containerd, the stand-in registry) lives beside the checkout.
+CONFORMANCE = REPO.parent / "shared" / "conformance"
 CONTAINERD_SH = CONFORMANCE / "containerd.sh"
 CONFORMANCE_WORK = Path(os.environ.get("CONFORMANCE_WORK", "/var/tmp/flatpod-conformance"))
 CGROUP_ROOT = Path("/sys/fs/cgroup")

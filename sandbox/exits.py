@@ -1,0 +1,104 @@
+"""Processes that ended: a container's exit, the pause's, a shim's death; and runc's leftovers.
+
+The shims report these (sandbox/shims.py) and recovery finds them at startup; stopping and
+removing a pod or a container end in them too. Both pods.py and containers.py use this
+module and it uses neither, so neither needs the other for an exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from cri_api import api_pb2 as pb
+from sandbox.records import ContainerRecord, ContainerState, PodRecord, PodState
+from sandbox.runtime import Runtime
+from sandbox.shims import rfc3339_to_ns
+from shim.client import ProcessState
+from shim.runc import RuncError
+
+log = logging.getLogger("flatpod.exits")
+
+
+async def on_exit(rt: Runtime, pod_id: str, event: ProcessState) -> None:
+    """The shim saw a process of this pod exit."""
+    ctr_id = event.container_id
+    if ctr_id == pod_id:
+        pod = rt.pods.get(pod_id)
+        if pod is not None:
+            await on_pause_exit(rt, pod)
+        return
+    ctr = rt.containers.get(ctr_id)
+    if ctr is not None:
+        await apply_exit(rt, ctr, event)
+
+
+async def on_pause_exit(rt: Runtime, pod: PodRecord) -> None:
+    """The pause died (killed, OOM): the pod can no longer hold containers."""
+    if pod.state == PodState.READY:
+        log.warning("pause of pod %s exited; the pod is not ready", pod.short)
+        rt.registry.transition(pod, PodState.NOTREADY)
+
+
+async def apply_exit(rt: Runtime, ctr: ContainerRecord, view: ProcessState) -> None:
+    if ctr.state == ContainerState.EXITED:
+        return
+    reason = "OOMKilled" if view.oom_killed else ""
+    record_exit(rt, ctr, view, reason)
+
+
+def record_exit(
+    rt: Runtime, ctr: ContainerRecord, view: ProcessState, reason: str, message: str = ""
+) -> None:
+    code = view.exit_code
+    finished_at = rfc3339_to_ns(view.exited_at) or time.time_ns()
+    started_at = ctr.started_at
+    if not started_at:
+        started_at = finished_at if ctr.state == ContainerState.RUNNING else 0
+    rt.registry.transition(
+        ctr, ContainerState.EXITED, exit_code=code, finished_at=finished_at,
+        started_at=started_at, reason=reason or ("Completed" if code == 0 else "Error"),
+        message=message,
+    )
+    publish(rt, ctr, pb.CONTAINER_STOPPED_EVENT)
+    # The process is gone and reaped: runc's record of it is only work left for Remove.
+    rt.in_background(delete_runc_state(rt, ctr.id))
+
+
+def on_shim_lost(rt: Runtime, pod_id: str) -> None:
+    """The pod's shim died (killed, OOM): nobody reaps, logs or reports its containers any
+    more, so they are UNKNOWN (kubelet then stops them, and a stop kills them through runc)
+    and the pod is NOTREADY (kubelet makes a new one)."""
+    log.warning("shim of pod %s is gone; its containers are unknown", pod_id[:12])
+    for ctr in rt.containers_of(pod_id):
+        if ctr.state in (ContainerState.CREATED, ContainerState.RUNNING):
+            rt.registry.transition(
+                ctr, ContainerState.UNKNOWN, reason="ShimLost",
+                message="the pod's shim died; the container's state is unknown",
+            )
+    pod = rt.pods.get(pod_id)
+    if pod is not None and pod.state == PodState.READY:
+        rt.registry.transition(pod, PodState.NOTREADY)
+
+
+async def delete_runc_state(rt: Runtime, container_id: str) -> None:
+    """Forgets runc's record of a container (the pause too); nothing to do when it has none.
+
+    Spawning runc costs milliseconds, so its state dir is looked at first: containers that
+    exited on their own had it deleted in the background already (see record_exit).
+    """
+    ctr = rt.containers.get(container_id)  # else the pause, whose id is its pod's
+    handler = rt.handlers.of_pod(rt.pods.get(ctr.pod_id if ctr else container_id))
+    if not (handler.root / container_id).exists():
+        return
+    try:
+        await asyncio.to_thread(handler.runc().delete, container_id, True)
+    except RuncError as err:
+        if not err.not_found:
+            raise
+
+
+def publish(rt: Runtime, ctr: ContainerRecord, kind: int) -> None:
+    """Tells GetContainerEvents' subscribers (sandbox/events.py) what became of `ctr`."""
+    rt.events.publish(rt, ctr, kind)
