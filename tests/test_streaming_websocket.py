@@ -86,7 +86,7 @@ def test_attach_over_websocket(harness: ServerHarness) -> None:
 
 def test_websocket_without_known_subprotocol_is_rejected(harness: ServerHarness) -> None:
     with pytest.raises(Exception, match="400"):
-        ws_client(exec_url(harness, ["true"]), "base64.channel.k8s.io")
+        ws_client(exec_url(harness, ["true"]), "v9.channel.k8s.io")
 
 
 @pytest.fixture

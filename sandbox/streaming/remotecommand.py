@@ -10,7 +10,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sandbox.streaming.backend import ProcessStreams
+from sandbox.streaming.backend import OutputSource, ProcessStreams
+from sandbox.streaming.limits import MAX_RESIZE_PENDING
+from shim.protocol import TerminalSizeError, check_terminal_size
 
 log = logging.getLogger(__name__)
 
@@ -19,9 +21,18 @@ PROTOCOL_V4 = "v4.channel.k8s.io"
 PROTOCOL_V3 = "v3.channel.k8s.io"
 PROTOCOL_V2 = "v2.channel.k8s.io"
 PROTOCOL_V1 = "channel.k8s.io"
+PROTOCOL_V4_BASE64 = "v4.base64.channel.k8s.io"
+PROTOCOL_V1_BASE64 = "base64.channel.k8s.io"
+PROTOCOL_NONE = ""  # a WebSocket client that offers no subprotocol: binary, as channel.k8s.io
 # Server preference order for SPDY negotiation.
 SPDY_PROTOCOLS = (PROTOCOL_V5, PROTOCOL_V4, PROTOCOL_V3, PROTOCOL_V2, PROTOCOL_V1)
-WEBSOCKET_PROTOCOLS = (PROTOCOL_V5, PROTOCOL_V4)
+# Every subprotocol kubelet's WebSocket handler accepts; the client's order chooses.
+WEBSOCKET_PROTOCOLS = (PROTOCOL_V5, PROTOCOL_V4, PROTOCOL_V4_BASE64, PROTOCOL_V1,
+                       PROTOCOL_V1_BASE64, PROTOCOL_NONE)
+WEBSOCKET_BASE64_PROTOCOLS = (PROTOCOL_V4_BASE64, PROTOCOL_V1_BASE64)
+# Protocols whose error channel carries a JSON metav1.Status; the others carry only the
+# text of an error, and nothing on success.
+STATUS_AS_JSON = (PROTOCOL_V5, PROTOCOL_V4, PROTOCOL_V4_BASE64)
 
 STREAM_STDIN = "stdin"
 STREAM_STDOUT = "stdout"
@@ -113,30 +124,73 @@ def internal_error_status(message: str) -> dict[str, Any]:
 
 def encode_status(status: dict[str, Any], protocol: str) -> bytes:
     """v4+ send a JSON Status; older protocols send only an error's text."""
-    if protocol in (PROTOCOL_V4, PROTOCOL_V5):
+    if protocol in STATUS_AS_JSON:
         return json.dumps(status, separators=(",", ":")).encode()
     if status["status"] == "Success":
         return b""
     return str(status["message"]).encode()
 
 
-def parse_resize_events(buffer: str) -> tuple[list[tuple[int, int]], str]:
-    """Complete JSON {"Width","Height"} objects in buffer, and the unparsed rest."""
-    decoder = json.JSONDecoder()
-    events: list[tuple[int, int]] = []
-    pos = 0
-    while True:
-        while pos < len(buffer) and buffer[pos].isspace():
-            pos += 1
-        if pos >= len(buffer):
-            return events, ""
-        try:
-            value, end = decoder.raw_decode(buffer, pos)
-        except json.JSONDecodeError:
-            return events, buffer[pos:]
-        pos = end
-        if isinstance(value, dict):
-            events.append((int(value.get("Width", 0)), int(value.get("Height", 0))))
+class ResizeError(ValueError):
+    """A resize channel carried something that is not a terminal size."""
+
+
+class ResizeParser:
+    """The resize channel: a stream of JSON {"Width": w, "Height": h} objects, split
+    anywhere. At most MAX_RESIZE_PENDING bytes wait for an object to complete, so each
+    parse attempt is bounded; sizes must be integers in a terminal's range (uint16, as
+    kubelet decodes them). Keys match case-insensitively, as Go's encoding/json."""
+
+    def __init__(self, max_pending: int = MAX_RESIZE_PENDING) -> None:
+        self._pending = ""
+        self._max_pending = max_pending
+        self._decoder = json.JSONDecoder()
+
+    def feed(self, data: bytes) -> list[tuple[int, int]]:
+        """Complete sizes so far (zero sizes are skipped, as kubelet does)."""
+        self._pending += data.decode("utf-8", "replace")
+        events: list[tuple[int, int]] = []
+        while True:
+            text = self._pending.lstrip()
+            if not text:
+                self._pending = ""
+                return events
+            try:
+                value, end = self._decoder.raw_decode(text)
+            except json.JSONDecodeError as exc:
+                if not _incomplete(exc):
+                    raise ResizeError(f"resize event is not JSON: {exc.msg}") from exc
+                if len(text) > self._max_pending:
+                    raise ResizeError(
+                        f"resize event longer than {self._max_pending} bytes") from exc
+                self._pending = text
+                return events
+            except ValueError as exc:  # e.g. an integer with thousands of digits
+                raise ResizeError(f"resize event: {exc}") from exc
+            self._pending = text[end:]
+            width, height = _terminal_size(value)
+            if width and height:
+                events.append((width, height))
+
+
+def _incomplete(exc: json.JSONDecodeError) -> bool:
+    """Whether the decoder stopped only because the text ended (more may come)."""
+    return exc.pos >= len(exc.doc) or exc.msg.startswith("Unterminated")
+
+
+def _terminal_size(value: object) -> tuple[int, int]:
+    if not isinstance(value, dict):
+        raise ResizeError(f"resize event is a {type(value).__name__}, not an object")
+    fields = {str(key).lower(): item for key, item in value.items()}
+    width, height = fields.get("width", 0), fields.get("height", 0)
+    for name, item in (("Width", width), ("Height", height)):
+        if not isinstance(item, int) or isinstance(item, bool):
+            raise ResizeError(f"resize event {name} {item!r} is not an integer")
+    try:
+        check_terminal_size(width, height)
+    except TerminalSizeError as exc:
+        raise ResizeError(str(exc)) from exc
+    return width, height
 
 
 async def _pump_stdin(channel: InputChannel, process: ProcessStreams) -> None:
@@ -155,7 +209,7 @@ async def _pump_stdin(channel: InputChannel, process: ProcessStreams) -> None:
             target.close()
 
 
-async def _pump_output(source: asyncio.StreamReader | None, channel: OutputChannel) -> None:
+async def _pump_output(source: OutputSource | None, channel: OutputChannel) -> None:
     try:
         if source is not None:
             # A pty master reports EIO once the terminal's last user exits: that is EOF.
@@ -168,12 +222,18 @@ async def _pump_output(source: asyncio.StreamReader | None, channel: OutputChann
 
 
 async def _pump_resize(channel: InputChannel, process: ProcessStreams) -> None:
-    pending = ""
+    """Applies each size; a bad event ends resizing for this session (the rest of the
+    channel is read and dropped so it cannot stall the connection), nothing else."""
+    parser = ResizeParser()
     while data := await channel.read():
-        pending += data.decode("utf-8", "replace")
-        events, pending = parse_resize_events(pending)
-        for width, height in events:
-            await process.resize(width, height)
+        try:
+            for width, height in parser.feed(data):
+                await process.resize(width, height)
+        except (ResizeError, OSError) as exc:
+            log.info("streaming: resize channel closed: %s", exc)
+            while await channel.read():
+                pass
+            return
 
 
 async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
