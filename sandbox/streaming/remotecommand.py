@@ -165,8 +165,8 @@ class ResizeParser:
                         f"resize event longer than {self._max_pending} bytes") from exc
                 self._pending = text
                 return events
-            except ValueError as exc:  # e.g. an integer with thousands of digits
-                raise ResizeError(f"resize event: {exc}") from exc
+            except (ValueError, RecursionError) as exc:  # 4000 digits; [[[[...
+                raise ResizeError(f"resize event: {exc!r}"[:200]) from exc
             self._pending = text[end:]
             width, height = _terminal_size(value)
             if width and height:
