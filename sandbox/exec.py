@@ -45,6 +45,8 @@ PTY_DRAIN_POLLS = 100  # x 10 ms
 FOREVER = 10.0 * 365 * 24 * 3600
 # Process output read ahead of the client, per stream: a pipe's reader pauses past twice this.
 EXEC_READ_AHEAD = 128 * 1024
+# Pod data read ahead of the client per forwarded connection (a connection may carry 128).
+FORWARD_READ_AHEAD = 32 * 1024
 # Attach output queued ahead of the client, per stream; past it we stop reading the shim's
 # attach socket, and the shim drops an attacher 4 MiB behind (shim/server.py).
 ATTACH_READ_AHEAD = 256 * 1024
@@ -160,7 +162,7 @@ class ShimBackend:
         except BaseException:
             sock.close()
             raise
-        return await asyncio.open_connection(sock=sock)
+        return await asyncio.open_connection(sock=sock, limit=FORWARD_READ_AHEAD)
 
 
 async def _reader_for(fd: int) -> asyncio.StreamReader:

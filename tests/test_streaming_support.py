@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from sandbox.streaming import spdy
+from sandbox.streaming.limits import StreamLimits
 from sandbox.streaming.server import StreamingServer
 
 T = TypeVar("T")
@@ -137,13 +138,15 @@ class LocalProcessBackend:
 
 class ServerHarness:
     def __init__(self, tls: tuple[str, str] | None = None, token_ttl: float = 60.0,
-                 stream_creation_timeout: float = 30.0) -> None:
+                 stream_creation_timeout: float = 30.0,
+                 limits: StreamLimits | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.backend = LocalProcessBackend()
         self.server = StreamingServer(self.backend, tls=tls, token_ttl=token_ttl,
-                                      stream_creation_timeout=stream_creation_timeout)
+                                      stream_creation_timeout=stream_creation_timeout,
+                                      limits=limits)
         self.call(self.server.start())
 
     def call(self, coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
