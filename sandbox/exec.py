@@ -33,7 +33,7 @@ from sandbox.containers import exec_process, running_container, shim_of
 from sandbox.errors import InvalidArgument, NotFound
 from sandbox.runtime import Runtime
 from sandbox.streaming.buffers import ByteQueue
-from sandbox.streaming.limits import StreamLimits
+from sandbox.streaming.limits import KeyedSlots, SlotsFull, StreamLimits
 from shim.client import AttachStream, ExecHandle, ShimClient, ShimError, resize_fd
 from shim.protocol import STREAM_STDERR, STREAM_STDOUT
 
@@ -95,7 +95,10 @@ class ShimBackend:
     rt: Runtime
     limits: StreamLimits = field(default_factory=StreamLimits)
     # Port-forward connects in progress, per pod.
-    connecting: dict[str, int] = field(default_factory=dict)
+    connecting: KeyedSlots = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.connecting = KeyedSlots(self.limits.max_port_forward_connects_per_pod)
 
     async def exec(self, container_id: str, cmd: list[str], tty: bool, stdin: bool,
                    stdout: bool, stderr: bool) -> ExecSession:
@@ -122,21 +125,14 @@ class ShimBackend:
         pod = self.rt.find_pod(pod_sandbox_id)
         if pod is None:
             raise NotFound(f"pod sandbox {pod_sandbox_id!r} not found")
-        in_progress = self.connecting.get(pod.id, 0)
-        if in_progress >= self.limits.max_port_forward_connects_per_pod:
-            raise ConnectionRefusedError(
-                f"{in_progress} connects into pod {pod.id} already in progress "
-                "(streaming.max_port_forward_connects_per_pod)")
-        self.connecting[pod.id] = in_progress + 1
         try:
-            sock = await self._pod_socket(pod.netns_path)
-            return await self._connect(sock, port)
-        finally:
-            left = self.connecting[pod.id] - 1
-            if left:
-                self.connecting[pod.id] = left
-            else:
-                del self.connecting[pod.id]
+            with self.connecting.hold(pod.id):
+                sock = await self._pod_socket(pod.netns_path)
+                return await self._connect(sock, port)
+        except SlotsFull as full:
+            raise ConnectionRefusedError(
+                f"{full.held} connects into pod {pod.id} already in progress "
+                "(streaming.max_port_forward_connects_per_pod)") from None
 
     @staticmethod
     async def _pod_socket(netns_path: str) -> socket.socket:

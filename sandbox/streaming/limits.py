@@ -7,7 +7,9 @@ client controls has a bound here. The defaults are the `[streaming]` defaults of
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -47,3 +49,35 @@ MAX_WEBSOCKET_FRAGMENTS = 1024
 MAX_RESIZE_PENDING = 4 * KIB
 # Frames parsed back to back before the reader lets the event loop run other work.
 FRAMES_PER_YIELD = 64
+
+
+class SlotsFull(Exception):
+    """A key already holds as many slots as its limit allows."""
+
+    def __init__(self, held: int) -> None:
+        super().__init__(f"{held} already in use")
+        self.held = held
+
+
+@dataclass
+class KeyedSlots:
+    """How many of something are in progress per key (a container, a pod), with a cap."""
+
+    limit: int
+    _held: dict[str, int] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        """One slot of `key` for the block; SlotsFull if all of them are taken."""
+        held = self._held.get(key, 0)
+        if held >= self.limit:
+            raise SlotsFull(held)
+        self._held[key] = held + 1
+        try:
+            yield
+        finally:
+            left = self._held[key] - 1
+            if left:
+                self._held[key] = left
+            else:
+                del self._held[key]

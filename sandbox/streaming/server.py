@@ -22,7 +22,7 @@ from typing import Protocol
 
 from sandbox.streaming import remotecommand as rc
 from sandbox.streaming.backend import ProcessStreams, StreamBackend
-from sandbox.streaming.limits import StreamLimits
+from sandbox.streaming.limits import KeyedSlots, SlotsFull, StreamLimits
 from sandbox.streaming.portforward import PROTOCOL_PORTFORWARD, PortForwardSession
 from sandbox.streaming.spdy import (
     RST_PROTOCOL_ERROR,
@@ -247,7 +247,7 @@ class StreamingServer:
         self._backend = backend
         self._limits = limits or StreamLimits()
         # Sessions running per container (exec, attach) or pod (port-forward).
-        self._sessions: dict[str, int] = {}
+        self._sessions = KeyedSlots(self._limits.max_sessions_per_container)
         self._address = address
         self._port = port
         self._tls = tls
@@ -381,21 +381,14 @@ class StreamingServer:
     @contextlib.contextmanager
     def _session_slot(self, session: PendingSession) -> Iterator[None]:
         """Counts the session against its container's (pod's) cap for as long as it runs."""
-        running = self._sessions.get(session.target_id, 0)
-        if running >= self._limits.max_sessions_per_container:
+        try:
+            with self._sessions.hold(session.target_id):
+                yield
+        except SlotsFull as full:
             what = "pod" if session.kind == "portforward" else "container"
             raise HttpError(429, "Too Many Requests",
-                            f"{what} {session.target_id} already has {running} streaming "
-                            f"sessions (streaming.max_sessions_per_container)")
-        self._sessions[session.target_id] = running + 1
-        try:
-            yield
-        finally:
-            left = self._sessions[session.target_id] - 1
-            if left:
-                self._sessions[session.target_id] = left
-            else:
-                del self._sessions[session.target_id]
+                            f"{what} {session.target_id} already has {full.held} streaming "
+                            f"sessions (streaming.max_sessions_per_container)") from None
 
     def _route(self, request: HttpRequest) -> PendingSession:
         match = _PATH.match(request.path)
