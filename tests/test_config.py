@@ -49,6 +49,14 @@ def test_values_and_nested_tables(tmp_path: Path) -> None:
         ("network = 3", "'network'"),
         ("root_dir = \"relative\"", "'root_dir'"),
         ("[images]\nmirrors = {a = 1}", "'images.mirrors'"),
+        ("[streaming]\nmax_connections = 0", "'streaming.max_connections'"),
+        ("[streaming]\nmax_header_block_bytes = 100", "'streaming.max_header_block_bytes'"),
+        ("[streaming]\nmax_streams_per_connection = 4",
+         "'streaming.max_streams_per_connection'"),
+        ("[streaming]\nhandshake_timeout_seconds = 1.5", "'streaming.handshake_timeout_seconds'"),
+        ("metrics_address = \"9110\"", "'metrics_address'"),
+        ("metrics_address = \"[::1:9110\"", "'metrics_address'"),
+        ("metrics_address = \":70000\"", "'metrics_address'"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:

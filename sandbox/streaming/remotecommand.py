@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -52,6 +53,7 @@ CHANNEL_CLOSE = 255  # v5: [255, n] closes channel n
 # descendant may still hold open.
 OUTPUT_DRAIN_TIMEOUT = 5.0
 READ_CHUNK = 32 * 1024
+RESIZE_SLICE = 4096
 
 
 class InputChannel(Protocol):
@@ -147,30 +149,34 @@ class ResizeParser:
         self._decoder = json.JSONDecoder()
 
     def feed(self, data: bytes) -> list[tuple[int, int]]:
-        """Complete sizes so far (zero sizes are skipped, as kubelet does)."""
-        self._pending += data.decode("utf-8", "replace")
+        """Complete sizes so far (zero sizes are skipped, as kubelet does). Objects are
+        decoded in place from a moving offset, so a chunk of many costs linear time."""
+        text = self._pending + data.decode("utf-8", "replace")
         events: list[tuple[int, int]] = []
+        pos = 0
         while True:
-            text = self._pending.lstrip()
-            if not text:
+            pos = _JSON_SPACE.match(text, pos).end()  # type: ignore[union-attr]
+            if pos == len(text):
                 self._pending = ""
                 return events
             try:
-                value, end = self._decoder.raw_decode(text)
+                value, pos = self._decoder.raw_decode(text, pos)
             except json.JSONDecodeError as exc:
                 if not _incomplete(exc):
                     raise ResizeError(f"resize event is not JSON: {exc.msg}") from exc
-                if len(text) > self._max_pending:
+                if len(text) - pos > self._max_pending:
                     raise ResizeError(
                         f"resize event longer than {self._max_pending} bytes") from exc
-                self._pending = text
+                self._pending = text[pos:]
                 return events
             except (ValueError, RecursionError) as exc:  # 4000 digits; [[[[...
                 raise ResizeError(f"resize event: {exc!r}"[:200]) from exc
-            self._pending = text[end:]
             width, height = _terminal_size(value)
             if width and height:
                 events.append((width, height))
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
 
 
 def _incomplete(exc: json.JSONDecodeError) -> bool:
@@ -227,7 +233,15 @@ async def _pump_resize(channel: InputChannel, process: ProcessStreams) -> None:
     parser = ResizeParser()
     while data := await channel.read():
         try:
-            for width, height in parser.feed(data):
+            # Slices of a few KiB, with a yield between them: a 1 MiB message of tiny
+            # events is ~0.2 s of parsing, which must not hold the event loop at once.
+            events: list[tuple[int, int]] = []
+            for start in range(0, len(data), RESIZE_SLICE):
+                events += parser.feed(data[start:start + RESIZE_SLICE])
+                await asyncio.sleep(0)
+            # Only the last size of a batch matters to a terminal: one resize per read,
+            # however many events a client packs into it.
+            for width, height in events[-1:]:
                 await process.resize(width, height)
         except (ResizeError, OSError) as exc:
             log.info("streaming: resize channel closed: %s", exc)
