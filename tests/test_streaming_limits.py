@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import stat
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,6 +112,15 @@ def test_header_block_cap_refuses_before_inflating() -> None:
     block = spdy.HeaderCompressor().compress({"x": ["a" * 100_000]})
     with pytest.raises(spdy.SpdyProtocolError, match="more than 4096"):
         decompressor.decompress(block)
+
+
+@pytest.mark.parametrize("block", [
+    struct.pack(">I", 100_000) + b"\0" * 8 * 1000,  # a count of headers beyond the cap
+    struct.pack(">II", 1, 1) + b"a" + struct.pack(">I", 50_000) + b"\0" * 50_000,  # values
+])
+def test_header_block_with_too_many_headers_is_refused(block: bytes) -> None:
+    with pytest.raises(spdy.SpdyProtocolError, match="more than 1024"):
+        spdy.decode_header_block(block)
 
 
 @pytest.mark.parametrize("event", [

@@ -71,6 +71,12 @@ GOAWAY_INTERNAL_ERROR = 2
 
 SETTINGS_INITIAL_WINDOW_SIZE = 7
 
+# Header names and values in one block: kubelet's clients send fewer than ten; a block of
+# tens of thousands of empty ones would take tens of ms of the event loop to decode.
+MAX_HEADER_VALUES = 1024
+# SPDY/3 defines eight settings; a frame with thousands of entries is not a client's.
+MAX_SETTINGS = 64
+
 DEFAULT_WINDOW = 64 * 1024
 MAX_DATA_FRAME = 16 * 1024
 
@@ -178,11 +184,20 @@ def decode_header_block(block: bytes) -> dict[str, list[str]]:
 
     (count,) = struct.unpack(">I", take(4))
     headers: dict[str, list[str]] = {}
+    total_values = 0
+    if count > MAX_HEADER_VALUES:
+        raise SpdyProtocolError(f"header block has {count} headers, more than "
+                                f"{MAX_HEADER_VALUES}")
     for _ in range(count):
         (name_len,) = struct.unpack(">I", take(4))
         name = take(name_len).decode("utf-8", "replace").lower()
         (value_len,) = struct.unpack(">I", take(4))
-        values = take(value_len).decode("utf-8", "replace").split("\x00")
+        raw_values = take(value_len)
+        # Count before splitting: 256 KiB of NULs would be 256 Ki empty strings.
+        total_values += raw_values.count(b"\x00") + 1
+        if total_values > MAX_HEADER_VALUES:
+            raise SpdyProtocolError(f"header block has more than {MAX_HEADER_VALUES} values")
+        values = raw_values.decode("utf-8", "replace").split("\x00")
         headers.setdefault(name, []).extend(values)
     return headers
 
@@ -301,6 +316,8 @@ def parse_settings(frame: ControlFrame) -> dict[int, int]:
     if len(frame.payload) < 4:
         raise SpdyProtocolError("short SETTINGS")
     (count,) = struct.unpack(">I", frame.payload[:4])
+    if count > MAX_SETTINGS:
+        raise SpdyProtocolError(f"SETTINGS with {count} entries, more than {MAX_SETTINGS}")
     if len(frame.payload) != 4 + 8 * count:
         raise SpdyProtocolError("SETTINGS length mismatch")
     settings: dict[int, int] = {}
