@@ -3,6 +3,9 @@
 # starts `flatpod serve` with hack/conformance.toml, runs the suite, stops flatpod, and checks
 # that nothing was left behind. Extra args go to run_critest.sh (e.g. --ginkgo.focus X).
 #   PARALLEL=2 hack/critest.sh          OUT=dir keeps the results
+#   hack/critest.sh --bench [ROUNDS]    `critest -benchmark` against flatpod, then containerd
+#                                       (../shared/conformance/containerd.sh), ROUNDS times
+#                                       (default 2), each round's same-run ratio table printed
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -44,7 +47,31 @@ PY
 trap cleanup EXIT
 for _ in $(seq 100); do [ -S "$socket" ] && break; sleep 0.1; done
 
+# Benchmark mode: flatpod and containerd back to back in each round, so that every ratio
+# compares two runs made under the same machine load (printed with each round).
+bench() {
+  local rounds=${1:-2} out=${OUT:-/var/tmp/flatpod-conformance/results/bench-pair-$(date -u +%Y%m%dT%H%M%SZ)}
+  "$conformance/containerd.sh" start >/dev/null
+  trap '"$conformance/containerd.sh" stop >/dev/null 2>&1 || true; cleanup' EXIT
+  local ctrd_socket
+  ctrd_socket=$("$conformance/containerd.sh" socket)
+  for round in $(seq "$rounds"); do
+    echo "== round $round: load average $(cut -d' ' -f1-3 /proc/loadavg)"
+    OUT=$out/$round/flatpod "$conformance/run_bench.sh" "unix://$socket" >/dev/null
+    crictl --runtime-endpoint "unix://$socket" rmp -fa >/dev/null 2>&1 || true
+    OUT=$out/$round/containerd "$conformance/run_bench.sh" "$ctrd_socket" >/dev/null
+    echo "   flatpod = A, containerd = B; load average now $(cut -d' ' -f1-3 /proc/loadavg)"
+    python3 "$conformance/compare_bench.py" "$out/$round/flatpod" "$out/$round/containerd" || true
+  done
+  echo "results: $out"
+}
+
 status=0
+if [ "${1:-}" = "--bench" ]; then
+  shift
+  bench "$@" || status=$?
+  exit $status
+fi
 "$conformance/run_critest.sh" "unix://$socket" "$@" || status=$?
 
 # Whatever critest left (it removes its own pods; a failed spec may not), then flatpod.

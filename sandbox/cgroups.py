@@ -1,9 +1,18 @@
-"""cgroupfs management for pods and containers (no systemd): cgroup v1, hybrid, or pure v2.
+"""Where pods and containers sit in the cgroup tree, and the cgroupfs work flatpod does itself:
+cgroup v1, hybrid, or pure v2; with either cgroup driver.
 
-Layout: a pod's cgroup is `<cgroup_parent or /flatpod>/flatpod-<pod id>`; the pause and the
-workload containers live below it as `<pod>/<container id>` (runc creates those from
+cgroupfs driver: a pod's cgroup is `<cgroup_parent or /flatpod>/flatpod-<pod id>`; the pause
+and the workload containers live below it as `<pod>/<container id>` (runc creates those from
 `linux.cgroupsPath`). The pod cgroup is created here in every hierarchy so that pod-level
 limits and stats have a home, and removed here depth first.
+
+systemd driver: kubelet's `cgroup_parent` is a slice (`kubepods-burstable-pod<uid>.slice`)
+that kubelet made and owns. The pause and each container are transient scopes in it,
+`<prefix>-<id>.scope`, which runc asks systemd for (`cgroupsPath` = `slice:prefix:id`) and
+which `runc delete` stops. flatpod never makes, writes or removes a slice or a scope: those are
+systemd's (see `systemd_owned`). Every record keeps its cgroup's path below the hierarchy
+root (`PodRecord.cgroup_path`, `ContainerRecord.cgroup_path`), whatever the driver, and
+`cgroup_dir` turns it into a directory.
 
 On v1 each controller is its own mount (found in /proc/self/mountinfo; cpu and cpuacct may be
 separate mounts). v1 files are read and written through cgroupspy where it has a controller;
@@ -13,11 +22,12 @@ directory too, because that is where hugetlb lives on such hosts.
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +37,17 @@ from cgroupspy.nodes import Node
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 DEFAULT_PARENT = "/flatpod"
 POD_PREFIX = "flatpod-"
+# systemd is PID 1 when this exists (sd_booted(3); CRI-O and runc ask the same).
+SYSTEMD_RUN_DIR = Path("/run/systemd/system")
+# Where scopes go when the pod names no slice: runc's, containerd's and CRI-O's default.
+DEFAULT_SLICE = "system.slice"
+# Scopes are `flatpod-<id>.scope` (containerd's are `cri-containerd-<id>.scope`).
+SCOPE_PREFIX = "flatpod"
 # How long remove() waits for a cgroup's last tasks to leave (rmdir says EBUSY until then).
 REMOVE_TIMEOUT_S = 5.0
 REMOVE_POLL_S = 0.05
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+_UNIFIED_KEY = re.compile(r"^[a-z_]+\.[A-Za-z0-9_.]+$")
 _MOUNT_OPTIONS_NOT_CONTROLLERS = frozenset(
     {"rw", "ro", "relatime", "noatime", "nosuid", "nodev", "noexec", "clone_children", "xattr"}
 )
@@ -38,6 +55,19 @@ _MOUNT_OPTIONS_NOT_CONTROLLERS = frozenset(
 
 class CgroupError(ValueError):
     """A cgroup path or setting is invalid."""
+
+
+class Driver(enum.Enum):
+    """Who makes the cgroups of pods and containers: flatpod and runc (cgroupfs), or systemd."""
+
+    CGROUPFS = "cgroupfs"
+    SYSTEMD = "systemd"
+
+
+def detect_driver(systemd_run_dir: Path = SYSTEMD_RUN_DIR) -> Driver:
+    """systemd when it is PID 1 (kubeadm has defaulted kubelet to it since 1.22), else
+    cgroupfs: as CRI-O chooses its default."""
+    return Driver.SYSTEMD if systemd_run_dir.is_dir() else Driver.CGROUPFS
 
 
 @dataclass(frozen=True)
@@ -65,6 +95,9 @@ class Resources:
     memory_swap: int = 0  # memory+swap, as v1 memsw and OCI `swap`
     pids_limit: int = 0
     hugepage_limits: tuple[tuple[str, int], ...] = ()  # (page size like "2MB", bytes)
+    # cgroup v2 files and values as given (CRI `unified`: kubelet's memory.oom.group,
+    # memory.swap.max for LimitedSwap, memory.high...); written last, so they win, as in runc.
+    unified: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_cri(cls, r: Any) -> Resources:
@@ -78,17 +111,9 @@ class Resources:
             memory_limit=r.memory_limit_in_bytes,
             memory_swap=r.memory_swap_limit_in_bytes,
             hugepage_limits=tuple((h.page_size, h.limit) for h in r.hugepage_limits),
+            unified=tuple(sorted(r.unified.items())),
         )
 
-
-@dataclass(frozen=True)
-class MemoryStats:
-    usage: int
-    working_set: int  # usage - inactive_file, what kubelet evicts on
-    rss: int
-    page_faults: int
-    major_page_faults: int
-    limit: int | None  # None: unlimited
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,6 +136,75 @@ def _safe(name: str, what: str) -> str:
     if not _SAFE_NAME.match(name):
         raise CgroupError(f"{what} {name!r} is not a valid cgroup name")
     return name
+
+
+def expand_slice(name: str) -> str:
+    """A slice's cgroup path, as systemd nests slices by their dashes:
+    `a-b-c.slice` is `/a.slice/a-b.slice/a-b-c.slice`; `-.slice` is the root `/`."""
+    if name == "-.slice":
+        return "/"
+    stem = name.removesuffix(".slice")
+    if stem == name or not _SAFE_NAME.match(name) or ":" in name:
+        raise CgroupError(f"{name!r} is not a systemd slice name (like kubepods-pod1.slice)")
+    parts = stem.split("-")
+    if "" in parts:
+        raise CgroupError(f"slice {name!r} has an empty part between dashes")
+    return "".join(f"/{'-'.join(parts[: i + 1])}.slice" for i in range(len(parts)))
+
+
+def systemd_owned(path: str) -> bool:
+    """A slice's or a scope's cgroup: systemd makes, limits and removes it, never flatpod."""
+    return path.rstrip("/").endswith((".slice", ".scope"))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a pod's cgroups are. cgroupfs: `slice` is empty and `pod_path` is the pod cgroup
+    flatpod makes. systemd: `slice` is where the scopes go and `pod_path` the pod's own slice
+    on disk (kubelet's), or empty when the pod has none (no cgroup_parent: the scopes go to
+    the default slice, which the pod shares with others)."""
+
+    pod_path: str
+    slice: str = ""
+
+    @property
+    def driver(self) -> Driver:
+        return Driver.SYSTEMD if self.slice else Driver.CGROUPFS
+
+    def container_path(self, container_id: str) -> str:
+        """The cgroup of the pause (its id is the pod's) or of a container, below the root."""
+        if not self.slice:
+            return container_cgroup_path(self.pod_path, container_id)
+        return f"{expand_slice(self.slice).rstrip('/')}/{scope_unit(container_id)}"
+
+    def oci_cgroups_path(self, container_id: str) -> str:
+        """`linux.cgroupsPath` for runc: a path, or runc's systemd form `slice:prefix:name`."""
+        if not self.slice:
+            return container_cgroup_path(self.pod_path, container_id)
+        return f"{self.slice}:{SCOPE_PREFIX}:{_safe(container_id, 'container id')}"
+
+
+def scope_unit(container_id: str) -> str:
+    """The transient scope runc's systemd driver makes for `slice:prefix:id`."""
+    return f"{SCOPE_PREFIX}-{_safe(container_id, 'container id')}.scope"
+
+
+def placement(driver: Driver, cgroup_parent: str, default_parent: str, pod_id: str) -> Placement:
+    """A new pod's placement. kubelet's cgroup_parent is a path with cgroupfs and a slice
+    name with systemd (a path ending in a slice is taken by its last part, as containerd
+    does); `default_parent` stands in when it names none."""
+    if driver is Driver.CGROUPFS:
+        return Placement(pod_path=pod_cgroup_path(cgroup_parent or default_parent, pod_id))
+    own = os.path.basename(cgroup_parent.rstrip("/"))
+    slice_name = own or default_parent or DEFAULT_SLICE
+    pod_path = expand_slice(own) if own else ""
+    expand_slice(slice_name)  # validates the default too
+    return Placement(pod_path=pod_path, slice=slice_name)
+
+
+def check_parent(driver: Driver, parent: str) -> None:
+    """Raises CgroupError unless `parent` can be a pod's cgroup_parent under `driver`."""
+    placement(driver, parent, parent, "0")
 
 
 def parse_hierarchies(mountinfo: str) -> list[Hierarchy]:
@@ -155,7 +249,7 @@ def _v2(hs: Sequence[Hierarchy]) -> Hierarchy | None:
     return next((h for h in hs if h.version == 2), None)
 
 
-def _owner(controller: str, hs: Sequence[Hierarchy]) -> Hierarchy | None:
+def owner(controller: str, hs: Sequence[Hierarchy]) -> Hierarchy | None:
     """Where a controller is active: its v1 hierarchy, else the v2 one if it offers it."""
     h = _v1(controller, hs)
     if h is not None:
@@ -180,10 +274,18 @@ def _node(h: Hierarchy, path: str) -> Any:
 def create(path: str, resources: Resources | None = None, hs: Sequence[Hierarchy] | None = None
            ) -> None:  # fmt: skip
     """mkdir -p `path` in every hierarchy, then apply `resources`."""
+    _refuse_systemd_owned(path, "create")
     hs = list(hs) if hs is not None else hierarchies()
     for h in hs:
         _mkdir_levels(h, path)
+        if h.version == 2:
+            enable_controllers(h.mount_point, path)
     update(path, resources or Resources(), hs)
+
+
+def _refuse_systemd_owned(path: str, what: str) -> None:
+    if systemd_owned(path):
+        raise CgroupError(f"refusing to {what} {path}: systemd owns slices and scopes")
 
 
 def _mkdir_levels(h: Hierarchy, path: str) -> None:
@@ -197,8 +299,6 @@ def _mkdir_levels(h: Hierarchy, path: str) -> None:
         if h.version == 1 and "cpuset" in h.controllers:
             # A v1 cpuset cgroup starts with empty cpus/mems and refuses tasks until filled.
             _inherit_cpuset(parent, current)
-        if h.version == 2:
-            _enable_subtree(parent, h.controllers)
 
 
 def _inherit_cpuset(parent: Path, child: Path) -> None:
@@ -207,44 +307,142 @@ def _inherit_cpuset(parent: Path, child: Path) -> None:
             (child / name).write_text((parent / name).read_text().strip())
 
 
-def _enable_subtree(parent: Path, controllers: Iterable[str]) -> None:
-    """Hand the controllers down to the child (v2), ignoring those the kernel refuses here."""
-    for c in controllers:
+def enable_controllers(mount_point: Path, path: str) -> None:
+    """v2 delegation: every controller a level has is enabled in its cgroup.subtree_control,
+    from the root down to `path`'s parent, so that `path` has the files its limits go in.
+
+    Only the missing ones are written, one at a time: a controller the kernel refuses at
+    some level (a threaded subtree, a parent that has it off) is left off, as runc does, and
+    the limit that needs it then fails naming its file. `path` itself gets none: its children
+    are made by runc, which enables what they need.
+    """
+    current = mount_point
+    for part in [p for p in path.strip("/").split("/") if p]:
         try:
-            (parent / "cgroup.subtree_control").write_text(f"+{c}")
-        except OSError:
-            continue
+            available = (current / "cgroup.controllers").read_text().split()
+            enabled = set((current / "cgroup.subtree_control").read_text().split())
+        except FileNotFoundError:
+            return
+        for controller in available:
+            if controller not in enabled:
+                try:
+                    (current / "cgroup.subtree_control").write_text(f"+{controller}")
+                except OSError:
+                    continue
+        current = current / part
 
 
 def update(path: str, resources: Resources, hs: Sequence[Hierarchy] | None = None) -> None:
-    """Apply the set fields of `resources` to an existing cgroup."""
+    """Apply the set fields of `resources` to an existing cgroup (cgroupfs driver only)."""
+    _refuse_systemd_owned(path, "write limits into")
     hs = list(hs) if hs is not None else hierarchies()
     _apply_cpu(path, resources, hs)
     _apply_cpuset(path, resources, hs)
     _apply_memory(path, resources, hs)
     _apply_pids(path, resources, hs)
     _apply_hugetlb(path, resources, hs)
+    v2 = _v2(hs)
+    if v2 is not None and v2.controllers:
+        _apply_v2(v2.dir_for(path), resources, v2, pure=all(h.version == 2 for h in hs))
+
+
+def _apply_v2(d: Path, r: Resources, v2: Hierarchy, pure: bool) -> None:
+    """The v2 files of the controllers v2 has (all of them on a pure v2 host; on a hybrid
+    one, those no v1 hierarchy took, like hugetlb here), then the `unified` ones (pure v2
+    only: on v1 they have no file, and kubelet sends them only on v2)."""
+    for name, value in v2_files(r):
+        if name.split(".", 1)[0] not in v2.controllers:
+            continue
+        if name == "memory.swap.max" and value in ("0", "max") and not (d / name).exists():
+            continue  # no swap accounting: "no swap" and "any swap" need no file (runc)
+        _write(d, name, value)
+    for name, value in r.unified if pure else ():
+        check_unified_key(name)
+        _write(d, name, value)
+
+
+def check_unified_key(name: str) -> None:
+    """A CRI `unified` key must name a controller's file in the cgroup (`memory.high`), not
+    a path or one of the cgroup core's own files (`cgroup.procs`)."""
+    if not _UNIFIED_KEY.match(name) or name.startswith("cgroup."):
+        raise CgroupError(f"unified key {name!r} is not a cgroup v2 resource file")
+
+
+def _write(d: Path, name: str, value: str) -> None:
+    try:
+        (d / name).write_text(value)
+    except FileNotFoundError:
+        raise CgroupError(
+            f"cgroup {d} has no {name}: its controller is not enabled there"
+        ) from None
+    except OSError as e:
+        raise OSError(e.errno, f"writing {value!r} to {d / name}: {e.strerror}") from None
+
+
+def v2_files(r: Resources) -> list[tuple[str, str]]:
+    """The v2 files and values of `r`'s v1-unit fields, mapped as runc maps an OCI spec's:
+    shares to cpu.weight, quota and period to cpu.max, memory+swap to the swap-only
+    memory.swap.max. Written in this order; `unified` is applied after them."""
+    files: list[tuple[str, str]] = []
+    if r.cpu_shares:
+        files.append(("cpu.weight", str(shares_to_weight(r.cpu_shares))))
+    cpu_max = cpu_max_value(r.cpu_quota, r.cpu_period)
+    if cpu_max:
+        files.append(("cpu.max", cpu_max))
+    files += [(n, v) for n, v in (("cpuset.cpus", r.cpuset_cpus), ("cpuset.mems", r.cpuset_mems))
+              if v]  # fmt: skip
+    swap = swap_max_value(r.memory_swap, r.memory_limit)
+    if swap is not None:  # before memory.max, as runc writes them
+        files.append(("memory.swap.max", swap))
+    if r.memory_limit:
+        files.append(("memory.max", _max_or(r.memory_limit)))
+    if r.pids_limit:
+        files.append(("pids.max", _max_or(r.pids_limit)))
+    files += [(f"hugetlb.{size}.max", str(limit)) for size, limit in r.hugepage_limits]
+    return files
+
+
+def _max_or(value: int) -> str:
+    return "max" if value < 0 else str(value)
+
+
+def cpu_max_value(quota: int, period: int) -> str:
+    """cpu.max from CFS quota and period (runc): no quota is "max"; without a period the
+    kernel keeps the one it has. Empty when neither is set."""
+    if not (quota or period):
+        return ""
+    value = str(quota) if quota > 0 else "max"
+    return f"{value} {period}" if period else value
+
+
+def swap_max_value(memory_swap: int, memory_limit: int) -> str | None:
+    """memory.swap.max from OCI's memory+swap, as runc converts it: v2 limits swap alone.
+    None: leave it. Equal limits mean no swap ("0"), as on v1."""
+    if memory_limit == -1 and memory_swap == 0:
+        return "max"  # unlimited memory, swap not given: both unlimited, as v1 does
+    if memory_swap in (0, -1):
+        return None if memory_swap == 0 else "max"
+    if memory_limit <= 0:
+        raise CgroupError("a swap limit needs a memory limit (memory_limit_in_bytes)")
+    if memory_swap < memory_limit:
+        raise CgroupError(
+            f"memory_swap_limit_in_bytes {memory_swap} is below memory_limit_in_bytes "
+            f"{memory_limit} (it counts memory plus swap)"
+        )
+    return str(memory_swap - memory_limit)
 
 
 def _apply_cpu(path: str, r: Resources, hs: Sequence[Hierarchy]) -> None:
-    h = _owner("cpu", hs)
+    h = _v1("cpu", hs)
     if h is None or not (r.cpu_shares or r.cpu_quota or r.cpu_period):
         return
-    if h.version == 1:
-        ctl = _node(h, path).controller
-        if r.cpu_shares:
-            ctl.shares = r.cpu_shares
-        if r.cpu_period:  # before the quota: a quota is checked against the current period
-            ctl.cfs_period_us = r.cpu_period
-        if r.cpu_quota:
-            ctl.cfs_quota_us = r.cpu_quota
-        return
-    d = h.dir_for(path)
+    ctl = _node(h, path).controller
     if r.cpu_shares:
-        (d / "cpu.weight").write_text(str(shares_to_weight(r.cpu_shares)))
-    if r.cpu_quota or r.cpu_period:
-        quota = str(r.cpu_quota) if r.cpu_quota > 0 else "max"
-        (d / "cpu.max").write_text(f"{quota} {r.cpu_period or 100000}")
+        ctl.shares = r.cpu_shares
+    if r.cpu_period:  # before the quota: a quota is checked against the current period
+        ctl.cfs_period_us = r.cpu_period
+    if r.cpu_quota:
+        ctl.cfs_quota_us = r.cpu_quota
 
 
 def shares_to_weight(shares: int) -> int:
@@ -253,7 +451,7 @@ def shares_to_weight(shares: int) -> int:
 
 
 def _apply_cpuset(path: str, r: Resources, hs: Sequence[Hierarchy]) -> None:
-    h = _owner("cpuset", hs)
+    h = _v1("cpuset", hs)
     if h is None:
         return
     d = h.dir_for(path)
@@ -263,16 +461,10 @@ def _apply_cpuset(path: str, r: Resources, hs: Sequence[Hierarchy]) -> None:
 
 
 def _apply_memory(path: str, r: Resources, hs: Sequence[Hierarchy]) -> None:
-    h = _owner("memory", hs)
+    h = _v1("memory", hs)
     if h is None or not (r.memory_limit or r.memory_swap):
         return
     d = h.dir_for(path)
-    if h.version == 2:
-        if r.memory_limit:
-            (d / "memory.max").write_text(str(r.memory_limit))
-        if r.memory_swap and r.memory_limit:
-            (d / "memory.swap.max").write_text(str(max(0, r.memory_swap - r.memory_limit)))
-        return
     ctl = _node(h, path).controller
     swap_file = (d / "memory.memsw.limit_in_bytes").exists() and r.memory_swap
     if not swap_file:
@@ -291,18 +483,17 @@ def _apply_memory(path: str, r: Resources, hs: Sequence[Hierarchy]) -> None:
 
 
 def _apply_pids(path: str, r: Resources, hs: Sequence[Hierarchy]) -> None:
-    h = _owner("pids", hs)
+    h = _v1("pids", hs)
     if h is not None and r.pids_limit:
-        (h.dir_for(path) / "pids.max").write_text(str(r.pids_limit))
+        (h.dir_for(path) / "pids.max").write_text(_max_or(r.pids_limit))
 
 
 def _apply_hugetlb(path: str, r: Resources, hs: Sequence[Hierarchy]) -> None:
-    h = _owner("hugetlb", hs)
-    if h is None or not r.hugepage_limits:
+    h = _v1("hugetlb", hs)
+    if h is None:
         return
-    suffix = "limit_in_bytes" if h.version == 1 else "max"
     for size, limit in r.hugepage_limits:
-        (h.dir_for(path) / f"hugetlb.{size}.{suffix}").write_text(str(limit))
+        (h.dir_for(path) / f"hugetlb.{size}.limit_in_bytes").write_text(str(limit))
 
 
 def remove(path: str, hs: Sequence[Hierarchy] | None = None,
@@ -312,9 +503,10 @@ def remove(path: str, hs: Sequence[Hierarchy] | None = None,
     Missing directories are fine. A cgroup whose tasks are still exiting answers EBUSY: retry
     until `timeout_s`, then raise (the caller should have killed the tasks).
     """
-    hs = list(hs) if hs is not None else hierarchies()
     if not path.strip("/"):
         raise CgroupError("refusing to remove a hierarchy's root cgroup")
+    _refuse_systemd_owned(path, "remove")
+    hs = list(hs) if hs is not None else hierarchies()
     for h in hs:
         top = h.dir_for(path)
         if not top.is_dir():
@@ -358,62 +550,27 @@ def pids(path: str, hs: Sequence[Hierarchy] | None = None) -> list[int]:
     return sorted(set(found))
 
 
-def read_cpu_usage_ns(path: str, hs: Sequence[Hierarchy] | None = None) -> int:
+def cgroup_dir(cgroup_path: str, controller: str, hs: Sequence[Hierarchy] | None = None) -> Path:
+    """The directory on disk of a pod's or container's cgroup for `controller`: its v1
+    hierarchy's, else the v2 one's (on pure v2, the one directory for every controller).
+
+    `cgroup_path` is the record's (`PodRecord.cgroup_path`, `ContainerRecord.cgroup_path`),
+    the same for both drivers: with systemd it names the slice or scope as systemd nests it.
+    Raises CgroupError when no hierarchy offers `controller`.
+    """
     hs = list(hs) if hs is not None else hierarchies()
-    h = _v1("cpuacct", hs)
-    if h is not None:
-        return int(_node(h, path).controller.usage)
-    v2 = _require(_v2(hs), "cpu")
-    stat = _kv(v2.dir_for(path) / "cpu.stat")
-    return stat["usage_usec"] * 1000
+    return _require(owner(controller, hs), controller).dir_for(cgroup_path)
 
 
-def read_memory(path: str, hs: Sequence[Hierarchy] | None = None) -> MemoryStats:
+def oom_events_file(cgroup_path: str, hs: Sequence[Hierarchy] | None = None) -> Path:
+    """The file whose `oom_kill` line counts the cgroup's OOM kills: v1's memory.oom_control,
+    v2's memory.events (which counts the cgroup's descendants too)."""
     hs = list(hs) if hs is not None else hierarchies()
-    h = _require(_owner("memory", hs), "memory")
-    if h.version == 1:
-        ctl = _node(h, path).controller
-        stat: dict[str, int] = {k: int(v) for k, v in ctl.stat.items()}
-        usage = int(ctl.usage_in_bytes)
-        limit = int(ctl.limit_in_bytes or 0)
-        inactive = stat.get("total_inactive_file", 0)
-        rss = stat.get("total_rss", 0)
-        faults, major = stat.get("total_pgfault", 0), stat.get("total_pgmajfault", 0)
-        # v1 reports "unlimited" as a huge page-aligned number.
-        unlimited = limit >= 1 << 62 or limit == 0
-    else:
-        d = h.dir_for(path)
-        stat = _kv(d / "memory.stat")
-        usage = int((d / "memory.current").read_text())
-        raw = (d / "memory.max").read_text().strip()
-        limit, unlimited = (0, True) if raw == "max" else (int(raw), False)
-        inactive, rss = stat.get("inactive_file", 0), stat.get("anon", 0)
-        faults, major = stat.get("pgfault", 0), stat.get("pgmajfault", 0)
-    return MemoryStats(
-        usage=usage,
-        working_set=max(0, usage - inactive),
-        rss=rss,
-        page_faults=faults,
-        major_page_faults=major,
-        limit=None if unlimited else limit,
-    )
-
-
-def oom_kill_count(path: str, hs: Sequence[Hierarchy] | None = None) -> int:
-    """OOM kills in the cgroup (v1: memory.oom_control's oom_kill; v2: memory.events)."""
-    hs = list(hs) if hs is not None else hierarchies()
-    h = _require(_owner("memory", hs), "memory")
+    h = _require(owner("memory", hs), "memory")
     name = "memory.oom_control" if h.version == 1 else "memory.events"
-    return _kv(h.dir_for(path) / name).get("oom_kill", 0)
+    return h.dir_for(cgroup_path) / name
 
 
-def _kv(file: Path) -> dict[str, int]:
-    out = {}
-    for line in file.read_text().splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
-            out[parts[0]] = int(parts[1])
-    return out
 
 
 def _require(h: Hierarchy | None, controller: str) -> Hierarchy:

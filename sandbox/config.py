@@ -9,14 +9,21 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import re
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sandbox import cgroups
 from sandbox.streaming.limits import StreamLimits
 
 DEFAULT_CONFIG_PATH = Path("/etc/flatpod/config.toml")
+# The built-in runtime handler, whose binary is the top-level runtime_path.
+RUNC_HANDLER = "runc"
+# kubelet's checkpoint API writes here (its --root-dir's checkpoints/, by default).
+KUBELET_CHECKPOINT_DIR = Path("/var/lib/kubelet/checkpoints")
 
 
 class ConfigError(ValueError):
@@ -47,6 +54,10 @@ class ImagesConfig:
     # A pull that makes no progress for this long is cancelled (containerd's default).
     pull_progress_timeout_seconds: int = 300
     max_concurrent_downloads: int = 3
+    # What one layer may expand to, checked while it streams: a small gzip of zeros must not
+    # fill the disk or take the node's inodes (see sandbox/images/snapshots.py for why these).
+    max_layer_bytes: int = 64 << 30
+    max_layer_entries: int = 500_000
 
 
 @dataclass(frozen=True)
@@ -83,39 +94,100 @@ class StreamingConfig:
 
 
 @dataclass(frozen=True)
+class RuntimeHandlerConfig:
+    """One `[runtimes.<handler>]` table: an OCI runtime with runc's command line (runc, crun)
+    that pods choose by RuntimeClass handler name."""
+
+    # The binary. Empty only in [runtimes.runc], which then uses the top-level runtime_path.
+    runtime_path: str = ""
+    # Its --root, where it keeps container state. Empty: <state_dir>/<handler>.
+    runtime_root: str = ""
+    # Global options put before every command, e.g. ["--debug"].
+    global_args: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Config:
     root_dir: str = "/var/lib/flatpod"
     state_dir: str = "/run/flatpod"
     socket: str = ""  # empty: <state_dir>/flatpod.sock
     log_level: str = "info"
+    # The binary of the built-in "runc" handler (unless [runtimes.runc] names another).
     runtime_path: str = "/usr/sbin/runc"
+    # The handler of pods whose RunPodSandbox names none (kubelet sends "" for the default).
+    default_runtime: str = RUNC_HANDLER
+    runtimes: dict[str, RuntimeHandlerConfig] = field(default_factory=dict)
     # Empty: the built-in pause, `catatonit -P` in a rootfs assembled from pause_binary.
     sandbox_image: str = ""
     pause_binary: str = "/usr/bin/catatonit"
-    # Where pods go when kubelet gives no cgroup_parent (crictl users often don't).
-    default_cgroup_parent: str = "/flatpod"
+    # "cgroupfs" or "systemd"; empty: systemd when it is PID 1, else cgroupfs (resolved by
+    # load_config, so `flatpod config` and RuntimeConfig show the driver in use).
+    cgroup_driver: str = ""
+    # Where pods go when kubelet gives no cgroup_parent (crictl users often don't): a
+    # cgroupfs path, or with systemd a slice. Empty: /flatpod, or system.slice.
+    default_cgroup_parent: str = ""
     # CRI log records longer than this are split into partial (P) records.
     max_log_line_size: int = 16384
-    # KSM for the shims' memory (shim/ksm.py): "on" marks the pages the shims inherit from
-    # the zygote mergeable and starts ksmd if it is stopped; "advise" only marks them (ksmd
-    # is the administrator's); "off" does neither.
-    shim_page_merging: str = "on"
+    # KSM for the shims' memory (shim/ksm.py): "advise" (the default) marks the pages the
+    # shims inherit from the zygote mergeable and leaves ksmd, a host-wide kernel setting, to
+    # the administrator (marking costs nothing while ksmd is stopped); "on" also starts ksmd
+    # if it is stopped; "off" does neither.
+    shim_page_merging: str = "advise"
     # Empty: no Prometheus endpoint. Otherwise "host:port".
     metrics_address: str = ""
+    # CheckpointContainer writes archives, and CreateContainer restores them, only inside
+    # this directory (empty: <root_dir>/checkpoints) or kubelet's, KUBELET_CHECKPOINT_DIR:
+    # an archive holds every memory page of a container, and a pod's image field is the
+    # tenant's to choose.
+    checkpoint_dir: str = ""
+    # The CRIU binary runc runs to checkpoint and restore (runc's --criu).
+    criu_path: str = "/usr/sbin/criu"
     network: NetworkConfig = field(default_factory=NetworkConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
 
     @property
+    def driver(self) -> cgroups.Driver:
+        """The cgroup driver (load_config resolves it; a bare Config() asks the host)."""
+        return cgroups.Driver(self.cgroup_driver) if self.cgroup_driver else cgroups.detect_driver()
+
+    @property
+    def checkpoint_dirs(self) -> tuple[Path, ...]:
+        """Where checkpoint archives may be written and read from."""
+        own = Path(self.checkpoint_dir or Path(self.root_dir) / "checkpoints")
+        return (own, KUBELET_CHECKPOINT_DIR) if own != KUBELET_CHECKPOINT_DIR else (own,)
+
+    @property
     def socket_path(self) -> Path:
         return Path(self.socket) if self.socket else Path(self.state_dir) / "flatpod.sock"
 
+    def handlers(self) -> dict[str, RuntimeHandlerConfig]:
+        """Every runtime handler with its paths filled in: the built-in "runc" (from
+        runtime_path) and the [runtimes.*] tables, which may replace it."""
+        tables = {RUNC_HANDLER: RuntimeHandlerConfig(), **self.runtimes}
+        return {
+            name: dataclasses.replace(
+                table,
+                runtime_path=table.runtime_path
+                or (self.runtime_path if name == RUNC_HANDLER else ""),
+                runtime_root=table.runtime_root or str(Path(self.state_dir) / name),
+            )
+            for name, table in tables.items()
+        }
+
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        doc = dataclasses.asdict(self)
+        doc["runtimes"] = {n: dataclasses.asdict(h) for n, h in self.handlers().items()}
+        return json.dumps(doc, sort_keys=True)
 
 
+# RuntimeClass handlers are DNS labels (Kubernetes validates them so).
+_HANDLER_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+# What flatpod keeps in the state dir: no handler's default root may be one of them.
+_STATE_DIR_ENTRIES = ("pods", "containers", "pause-rootfs")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _PAGE_MERGING = ("on", "advise", "off")
+_CGROUP_DRIVERS = tuple(d.value for d in cgroups.Driver)
 # <state_dir>/pods/<64-hex pod id>/shim.sock must fit in sockaddr_un's 108 bytes.
 MAX_STATE_DIR_LEN = 107 - len("/pods/") - 64 - len("/shim.sock")
 
@@ -139,7 +211,25 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> C
             raw[key] = value
     config = _build(Config, raw, "")
     _validate(config)
-    return config
+    return _resolve_cgroups(config)
+
+
+def _resolve_cgroups(config: Config, systemd_run_dir: Path = cgroups.SYSTEMD_RUN_DIR) -> Config:
+    """Fills in the automatic cgroup settings and checks the parent against the driver."""
+    if config.cgroup_driver not in ("", *_CGROUP_DRIVERS):
+        raise ConfigError(f"config key 'cgroup_driver' must be one of {', '.join(_CGROUP_DRIVERS)}")
+    driver = (cgroups.Driver(config.cgroup_driver) if config.cgroup_driver
+              else cgroups.detect_driver(systemd_run_dir))  # fmt: skip
+    parent = config.default_cgroup_parent or (
+        cgroups.DEFAULT_SLICE if driver is cgroups.Driver.SYSTEMD else cgroups.DEFAULT_PARENT
+    )
+    try:
+        cgroups.check_parent(driver, parent)
+    except cgroups.CgroupError as err:
+        raise ConfigError(
+            f"config key 'default_cgroup_parent' does not fit cgroup_driver {driver.value!r}: {err}"
+        ) from err
+    return dataclasses.replace(config, cgroup_driver=driver.value, default_cgroup_parent=parent)
 
 
 def _build(cls: type[T], raw: dict[str, Any], prefix: str) -> T:
@@ -149,16 +239,36 @@ def _build(cls: type[T], raw: dict[str, Any], prefix: str) -> T:
             raise ConfigError(f"unknown config key '{prefix}{key}'")
     values: dict[str, Any] = {}
     defaults = cls()
+    hints = typing.get_type_hints(cls)
     for name, value in raw.items():
         default = getattr(defaults, name)
         where = f"{prefix}{name}"
+        table_type = _table_of_tables(hints[name])
         if dataclasses.is_dataclass(default):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key {where!r} must be a table")
-            values[name] = _build(type(default), value, f"{where}.")
+            values[name] = _build(type(default), _table(where, value), f"{where}.")
+        elif table_type is not None:
+            values[name] = {
+                key: _build(table_type, _table(f"{where}.{key}", table), f"{where}.{key}.")
+                for key, table in _table(where, value).items()
+            }
         else:
             values[name] = _check_type(where, default, value)
     return cls(**values)
+
+
+def _table_of_tables(hint: Any) -> type | None:
+    """The dataclass D of a field typed dict[str, D] (e.g. runtimes), else None."""
+    if typing.get_origin(hint) is not dict:
+        return None
+    value_type = typing.get_args(hint)[1]
+    is_table = isinstance(value_type, type) and dataclasses.is_dataclass(value_type)
+    return value_type if is_table else None
+
+
+def _table(where: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key {where!r} must be a table")
+    return value
 
 
 def _check_type(where: str, default: Any, value: Any) -> Any:
@@ -214,11 +324,17 @@ def _validate(config: Config) -> None:
         raise ConfigError("config key 'max_log_line_size' must be at least 256")
     if config.images.pull_progress_timeout_seconds < 1:
         raise ConfigError("config key 'images.pull_progress_timeout_seconds' must be positive")
+    for key in ("max_layer_bytes", "max_layer_entries"):
+        if getattr(config.images, key) < 1:
+            raise ConfigError(f"config key 'images.{key}' must be positive")
     if config.images.max_concurrent_downloads < 1:
         raise ConfigError("config key 'images.max_concurrent_downloads' must be positive")
-    for key in ("root_dir", "state_dir"):
+    for key in ("root_dir", "state_dir", "runtime_path", "criu_path"):
         if not Path(getattr(config, key)).is_absolute():
             raise ConfigError(f"config key {key!r} must be an absolute path")
+    if config.checkpoint_dir and not Path(config.checkpoint_dir).is_absolute():
+        raise ConfigError("config key 'checkpoint_dir' must be an absolute path")
+    _validate_handlers(config)
     if len(config.state_dir) > MAX_STATE_DIR_LEN:
         raise ConfigError(
             f"config key 'state_dir' is longer than {MAX_STATE_DIR_LEN} characters: each pod's "
@@ -257,3 +373,36 @@ def _validate_metrics_address(address: str) -> None:
             f"got {address!r}")
     if host.startswith("[") != host.endswith("]"):
         raise ConfigError(f"config key 'metrics_address' has an unbalanced bracket: {address!r}")
+
+
+def _validate_handlers(config: Config) -> None:
+    handlers = config.handlers()
+    roots: dict[str, str] = {}
+    for name, handler in handlers.items():
+        where = f"runtimes.{name}"
+        if not _HANDLER_NAME.fullmatch(name):
+            raise ConfigError(
+                f"config key {where!r}: a handler name is a DNS label (at most 63 lowercase "
+                "letters, digits and '-'), as Kubernetes requires of RuntimeClass handlers"
+            )
+        if not handler.runtime_path:
+            raise ConfigError(f"config key '{where}.runtime_path' is required")
+        for key in ("runtime_path", "runtime_root"):
+            if not Path(getattr(handler, key)).is_absolute():
+                raise ConfigError(f"config key '{where}.{key}' must be an absolute path")
+        if name in _STATE_DIR_ENTRIES and not config.runtimes[name].runtime_root:
+            raise ConfigError(
+                f"config key '{where}.runtime_root' is required: the default, "
+                f"<state_dir>/{name}, is flatpod's own"
+            )
+        other = roots.setdefault(handler.runtime_root, name)
+        if other != name:
+            raise ConfigError(
+                f"config key '{where}.runtime_root' is also the root of handler {other!r}: "
+                "each handler keeps its containers' state apart"
+            )
+    if config.default_runtime not in handlers:
+        raise ConfigError(
+            f"config key 'default_runtime' names {config.default_runtime!r}, which is not a "
+            f"configured handler ({', '.join(sorted(handlers))})"
+        )

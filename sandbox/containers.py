@@ -15,14 +15,14 @@ import shutil
 import signal
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
 from cri_api import api_pb2 as pb
-from sandbox import cgroups
+from sandbox import cgroups, checkpoint, validate
 from sandbox.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -51,12 +51,14 @@ from sandbox.spec import (
     SpecDefaults,
     SpecError,
     build_container_spec,
+    linux_resources,
     pod_userns,
 )
-from sandbox.users import UserDb
-from sandbox.wire import repeated_entry
+from sandbox.users import UserDb, open_to_group
+from sandbox.wire import pages, repeated_entry
 from shim.client import ShimClient, ShimError
-from shim.runc import Runc, RuncError
+from shim.crilog import open_beneath
+from shim.runc import RuncError
 
 log = logging.getLogger("flatpod.containers")
 
@@ -91,7 +93,14 @@ async def create_container(
     from sandbox.pods import ready_pod  # pods imports this module for stop and remove
 
     pod = ready_pod(rt, req.pod_sandbox_id)
-    image = rt.images.images.resolve(req.config.image.image)
+    validate.container_in_pod(req.config, pod.config)
+    restore = None
+    source = checkpoint.restore_source(rt, req.config.image.image)
+    if source is not None:  # the image is a checkpoint: restore it (sandbox/checkpoint.py)
+        req, image, restore = await checkpoint.prepare_restore(rt, req, source)
+        validate.container_in_pod(req.config, pod.config)  # what the checkpoint brought
+    else:
+        image = rt.images.images.resolve(req.config.image.image)
     if image is None:
         raise NotFound(f"image {req.config.image.image!r} not found; pull it first")
     name = container_name(req.config.metadata, pod)
@@ -107,15 +116,20 @@ async def create_container(
             save_container(rt.store, ctr)
 
     holder = next((c for c in rt.containers.values() if c.name == name), None)
-    ctr_id = await rt.creations.create_once(
-        name, "container", holder, lambda: _create(rt, pod, name, req, image), claim,
-        mark_unclaimed,
-    )
+    try:
+        ctr_id = await rt.creations.create_once(
+            name, "container", holder, lambda: _create(rt, pod, name, req, image, restore),
+            claim, mark_unclaimed,
+        )
+    finally:
+        if restore is not None:
+            await asyncio.to_thread(shutil.rmtree, restore.dumps, True)
     return pb.CreateContainerResponse(container_id=ctr_id)
 
 
 async def _create(
-    rt: Runtime, pod: PodRecord, name: str, req: pb.CreateContainerRequest, image: Any
+    rt: Runtime, pod: PodRecord, name: str, req: pb.CreateContainerRequest, image: Any,
+    restore: checkpoint.Restore | None = None,
 ) -> str:
     from sandbox.undo import undo_on_failure
 
@@ -131,7 +145,7 @@ async def _create(
         image_name=_image_name(image, config.image.image),
         state=CONTAINER_CREATING,
         snapshots=list(reversed(image.chain_ids)),
-        stop_signal=str(image.config.get("config", {}).get("StopSignal") or ""),
+        stop_signal=validate.stop_signal(config, image.config.get("config") or {}),
         resources=config.linux.resources.SerializeToString(),
     )
     # 1. Reserve the name, before touching the host.
@@ -148,6 +162,8 @@ async def _create(
         rootfs = bundle / "rootfs"
         undo.push("dirs", lambda: _remove_dirs(bundle, layer))
         await asyncio.to_thread(_make_dirs, bundle, layer, rootfs)
+        if restore is not None:  # CRIU's images, and the rootfs diff into the upper dir
+            await checkpoint.unpack_restore(rt, restore, layer)
         # In a pod with its own user namespace the layers are idmapped with it, so its root
         # owns what the host's root owns in the image (runc 1.1.5 cannot idmap mounts).
         userns = pod_userns(pod.config.linux.security_context)
@@ -160,7 +176,7 @@ async def _create(
         rt.faults.point("create_container:after_rootfs")
         ctr.rootfs = str(rootfs)
         # 3. The OCI spec: joins the pod's pinned namespaces.
-        ctr.cgroup_path = cgroups.container_cgroup_path(pod.cgroup_path, ctr.id)
+        ctr.cgroup_path = pod_placement(pod).container_path(ctr.id)
         spec = await asyncio.to_thread(_container_spec, rt, pod, ctr, image, rootfs)
         user = spec["process"]["user"]
         ctr.uid, ctr.gid = int(user.get("uid", 0)), int(user.get("gid", 0))
@@ -168,16 +184,20 @@ async def _create(
         (bundle / "config.json").write_text(json.dumps(spec))
         if userns is not None:  # runc reaches rootfs/ from inside the user namespace
             os.chmod(bundle / "config.json", 0o600)
-            os.chmod(bundle, 0o711)
+            open_to_group(bundle, userns.root[1])
         # 4. The log file, where kubelet reads it.
         ctr.log_path = _log_path(pod, config)
+        log_root = pod.config.log_directory or None
         if ctr.log_path:
-            Path(ctr.log_path).parent.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(_prepare_log, pod.config.log_directory, config.log_path)
         # 5. The shim creates it: the process waits in runc's init until StartContainer.
         shim = shim_of(rt, pod.id)
+        oom_file, systemd = await asyncio.to_thread(shim_cgroup_options, pod, ctr.id)
         ctr.pid = await shim.create(
             ctr.id, str(bundle), stdin=config.stdin, stdin_once=config.stdin_once,
-            tty=config.tty, log_path=ctr.log_path or None, exit_file=str(bundle / "exit"),
+            tty=config.tty, log_path=ctr.log_path or None, log_root=log_root,
+            exit_file=str(bundle / "exit"), oom_file=oom_file, systemd_cgroup=systemd,
+            restore=restore.shim_request(layer) if restore is not None else None,
         )
         undo.push("runc", lambda: delete_runc_state(rt, ctr.id))
         rt.faults.point("create_container:after_shim_create")
@@ -214,6 +234,7 @@ def validate_container_config(config: pb.ContainerConfig) -> None:
     for env in config.envs:
         if "\x00" in env.key or "\x00" in env.value or "=" in env.key or not env.key:
             raise InvalidArgument(f"environment variable name {env.key!r} is invalid")
+    validate.container_config(config)
 
 
 def _image_name(image: Any, requested: str) -> str:
@@ -252,7 +273,7 @@ def _container_spec(
         hosts=pod_dir / "hosts",
         user=Path(ns["user"]) if "user" in ns else None,
     )
-    target = _target_pid_ns(rt, ctr.config)
+    target = _target_pid_ns(rt, pod.id, ctr.config)
     # A container cannot have a network of its own in a flat pod: it is the pod's, whatever
     # the container's options say (kubelet sends the pod's mode; crictl users often don't).
     config = pb.ContainerConfig()
@@ -262,22 +283,35 @@ def _container_spec(
     try:
         return build_container_spec(
             pod.config, config, dict(image.config.get("config") or {}),
-            rootfs=rootfs, sandbox=sandbox, cgroups_path=ctr.cgroup_path,
+            rootfs=rootfs, sandbox=sandbox,
+            cgroups_path=pod_placement(pod).oci_cgroups_path(ctr.id),
             target_pid_ns=target, rootfs_users=UserDb.from_rootfs(rootfs),
-            oom_score_adj_floor=rt.oom_score_adj_floor, defaults=SpecDefaults(),
+            oom_score_adj_floor=rt.oom_score_adj_floor, defaults=spec_defaults(),
         )
     except SpecError as err:
         raise InvalidArgument(str(err)) from err
 
 
-def _target_pid_ns(rt: Runtime, config: pb.ContainerConfig) -> Path | None:
+def _target_pid_ns(rt: Runtime, pod_id: str, config: pb.ContainerConfig) -> Path | None:
     opts = config.linux.security_context.namespace_options
     if opts.pid != pb.TARGET:
         return None
     target = rt.find_container(opts.target_id)
+    if target is not None:
+        validate.target_in_pod(opts.target_id, target.pod_id, pod_id)
     if target is None or target.state != RUNNING or not target.pid:
         raise NotFound(f"target container {opts.target_id!r} for the PID namespace is not running")
     return Path(f"/proc/{target.pid}/ns/pid")
+
+
+def _prepare_log(log_directory: str, log_path: str) -> None:
+    """Makes the log file (and its directories) beneath the pod's log directory as the shim
+    will open it, following no symlink: a link planted there is the request's fault."""
+    os.makedirs(log_directory, exist_ok=True)
+    try:
+        os.close(open_beneath(log_directory, log_path))
+    except OSError as err:
+        raise InvalidArgument(f"log_path: {err.strerror or err}") from err
 
 
 def _log_path(pod: PodRecord, config: pb.ContainerConfig) -> str:
@@ -299,17 +333,48 @@ def _forget(rt: Runtime, ctr: ContainerRecord) -> None:
     delete_container(rt.store, ctr)
 
 
+def pod_placement(pod: PodRecord) -> cgroups.Placement:
+    """Where the pod's cgroups are, by the driver it was made with."""
+    return cgroups.Placement(pod_path=pod.cgroup_path, slice=pod.cgroup_slice)
+
+
+def shim_cgroup_options(pod: PodRecord, container_id: str) -> tuple[str | None, bool]:
+    """What the shim needs of the cgroup of a container (or the pause) of `pod`: the file
+    that counts its OOM kills (None: no memory controller), and whether runc makes it as a
+    systemd scope."""
+    place = pod_placement(pod)
+    try:
+        oom_file: str | None = str(cgroups.oom_events_file(place.container_path(container_id)))
+    except cgroups.CgroupError:
+        oom_file = None
+    return oom_file, place.driver is cgroups.Driver.SYSTEMD
+
+
+def spec_defaults() -> SpecDefaults:
+    """The node-level spec defaults that depend on the host's cgroups."""
+    hs = cgroups.hierarchies()
+    pure_v2 = cgroups.is_unified_only()
+    # runc places hugetlb limits on v1's hugetlb hierarchy, or on pure v2; not on a hybrid
+    # host's v2 mount.
+    owner = cgroups.owner("hugetlb", hs)
+    return SpecDefaults(
+        cgroup_v2=pure_v2,
+        hugetlb_available=owner is not None and (owner.version == 1 or pure_v2),
+    )
+
+
 async def delete_runc_state(rt: Runtime, container_id: str) -> None:
     """Forgets runc's record of a container (the pause too); nothing to do when it has none.
 
     Spawning runc costs milliseconds, so its state dir is looked at first: containers that
     exited on their own had it deleted in the background already (see record_exit).
     """
-    if not (rt.paths.runc_root / container_id).exists():
+    ctr = rt.containers.get(container_id)  # else the pause, whose id is its pod's
+    handler = rt.handlers.of_pod(rt.pods.get(ctr.pod_id if ctr else container_id))
+    if not (handler.root / container_id).exists():
         return
-    runc = Runc(root=str(rt.paths.runc_root), binary=rt.config.runtime_path)
     try:
-        await asyncio.to_thread(runc.delete, container_id, True)
+        await asyncio.to_thread(handler.runc().delete, container_id, True)
     except RuncError as err:
         if not err.not_found:
             raise
@@ -329,13 +394,16 @@ async def start_container(rt: Runtime, req: pb.StartContainerRequest) -> pb.Star
         started_at = time.time_ns()
         rt.faults.point("start_container:before_runc_start")
         try:
-            await shim_of(rt, pod.id).start(ctr.id)
+            view = await shim_of(rt, pod.id).start(ctr.id)
         except ShimError as err:
             ctr.state, ctr.reason, ctr.message = EXITED, "StartError", str(err)
             ctr.exit_code, ctr.finished_at = 128, time.time_ns()
             save_container(rt.store, ctr)
             raise FailedPrecondition(f"starting container {ctr.id}: {err}") from err
         rt.faults.point("start_container:after_runc_start")
+        if not ctr.pid:  # restored from a checkpoint: its process exists only now
+            ctr.pid = int(view.get("pid") or 0)
+            await asyncio.to_thread(checkpoint.discard_images, rt, ctr)
         if ctr.state == CREATED:  # its exit may already have been reported
             ctr.state = RUNNING
         ctr.started_at = started_at
@@ -410,14 +478,8 @@ async def _shim_view(shim: Any, ctr_id: str) -> dict[str, Any] | None:
 
 
 def _stop_signal(ctr: ContainerRecord) -> int:
-    name = ctr.stop_signal.upper()
-    if not name:
-        return int(signal.SIGTERM)
-    if name.isdigit():
-        return int(name)
-    if not name.startswith("SIG"):
-        name = "SIG" + name
-    return int(getattr(signal, name, signal.SIGTERM))
+    # Validated at CreateContainer; a record from before that check may still name none.
+    return validate.parse_signal(ctr.stop_signal) or int(signal.SIGTERM)
 
 
 # --- exits, from the shim --------------------------------------------------------------------
@@ -498,7 +560,7 @@ async def remove_container_now(rt: Runtime, ctr: ContainerRecord) -> None:
     await delete_runc_state(rt, ctr.id)
     bundle = rt.paths.bundle_dir(ctr.id)
     await asyncio.to_thread(unmount, bundle / "rootfs")
-    if ctr.cgroup_path:
+    if ctr.cgroup_path and not cgroups.systemd_owned(ctr.cgroup_path):  # runc stops scopes
         await asyncio.to_thread(cgroups.remove, ctr.cgroup_path)
     await asyncio.to_thread(_remove_dirs, bundle, rt.paths.writable_layers / ctr.id)
     _forget(rt, ctr)
@@ -572,8 +634,21 @@ async def list_containers(rt: Runtime, req: pb.ListContainersRequest) -> bytes:
     return rt.list_answer("containers", rt.containers, req.filter, lambda: _answer(rt, req.filter))
 
 
+async def stream_containers(
+    rt: Runtime, req: pb.StreamContainersRequest
+) -> AsyncIterator[bytes]:
+    """StreamContainersResponse messages: the entries ListContainers answers with, in pages
+    (`containers` is field 1 in both responses)."""
+    for page in pages(_entries(rt, req.filter)):
+        yield page
+
+
 def _answer(rt: Runtime, flt: pb.ContainerFilter) -> bytes:
-    return b"".join([c.list_entry or _list_entry(c) for c in _filtered(rt, flt)])
+    return b"".join(_entries(rt, flt))
+
+
+def _entries(rt: Runtime, flt: pb.ContainerFilter) -> list[bytes]:
+    return [c.list_entry or _list_entry(c) for c in _filtered(rt, flt)]
 
 
 def _list_entry(ctr: ContainerRecord) -> bytes:
@@ -633,15 +708,16 @@ def _summary(ctr: ContainerRecord) -> pb.Container:
 
 async def exec_sync(rt: Runtime, req: pb.ExecSyncRequest) -> pb.ExecSyncResponse:
     ctr = running_container(rt, req.container_id)
-    if not req.cmd:
-        raise InvalidArgument("exec command is empty")
+    validate.exec_command(req.cmd)
     process = exec_process(rt, ctr, list(req.cmd), tty=False)
     shim = shim_of(rt, ctr.pod_id)
     timeout = float(req.timeout) if req.timeout > 0 else None
     result = await shim.exec_sync(ctr.id, process, timeout)
     if result.timed_out:
+        lingering = "" if result.tree_gone else "; some of its processes were not dead yet"
         raise DeadlineExceeded(
-            f"command {list(req.cmd)!r} in container {ctr.id} timed out after {req.timeout}s"
+            f"command {list(req.cmd)[:8]!r} in container {ctr.id} timed out after "
+            f"{req.timeout}s and was killed{lingering}"
         )
     return pb.ExecSyncResponse(
         stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code
@@ -679,12 +755,29 @@ async def update_container_resources(
     ctr = _visible(rt, req.container_id)
     if ctr.state not in (CREATED, RUNNING):
         raise FailedPrecondition(f"container {ctr.id} is {ctr.state}: nothing to update")
+    validate.resources(req.linux, "linux")
     async with rt.locks.hold(ctr.id):
-        resources = cgroups.Resources.from_cri(req.linux)
-        await asyncio.to_thread(cgroups.update, ctr.cgroup_path, resources)
+        try:
+            await asyncio.to_thread(_apply_resources, rt, ctr, req.linux)
+        except cgroups.CgroupError as err:
+            raise InvalidArgument(f"container {ctr.id} resources: {err}") from err
+        except (OSError, RuncError) as err:  # e.g. a memory limit below what it uses now
+            raise FailedPrecondition(f"updating container {ctr.id} cgroup: {err}") from err
         ctr.resources = req.linux.SerializeToString()
         save_container(rt.store, ctr)
     return pb.UpdateContainerResourcesResponse()
+
+
+def _apply_resources(rt: Runtime, ctr: ContainerRecord, linux: pb.LinuxContainerResources) -> None:
+    """cgroupfs: flatpod writes the files itself. systemd: the scope's limits are properties
+    of its unit, so `runc update` asks systemd to change them (and writes what systemd has no
+    property for), as containerd does."""
+    if not cgroups.systemd_owned(ctr.cgroup_path):
+        cgroups.update(ctr.cgroup_path, cgroups.Resources.from_cri(linux))
+        return
+    resources = linux_resources(linux, spec_defaults())
+    handler = rt.handlers.of_pod(rt.pods.get(ctr.pod_id))
+    handler.runc(systemd_cgroup=True).update(ctr.id, resources)
 
 
 # --- events ----------------------------------------------------------------------------------

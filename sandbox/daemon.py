@@ -19,7 +19,7 @@ from typing import Any
 
 from netns.bridge import BridgeConfig, BridgeNetwork
 from netns.cni import CniNetwork
-from sandbox import containers, events, exec, info, pods, recovery, stats
+from sandbox import checkpoint, containers, events, exec, info, pods, recovery, stats
 from sandbox.config import Config
 from sandbox.faults import Faults
 from sandbox.images.service import ImageService
@@ -38,6 +38,7 @@ def rpc_handlers() -> Mapping[str, Handler]:
     """Every RPC flatpod implements, by "Service/Method"; the rest answer UNIMPLEMENTED."""
     # The stats RPCs share their samples (and the previous one, for cpu rates): one per server.
     st = stats.Stats()
+    checkpoints = checkpoint.Checkpoints()  # holds what `criu check` said, asked once
     return {
         "RuntimeService/Version": info.version,
         "RuntimeService/Status": info.status,
@@ -48,12 +49,14 @@ def rpc_handlers() -> Mapping[str, Handler]:
         "RuntimeService/RemovePodSandbox": pods.remove_pod_sandbox,
         "RuntimeService/PodSandboxStatus": pods.pod_sandbox_status,
         "RuntimeService/ListPodSandbox": pods.list_pod_sandbox,
+        "RuntimeService/StreamPodSandboxes": pods.stream_pod_sandboxes,
         "RuntimeService/CreateContainer": containers.create_container,
         "RuntimeService/StartContainer": containers.start_container,
         "RuntimeService/StopContainer": containers.stop_container,
         "RuntimeService/RemoveContainer": containers.remove_container,
         "RuntimeService/ContainerStatus": containers.container_status,
         "RuntimeService/ListContainers": containers.list_containers,
+        "RuntimeService/StreamContainers": containers.stream_containers,
         "RuntimeService/ExecSync": containers.exec_sync,
         "RuntimeService/ReopenContainerLog": containers.reopen_container_log,
         "RuntimeService/UpdateContainerResources": containers.update_container_resources,
@@ -71,8 +74,10 @@ def rpc_handlers() -> Mapping[str, Handler]:
         "RuntimeService/StreamPodSandboxMetrics": st.stream_pod_sandbox_metrics,
         "RuntimeService/UpdatePodSandboxResources": pods.update_pod_sandbox_resources,
         "RuntimeService/GetContainerEvents": events.get_container_events,
+        "RuntimeService/CheckpointContainer": checkpoints.checkpoint_container,
         "ImageService/PullImage": lambda rt, req: rt.images.PullImage(req),
         "ImageService/ListImages": lambda rt, req: rt.images.ListImages(req),
+        "ImageService/StreamImages": lambda rt, req: rt.images.StreamImages(req),
         "ImageService/ImageStatus": lambda rt, req: rt.images.ImageStatus(req),
         "ImageService/RemoveImage": lambda rt, req: rt.images.RemoveImage(req),
         "ImageService/ImageFsInfo": lambda rt, req: rt.images.ImageFsInfo(req),
@@ -122,6 +127,7 @@ def open_runtime(config: Config) -> Runtime:
     paths.create_dirs()
     store = Store(paths.db)
     rt = Runtime(config=config, store=store, paths=paths, faults=Faults.from_env())
+    rt.handlers.create_roots()
     rt.pods = load_pods(store)
     rt.containers = load_containers(store)
     rt.started_at = time.time()
@@ -142,8 +148,8 @@ def open_runtime(config: Config) -> Runtime:
         await containers.on_exit(rt, pod_id, event)
 
     rt.shims = ShimRegistry(
-        runc_root=paths.runc_root, runc=config.runtime_path, log_level=config.log_level,
-        on_exit=on_exit, on_lost=lambda pod_id: containers.on_shim_lost(rt, pod_id),
+        log_level=config.log_level, on_exit=on_exit,
+        on_lost=lambda pod_id: containers.on_shim_lost(rt, pod_id),
         zygote_socket=paths.state / "zygote.sock", page_merging=config.shim_page_merging,
     )
     pods.ensure_pause_rootfs(rt)

@@ -6,10 +6,10 @@ import asyncio
 import json
 import os
 import platform
-import shutil
 from importlib import metadata
 
 from cri_api import api_pb2 as pb
+from sandbox import cgroups
 from sandbox.pods import userns_supported
 from sandbox.runtime import Runtime
 
@@ -56,15 +56,7 @@ async def status(rt: Runtime, req: pb.StatusRequest) -> pb.StatusResponse:
     ]
     response = pb.StatusResponse(
         status=pb.RuntimeStatus(conditions=conditions),
-        runtime_handlers=[
-            pb.RuntimeHandler(
-                name="",
-                features=pb.RuntimeHandlerFeatures(
-                    recursive_read_only_mounts=_kernel_supports_rro(),
-                    user_namespaces=userns,
-                ),
-            )
-        ],
+        runtime_handlers=await _runtime_handlers(rt, userns),
         features=pb.RuntimeFeatures(supplemental_groups_policy=True),
     )
     if req.verbose:
@@ -74,7 +66,8 @@ async def status(rt: Runtime, req: pb.StatusRequest) -> pb.StatusResponse:
 
 
 async def runtime_config(rt: Runtime, req: pb.RuntimeConfigRequest) -> pb.RuntimeConfigResponse:
-    return pb.RuntimeConfigResponse(linux=pb.LinuxRuntimeConfiguration(cgroup_driver=pb.CGROUPFS))
+    driver = pb.SYSTEMD if rt.config.driver is cgroups.Driver.SYSTEMD else pb.CGROUPFS
+    return pb.RuntimeConfigResponse(linux=pb.LinuxRuntimeConfiguration(cgroup_driver=driver))
 
 
 async def update_runtime_config(
@@ -86,10 +79,29 @@ async def update_runtime_config(
     return pb.UpdateRuntimeConfigResponse()
 
 
+async def _runtime_handlers(rt: Runtime, userns: bool) -> list[pb.RuntimeHandler]:
+    """Every configured handler, and the default one again under the name "" (kubelet's
+    name for it), as containerd 2.x answers. Recursive read-only mounts need the kernel's
+    mount_setattr and the runtime's "rro" mount option; user namespaces need what flatpod
+    probes (it makes the namespace and the idmapped mounts) and the runtime's "user"
+    namespace."""
+    kernel_rro = _kernel_supports_rro()
+    answer = []
+    for name in rt.handlers.by_name:
+        features = await asyncio.to_thread(rt.handlers.features, name)
+        answer.append(pb.RuntimeHandler(name=name, features=pb.RuntimeHandlerFeatures(
+            recursive_read_only_mounts=kernel_rro and "rro" in features.mount_options,
+            user_namespaces=userns and "user" in features.namespaces,
+        )))
+    default = next(h for h in answer if h.name == rt.handlers.default)
+    answer.insert(0, pb.RuntimeHandler(name="", features=default.features))
+    return answer
+
+
 def _runtime_condition(rt: Runtime) -> tuple[bool, str]:
-    runc = rt.config.runtime_path
-    if not (os.path.isfile(runc) or shutil.which(runc)):
-        return False, f"OCI runtime {runc} is not installed"
+    runc = rt.handlers.default_handler.binary
+    if not os.access(runc, os.X_OK):
+        return False, f"OCI runtime {runc} (default handler) is not installed"
     if not os.access(rt.paths.state, os.W_OK):
         return False, f"state dir {rt.paths.state} is not writable"
     return True, ""

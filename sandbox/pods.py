@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +28,7 @@ from cri_api import api_pb2 as pb
 from netns.enter import run_in_netns
 from netns.pin import create_netns, ensure_shared_mount_dir, is_pinned, pin_namespace, unpin
 from netns.ports import PortMapping
-from sandbox import cgroups, containers, mounts
+from sandbox import cgroups, containers, mounts, validate
 from sandbox.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from sandbox.images.snapshots import idmap_supported
 from sandbox.records import (
@@ -42,15 +42,14 @@ from sandbox.records import (
 from sandbox.runtime import Runtime
 from sandbox.spec import IdMap, PodUserns, SpecError, build_pause_spec, pod_userns
 from sandbox.undo import undo_on_failure
-from sandbox.wire import repeated_entry
+from sandbox.users import open_to_group
+from sandbox.wire import pages, repeated_entry
 from shim.client import ShimError
 
 log = logging.getLogger("flatpod.pods")
 
 # A sandbox that is still being made: listed nowhere, found only by its own retry.
 SANDBOX_CREATING = "creating"
-# Handlers kubelet may name for the default runtime (kubelet sends "" for the default).
-DEFAULT_HANDLERS = frozenset({"", "runc"})
 NETNS_DIR = Path("/run/netns")
 SHM_SIZE = 64 * 1024 * 1024
 PAUSE_STOP_TIMEOUT = 10.0
@@ -72,11 +71,11 @@ def sandbox_name(meta: pb.PodSandboxMetadata) -> str:
 
 async def run_pod_sandbox(rt: Runtime, req: pb.RunPodSandboxRequest) -> pb.RunPodSandboxResponse:
     validate_sandbox_config(req.config)
-    if req.runtime_handler not in DEFAULT_HANDLERS:
-        raise InvalidArgument(
-            f"runtime handler {req.runtime_handler!r} is not configured (flatpod has the "
-            "default handler only)"
-        )
+    try:
+        cgroups.check_parent(rt.config.driver, req.config.linux.cgroup_parent)
+    except cgroups.CgroupError as err:
+        raise InvalidArgument(f"linux.cgroup_parent: {err}") from err
+    rt.handlers.for_request(req.runtime_handler)
     name = sandbox_name(req.config.metadata)
     pod_id = await _join_or_start(rt, name, req)
     return pb.RunPodSandboxResponse(pod_sandbox_id=pod_id)
@@ -153,23 +152,28 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
             pod.ip = result.ip
             pod.additional_ips = list(result.additional_ips)
             rt.faults.point("run_pod:after_network")
-        # 4. The pod cgroup, with the pod's overhead and resources.
-        pod.cgroup_path = cgroups.pod_cgroup_path(
-            config.linux.cgroup_parent or rt.config.default_cgroup_parent, pod_id
+        # 4. The pod cgroup, with the pod's overhead and resources (cgroupfs driver; with
+        # systemd the pod's slice and its limits are kubelet's, as with containerd).
+        place = cgroups.placement(
+            rt.config.driver, config.linux.cgroup_parent, rt.config.default_cgroup_parent, pod_id
         )
-        await asyncio.to_thread(cgroups.create, pod.cgroup_path, pod_resources(config.linux))
-        undo.push("cgroup", lambda: cgroups.remove(pod.cgroup_path))
+        pod.cgroup_path, pod.cgroup_slice = place.pod_path, place.slice
+        if place.driver is cgroups.Driver.CGROUPFS:
+            await asyncio.to_thread(cgroups.create, pod.cgroup_path, pod_resources(config.linux))
+            undo.push("cgroup", lambda: cgroups.remove(pod.cgroup_path))
         rt.faults.point("run_pod:after_cgroup")
         # 5. The pause bundle, and the pod's shim to run it.
         bundle = rt.paths.bundle_dir(pod_id)
         spec = _pause_spec(rt, pod, pod_dir)
         await asyncio.to_thread(_write_bundle, bundle, spec)
         undo.push("bundle", lambda: shutil.rmtree(bundle, ignore_errors=True))
-        shim = await rt.shims.spawn(pod_id, pod_dir)
+        shim = await rt.shims.spawn(pod_id, pod_dir, rt.handlers.of_pod(pod))
         undo.push("shim", lambda: _shutdown_shim(rt, pod))
         rt.faults.point("run_pod:after_shim")
         undo.push("pause", lambda: containers.delete_runc_state(rt, pod_id))
-        pod.pause_pid = await shim.create(pod_id, str(bundle), exit_file=str(bundle / "exit"))
+        oom_file, systemd = await asyncio.to_thread(containers.shim_cgroup_options, pod, pod_id)
+        pod.pause_pid = await shim.create(pod_id, str(bundle), exit_file=str(bundle / "exit"),
+                                          oom_file=oom_file, systemd_cgroup=systemd)
         await shim.start(pod_id)
         rt.faults.point("run_pod:after_pause_start")
         # 6. Pin the pause's namespaces: containers join these files, never /proc/<pid>/ns.
@@ -209,9 +213,6 @@ def validate_sandbox_config(config: pb.PodSandboxConfig) -> None:
         raise InvalidArgument(f"log_directory {config.log_directory!r} must be an absolute path")
     if len(config.hostname) > 64:
         raise InvalidArgument(f"hostname {config.hostname[:80]!r} is longer than 64 characters")
-    parent = config.linux.cgroup_parent
-    if parent and (not parent.startswith("/") or ".." in parent.split("/")):
-        raise InvalidArgument(f"linux.cgroup_parent {parent!r} must be an absolute cgroupfs path")
     dns = config.dns_config
     for field_name, values in (
         ("dns_config.servers", dns.servers), ("dns_config.searches", dns.searches),
@@ -224,6 +225,7 @@ def validate_sandbox_config(config: pb.PodSandboxConfig) -> None:
     for mapping in config.port_mappings:
         if not 0 < mapping.container_port < 65536 or not 0 <= mapping.host_port < 65536:
             raise InvalidArgument(f"port mapping {MessageToDict(mapping)} is out of range")
+    validate.sandbox_config(config)  # enums, ids, sizes, resources
 
 
 def _check_text(field_name: str, value: str) -> None:
@@ -236,6 +238,7 @@ def _check_text(field_name: str, value: str) -> None:
 def port_mappings(config: pb.PodSandboxConfig) -> list[PortMapping]:
     return [
         PortMapping(
+            # validate.sandbox_config refuses other protocols; "tcp" only for older records.
             protocol=_PROTOCOLS.get(m.protocol, "tcp"),
             container_port=m.container_port,
             host_port=m.host_port,
@@ -258,11 +261,12 @@ def pod_resources(linux: pb.LinuxPodSandboxConfig) -> cgroups.Resources:
         cpu_quota=total(res.cpu_quota, over.cpu_quota),
         cpu_period=res.cpu_period if res.cpu_quota > 0 else 0,
         memory_limit=total(res.memory_limit_in_bytes, over.memory_limit_in_bytes),
+        unified=tuple(sorted(res.unified.items())),
     )
 
 
 def _write_pod_files(pod_dir: Path, config: pb.PodSandboxConfig, host_net: bool) -> None:
-    pod_dir.mkdir(parents=True, exist_ok=False, mode=0o711)
+    pod_dir.mkdir(parents=True, exist_ok=False, mode=0o700)
     (pod_dir / "ns").mkdir(mode=0o700)
     hostname = os.uname().nodename if host_net else (config.hostname or config.metadata.name)
     (pod_dir / "hostname").write_text(hostname + "\n")
@@ -297,7 +301,7 @@ def _pause_spec(rt: Runtime, pod: PodRecord, pod_dir: Path) -> dict[str, Any]:
             pod.config,
             rootfs=rt.paths.pause_rootfs,
             netns_path=Path(pod.netns_path) if pod.netns_path else None,
-            cgroups_path=cgroups.container_cgroup_path(pod.cgroup_path, pod.id),
+            cgroups_path=containers.pod_placement(pod).oci_cgroups_path(pod.id),
             oom_score_adj_floor=rt.oom_score_adj_floor,
             shm_path=shm if shm.is_dir() else None,
             userns_path=Path(pod.namespaces["user"]) if "user" in pod.namespaces else None,
@@ -428,8 +432,9 @@ def _loopback_up() -> None:
 def _share_with_userns(rt: Runtime, pod_dir: Path, userns: PodUserns) -> None:
     """What runc and the pod's root (host ids userns.root) must reach from inside the user
     namespace, where flatpod's root has no power over host-owned files: the path down to the
-    pause rootfs, bundles and pod dirs (traverse only, 0711 as containerd's state dirs), and
-    the pod's own files, given to the pod's root as a normal pod's files belong to root."""
+    pause rootfs, bundles and pod dirs (traverse only, 0711 as containerd's state dirs), the
+    pod's dir (its root's group only: users.open_to_group), and the pod's own files, given to
+    the pod's root as a normal pod's files belong to root."""
     for parent in rt.paths.state.parents:
         if not os.stat(parent).st_mode & 0o001:
             raise FailedPrecondition(
@@ -441,6 +446,7 @@ def _share_with_userns(rt: Runtime, pod_dir: Path, userns: PodUserns) -> None:
     for name in ("hostname", "resolv.conf", "hosts", "shm"):
         if (pod_dir / name).exists():
             os.chown(pod_dir / name, *userns.root)
+    open_to_group(pod_dir, userns.root[1])
 
 
 # Host ids of the probe's user namespace: any range works for the probe (as critest's).
@@ -572,7 +578,7 @@ async def remove_pod_now(rt: Runtime, pod: PodRecord) -> None:
     pod_dir = rt.paths.pod_dir(pod.id)
     unpin(pod_dir / "ns" / "user")  # a half-made pod's record may not name it
     await asyncio.to_thread(mounts.unmount, pod_dir / "shm")
-    if pod.cgroup_path:
+    if pod.cgroup_path and containers.pod_placement(pod).driver is cgroups.Driver.CGROUPFS:
         await asyncio.to_thread(cgroups.remove, pod.cgroup_path)
     await asyncio.to_thread(shutil.rmtree, pod_dir, True)
     await asyncio.to_thread(shutil.rmtree, rt.paths.bundle_dir(pod.id), True)
@@ -643,8 +649,21 @@ async def list_pod_sandbox(rt: Runtime, req: pb.ListPodSandboxRequest) -> bytes:
     return rt.list_answer("pods", rt.pods, req.filter, lambda: _answer(rt, req.filter))
 
 
+async def stream_pod_sandboxes(
+    rt: Runtime, req: pb.StreamPodSandboxesRequest
+) -> AsyncIterator[bytes]:
+    """StreamPodSandboxesResponse messages: the entries ListPodSandbox answers with, in pages
+    (its `pod_sandboxes` is field 1, like ListPodSandboxResponse's `items`)."""
+    for page in pages(_entries(rt, req.filter)):
+        yield page
+
+
 def _answer(rt: Runtime, flt: pb.PodSandboxFilter) -> bytes:
-    return b"".join([p.list_entry or _list_entry(p) for p in _filtered(rt, flt)])
+    return b"".join(_entries(rt, flt))
+
+
+def _entries(rt: Runtime, flt: pb.PodSandboxFilter) -> list[bytes]:
+    return [p.list_entry or _list_entry(p) for p in _filtered(rt, flt)]
 
 
 def _list_entry(pod: PodRecord) -> bytes:
@@ -688,14 +707,22 @@ async def update_pod_sandbox_resources(
     rt: Runtime, req: pb.UpdatePodSandboxResourcesRequest
 ) -> pb.UpdatePodSandboxResourcesResponse:
     """Applies the pod's new resources plus overhead to the pod cgroup (in-place resize) and
-    records them in the pod's config, so status and a restarted daemon see what is applied."""
+    records them in the pod's config, so status and a restarted daemon see what is applied.
+
+    With the systemd driver the pod's slice is kubelet's, which sets its limits itself (the
+    request is a notification, as containerd treats it): recorded, nothing written."""
     pod = _visible(rt, req.pod_sandbox_id)
-    if pod.state != SANDBOX_READY or not pod.cgroup_path:
+    owned = containers.pod_placement(pod).driver is cgroups.Driver.CGROUPFS
+    if pod.state != SANDBOX_READY or (owned and not pod.cgroup_path):
         raise FailedPrecondition(f"pod sandbox {pod.id} is {pod.state}: nothing to update")
     linux = pb.LinuxPodSandboxConfig(resources=req.resources, overhead=req.overhead)
+    validate.pod_resources(linux)
     async with rt.locks.hold(pod.id):
         try:
-            await asyncio.to_thread(cgroups.update, pod.cgroup_path, pod_resources(linux))
+            if owned:
+                await asyncio.to_thread(cgroups.update, pod.cgroup_path, pod_resources(linux))
+        except cgroups.CgroupError as err:
+            raise InvalidArgument(f"pod sandbox {pod.id} resources: {err}") from err
         except OSError as err:  # e.g. a memory limit below what the pod uses now (EBUSY)
             raise FailedPrecondition(f"updating pod sandbox {pod.id} cgroup: {err}") from err
         pod.config.linux.resources.CopyFrom(req.resources)

@@ -43,7 +43,10 @@ class PodRecord:
     ip: str = ""
     additional_ips: list[str] = field(default_factory=list)
     pause_pid: int = 0
-    cgroup_path: str = ""  # the pod-level cgroup (cgroupfs path, same in every hierarchy)
+    # The pod-level cgroup's path below the hierarchy root, same in every hierarchy (systemd
+    # driver: kubelet's pod slice, or empty when the pod names none).
+    cgroup_path: str = ""
+    cgroup_slice: str = ""  # systemd driver: the slice of the pod's scopes; empty: cgroupfs
     # Pinned namespace files that containers join ("ipc", "uts", "pid").
     namespaces: dict[str, str] = field(default_factory=dict)
     # True when the RunPodSandbox that made this pod never got its answer to the client (it

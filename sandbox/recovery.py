@@ -37,6 +37,12 @@ log = logging.getLogger("flatpod.recovery")
 async def recover(rt: Runtime) -> None:
     await _finish_interrupted(rt)
     for pod in list(rt.pods.values()):
+        if not rt.handlers.is_configured(pod):
+            log.warning(
+                "pod %s: its runtime handler %r is no longer configured; its shim keeps the "
+                "runtime it started with, and the pod can still be stopped and removed",
+                pod.short, pod.runtime_handler,
+            )
         shim = await rt.shims.reconnect(pod.id, rt.paths.pod_dir(pod.id))
         if shim is None and pod.state == SANDBOX_READY:
             await pods.on_pause_exit(rt, pod)
@@ -77,10 +83,11 @@ async def _remove_half_made_pod(rt: Runtime, pod: PodRecord) -> None:
     if opts.network != pb.NODE:
         pod.netns_path = pod.netns_path or str(pods.NETNS_DIR / f"flatpod-{pod.id[:24]}")
         pod.network_kind = pod.network_kind or rt.network_kind
-    if not pod.cgroup_path:
-        parent = pod.config.linux.cgroup_parent or rt.config.default_cgroup_parent
+    if not (pod.cgroup_path or pod.cgroup_slice):
         with contextlib.suppress(cgroups.CgroupError):
-            pod.cgroup_path = cgroups.pod_cgroup_path(parent, pod.id)
+            place = cgroups.placement(rt.config.driver, pod.config.linux.cgroup_parent,
+                                      rt.config.default_cgroup_parent, pod.id)  # fmt: skip
+            pod.cgroup_path, pod.cgroup_slice = place.pod_path, place.slice
     ns_dir = rt.paths.pod_dir(pod.id) / "ns"
     for kind in ("ipc", "uts", "pid", "user"):
         if (ns_dir / kind).exists():

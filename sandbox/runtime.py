@@ -8,6 +8,7 @@ top to bottom as the steps of its RPCs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
@@ -22,6 +23,7 @@ from sandbox.config import Config
 from sandbox.creation import Creations
 from sandbox.errors import InvalidArgument, NotFound
 from sandbox.faults import Faults
+from sandbox.handlers import RuntimeHandlers
 from sandbox.records import ContainerRecord, PodRecord
 from sandbox.store import Store
 from sandbox.wire import AnswerCache
@@ -59,10 +61,6 @@ class Paths:
         return self.state / "containers"
 
     @property
-    def runc_root(self) -> Path:
-        return self.state / "runc"
-
-    @property
     def pause_rootfs(self) -> Path:
         return self.state / "pause-rootfs"
 
@@ -73,8 +71,7 @@ class Paths:
         return self.bundles / container_id
 
     def create_dirs(self) -> None:
-        for path in (self.root, self.state, self.writable_layers, self.pods, self.bundles,
-                     self.runc_root):
+        for path in (self.root, self.state, self.writable_layers, self.pods, self.bundles):
             path.mkdir(parents=True, exist_ok=True)
             os.chmod(path, 0o700)
 
@@ -136,6 +133,11 @@ class Runtime:
         self.background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("background work failed: %s", task.exception())
+
+    @functools.cached_property
+    def handlers(self) -> RuntimeHandlers:
+        """The configured runtime handlers (sandbox/handlers.py)."""
+        return RuntimeHandlers.from_config(self.config)
 
     # --- lookups shared by every RPC family -------------------------------------------------
 

@@ -9,6 +9,7 @@ unprivileged container cannot even try `mount` or `unshare`.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,34 +226,162 @@ def profile_for(caps: Iterable[str], arch: str = "x86_64") -> dict[str, Any]:
     return runtime_default_profile(arch, caps)
 
 
-def load_localhost_profile(path: Path | str) -> dict[str, Any]:
-    """A Localhost profile: a JSON file on the host in the OCI (or docker) seccomp format."""
+# The profile format of moby/profiles, which containerd and CRI-O read: the OCI
+# `linux.seccomp` object plus archMap, and per rule `name`, `comment`, `includes`, `excludes`.
+PROFILE_KEYS = frozenset({
+    "defaultAction", "defaultErrnoRet", "architectures", "archMap", "flags", "listenerPath",
+    "listenerMetadata", "syscalls",
+})
+RULE_KEYS = frozenset({
+    "names", "name", "action", "errnoRet", "args", "comment", "includes", "excludes",
+})
+FILTER_KEYS = frozenset({"caps", "arches", "minKernel"})
+ARG_KEYS = frozenset({"index", "value", "valueTwo", "op"})
+ARCH_MAP_KEYS = frozenset({"architecture", "subArchitectures"})
+# A rule's includes/excludes name architectures as Go does (moby compares GOARCH).
+GO_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
+
+
+@dataclass(frozen=True)
+class ProfileTarget:
+    """What a Localhost profile's conditional rules are judged against."""
+
+    caps: frozenset[str]  # the container's bounding set, CAP_ names
+    arch: str  # as uname says: x86_64, aarch64
+    kernel: tuple[int, int]  # (major, minor) of the running kernel
+
+
+def kernel_version(release: str) -> tuple[int, int]:
+    """(major, minor) from a release like "6.18.0-1-amd64"."""
+    head = release.split("-")[0].split(".")
+    try:
+        return int(head[0]), int(head[1]) if len(head) > 1 else 0
+    except ValueError:
+        raise SeccompError(f"seccomp: cannot read the kernel version {release!r}") from None
+
+
+def load_localhost_profile(
+    path: Path | str, caps: Iterable[str] = (), arch: str = "x86_64",
+    kernel: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """A Localhost profile: a JSON file on the host in the OCI or moby seccomp format,
+    rendered for a container holding `caps` on `arch`. Every key is understood or refused:
+    nothing in a profile is silently dropped."""
     p = Path(path)
     try:
         data = json.loads(p.read_text())
     except FileNotFoundError:
         raise SeccompError(f"seccomp: localhost profile {str(p)!r} not found") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SeccompError(f"seccomp: cannot load localhost profile {str(p)!r}: {e}") from None
     if not isinstance(data, dict) or "defaultAction" not in data:
         raise SeccompError(f"seccomp: localhost profile {str(p)!r} has no defaultAction")
-    return _docker_to_oci(data)
+    target = ProfileTarget(_normalise_caps(caps), arch,
+                           kernel or kernel_version(os.uname().release))
+    try:
+        return moby_to_oci(data, target)
+    except SeccompError as e:
+        raise SeccompError(f"seccomp: localhost profile {str(p)!r}: {e}") from None
 
 
-def _docker_to_oci(data: dict[str, Any]) -> dict[str, Any]:
-    """Accept docker's profile format too: archMap → architectures, drop docker-only keys."""
-    out = {k: v for k, v in data.items() if k not in ("archMap", "defaultErrno")}
-    if "architectures" not in out and "archMap" in data:
-        arches: list[str] = []
-        for entry in data["archMap"]:
-            arches += [entry["architecture"], *entry.get("subArchitectures", [])]
-        out["architectures"] = arches
+def moby_to_oci(data: dict[str, Any], target: ProfileTarget) -> dict[str, Any]:
+    """The OCI object for a moby-format profile, as moby's setupSeccomp builds it: archMap
+    gives the native architecture and its sub-architectures; a rule applies only if its
+    `includes` all hold (every cap held, the arch listed, the kernel at least minKernel) and
+    none of its `excludes` does (any cap held, the arch listed, the kernel at least
+    minKernel)."""
+    _known_keys(data, PROFILE_KEYS, "profile")
+    out = {k: v for k, v in data.items() if k not in ("archMap", "syscalls")}
+    if "archMap" in data:
+        if data.get("architectures"):
+            raise SeccompError("both architectures and archMap are given")
+        out["architectures"] = _native_arches(data["archMap"], target.arch)
+    rules = data.get("syscalls") or []
+    if not isinstance(rules, list):
+        raise SeccompError("syscalls: not a list")
     syscalls = []
-    for rule in out.get("syscalls") or []:
-        rule = {k: v for k, v in rule.items() if k not in ("includes", "excludes", "comment")}
-        if "name" in rule and "names" not in rule:
-            rule["names"] = [rule.pop("name")]
-        syscalls.append(rule)
-    if syscalls:
+    for i, rule in enumerate(rules):
+        where = f"syscalls[{i}]"
+        if not isinstance(rule, dict):
+            raise SeccompError(f"{where}: not an object")
+        _known_keys(rule, RULE_KEYS, where)
+        args = rule.get("args") or []
+        if not isinstance(args, list):
+            raise SeccompError(f"{where}.args: not a list")
+        for n, arg in enumerate(args):
+            _known_keys(arg, ARG_KEYS, f"{where}.args[{n}]")
+        if not _applies(rule, target, where):
+            continue
+        names = rule.get("names") or []
+        if "name" in rule:
+            if names:
+                raise SeccompError(f"{where}: both name and names are given")
+            names = [rule["name"]]
+        converted = {k: v for k, v in rule.items()
+                     if k not in ("name", "comment", "includes", "excludes")}
+        converted["names"] = names
+        syscalls.append(converted)
+    if syscalls or "syscalls" in data:
         out["syscalls"] = syscalls
     return out
+
+
+def _known_keys(obj: Any, allowed: frozenset[str], where: str) -> None:
+    if not isinstance(obj, dict):
+        raise SeccompError(f"{where}: not an object")
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise SeccompError(f"{where}: unknown field {unknown[0]!r} (known: "
+                           f"{', '.join(sorted(allowed))})")
+
+
+def _native_arches(arch_map: Any, arch: str) -> list[str]:
+    if not isinstance(arch_map, list):
+        raise SeccompError("archMap: not a list")
+    native = ARCHITECTURES.get(arch, (f"SCMP_ARCH_{arch.upper()}",))[0]
+    arches: list[str] = []
+    for i, entry in enumerate(arch_map):
+        _known_keys(entry, ARCH_MAP_KEYS, f"archMap[{i}]")
+        if entry.get("architecture") == native:
+            arches += [native, *(entry.get("subArchitectures") or [])]
+    return arches
+
+
+def _applies(rule: dict[str, Any], target: ProfileTarget, where: str) -> bool:
+    excludes, includes = rule.get("excludes"), rule.get("includes")
+    if excludes is not None:
+        caps, arches, min_kernel = _filter(excludes, f"{where}.excludes")
+        if _arch_listed(arches, target.arch) or caps & target.caps:
+            return False
+        if min_kernel is not None and target.kernel >= min_kernel:
+            return False
+    if includes is not None:
+        caps, arches, min_kernel = _filter(includes, f"{where}.includes")
+        if arches and not _arch_listed(arches, target.arch):
+            return False
+        if not caps <= target.caps:
+            return False
+        if min_kernel is not None and target.kernel < min_kernel:
+            return False
+    return True
+
+
+def _filter(obj: Any, where: str) -> tuple[frozenset[str], list[str], tuple[int, int] | None]:
+    _known_keys(obj, FILTER_KEYS, where)
+    caps, arches = obj.get("caps") or [], obj.get("arches") or []
+    if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+        raise SeccompError(f"{where}.caps: not a list of capability names")
+    if not isinstance(arches, list) or not all(isinstance(a, str) for a in arches):
+        raise SeccompError(f"{where}.arches: not a list of architectures")
+    min_kernel = None
+    if obj.get("minKernel") is not None:
+        text = obj["minKernel"]
+        parts = text.split(".") if isinstance(text, str) else []
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise SeccompError(f"{where}.minKernel: {text!r} is not a version like 5.8")
+        min_kernel = (int(parts[0]), int(parts[1]))
+    return _normalise_caps(caps), arches, min_kernel
+
+
+def _arch_listed(arches: list[str], arch: str) -> bool:
+    return arch in arches or GO_ARCH.get(arch, arch) in arches

@@ -27,10 +27,10 @@ IMAGE_SERVICE = "runtime.v1.ImageService"
 # kubelet sends and accepts messages up to 16 MiB; allow more than that both ways.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
-# A unary handler answers a message, or bytes already serialized as the response message
-# (see sandbox/wire.py: the list answers kubelet asks for every second).
+# A handler answers (or, streaming, yields) messages, or bytes already serialized as the
+# response message (see sandbox/wire.py: the list answers kubelet asks for every second).
 UnaryHandler = Callable[[Any, Any], Awaitable[Message | bytes]]
-StreamHandler = Callable[[Any, Any], AsyncIterator[Message]]
+StreamHandler = Callable[[Any, Any], AsyncIterator[Message | bytes]]
 Handler = UnaryHandler | StreamHandler
 RpcObserver = Callable[[str, float, grpc.StatusCode], None]
 
@@ -56,14 +56,13 @@ def build_server(
         for method in service.methods:
             key = f"{service.name}/{method.name}"
             request_type = _message_class(method.input_type.name)
-            response_type = _message_class(method.output_type.name)
             full_name = f"/{service_name}/{method.name}"
             func = handlers.get(key) or _unimplemented(full_name, method.server_streaming)
             if method.server_streaming:
                 method_handlers[method.name] = grpc.unary_stream_rpc_method_handler(
                     _stream(runtime, full_name, func, observe),
                     request_deserializer=request_type.FromString,
-                    response_serializer=response_type.SerializeToString,
+                    response_serializer=_serialize,
                 )
             else:
                 method_handlers[method.name] = grpc.unary_unary_rpc_method_handler(
@@ -143,10 +142,10 @@ def _unary(
 
 def _stream(
     runtime: Any, name: str, func: Handler, observe: RpcObserver | None
-) -> Callable[[Message, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Message]]:
+) -> Callable[[Message, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Message | bytes]]:
     async def handle(
         request: Message, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Message]:
+    ) -> AsyncIterator[Message | bytes]:
         started = time.monotonic()
         code = grpc.StatusCode.OK
         try:

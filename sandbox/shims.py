@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sandbox.handlers import Handler
 from shim import ksm
 from shim.client import (
     ShimClient,
@@ -59,8 +60,6 @@ class ShimRegistry:
     children and outlive both.
     """
 
-    runc_root: Path
-    runc: str
     log_level: str
     on_exit: ExitHandler
     # Called with the pod id when a shim goes away without being asked to (killed, OOM).
@@ -97,23 +96,26 @@ class ShimRegistry:
         reply = await zygote_call(socket_path, "ping", timeout=ZYGOTE_PING_TIMEOUT)
         pid_file.write_text(f"{int(reply['pid'])}\n")
 
-    async def spawn(self, pod_id: str, pod_dir: Path) -> ShimClient:
+    async def spawn(self, pod_id: str, pod_dir: Path, handler: Handler) -> ShimClient:
+        """The pod's shim, which runs the pod's OCI runtime (its handler's) for life."""
         zygote = str(self.zygote_socket) if self.zygote_socket else None
         try:
-            client = await self._spawn(pod_id, pod_dir, zygote)
+            client = await self._spawn(pod_id, pod_dir, handler, zygote)
         except ShimError as err:
             if zygote is None or "zygote" not in str(err):
                 raise
             log.warning("shim zygote failed (%s); starting a new one", err)
             await self.start()
-            client = await self._spawn(pod_id, pod_dir, zygote)
+            client = await self._spawn(pod_id, pod_dir, handler, zygote)
         self._adopt(pod_id, client)
         return client
 
-    async def _spawn(self, pod_id: str, pod_dir: Path, zygote: str | None) -> ShimClient:
+    async def _spawn(self, pod_id: str, pod_dir: Path, handler: Handler,
+                     zygote: str | None) -> ShimClient:
         return await spawn_shim(
-            pod_id, str(pod_dir), str(self.runc_root), python=sys.executable,
-            runc=self.runc, log_level=self.log_level, zygote_socket=zygote,
+            pod_id, str(pod_dir), str(handler.root), python=sys.executable,
+            runc=handler.binary, runc_args=list(handler.global_args),
+            log_level=self.log_level, zygote_socket=zygote,
         )
 
     async def reconnect(self, pod_id: str, pod_dir: Path) -> ShimClient | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cri_api import api_pb2 as pb
-from sandbox import seccomp, users
+from sandbox import cgroups, seccomp, users
 
 OCI_VERSION = "1.0.2-dev"
 DEFAULT_PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -97,6 +97,10 @@ class SpecDefaults:
     hugetlb_available: bool = False
     # memory.memsw exists (swap accounting): then swap is limited like containerd does.
     swap_available: bool = True
+    # The host is pure cgroup v2: CRI `unified` goes into the spec, and each container gets
+    # its own cgroup namespace (as containerd does; not on v1, where runc would bind the
+    # host's hierarchies anyway).
+    cgroup_v2: bool = False
     pids_limit: int | None = None
     # RLIMIT_NOFILE (soft = hard); must not exceed the daemon's hard limit. None: runc's default.
     nofile_limit: int | None = None
@@ -466,28 +470,29 @@ def seccomp_profile(
             return seccomp.profile_for(caps, arch)
         if profile.profile_type == pb.SecurityProfile.Unconfined:
             return None
-        return _localhost(profile.localhost_ref, "seccomp.localhost_ref")
+        return _localhost(profile.localhost_ref, "seccomp.localhost_ref", caps, arch)
     if legacy_path in ("", "unconfined"):
         return None
     if legacy_path in ("runtime/default", "docker/default"):
         return seccomp.profile_for(caps, arch)
     if legacy_path.startswith("localhost/"):
-        return _localhost(legacy_path.removeprefix("localhost"), "seccomp_profile_path")
+        return _localhost(legacy_path.removeprefix("localhost"), "seccomp_profile_path", caps, arch)
     raise SpecError(f"seccomp_profile_path: unknown profile {legacy_path!r}")
 
 
-def _localhost(path: str, field_name: str) -> dict[str, Any]:
+def _localhost(path: str, field_name: str, caps: Sequence[str], arch: str) -> dict[str, Any]:
     if not path.startswith("/"):
         raise SpecError(f"{field_name}: localhost profile {path!r} must be an absolute path")
     try:
-        return seccomp.load_localhost_profile(path)
+        return seccomp.load_localhost_profile(path, caps, arch)
     except seccomp.SeccompError as e:
         raise SpecError(f"{field_name}: {e}") from None
 
 
 def linux_resources(r: pb.LinuxContainerResources, defaults: SpecDefaults) -> dict[str, Any]:
-    """The cgroup settings runc applies (v1 names; runc converts for v2). `unified` is ignored
-    on v1; hugepage limits only when a v1 hugetlb hierarchy exists (see SpecDefaults)."""
+    """The cgroup settings runc applies (v1 names; runc converts them for v2, then writes
+    `unified`, which kubelet sends on v2 only and which is dropped on v1); hugepage limits only
+    where runc can place them (see SpecDefaults)."""
     out: dict[str, Any] = {}
     cpu = {
         k: v
@@ -518,6 +523,13 @@ def linux_resources(r: pb.LinuxContainerResources, defaults: SpecDefaults) -> di
         ]
     if defaults.pids_limit:
         out["pids"] = {"limit": defaults.pids_limit}
+    if r.unified and defaults.cgroup_v2:
+        for key in r.unified:
+            try:
+                cgroups.check_unified_key(key)
+            except cgroups.CgroupError as e:
+                raise SpecError(f"resources.unified: {e}") from None
+        out["unified"] = dict(sorted(r.unified.items()))
     return out
 
 
@@ -657,7 +669,8 @@ def _ns_options(sc: Any) -> pb.NamespaceOption:
 def container_namespaces(
     opts: pb.NamespaceOption, sandbox: SandboxPaths, target_pid_ns: Path | None
 ) -> list[dict[str, str]]:
-    """Join the pod's pinned files; new mount namespace; no cgroup namespace (cgroup v1).
+    """Join the pod's pinned files; new mount namespace (the cgroup namespace, on v2 only,
+    is the caller's).
 
     The pod's user namespace comes first: runc joins it before the others (it orders the
     paths itself, user first), and the pod's netns, IPC, UTS and PID namespaces belong to it,
@@ -902,8 +915,11 @@ def build_container_spec(
     # which only overrides on a non-nil list).
     masked = list(sc.masked_paths) or list(defaults.masked_paths)
     readonly = list(sc.readonly_paths) or list(defaults.readonly_paths)
+    namespaces = container_namespaces(opts, sandbox, target_pid_ns)
+    if defaults.cgroup_v2 and not privileged:  # a privileged container sees the host's tree
+        namespaces.append(_ns("cgroup"))
     linux: dict[str, Any] = {
-        "namespaces": container_namespaces(opts, sandbox, target_pid_ns),
+        "namespaces": namespaces,
         "cgroupsPath": cgroups_path,
         "resources": resources,
         "devices": devs,

@@ -2,8 +2,9 @@
 Stream* variants, ListMetricDescriptors, ListPodSandboxMetrics, UpdatePodSandboxResources.
 
 Figures come straight from the kernel: the cgroup of each container and pod (cpu, memory,
-swap, processes, OOM kills), the container's writable upper dir (disk), and /proc/net/dev
-inside the pod's netns (network). kubelet reads them for its summary API and for eviction
+swap, block I/O, pressure, processes, OOM kills; read by cgroup_stats.py), the container's
+writable upper dir (disk), and /proc/net/dev inside the pod's netns (network). The metrics
+made of them are in metrics_cri.py. kubelet reads them for its summary API and for eviction
 (working set, available memory, writable layer bytes and inodes).
 
 Every RPC takes its figures from one `Stats` object owned by the server, which keeps the
@@ -25,7 +26,7 @@ from typing import TypeVar
 
 from cri_api import api_pb2 as pb
 from netns.enter import InterfaceCounters, interface_counters
-from sandbox import cgroups, pods
+from sandbox import cgroup_stats, cgroups, metrics_cri, pods
 from sandbox.containers import CONTAINER_CREATING, matching
 from sandbox.errors import NotFound
 from sandbox.images.snapshots import tree_usage
@@ -54,17 +55,24 @@ STREAM_PAGE = 100
 
 @dataclass(frozen=True)
 class CgroupSample:
-    """One reading of a cgroup. Zeros, with a timestamp, when the cgroup does not exist yet."""
+    """One reading of a cgroup. No figures, with a timestamp, when the cgroup does not exist yet."""
 
     timestamp: int  # ns since the epoch, what the CRI reports
     monotonic: int  # ns, what the cpu rate and the cache age are measured with
-    cpu_ns: int = 0
-    memory: cgroups.MemoryStats | None = None
-    swap_usage: int | None = None
-    swap_limit: int | None = None  # swap alone (memsw - memory limit); None: unlimited
+    figures: cgroup_stats.CgroupFigures | None = None
     processes: int = 0
-    oom_kills: int = 0
+    # Open fds, sockets and the open-files limit: only read for the metrics, which alone
+    # report them, since they cost a readlink per open file.
+    procs: cgroup_stats.ProcessFigures | None = None
     nano_cores: int | None = None  # None until there is a previous sample to compare with
+
+    @property
+    def cpu_ns(self) -> int:
+        return self.figures.cpu.usage_ns if self.figures else 0
+
+    @property
+    def memory(self) -> cgroup_stats.MemoryFigures:
+        return self.figures.memory if self.figures else cgroup_stats.MemoryFigures()
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,8 @@ class DiskSample:
     monotonic: int
     used_bytes: int = 0
     inodes: int = 0
+    device: cgroup_stats.BlockDevice | None = None  # holding the writable layers; None: virtual
+    disk: cgroup_stats.BlockDevice | None = None  # the whole disk of `device` (I/O is per disk)
 
 
 @dataclass(frozen=True)
@@ -91,63 +101,43 @@ class Readings:
     nets: dict[str, NetSample]
 
 
-def read_cgroup(path: str, hs: Sequence[cgroups.Hierarchy]) -> CgroupSample:
+def cgroup_dirs(path: str, hs: Sequence[cgroups.Hierarchy]) -> Path | cgroup_stats.V1Dirs:
+    """Where the cgroup `path` is on disk: its v2 directory, or its directory per v1 controller.
+
+    The one place the stats find a cgroup's directories; the readers take directories only.
+    """
+    v2 = next((h for h in hs if h.version == 2), None)
+    if v2 is not None and not any(h.version == 1 for h in hs):
+        return v2.dir_for(path)
+    by_controller = {c: h.dir_for(path) for h in hs if h.version == 1 for c in h.controllers}
+    return cgroup_stats.V1Dirs(by_controller, v2.dir_for(path) if v2 is not None else None)
+
+
+def read_cgroup(path: str, hs: Sequence[cgroups.Hierarchy],
+                root_pid: int | None = None) -> CgroupSample:  # fmt: skip
+    """A sample of the cgroup `path`; with `root_pid`, also its processes' fds and limits."""
     now, mono = time.time_ns(), time.monotonic_ns()
+    dirs = cgroup_dirs(path, hs)
     try:
-        cpu = cgroups.read_cpu_usage_ns(path, hs)
-        memory = cgroups.read_memory(path, hs)
-    except (OSError, ValueError):  # no cgroup (yet, or any more): zeros, as critest expects
+        if isinstance(dirs, Path):
+            figures = cgroup_stats.read_v2(dirs)
+        else:
+            figures = cgroup_stats.read_v1(dirs)
+        pids = cgroups.pids(path, hs)
+    except OSError:  # no cgroup (yet, or any more): zeros, as critest expects
         return CgroupSample(now, mono)
-    swap_usage, swap_limit = _read_swap(path, memory, hs)
-    return CgroupSample(
-        timestamp=now,
-        monotonic=mono,
-        cpu_ns=cpu,
-        memory=memory,
-        swap_usage=swap_usage,
-        swap_limit=swap_limit,
-        processes=len(cgroups.pids(path, hs)),
-        oom_kills=_oom_kills(path, hs),
-    )
+    procs = None if root_pid is None else cgroup_stats.read_processes(pids, root_pid)
+    return CgroupSample(now, mono, figures, len(pids), procs)
 
 
-def _read_swap(
-    path: str, memory: cgroups.MemoryStats, hs: Sequence[cgroups.Hierarchy]
-) -> tuple[int | None, int | None]:
-    """(swap used, swap limit); v1 only counts memory+swap, so swap is the difference."""
-    h = next((h for h in hs if "memory" in h.controllers), None)
-    if h is None:
-        return None, None
-    d = h.dir_for(path)
-    try:
-        if h.version == 2:
-            raw = (d / "memory.swap.max").read_text().strip()
-            used = int((d / "memory.swap.current").read_text())
-            return used, None if raw == "max" else int(raw)
-        memsw = int((d / "memory.memsw.usage_in_bytes").read_text())
-        memsw_limit = int((d / "memory.memsw.limit_in_bytes").read_text())
-    except (OSError, ValueError):  # swap accounting is off (no memsw files)
-        return None, None
-    swap_limit = None
-    if memsw_limit < 1 << 62 and memory.limit is not None:
-        swap_limit = max(0, memsw_limit - memory.limit)
-    return max(0, memsw - memory.usage), swap_limit
-
-
-def _oom_kills(path: str, hs: Sequence[cgroups.Hierarchy]) -> int:
-    try:
-        return cgroups.oom_kill_count(path, hs)
-    except (OSError, ValueError):
-        return 0
-
-
-def read_disk(upper: Path) -> DiskSample:
+def read_disk(upper: Path, device: cgroup_stats.BlockDevice | None = None,
+              disk: cgroup_stats.BlockDevice | None = None) -> DiskSample:  # fmt: skip
     now, mono = time.time_ns(), time.monotonic_ns()
     try:
         usage = tree_usage(upper)
     except FileNotFoundError:  # no layer yet, or removed just now
-        return DiskSample(now, mono)
-    return DiskSample(now, mono, usage.bytes, usage.inodes)
+        return DiskSample(now, mono, device=device, disk=disk)
+    return DiskSample(now, mono, usage.bytes, usage.inodes, device, disk)
 
 
 def read_net(netns_path: str) -> NetSample:
@@ -159,20 +149,25 @@ def read_net(netns_path: str) -> NetSample:
     return NetSample(now, mono, counters)
 
 
-def read_all(cgroup_paths: Iterable[str], uppers: Mapping[str, Path],
-             netns_paths: Iterable[str]) -> Readings:  # fmt: skip
-    """Blocking: every stale source in one go, so that a list costs one thread hop."""
+def read_all(cgroup_paths: Mapping[str, int | None], uppers: Mapping[str, Path],
+             netns_paths: Iterable[str], layers: Path) -> Readings:  # fmt: skip
+    """Blocking: every stale source in one go, so that a list costs one thread hop.
+
+    `cgroup_paths` maps each cgroup to the pid whose processes' details to read, or None.
+    """
     hs = cgroups.hierarchies()
+    device = cgroup_stats.filesystem_device(layers) if uppers else None
+    disk = cgroup_stats.whole_disk(device) if device else None
     return Readings(
-        cgroups={p: read_cgroup(p, hs) for p in cgroup_paths},
-        disks={cid: read_disk(upper) for cid, upper in uppers.items()},
+        cgroups={p: read_cgroup(p, hs, pid) for p, pid in cgroup_paths.items()},
+        disks={cid: read_disk(upper, device, disk) for cid, upper in uppers.items()},
         nets={n: read_net(n) for n in netns_paths},
     )
 
 
 def with_rate(sample: CgroupSample, previous: CgroupSample | None) -> CgroupSample:
     """usage_nano_cores: cpu time used per second between the previous sample and this one."""
-    if previous is None or previous.memory is None or sample.memory is None:
+    if previous is None or previous.figures is None or sample.figures is None:
         return sample
     elapsed = sample.monotonic - previous.monotonic
     used = sample.cpu_ns - previous.cpu_ns
@@ -202,15 +197,21 @@ class Stats:
     refreshing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def refresh(self, rt: Runtime, ctrs: Iterable[ContainerRecord],
-                      pod_list: Iterable[PodRecord]) -> None:  # fmt: skip
-        """Re-reads the sources of these containers and pods whose sample is too old."""
+                      pod_list: Iterable[PodRecord], detail: bool = False) -> None:  # fmt: skip
+        """Re-reads the sources of these containers and pods whose sample is too old.
+
+        `detail`: the cgroup samples must include their processes' fds and limits (metrics).
+        """
         ctrs, pod_list = list(ctrs), list(pod_list)
         async with self.refreshing:
             now = time.monotonic_ns()
-            paths = {c.cgroup_path for c in ctrs} | {p.cgroup_path for p in pod_list}
-            stale_cgroups = [
-                p for p in paths if p and not _fresh(self.cgroups.get(p), now, self.cgroup_ttl_ns)
-            ]
+            # Each cgroup, with the pid whose process details to read (containers' metrics).
+            wanted: dict[str, int | None] = {p.cgroup_path: None for p in pod_list}
+            wanted |= {c.cgroup_path: c.pid if detail else None for c in ctrs}
+            stale_cgroups = {
+                path: pid for path, pid in wanted.items()
+                if path and self._stale(path, now, pid is not None)
+            }
             stale_disks = {
                 c.id: rt.paths.writable_layers / c.id / "upper"
                 for c in ctrs
@@ -224,12 +225,26 @@ class Stats:
             if not (stale_cgroups or stale_disks or stale_nets):
                 self._forget_gone(rt)  # samples of what was removed since, even so
                 return
-            read = await asyncio.to_thread(read_all, stale_cgroups, stale_disks, stale_nets)
+            read = await asyncio.to_thread(read_all, stale_cgroups, stale_disks, stale_nets,
+                                           rt.paths.writable_layers)
             for path, sample in read.cgroups.items():
-                self.cgroups[path] = with_rate(sample, self.cgroups.get(path))
+                previous = self.cgroups.get(path)
+                if _fresh(previous, now, self.cgroup_ttl_ns) and previous is not None:
+                    # Read again for its process details only: a rate over a few ms would be
+                    # noise, so the last one stands.
+                    sample = dataclasses.replace(sample, nano_cores=previous.nano_cores)
+                else:
+                    sample = with_rate(sample, previous)
+                self.cgroups[path] = sample
             self.disks.update(read.disks)
             self.nets.update(read.nets)
             self._forget_gone(rt)
+
+    def _stale(self, path: str, now: int, detail: bool) -> bool:
+        sample = self.cgroups.get(path)
+        if detail and sample is not None and sample.figures is not None and sample.procs is None:
+            return True
+        return not _fresh(sample, now, self.cgroup_ttl_ns)
 
     def _forget_gone(self, rt: Runtime) -> None:
         """Drops samples of removed containers and pods, so the cache stays runtime-sized."""
@@ -293,6 +308,7 @@ class Stats:
                 used_bytes=pb.UInt64Value(value=disk.used_bytes),
                 inodes_used=pb.UInt64Value(value=disk.inodes),
             ),
+            io=io_usage(sample),
         )
 
     # --- PodSandboxStats, ListPodSandboxStats, StreamPodSandboxStats --------------------------
@@ -323,14 +339,15 @@ class Stats:
             yield pb.StreamPodSandboxStatsResponse(pod_sandbox_stats=page)
 
     async def _sampled_ready_pods(
-        self, rt: Runtime, candidates: Iterable[PodRecord]
+        self, rt: Runtime, candidates: Iterable[PodRecord], detail: bool = False
     ) -> list[tuple[PodRecord, list[ContainerRecord]]]:
         """The ready pods among `candidates` with their containers, all freshly sampled.
 
         Ready pods only (as containerd): a stopped pod has no process and no network left.
         """
         by_pod = [(p, _containers_of(rt, p)) for p in candidates if p.state == SANDBOX_READY]
-        await self.refresh(rt, [c for _, cs in by_pod for c in cs], [p for p, _ in by_pod])
+        await self.refresh(rt, [c for _, cs in by_pod for c in cs], [p for p, _ in by_pod],
+                           detail)
         return by_pod
 
     def pod_message(
@@ -344,6 +361,7 @@ class Stats:
                 timestamp=sample.timestamp, process_count=pb.UInt64Value(value=sample.processes)
             ),
             containers=[self.container_message(rt, c) for c in ctrs],
+            io=io_usage(sample),
         )
         if pod.netns_path:  # host-network pods share the node's counters: none of their own
             linux.network.CopyFrom(network_usage(self.net(pod.netns_path)))
@@ -360,17 +378,12 @@ class Stats:
     async def list_metric_descriptors(
         self, rt: Runtime, req: pb.ListMetricDescriptorsRequest
     ) -> pb.ListMetricDescriptorsResponse:
-        return pb.ListMetricDescriptorsResponse(
-            descriptors=[
-                pb.MetricDescriptor(name=m.name, help=m.help, label_keys=[*BASE_LABELS, *m.extra])
-                for m in METRICS
-            ]
-        )
+        return pb.ListMetricDescriptorsResponse(descriptors=metrics_cri.descriptors())
 
     async def list_pod_sandbox_metrics(
         self, rt: Runtime, req: pb.ListPodSandboxMetricsRequest
     ) -> pb.ListPodSandboxMetricsResponse:
-        by_pod = await self._sampled_ready_pods(rt, rt.pods.values())
+        by_pod = await self._sampled_ready_pods(rt, rt.pods.values(), detail=True)
         return pb.ListPodSandboxMetricsResponse(
             pod_metrics=[self.pod_metrics(rt, p, ctrs) for p, ctrs in by_pod]
         )
@@ -385,29 +398,56 @@ class Stats:
     def pod_metrics(
         self, rt: Runtime, pod: PodRecord, ctrs: Iterable[ContainerRecord]
     ) -> pb.PodSandboxMetrics:
-        labels = (pod.cgroup_path, pod.id, "")
+        meta = pod.config.metadata
+        labels = metrics_cri.BaseLabels(container="", id=pod.cgroup_path, image="", name=pod.id,
+                                        namespace=meta.namespace, pod=meta.name)
         sample = self.cgroup(pod.cgroup_path)
-        metrics = cgroup_metrics(labels, sample)
-        if pod.netns_path:
-            metrics += network_metrics(labels, self.net(pod.netns_path))
+        metrics = [
+            *metrics_cri.cgroup_metrics(labels, sample.timestamp, sample.figures),
+            *metrics_cri.process_metrics(labels, sample.timestamp, sample.processes, None),
+            metrics_cri.metric("container_start_time_seconds", sample.timestamp, labels,
+                               pod.created_at // NS_PER_S),
+        ]
+        if sample.figures is not None:
+            metrics += metrics_cri.io_metrics(labels, sample.timestamp, sample.figures.io)
+        if pod.netns_path:  # on the pause, which holds the netns, as cAdvisor reports it
+            net = self.net(pod.netns_path)
+            metrics += metrics_cri.network_metrics(
+                labels._replace(container=metrics_cri.POD_CONTAINER), net.timestamp,
+                net.interfaces)
         return pb.PodSandboxMetrics(
             pod_sandbox_id=pod.id,
             metrics=metrics,
             container_metrics=[
-                pb.ContainerMetrics(container_id=c.id, metrics=self.container_metrics(rt, c))
+                pb.ContainerMetrics(container_id=c.id, metrics=self.container_metrics(rt, pod, c))
                 for c in ctrs
             ],
         )
 
-    def container_metrics(self, rt: Runtime, ctr: ContainerRecord) -> list[pb.Metric]:
-        labels = (ctr.cgroup_path, ctr.id, ctr.image_name or ctr.image_ref)
-        disk = self.disk(ctr.id)
-        device = str(rt.paths.writable_layers)
-        return [
-            *cgroup_metrics(labels, self.cgroup(ctr.cgroup_path)),
-            _metric("container_fs_usage_bytes", disk.timestamp, labels, disk.used_bytes, device),
-            _metric("container_fs_inodes_usage", disk.timestamp, labels, disk.inodes, device),
+    def container_metrics(self, rt: Runtime, pod: PodRecord,
+                          ctr: ContainerRecord) -> list[pb.Metric]:  # fmt: skip
+        labels = metrics_cri.BaseLabels(
+            container=ctr.config.metadata.name, id=ctr.cgroup_path,
+            image=ctr.image_name or ctr.image_ref, name=ctr.id,
+            namespace=pod.config.metadata.namespace, pod=pod.config.metadata.name,
+        )
+        sample, disk = self.cgroup(ctr.cgroup_path), self.disk(ctr.id)
+        t = sample.timestamp
+        # cAdvisor names the filesystem's device; a virtual one (overlay, tmpfs) has none.
+        fs = disk.device.name if disk.device else str(rt.paths.writable_layers)
+        metrics = [
+            *metrics_cri.cgroup_metrics(labels, t, sample.figures),
+            *metrics_cri.process_metrics(labels, t, sample.processes, sample.procs),
+            metrics_cri.metric("container_start_time_seconds", t, labels,
+                               (ctr.started_at or ctr.created_at) // NS_PER_S),
+            metrics_cri.metric("container_fs_usage_bytes", disk.timestamp, labels,
+                               disk.used_bytes, fs),
+            metrics_cri.metric("container_fs_inodes_usage", disk.timestamp, labels, disk.inodes,
+                               fs),
         ]
+        if sample.figures is not None:
+            metrics += metrics_cri.io_metrics(labels, t, sample.figures.io, disk.disk)
+        return metrics
 
 
 # --- CRI messages from samples ---------------------------------------------------------------
@@ -417,15 +457,29 @@ def _u64(value: int) -> pb.UInt64Value:
     return pb.UInt64Value(value=max(0, value))
 
 
+def psi_stats(p: cgroup_stats.Pressure | None) -> pb.PsiStats | None:
+    """cri-api's PsiStats from a `*.pressure` file; None where the kernel has none (v1)."""
+    if p is None:
+        return None
+
+    def data(d: cgroup_stats.PsiData | None) -> pb.PsiData | None:
+        if d is None:
+            return None
+        return pb.PsiData(Total=d.total_us, Avg10=d.avg10, Avg60=d.avg60, Avg300=d.avg300)
+
+    return pb.PsiStats(Full=data(p.full), Some=data(p.some))
+
+
 def cpu_usage(s: CgroupSample) -> pb.CpuUsage:
-    cpu = pb.CpuUsage(timestamp=s.timestamp, usage_core_nano_seconds=_u64(s.cpu_ns))
+    cpu = pb.CpuUsage(timestamp=s.timestamp, usage_core_nano_seconds=_u64(s.cpu_ns),
+                      psi=psi_stats(s.figures.cpu_pressure if s.figures else None))
     if s.nano_cores is not None:  # unset, not 0, until a rate exists (kubelet tells them apart)
         cpu.usage_nano_cores.CopyFrom(_u64(s.nano_cores))
     return cpu
 
 
 def memory_usage(s: CgroupSample) -> pb.MemoryUsage:
-    m = s.memory or cgroups.MemoryStats(0, 0, 0, 0, 0, None)
+    m = s.memory
     usage = pb.MemoryUsage(
         timestamp=s.timestamp,
         working_set_bytes=_u64(m.working_set),
@@ -433,16 +487,24 @@ def memory_usage(s: CgroupSample) -> pb.MemoryUsage:
         rss_bytes=_u64(m.rss),
         page_faults=_u64(m.page_faults),
         major_page_faults=_u64(m.major_page_faults),
+        psi=psi_stats(s.figures.memory_pressure if s.figures else None),
     )
     if m.limit is not None:  # eviction reads available against the limit; none if unlimited
         usage.available_bytes.CopyFrom(_u64(m.limit - m.working_set))
     return usage
 
 
+def io_usage(s: CgroupSample) -> pb.IoUsage | None:
+    """Only I/O pressure has a CRI field: unset where the kernel has no PSI for the cgroup."""
+    psi = psi_stats(s.figures.io_pressure if s.figures else None)
+    return None if psi is None else pb.IoUsage(timestamp=s.timestamp, psi=psi)
+
+
 def swap_usage(s: CgroupSample) -> pb.SwapUsage:
-    swap = pb.SwapUsage(timestamp=s.timestamp, swap_usage_bytes=_u64(s.swap_usage or 0))
-    if s.swap_limit is not None and s.swap_usage is not None:
-        swap.swap_available_bytes.CopyFrom(_u64(s.swap_limit - s.swap_usage))
+    m = s.memory
+    swap = pb.SwapUsage(timestamp=s.timestamp, swap_usage_bytes=_u64(m.swap_usage or 0))
+    if m.swap_limit is not None and m.swap_usage is not None:
+        swap.swap_available_bytes.CopyFrom(_u64(m.swap_limit - m.swap_usage))
     return swap
 
 
@@ -460,112 +522,6 @@ def network_usage(n: NetSample) -> pb.NetworkUsage:
     if default is not None:
         usage.default_interface.CopyFrom(default)
     return usage
-
-
-# --- cAdvisor-style metrics ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    name: str
-    help: str
-    counter: bool
-    extra: tuple[str, ...] = ()  # label keys after BASE_LABELS
-
-
-# cAdvisor's names and base labels ("id" the cgroup, "name" the container or pod id, "image").
-# kubelet appends namespace, pod and container itself (criDescToProm), so they are not here.
-BASE_LABELS = ("id", "name", "image")
-METRICS = (
-    MetricSpec("container_cpu_usage_seconds_total", "Cumulative cpu time consumed in seconds.",
-               True, ("cpu",)),
-    MetricSpec("container_memory_usage_bytes",
-               "Current memory usage in bytes, including all memory regardless of when it was "
-               "accessed", False),
-    MetricSpec("container_memory_working_set_bytes", "Current working set in bytes.", False),
-    MetricSpec("container_memory_rss", "Size of RSS in bytes.", False),
-    MetricSpec("container_memory_swap", "Container swap usage in bytes.", False),
-    MetricSpec("container_memory_failures_total", "Cumulative count of memory allocation "
-               "failures.", True, ("failure_type", "scope")),
-    MetricSpec("container_spec_memory_limit_bytes", "Memory limit for the container.", False),
-    MetricSpec("container_oom_events_total", "Count of out of memory events observed for the "
-               "container", True),
-    MetricSpec("container_processes", "Number of processes running inside the container.",
-               False),
-    MetricSpec("container_fs_usage_bytes", "Number of bytes that are consumed by the container "
-               "on this filesystem.", False, ("device",)),
-    MetricSpec("container_fs_inodes_usage", "Number of inodes used by the container on this "
-               "filesystem.", False, ("device",)),
-    MetricSpec("container_network_receive_bytes_total", "Cumulative count of bytes received",
-               True, ("interface",)),
-    MetricSpec("container_network_receive_packets_total", "Cumulative count of packets "
-               "received", True, ("interface",)),
-    MetricSpec("container_network_receive_packets_dropped_total", "Cumulative count of packets "
-               "dropped while receiving", True, ("interface",)),
-    MetricSpec("container_network_receive_errors_total", "Cumulative count of errors "
-               "encountered while receiving", True, ("interface",)),
-    MetricSpec("container_network_transmit_bytes_total", "Cumulative count of bytes "
-               "transmitted", True, ("interface",)),
-    MetricSpec("container_network_transmit_packets_total", "Cumulative count of packets "
-               "transmitted", True, ("interface",)),
-    MetricSpec("container_network_transmit_packets_dropped_total", "Cumulative count of "
-               "packets dropped while transmitting", True, ("interface",)),
-    MetricSpec("container_network_transmit_errors_total", "Cumulative count of errors "
-               "encountered while transmitting", True, ("interface",)),
-)
-_COUNTERS = frozenset(m.name for m in METRICS if m.counter)
-
-
-def _metric(name: str, timestamp: int, labels: tuple[str, str, str], value: int,
-            *extra: str) -> pb.Metric:  # fmt: skip
-    return pb.Metric(
-        name=name,
-        timestamp=timestamp,
-        metric_type=pb.COUNTER if name in _COUNTERS else pb.GAUGE,
-        label_values=[*labels, *extra],
-        value=_u64(value),
-    )
-
-
-def cgroup_metrics(labels: tuple[str, str, str], s: CgroupSample) -> list[pb.Metric]:
-    m = s.memory or cgroups.MemoryStats(0, 0, 0, 0, 0, None)
-    t = s.timestamp
-    metrics = [
-        # A whole number of seconds: Metric values are integers.
-        _metric("container_cpu_usage_seconds_total", t, labels, s.cpu_ns // NS_PER_S, "total"),
-        _metric("container_memory_usage_bytes", t, labels, m.usage),
-        _metric("container_memory_working_set_bytes", t, labels, m.working_set),
-        _metric("container_memory_rss", t, labels, m.rss),
-        _metric("container_memory_swap", t, labels, s.swap_usage or 0),
-        _metric("container_memory_failures_total", t, labels,
-                m.page_faults, "pgfault", "container"),
-        _metric("container_memory_failures_total", t, labels, m.major_page_faults,
-                "pgmajfault", "container"),
-        _metric("container_oom_events_total", t, labels, s.oom_kills),
-        _metric("container_processes", t, labels, s.processes),
-    ]
-    if m.limit is not None:
-        metrics.append(_metric("container_spec_memory_limit_bytes", t, labels, m.limit))
-    return metrics
-
-
-def network_metrics(labels: tuple[str, str, str], n: NetSample) -> list[pb.Metric]:
-    metrics = []
-    for name, c in sorted(n.interfaces.items()):
-        if name == "lo":
-            continue
-        for metric, value in (
-            ("container_network_receive_bytes_total", c.rx_bytes),
-            ("container_network_receive_packets_total", c.rx_packets),
-            ("container_network_receive_packets_dropped_total", c.rx_dropped),
-            ("container_network_receive_errors_total", c.rx_errors),
-            ("container_network_transmit_bytes_total", c.tx_bytes),
-            ("container_network_transmit_packets_total", c.tx_packets),
-            ("container_network_transmit_packets_dropped_total", c.tx_dropped),
-            ("container_network_transmit_errors_total", c.tx_errors),
-        ):
-            metrics.append(_metric(metric, n.timestamp, labels, value, name))
-    return metrics
 
 
 # --- UpdatePodSandboxResources ---------------------------------------------------------------

@@ -4,6 +4,8 @@ The image rootfs is untrusted: its /etc/passwd may be a symlink to /../../etc/sh
 host. Files are therefore opened with every path component resolved *inside* the rootfs
 (symlinks re-rooted at the rootfs, ".." clamped at its root), one O_NOFOLLOW step at a time
 from a directory fd, so nothing outside the rootfs can be reached even by a racing rename.
+Only a regular file of at most MAX_DB_BYTES is read: a FIFO or a device is refused from its
+O_PATH fd before it is opened, and the read has a deadline.
 """
 
 from __future__ import annotations
@@ -11,17 +13,30 @@ from __future__ import annotations
 import enum
 import errno
 import os
+import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sandbox.errors import FailedPrecondition
+
 # Linux gives up after 40 symlinks in one lookup; so do we.
 MAX_SYMLINKS = 40
-# Bound what we read from an untrusted file: a passwd file of gigabytes is an attack, not a user db.
-MAX_DB_BYTES = 4 * 1024 * 1024
+# A user database of more than 1 MiB is an attack, not a user db (Debian's is ~1.5 KiB; a
+# directory-backed host with 5,000 users is ~400 KiB). Larger fails, it is never truncated.
+MAX_DB_BYTES = 1024 * 1024
+# Reading at most MAX_DB_BYTES of a regular file on the node's own disk takes milliseconds; a
+# read still going after this long is a stuck disk, and the worker thread gives up.
+READ_DEADLINE_SECONDS = 5.0
+READ_CHUNK = 64 * 1024
 
 
 class UserError(ValueError):
     """The requested user or group cannot be resolved against the image."""
+
+
+class UnsafeImageFile(FailedPrecondition):
+    """A file flatpod reads from an image is not a regular file of a sane size."""
 
 
 class GroupsPolicy(enum.IntEnum):
@@ -96,8 +111,16 @@ def open_in_root(root: Path, rel: str) -> int:
             stack.append(fd)
         if len(stack) == 1:
             raise IsADirectoryError(errno.EISDIR, "is the root", rel)
-        # Re-open the final O_PATH fd for reading through /proc: no path lookup happens.
-        return os.open(f"/proc/self/fd/{stack[-1]}", os.O_RDONLY | os.O_CLOEXEC)
+        # The O_PATH fd's type is the inode's: a FIFO or a device is refused before it is ever
+        # opened (opening either can block or reach a driver). The re-open through /proc does
+        # no path lookup, and O_NONBLOCK keeps it from waiting for anything.
+        mode = os.fstat(stack[-1]).st_mode
+        if not stat.S_ISREG(mode):
+            raise UnsafeImageFile(
+                f"the image's /{rel} is a {_kind(mode)}, not a regular file: refused"
+            )
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+        return os.open(f"/proc/self/fd/{stack[-1]}", flags)
     finally:
         for fd in stack:
             os.close(fd)
@@ -111,16 +134,59 @@ def _is_dir(mode: int) -> bool:
     return (mode & 0o170000) == 0o040000
 
 
-def read_in_root(root: Path, rel: str) -> str | None:
-    """Text of a regular file inside the rootfs, or None when it does not exist."""
+def open_to_group(path: Path, host_gid: int) -> None:
+    """Lets the pod's user namespace traverse `path` (a bundle or pod dir), and nobody else.
+
+    runc mounts the rootfs and the pod's files from inside the namespace, where host root's
+    dirs are "others'". 0711 would open them to every host user too, and below them are the
+    rootfs with the image's device nodes and setuid files: so the dir is group-owned by the
+    gid the namespace's root has on the host, 0710."""
+    os.chown(path, 0, host_gid)
+    os.chmod(path, 0o710)
+
+
+def _kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def read_in_root(
+    root: Path, rel: str, deadline_seconds: float = READ_DEADLINE_SECONDS
+) -> str | None:
+    """Text of a regular file inside the rootfs, or None when it does not exist.
+
+    Anything but a regular file of at most MAX_DB_BYTES, or a read that outlasts the
+    deadline, raises UnsafeImageFile naming the file: a user db silently ignored or cut short
+    would run the container as a different user than the image says."""
     try:
         fd = open_in_root(root, rel)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+    except (FileNotFoundError, NotADirectoryError):
         return None
-    with os.fdopen(fd, "rb") as f:
-        if (os.fstat(f.fileno()).st_mode & 0o170000) != 0o100000:
-            return None
-        return f.read(MAX_DB_BYTES).decode("utf-8", errors="replace")
+    except IsADirectoryError:
+        raise UnsafeImageFile(f"the image's /{rel} is a directory, not a regular file") from None
+    deadline = time.monotonic() + deadline_seconds
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_DB_BYTES:
+            raise UnsafeImageFile(
+                f"the image's /{rel} has {size} bytes, more than the {MAX_DB_BYTES} "
+                "flatpod reads from an image"
+            )
+        chunks: list[bytes] = []
+        total = 0
+        while chunk := f.read(READ_CHUNK):
+            total += len(chunk)
+            if total > MAX_DB_BYTES:  # it grew since fstat (a writable layer in use)
+                raise UnsafeImageFile(f"the image's /{rel} grew past {MAX_DB_BYTES} bytes")
+            if time.monotonic() > deadline:
+                raise UnsafeImageFile(
+                    f"reading the image's /{rel} took more than {deadline_seconds:g}s"
+                )
+            chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", errors="replace")
 
 
 def parse_passwd(text: str) -> list[PasswdEntry]:

@@ -7,11 +7,15 @@ serialized once (when the record changes) and a list answer is the concatenation
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
 from google.protobuf.message import Message
 
 _WIRE_TYPE_LENGTH_DELIMITED = 2
+# A Stream* list RPC's messages carry entries up to about this many bytes each: small enough
+# that a node with thousands of objects never builds one huge message, large enough that
+# a stream of a normal node is a message or two.
+STREAM_PAGE_BYTES = 1 << 20
 
 
 def varint(value: int) -> bytes:
@@ -30,6 +34,22 @@ def repeated_entry(field_number: int, message: Message) -> bytes:
     payload = message.SerializeToString()
     tag = varint(field_number << 3 | _WIRE_TYPE_LENGTH_DELIMITED)
     return tag + varint(len(payload)) + payload
+
+
+def pages(entries: Sequence[bytes], max_bytes: int = STREAM_PAGE_BYTES) -> Iterator[bytes]:
+    """Consecutive entries concatenated into messages of at most `max_bytes` (an entry larger
+    than that is a message alone). At least one, so a stream with nothing to list still
+    answers once, as the Stream*Stats RPCs do."""
+    page: list[bytes] = []
+    size = 0
+    for entry in entries:
+        if page and size + len(entry) > max_bytes:
+            yield b"".join(page)
+            page, size = [], 0
+        page.append(entry)
+        size += len(entry)
+    if page or not entries:
+        yield b"".join(page)
 
 
 class AnswerCache:

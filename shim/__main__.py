@@ -1,4 +1,5 @@
-"""`python -m shim --pod-id ID --dir DIR --runc-root ROOT`: start a detached pod shim.
+"""`python -m shim --pod-id ID --dir DIR --runc-root ROOT [--runc BINARY] [--runc-arg=ARG]...`:
+start a detached pod shim, which runs that OCI runtime for the pod's life.
 
 The socket is bound and listening before the process detaches, so when this command
 exits 0 the shim is ready for clients.
@@ -25,6 +26,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dir", required=True, help="pod state dir; shim.sock lives here")
     parser.add_argument("--runc-root", required=True)
     parser.add_argument("--runc", default=DEFAULT_RUNC)
+    parser.add_argument("--runc-arg", dest="runc_args", action="append", default=[],
+                        help="a global option for every runc call (repeatable)")
     parser.add_argument("--log-level", default="info", choices=sorted(LOG_LEVELS))
     parser.add_argument("--max-log-line", type=int, default=16 * 1024)
     parser.add_argument("--foreground", action="store_true", help="do not detach")
@@ -77,7 +80,8 @@ def redirect_stdio(log_path: str) -> None:
 
 def serve(args: argparse.Namespace, listener: socket.socket) -> None:
     set_child_subreaper()
-    runc = Runc(root=args.runc_root, binary=args.runc, log_dir=args.dir)
+    runc = Runc(root=args.runc_root, binary=args.runc, log_dir=args.dir,
+                extra_global_args=list(args.runc_args))
     shim = Shim(args.pod_id, args.dir, runc, listener, Logger(LOG_LEVELS[args.log_level]),
                 max_log_line=args.max_log_line)
     try:

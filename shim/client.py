@@ -23,6 +23,9 @@ DEFAULT_TIMEOUT = 10.0
 CREATE_TIMEOUT = 60.0
 STREAM_LIMIT = protocol.MAX_LINE
 MAX_EXEC_SYNC_OUTPUT = 16 << 20
+# How long ExecSync's timeout waits for the killed process tree to be dead; only processes
+# stuck in the kernel (uninterruptible sleep) take longer than a moment.
+EXEC_KILL_WAIT = 10.0
 
 
 class ShimError(Exception):
@@ -59,6 +62,9 @@ class ExecSyncResult:
     stdout: bytes
     stderr: bytes
     timed_out: bool = False
+    # With timed_out: False when some process of the killed tree was not dead yet after
+    # EXEC_KILL_WAIT (the shim is still waiting for it).
+    tree_gone: bool = True
 
 
 @dataclass
@@ -145,10 +151,20 @@ class ShimClient:
 
     async def create(self, container_id: str, bundle: str, *, stdin: bool = False,
                      stdin_once: bool = False, tty: bool = False, log_path: str | None = None,
-                     exit_file: str | None = None, timeout: float = CREATE_TIMEOUT) -> int:
+                     log_root: str | None = None, exit_file: str | None = None,
+                     oom_file: str | None = None, systemd_cgroup: bool = False,
+                     restore: dict[str, str] | None = None,
+                     timeout: float = CREATE_TIMEOUT) -> int:
+        """`log_path` is opened beneath `log_root` (the pod's log directory), following no
+        symlink (shim/crilog.py). `oom_file` counts the container's OOM kills (`oom_kill`
+        line: memory.events, or v1's memory.oom_control); `systemd_cgroup`: runc makes its
+        cgroup as a systemd scope. `restore` (image_path, work_path, criu): nothing runs now,
+        start restores the container from that checkpoint; the pid is then 0 until start."""
         reply = await self.call("create", timeout, container_id=container_id, bundle=bundle,
                                 stdin=stdin, stdin_once=stdin_once, tty=tty,
-                                log_path=log_path, exit_file=exit_file)
+                                log_path=log_path, log_root=log_root, exit_file=exit_file,
+                                oom_file=oom_file, systemd_cgroup=systemd_cgroup,
+                                restore=restore)
         return int(reply["pid"])
 
     async def start(self, container_id: str, timeout: float = CREATE_TIMEOUT) -> dict[str, Any]:
@@ -219,13 +235,16 @@ class ShimClient:
     async def exec_wait(self, exec_id: str, timeout: float) -> dict[str, Any]:
         return await self.call("exec_wait", timeout, exec_id=exec_id)
 
-    async def exec_kill(self, exec_id: str) -> dict[str, Any]:
-        return await self.call("exec_kill", exec_id=exec_id)
+    async def exec_kill(self, exec_id: str, wait: bool = False) -> dict[str, Any]:
+        """SIGKILL the exec's process tree; with `wait`, answer once all of it is dead."""
+        return await self.call("exec_kill", EXEC_KILL_WAIT if wait else None, exec_id=exec_id,
+                               wait=wait)
 
     async def exec_sync(self, container_id: str, process: dict[str, Any],
                         timeout: float | None) -> ExecSyncResult:
         """ExecSync: run, collect stdout/stderr to EOF and the exit code. On timeout the
-        exec's process tree is killed and the result says timed_out (exit code 137)."""
+        exec's process tree is killed and, once all of it is dead (at most EXEC_KILL_WAIT),
+        the result says timed_out (exit code 137)."""
         handle = await self.exec(container_id, process)
         assert handle.stdout is not None and handle.stderr is not None
         work = asyncio.gather(read_to_eof(handle.stdout), read_to_eof(handle.stderr),
@@ -234,7 +253,10 @@ class ShimClient:
             stdout, stderr, final = await asyncio.wait_for(work, timeout)
             return ExecSyncResult(int(final["exit_code"]), stdout, stderr)
         except TimeoutError:
-            await self.exec_kill(handle.exec_id)
+            try:
+                await self.exec_kill(handle.exec_id, wait=True)
+            except ShimError:
+                return ExecSyncResult(137, b"", b"", timed_out=True, tree_gone=False)
             return ExecSyncResult(137, b"", b"", timed_out=True)
         finally:
             handle.close()
@@ -364,18 +386,23 @@ async def start_zygote(socket_path: str, *, python: str = sys.executable,
 
 async def spawn_shim(pod_id: str, shim_dir: str, runc_root: str, *,
                      python: str = sys.executable, runc: str | None = None,
+                     runc_args: list[str] | None = None,
                      log_level: str = "info", zygote_socket: str | None = None,
                      timeout: float = DEFAULT_TIMEOUT) -> ShimClient:
     """Start a detached shim and return a client once it listens: forked by the zygote
-    at zygote_socket when given, else a fresh `python -m shim`."""
+    at zygote_socket when given, else a fresh `python -m shim`. runc (the OCI runtime's
+    binary), runc_root and runc_args (its global options) are the shim's for life."""
     if zygote_socket is not None:
         await _spawn_by_zygote(zygote_socket, timeout, pod_id=pod_id, dir=shim_dir,
-                               runc_root=runc_root, runc=runc, log_level=log_level)
+                               runc_root=runc_root, runc=runc, runc_args=runc_args or [],
+                               log_level=log_level)
         return await connect(shim_dir, timeout)
     argv = [python, "-m", "shim", "--pod-id", pod_id, "--dir", shim_dir,
             "--runc-root", runc_root, "--log-level", log_level]
     if runc is not None:
         argv += ["--runc", runc]
+    # "--runc-arg=--x": an option's value that starts with "-" must be joined to it.
+    argv += [f"--runc-arg={arg}" for arg in runc_args or []]
     await _run_detaching("spawn", argv, timeout)
     return await connect(shim_dir, timeout)
 

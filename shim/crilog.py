@@ -3,11 +3,19 @@
 Splitting follows containerd's cri logger: a line whose content exceeds the max length
 becomes P records of exactly max bytes and a last F record; a trailing "\\r\\n" or "\\n"
 is dropped; an unterminated piece left at EOF is written as P.
+
+A log file lives beneath its pod's log directory, which tenants may reach (a hostPath volume,
+a shared node directory), so it is opened as openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)
+would open it, one component at a time from the directory's fd: no symlink is followed, no
+".." is walked, and only a regular file with one link is written to. A link planted where
+the log goes cannot turn the container's output onto a host file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 
 from shim.protocol import rfc3339nano
 
@@ -57,16 +65,66 @@ class LineSplitter:
         return [(TAG_PARTIAL, line[i: i + self.max_line]) for i in range(0, head, self.max_line)]
 
 
-class CriLogFile:
-    """An append-only CRI log file that can be reopened after rotation."""
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO planted as the log file must not block the open.
+_FILE_FLAGS = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+               | os.O_CLOEXEC)
 
-    def __init__(self, path: str) -> None:
+
+def open_beneath(root: str, relative: str) -> int:
+    """An append fd for `relative` (made, with its directories, if missing) beneath `root`.
+
+    Raises OSError naming the offending component when the path has "..", an absolute start,
+    a symlink anywhere, or ends at something that is not a regular file with one link."""
+    parts = relative.split("/")
+    if relative.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise OSError(0, f"log path {relative!r} must be relative, without '.', '..' or '//'")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            child = _enter(fd, part)
+            os.close(fd)
+            fd = child
+        file_fd = os.open(parts[-1], _FILE_FLAGS, 0o640, dir_fd=fd)
+    except OSError as err:
+        raise OSError(err.errno, f"log path {relative!r} beneath {root}: {err.strerror} "
+                      "(no symlinks are followed)") from None
+    finally:
+        os.close(fd)
+    st = os.fstat(file_fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(file_fd)
+        raise OSError(0, f"log path {relative!r} beneath {root} is not a regular file with "
+                      "one link")
+    os.set_blocking(file_fd, True)
+    return file_fd
+
+
+def _enter(dir_fd: int, name: str) -> int:
+    """The directory `name` in dir_fd, made if missing."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        # FileExistsError: made meanwhile (or a dangling link, refused just below).
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o755, dir_fd=dir_fd)
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+
+
+class CriLogFile:
+    """An append-only CRI log file beneath its pod's log directory, reopened after rotation."""
+
+    def __init__(self, path: str, root: str | None = None) -> None:
         self.path = path
+        # Without a root (an older daemon), the file's own directory: still no symlink at
+        # the last component.
+        self.root = root if root is not None else os.path.dirname(path)
+        self.relative = os.path.relpath(path, self.root)
         self._fd = -1
         self.open()
 
     def open(self) -> None:
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self._fd = open_beneath(self.root, self.relative)
 
     def reopen(self) -> None:
         self.close()

@@ -18,12 +18,13 @@ import os
 import select
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 DEFAULT_RUNC = "/usr/sbin/runc"
 DEFAULT_TIMEOUT = 60.0
-RUNC_COMMANDS = ("create", "start", "state", "kill", "delete", "exec", "update", "list")
+RUNC_COMMANDS = ("create", "start", "state", "kill", "delete", "exec", "update", "list",
+                 "features", "checkpoint", "restore")
 NOT_FOUND_MARKERS = ("does not exist", "not found", "no such file")
 READ_SIZE = 65536
 # Python ignores SIGPIPE (and SIGXFSZ); an ignored signal stays ignored across exec, so runc
@@ -38,8 +39,11 @@ class RuncError(Exception):
         self.argv = argv
         self.returncode = returncode
         self.stderr = stderr.strip()
-        command = next((a for a in argv[1:] if a in RUNC_COMMANDS), argv[0])
-        super().__init__(f"runc {command} failed (rc={returncode}): {self.stderr}")
+        command = next((a for a in argv[1:] if a in RUNC_COMMANDS), "")
+        # Named after the binary: a pod's handler may be crun or another runc-compatible one.
+        runtime = os.path.basename(argv[0]) if argv else "runc"
+        what = f"{runtime} {command}" if command else runtime
+        super().__init__(f"{what} failed (rc={returncode}): {self.stderr}")
 
     @property
     def not_found(self) -> bool:
@@ -126,11 +130,17 @@ class Runc:
             _unlink_quietly(log_path)
 
     def create(self, container_id: str, bundle: str, pid_file: str,
-               console_socket: str | None = None, stdio: Stdio = Stdio()) -> None:
+               console_socket: str | None = None, stdio: Stdio = Stdio(),
+               systemd_cgroup: bool = False) -> None:
+        """`systemd_cgroup`: cgroupsPath is `slice:prefix:name` and systemd makes the scope
+        (later calls need no flag: runc keeps the cgroup manager in the container's state)."""
+        runc = self
+        if systemd_cgroup:
+            runc = replace(self, extra_global_args=[*self.extra_global_args, "--systemd-cgroup"])
         args = ["create", "--bundle", bundle, "--pid-file", pid_file]
         if console_socket is not None:
             args += ["--console-socket", console_socket]
-        self._run_with_stdio(stdio, *args, container_id)
+        runc._run_with_stdio(stdio, *args, container_id)
 
     def start(self, container_id: str) -> None:
         self._run("start", container_id)
@@ -174,6 +184,41 @@ class Runc:
     def list(self) -> list[RuncState]:
         raw = json.loads(self._run("list", "--format", "json") or "null")
         return [_state_from_json(item) for item in raw or []]
+
+    def checkpoint(self, container_id: str, image_path: str, work_path: str, *,
+                   criu: str, leave_running: bool = True) -> None:
+        """`runc checkpoint`: CRIU's image files go to image_path, its dump.log and
+        stats-dump to work_path. `criu` is the CRIU binary runc runs (its --criu)."""
+        args = ["checkpoint", "--image-path", image_path, "--work-path", work_path]
+        if leave_running:
+            args.append("--leave-running")
+        replace(self, extra_global_args=[*self.extra_global_args, "--criu", criu])._run(
+            *args, container_id)
+
+    def restore(self, container_id: str, bundle: str, image_path: str, work_path: str,
+                pid_file: str, *, criu: str, stdio: Stdio = Stdio(),
+                systemd_cgroup: bool = False) -> None:
+        """`runc restore --detach`: the process continues from image_path's CRIU images in
+        the bundle's container. runc exits once it runs, so the process is re-parented to
+        the nearest subreaper (the shim). The pipes of `stdio` replace the ones it had at
+        checkpoint time (runc maps them by descriptors.json)."""
+        extra = [*self.extra_global_args, "--criu", criu]
+        if systemd_cgroup:
+            extra.append("--systemd-cgroup")
+        replace(self, extra_global_args=extra)._run_with_stdio(
+            stdio, "restore", "--detach", "--bundle", bundle, "--image-path", image_path,
+            "--work-path", work_path, "--pid-file", pid_file, container_id)
+
+    def features(self) -> dict[str, Any]:
+        """`runc features`: what this runtime supports (the OCI runtime-spec's features
+        document: mountOptions, linux.namespaces...). runc 1.1 and crun 1.8 have it."""
+        try:
+            raw = json.loads(self._run("features"))
+        except ValueError as exc:
+            raise RuncError(self._argv("features"), 0, f"not JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise RuncError(self._argv("features"), 0, "not a JSON object")
+        return raw
 
 
 def _state_from_json(raw: dict[str, Any]) -> RuncState:
@@ -280,6 +325,27 @@ def _errors_from_log(log_path: str) -> str:
         if isinstance(record, dict) and record.get("level") in ("error", "fatal"):
             messages.append(str(record.get("msg", "")))
     return "; ".join(messages) or "\n".join(lines[-3:])
+
+
+def criu_errors(text: str) -> str:
+    """The messages of CRIU's `Error (file:line): message` lines (its log, or `criu check`'s
+    output), in order and without repeats; "" when it has none."""
+    messages: list[str] = []
+    for line in text.splitlines():
+        _, marker, rest = line.partition("Error (")
+        message = rest.partition("): ")[2].strip() if marker else ""
+        if message and message not in messages:
+            messages.append(message)
+    return "; ".join(messages)
+
+
+def criu_log_errors(log_path: str) -> str:
+    """criu_errors of a CRIU log file (dump.log, restore.log); "" when it is unreadable."""
+    try:
+        with open(log_path, encoding="utf-8", errors="replace") as log_file:
+            return criu_errors(log_file.read())
+    except OSError:
+        return ""
 
 
 def _unlink_quietly(path: str) -> None:

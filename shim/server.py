@@ -24,7 +24,7 @@ from typing import Any
 
 from shim import protocol
 from shim.crilog import DEFAULT_MAX_LINE, CriLogFile, LineSplitter
-from shim.runc import Runc, RuncError, Stdio
+from shim.runc import Runc, RuncError, Stdio, criu_log_errors
 
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NAME = 15
@@ -147,9 +147,14 @@ class Container:
     outputs: dict[int, int] = field(default_factory=dict)
     splitters: dict[int, LineSplitter] = field(default_factory=dict)
     pty_master: int = -1
-    oom_control: str | None = None
+    oom_control: str | None = None  # the file whose oom_kill line counts its OOM kills
     oom_kills_at_create: int = 0
+    oom_kills_seen: int = 0  # the count as last read while the cgroup still existed
+    oom_watch: int = -1  # inotify watch descriptor on oom_control (v2 memory.events)
+    systemd_cgroup: bool = False  # runc makes its cgroup as a systemd scope
     kill_all_on_exit: bool = False
+    want_stdin: bool = False
+    restore: Restore | None = None  # start restores it from a checkpoint (no runc create)
     status: str = "created"
     exit_code: int | None = None
     exited_at: str | None = None
@@ -163,6 +168,22 @@ class Container:
                 "oom_killed": self.oom_killed}
 
 
+@dataclass(frozen=True)
+class Restore:
+    """Where a container's checkpoint is: CRIU's images, a work dir for restore.log, and
+    the CRIU binary runc runs."""
+
+    image_path: str
+    work_path: str
+    criu: str
+
+    @classmethod
+    def from_request(cls, raw: Any) -> Restore | None:
+        if not raw:
+            return None
+        return cls(str(raw["image_path"]), str(raw["work_path"]), str(raw["criu"]))
+
+
 @dataclass
 class ExecSession:
     id: str
@@ -171,6 +192,10 @@ class ExecSession:
     exit_code: int | None = None
     exited_at: str | None = None
     waiters: list[tuple[Connection, Any]] = field(default_factory=list)
+    # After exec_kill with "wait": pidfds of the killed tree's processes not yet dead, and
+    # who to answer once they all are and the exec's own process has been reaped.
+    dying: set[int] = field(default_factory=set)
+    kill_waiters: list[tuple[Connection, Any]] = field(default_factory=list)
 
     def view(self) -> dict[str, Any]:
         return {"exec_id": self.id, "container_id": self.container_id, "pid": self.pid,
@@ -299,6 +324,8 @@ class Shim:
         self.shutting_down = False
         self.running = True
         self.wakeup_reader, self.wakeup_writer = socket.socketpair()
+        self.oom_inotify = -1  # made with the first watch
+        self.oom_watches: dict[int, Container] = {}
 
     # ---- lifecycle ----------------------------------------------------------------
 
@@ -397,32 +424,49 @@ class Shim:
         want_stdin = bool(request.get("stdin"))
         log_path = request.get("log_path")
         pid_file = os.path.join(bundle, "init.pid")
-        log = CriLogFile(str(log_path)) if log_path else None
-        oom_control = _oom_control_path(bundle)
+        log_root = request.get("log_root")
+        log = CriLogFile(str(log_path), str(log_root) if log_root else None) if log_path else None
+        oom_file = request.get("oom_file")
+        oom_control = str(oom_file) if oom_file else None
         container = Container(
             id=container_id, bundle=bundle, pid=0, tty=tty,
             stdin_once=bool(request.get("stdin_once")),
             exit_file=str(request.get("exit_file") or os.path.join(bundle, "exit")),
             log=log, stdin=None, oom_control=oom_control,
-            kill_all_on_exit=not _owns_pid_namespace(bundle))
-        try:
+            systemd_cgroup=bool(request.get("systemd_cgroup")),
+            kill_all_on_exit=not _owns_pid_namespace(bundle), want_stdin=want_stdin,
+            restore=Restore.from_request(request.get("restore")))
+        if container.restore is not None:
             if tty:
+                raise OpError("a container with a terminal cannot be restored from a checkpoint")
+            # Nothing runs until start restores it: runc restore makes the container.
+            self.containers[container_id] = container
+            self.logger.log("info", f"created {container_id} to restore at start")
+            return {"pid": 0}
+        self._run_container(container, pid_file)
+        return {"pid": container.pid}
+
+    def _run_container(self, container: Container, pid_file: str) -> None:
+        """runc create (or restore) with the container's stdio; then it is watched."""
+        try:
+            if container.tty:
                 self._create_with_pty(container, pid_file)
             else:
-                self._create_with_pipes(container, pid_file, want_stdin)
+                self._create_with_pipes(container, pid_file, container.want_stdin)
             container.pid = _read_pid(pid_file)
         except BaseException:
             self._release_stdio(container)
-            if log:
-                log.close()
+            if container.log:
+                container.log.close()
             raise
-        container.oom_kills_at_create = _read_oom_kills(oom_control)
-        self.containers[container_id] = container
+        container.oom_kills_at_create = _read_oom_kills(container.oom_control)
+        container.oom_kills_seen = container.oom_kills_at_create
+        self._watch_oom(container)
+        self.containers[container.id] = container
         self.pids[container.pid] = container
         for fd in container.outputs:
             self.loop.watch(fd, self._output_reader(container, fd), None)
-        self.logger.log("info", f"created {container_id} pid {container.pid}")
-        return {"pid": container.pid}
+        self.logger.log("info", f"created {container.id} pid {container.pid}")
 
     def _create_with_pipes(self, container: Container, pid_file: str, want_stdin: bool) -> None:
         child_fds: list[int] = []
@@ -438,8 +482,15 @@ class Shim:
             err_read, err_write = os.pipe()
             container.outputs[err_read] = protocol.STREAM_STDERR
             child_fds.append(err_write)
-            self.runc.create(container.id, container.bundle, pid_file,
-                             stdio=Stdio(stdin_read, out_write, err_write))
+            stdio = Stdio(stdin_read, out_write, err_write)
+            restore = container.restore
+            if restore is None:
+                self.runc.create(container.id, container.bundle, pid_file, stdio=stdio,
+                                 systemd_cgroup=container.systemd_cgroup)
+            else:
+                self.runc.restore(container.id, container.bundle, restore.image_path,
+                                  restore.work_path, pid_file, criu=restore.criu, stdio=stdio,
+                                  systemd_cgroup=container.systemd_cgroup)
         finally:
             for fd in child_fds:
                 os.close(fd)
@@ -451,7 +502,7 @@ class Shim:
         socket_path = os.path.join(self.state_dir, self._next_name("c") + ".sock")
         with ConsoleListener(socket_path) as listener:
             self.runc.create(container.id, container.bundle, pid_file,
-                             console_socket=socket_path)
+                             console_socket=socket_path, systemd_cgroup=container.systemd_cgroup)
             master = _receive_console(listener)
         container.pty_master = master
         os.set_blocking(master, False)
@@ -469,6 +520,17 @@ class Shim:
 
     def op_start(self, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
         container = self._container(request)
+        if container.restore is not None and container.status == "created":
+            # Restored, not started: the process continues where its checkpoint left it.
+            restore = container.restore
+            try:
+                self._run_container(container, os.path.join(container.bundle, "init.pid"))
+            except RuncError as exc:
+                criu_says = criu_log_errors(os.path.join(restore.work_path, "restore.log"))
+                raise OpError(f"{exc}; CRIU: {criu_says}" if criu_says else str(exc)) from exc
+            container.restore = None
+            container.status = "running"
+            return container.view()
         self.runc.start(container.id)
         if container.status == "created":
             container.status = "running"
@@ -476,6 +538,11 @@ class Shim:
 
     def op_signal(self, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
         container = self._container(request)
+        if container.restore is not None and container.status != "exited":
+            # Never restored: no process, so a kill (a stop, a remove) ends it at once.
+            container.restore = None
+            self._container_exited(container, 128 + int(signal.SIGKILL))
+            return container.view()
         if container.status != "exited":
             self.runc.kill(container.id, request.get("signal", "TERM"),
                            all=bool(request.get("all")))
@@ -629,11 +696,39 @@ class Shim:
         session.waiters.append((conn, request.get("id")))
         return None
 
-    def op_exec_kill(self, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
+    def op_exec_kill(self, conn: Connection, request: dict[str, Any]) -> dict[str, Any] | None:
+        """SIGKILL the exec's process tree. With "wait", the answer comes only once every
+        process of the tree is dead and the exec's own process is reaped (ExecSync's timeout
+        must not answer while the command still runs)."""
         session = self._exec(request)
-        if session.exit_code is None:
-            kill_tree(session.pid)
-        return session.view()
+        pidfds = kill_tree(session.pid) if session.exit_code is None else []
+        if not request.get("wait"):
+            for pidfd in pidfds:
+                os.close(pidfd)
+            return session.view()
+        for pidfd in pidfds:
+            session.dying.add(pidfd)
+            self.loop.watch(pidfd, self._dead_reader(session, pidfd), None)
+        session.kill_waiters.append((conn, request.get("id")))
+        self._answer_kill_waiters(session)
+        return None
+
+    def _dead_reader(self, session: ExecSession, pidfd: int) -> Callback:
+        return lambda: self._tree_member_died(session, pidfd)
+
+    def _tree_member_died(self, session: ExecSession, pidfd: int) -> None:
+        self.loop.forget(pidfd)
+        os.close(pidfd)
+        session.dying.discard(pidfd)
+        self._answer_kill_waiters(session)
+
+    def _answer_kill_waiters(self, session: ExecSession) -> None:
+        if session.dying or session.exit_code is None:
+            return
+        view = session.view()
+        for conn, request_id in session.kill_waiters:
+            conn.send_message({"id": request_id, "ok": True, **view})
+        session.kill_waiters.clear()
 
     # ---- attach -------------------------------------------------------------------
 
@@ -751,8 +846,10 @@ class Shim:
         container.status = "exited"
         container.exit_code = exit_code
         container.exited_at = protocol.rfc3339nano()
-        container.oom_killed = _read_oom_kills(container.oom_control) > \
-            container.oom_kills_at_create
+        self._on_oom_event()  # a kill notified but not handled yet is read first
+        self._unwatch_oom(container)
+        kills = max(_read_oom_kills(container.oom_control), container.oom_kills_seen)
+        container.oom_killed = kills > container.oom_kills_at_create
         try:
             _write_exit_file(container.exit_file, container.view())
         except OSError as exc:
@@ -768,6 +865,51 @@ class Shim:
         for conn in list(container.attachers):
             conn.close_after_flush()
         self._maybe_exit()
+
+    def _watch_oom(self, container: Container) -> None:
+        """cgroup v2 notifies a change of memory.events (inotify IN_MODIFY) when the kernel
+        OOM-kills in the cgroup: the count is read then, while the cgroup exists. At exit it
+        may be gone already: systemd removes an emptied scope's cgroup on its own."""
+        path = container.oom_control
+        if path is None or not path.endswith("memory.events"):
+            return  # v1's memory.oom_control notifies nothing; its cgroup stays until delete
+        libc = load_libc()
+        if self.oom_inotify < 0:
+            fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+            if fd < 0:
+                self.logger.log("warning", f"inotify_init1: {os.strerror(_errno_of_ctypes())}")
+                return
+            self.oom_inotify = fd
+            self.loop.watch(fd, self._on_oom_event, None)
+        wd = libc.inotify_add_watch(self.oom_inotify, os.fsencode(path), IN_MODIFY)
+        if wd < 0:
+            self.logger.log("warning", f"watching {path}: {os.strerror(_errno_of_ctypes())}")
+            return
+        container.oom_watch = wd
+        self.oom_watches[wd] = container
+
+    def _unwatch_oom(self, container: Container) -> None:
+        if container.oom_watch >= 0:
+            self.oom_watches.pop(container.oom_watch, None)
+            load_libc().inotify_rm_watch(self.oom_inotify, container.oom_watch)
+            container.oom_watch = -1
+
+    def _on_oom_event(self) -> None:
+        if self.oom_inotify < 0:
+            return
+        while True:
+            try:
+                data = os.read(self.oom_inotify, 4096)
+            except BlockingIOError:
+                return
+            offset = 0
+            while offset + INOTIFY_EVENT.size <= len(data):
+                wd, _mask, _cookie, name_len = INOTIFY_EVENT.unpack_from(data, offset)
+                offset += INOTIFY_EVENT.size + name_len
+                container = self.oom_watches.get(wd)
+                if container is not None:
+                    kills = _read_oom_kills(container.oom_control)
+                    container.oom_kills_seen = max(container.oom_kills_seen, kills)
 
     def _kill_leftovers(self, container: Container) -> None:
         """A container sharing a PID namespace does not take its other processes down with
@@ -786,6 +928,7 @@ class Shim:
         for conn, request_id in session.waiters:
             conn.send_message({"id": request_id, "ok": True, **view})
         session.waiters.clear()
+        self._answer_kill_waiters(session)
 
     def _publish(self, event: dict[str, Any]) -> None:
         for conn in list(self.subscribers):
@@ -847,20 +990,6 @@ def _receive_console(listener: socket.socket, timeout: float = 10.0) -> int:
     return fds[0]
 
 
-def _oom_control_path(bundle: str) -> str | None:
-    """cgroup v1 memory.oom_control of the container, from config.json's cgroupsPath."""
-    try:
-        with open(os.path.join(bundle, "config.json"), encoding="utf-8") as file:
-            cgroups_path = json.load(file).get("linux", {}).get("cgroupsPath", "")
-    except (OSError, ValueError):
-        return None
-    if not cgroups_path or ":" in cgroups_path:  # systemd slice:prefix:name is not ours
-        return None
-    if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
-        return os.path.join("/sys/fs/cgroup", cgroups_path.lstrip("/"), "memory.events")
-    return os.path.join("/sys/fs/cgroup/memory", cgroups_path.lstrip("/"), "memory.oom_control")
-
-
 def _owns_pid_namespace(bundle: str) -> bool:
     """Whether config.json gives the container a PID namespace of its own (not the pod's, a
     target's by path, or the host's)."""
@@ -915,29 +1044,48 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL pid and all its descendants. Everything is SIGSTOPped while the tree is
-    walked (so nothing forks behind our back and orphans are not re-parented away
-    before we see them), then the whole set is killed."""
-    members = [pid]
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL pid and all its descendants; returns a pidfd of each (the caller closes them),
+    readable once that process is dead. Everything is SIGSTOPped while the tree is walked
+    (so nothing forks behind our back and orphans are not re-parented away before we see
+    them), then the whole set is killed. Signals go through the pidfds, so a pid that dies
+    and is reused meanwhile is never signalled."""
+    pidfds: dict[int, int] = {}
     frontier = [pid]
-    while frontier:
-        for member in frontier:
-            _send(member, signal.SIGSTOP)
-        frontier = [c for m in frontier for c in children_of(m) if c not in members]
-        members.extend(frontier)
-    # A fork racing the SIGSTOP shows up only now.
-    members.extend(c for m in list(members) for c in children_of(m) if c not in members)
-    for member in members:
-        _send(member, signal.SIGKILL)
+    try:
+        while frontier:
+            for member in frontier:
+                _stop(pidfds, member)
+            frontier = [c for m in frontier for c in children_of(m) if c not in pidfds]
+        # A fork racing the SIGSTOP shows up only now.
+        for child in [c for m in list(pidfds) for c in children_of(m) if c not in pidfds]:
+            _stop(pidfds, child)
+        for pidfd in pidfds.values():
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except BaseException:
+        for pidfd in pidfds.values():
+            os.close(pidfd)
+        raise
+    return list(pidfds.values())
 
 
-def _send(pid: int, signum: int) -> None:
+def _stop(pidfds: dict[int, int], pid: int) -> None:
+    """Opens a pidfd for pid (kept in pidfds) and SIGSTOPs it; nothing if it is gone."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    pidfds[pid] = pidfd
     with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signum)
+        signal.pidfd_send_signal(pidfd, signal.SIGSTOP)
 
 
 _libc: Any = None
+IN_MODIFY = 0x2
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name)
 
 
 def load_libc() -> Any:

@@ -3,7 +3,7 @@ its imported modules copy-on-write instead of paying for a fresh Python (~14 MiB
 
 `python -m shim.zygote --socket PATH [--log FILE]`; one JSON line per connection:
     -> {"v": 1, "op": "spawn", "pod_id": ..., "dir": ..., "runc_root": ...,
-        "runc": ..., "log_level": ..., "max_log_line": ...}
+        "runc": ..., "runc_args": [...], "log_level": ..., "max_log_line": ...}
     <- {"v": 1, "ok": true, "pid": <shim pid>}   (the shim's socket is listening)
     -> {"v": 1, "op": "ping"}   <- {"v": 1, "ok": true, "pid": <zygote pid>}
     -> {"v": 1, "op": "stop"}   <- {"v": 1, "ok": true}, then the zygote exits; the shims it
@@ -41,6 +41,7 @@ def spawn_args(request: dict[str, Any]) -> argparse.Namespace:
     return argparse.Namespace(
         pod_id=str(request["pod_id"]), dir=str(request["dir"]),
         runc_root=str(request["runc_root"]), runc=str(request.get("runc") or DEFAULT_RUNC),
+        runc_args=[str(arg) for arg in request.get("runc_args") or []],
         log_level=log_level, max_log_line=int(request.get("max_log_line") or 16 * 1024),
         foreground=True)
 
@@ -149,11 +150,12 @@ def _warm_up() -> None:
             {"v": 1, "id": 1, "op": "state"},
             {"v": 1, "id": 2, "op": "state", "container_id": "missing"},
             {"v": 1, "id": 3, "op": "create", "container_id": "warm-up", "bundle": bundle,
-             "log_path": os.devnull},
+             "log_path": os.path.join(state_dir, "create.log"), "log_root": state_dir},
             {"v": 1, "id": 4, "op": "start", "container_id": "missing"},
             {"v": 1, "id": 5, "op": "nonsense"},
             {"v": 1, "id": 6, "op": "subscribe"}))
-        log = CriLogFile(os.devnull)
+        # A real file: CRI logs are opened beneath a directory, never a device like /dev/null.
+        log = CriLogFile(os.path.join(state_dir, "warm-up.log"), state_dir)
         try:
             for _ in range(WARM_UP_ROUNDS):
                 ours, theirs = socket.socketpair()

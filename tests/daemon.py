@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 
 from cri_api import api_pb2 as pb
+from sandbox import cgroups
 from tests.cri import CriClient
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,15 +110,18 @@ def test_network() -> tuple[str, str]:
 def write_config(
     path: Path, root: Path, state: Path, extra: str = "", network: tuple[str, str] | None = None
 ) -> None:
-    cgroup_parent = f"/{state.name}"  # a test daemon's pods, apart from a node's /flatpod
+    # cgroupfs: a test daemon's pods, apart from a node's /flatpod. systemd: the default
+    # slice (a slice of the test's own would outlive it as a unit of systemd's).
+    own_parent = cgroups.detect_driver() is cgroups.Driver.CGROUPFS
+    cgroup_parent = f"/{state.name}"
     path.write_text(
         f'root_dir = "{root}"\n'
         f'state_dir = "{state}"\n'
         'log_level = "debug"\n'
-        # ksmd is the host's: tests only mark pages (test_ksm.py covers "on").
+        # ksmd is the host's: tests only mark pages (test_server.py covers "on" and the default).
         + ('shim_page_merging = "advise"\n' if "shim_page_merging" not in extra else "")
         + (f'default_cgroup_parent = "{cgroup_parent}"\n'
-           if "default_cgroup_parent" not in extra else "")
+           if "default_cgroup_parent" not in extra and own_parent else "")
         + f"{extra}\n"
     )
     if "[network]" not in extra:

@@ -271,3 +271,47 @@ def test_masked_and_readonly_paths(fp: CriClient, extra_images: ExtraImages,
         privileged = start_container(fp, pod_id, pod, secured(busybox, privileged=True))
         assert stdout_of(fp, privileged, "cat", "/proc/timer_list") != ""
         assert exec_sync(fp, privileged, "sh", "-c", write_sysctl).exit_code == 0
+
+
+def test_seccomp_localhost_includes_and_excludes(fp: CriClient, pulled: TestImages,
+                                                 tmp_path: Path) -> None:
+    """A moby-format Localhost profile whose rules hinge on capabilities, as containerd and
+    CRI-O judge them: a rule with includes.caps applies only when the container holds every
+    cap listed, one with excludes.caps only when it holds none."""
+    profile = {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "archMap": [{"architecture": "SCMP_ARCH_X86_64",
+                     "subArchitectures": ["SCMP_ARCH_X86", "SCMP_ARCH_X32"]}],
+        "syscalls": [
+            # chmod is denied only to containers holding CAP_SYS_TIME ...
+            {"names": ["chmod", "fchmod", "fchmodat", "fchmodat2"], "action": "SCMP_ACT_ERRNO",
+             "includes": {"caps": ["CAP_SYS_TIME"]}, "comment": "only with SYS_TIME"},
+            # ... mkdir to every container without it.
+            {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO",
+             "excludes": {"caps": ["CAP_SYS_TIME"]}},
+            # A rule for another architecture and one for a future kernel never apply.
+            {"names": ["uname"], "action": "SCMP_ACT_ERRNO", "includes": {"arches": ["s390x"]}},
+            {"names": ["getpid"], "action": "SCMP_ACT_ERRNO",
+             "includes": {"minKernel": "99.0"}},
+        ],
+    }
+    path = tmp_path / "conditional.json"
+    path.write_text(json.dumps(profile))
+    localhost = pb.SecurityProfile(profile_type=pb.SecurityProfile.Localhost,
+                                   localhost_ref=str(path))
+    busybox = pulled.busybox.reference
+    with a_pod(fp, tmp_path) as (pod_id, pod):
+        with_time = start_container(fp, pod_id, pod, secured(
+            busybox, seccomp=localhost, capabilities=pb.Capability(add_capabilities=["SYS_TIME"])))
+        without = start_container(fp, pod_id, pod, secured(busybox, seccomp=localhost))
+        assert exec_sync(fp, with_time, "chmod", "700", "/tmp").exit_code != 0
+        assert exec_sync(fp, with_time, "mkdir", "/tmp/a").exit_code == 0
+        assert exec_sync(fp, without, "chmod", "1777", "/tmp").exit_code == 0
+        assert exec_sync(fp, without, "mkdir", "/tmp/a").exit_code != 0
+        assert exec_sync(fp, without, "uname").exit_code == 0
+        assert exec_sync(fp, without, "sh", "-c", "echo $$").exit_code == 0
+
+        path.write_text(json.dumps({**profile, "unknownKnob": True}))
+        err = create_error(fp, pod_id, pod, secured(busybox, seccomp=localhost))
+        assert status_code(err) == grpc.StatusCode.INVALID_ARGUMENT
+        assert "unknownKnob" in (err.details() or "")

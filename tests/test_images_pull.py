@@ -16,6 +16,7 @@ from cri_api import api_pb2 as pb
 from sandbox.config import ImagesConfig
 from sandbox.images.service import ImageService
 from sandbox.images.snapshots import mount_overlay
+from sandbox.images.store import ImageStore
 from sandbox.mounts import unmount
 from sandbox.store import Store
 from tests.support.plugin import PushedImage, TestImages
@@ -38,8 +39,9 @@ def pull(service: ImageService, ref: str) -> str:
 
 def status(service: ImageService, ref: str, verbose: bool = False) -> pb.ImageStatusResponse:
     req = pb.ImageStatusRequest(image=pb.ImageSpec(image=ref), verbose=verbose)
-    resp: pb.ImageStatusResponse = asyncio.run(service.ImageStatus(req))
-    return resp
+    resp = asyncio.run(service.ImageStatus(req))
+    # Answers are kept serialized (the gRPC server sends bytes as they are).
+    return pb.ImageStatusResponse.FromString(resp) if isinstance(resp, bytes) else resp
 
 
 def remove(service: ImageService, ref: str) -> None:
@@ -73,7 +75,8 @@ def test_pull_by_tag_records_tag_digest_and_layers(
     hex_id = image_id.removeprefix("sha256:")
     for name in (image_id, hex_id, hex_id[:12], busybox.digest_reference):
         assert status(service, name).image.id == image_id, name
-    listed = asyncio.run(service.ListImages(pb.ListImagesRequest())).images
+    listed = pb.ListImagesResponse.FromString(
+        asyncio.run(service.ListImages(pb.ListImagesRequest()))).images
     assert [i.id for i in listed] == [image_id]
 
 
@@ -274,3 +277,31 @@ def test_invalid_reference_is_invalid_argument(service: ImageService) -> None:
 
     with pytest.raises(InvalidArgument, match="UPPER"):
         pull(service, "127.0.0.1:5000/UPPER:tag")
+
+
+def test_kept_records_follow_a_moved_tag_and_match_the_database(
+    service: ImageService, test_images: TestImages, tmp_path: Path
+) -> None:
+    """Lookups answer from memory: a tag pulled again onto another image leaves the first
+    image's record, removal forgets every reference, and a store opened afresh from
+    state.db (a restart) holds the same records."""
+    busybox, web = test_images.busybox, test_images.web
+    moving = busybox.reference.rsplit(":", 1)[0] + ":moving"
+    first = service.images.get(pull(service, busybox.reference))
+    assert first is not None
+    service.images.save(first, [moving])
+    assert moving in status(service, busybox.config_digest).image.repo_tags
+    second = service.images.get(pull(service, web.reference))
+    assert second is not None
+    service.images.save(second, [moving])
+    assert status(service, moving).image.id == web.config_digest
+    assert moving not in status(service, busybox.config_digest).image.repo_tags
+    assert moving in status(service, web.config_digest).image.repo_tags
+
+    reopened = ImageStore(service.images.store)
+    assert reopened.list() == service.images.list()
+
+    remove(service, web.config_digest)
+    assert status(service, moving).image.id == ""
+    assert service.images.resolve(moving) is None
+    assert [r.id for r in ImageStore(service.images.store).list()] == [busybox.config_digest]

@@ -12,6 +12,7 @@ import http.server
 import json
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,8 +183,8 @@ def test_mirror_down_falls_back_to_next(
                            mirrors={"mirrored.invalid": [dead, registry.url]})
     ref = f"mirrored.invalid/{test_images.busybox.repo_path}:latest"
     assert pull(service, ref) == test_images.busybox.config_digest
-    image = asyncio.run(service.ImageStatus(pb.ImageStatusRequest(
-        image=pb.ImageSpec(image=ref)))).image
+    image = pb.ImageStatusResponse.FromString(asyncio.run(service.ImageStatus(
+        pb.ImageStatusRequest(image=pb.ImageSpec(image=ref))))).image
     assert list(image.repo_tags) == [ref]
     # All endpoints down: the error names the mirror's failure and the origin.
     service = make_service(tmp_path / "2", store, mirrors={"mirrored.invalid": [dead]})
@@ -239,3 +240,164 @@ def test_stalled_pull_is_cancelled(
     with pytest.raises(DeadlineExceeded, match="no progress for 1s"):
         pull(service, f"{proxy.host}/{web.repo_path}:latest")
     assert not service.content.path(slow_layer).exists()
+
+
+# ---- credentials go only where they belong (hostile registries, mirrors and realms) -----------
+
+
+@dataclass
+class Recorder:
+    """A loopback HTTP server that records each request's path and Authorization header and
+    answers with `answer(handler)` (default 404)."""
+
+    address: str
+    answer: Callable[[http.server.BaseHTTPRequestHandler], None] = \
+        lambda h: reply(h, 404, b"")
+    seen: list[tuple[str, str | None]] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def host(self) -> str:
+        return f"{self.address}:{self.port}"
+
+
+@contextmanager
+def recording(address: str = "127.0.0.1") -> Iterator[Recorder]:
+    state = Recorder(address)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            state.seen.append((self.path, self.headers.get("Authorization")))
+            state.answer(self)
+
+        do_POST = do_GET
+
+    server = http.server.ThreadingHTTPServer((address, 0), Handler)
+    server.daemon_threads = True
+    state.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def basic_challenge(handler: http.server.BaseHTTPRequestHandler) -> None:
+    reply(handler, 401, b"", {"WWW-Authenticate": 'Basic realm="mirror"'})
+
+
+def test_origin_credentials_never_reach_a_mirror(
+    tmp_path: Path, store: Store, auth_registry: AuthRegistry
+) -> None:
+    """A mirror that asks for credentials gets none of the origin's; the pull falls back to
+    the origin, which does. Only a server_address naming the mirror sends them there."""
+    user, password = auth_registry.username, auth_registry.password
+    origin = auth_registry.registry.host
+    with recording() as mirror:
+        mirror.answer = basic_challenge
+        service = make_service(tmp_path, store, mirrors={origin: [f"http://{mirror.host}"]})
+        auth = pb.AuthConfig(username=user, password=password)
+        assert pull(service, auth_registry.image.reference, auth) \
+            == auth_registry.image.config_digest
+        assert mirror.seen and all(header is None for _, header in mirror.seen)
+        mirror.seen.clear()
+        service = make_service(tmp_path / "2", store, mirrors={origin: [f"http://{mirror.host}"]})
+        auth = pb.AuthConfig(username=user, password=password, server_address=mirror.host)
+        with pytest.raises(PullUnauthenticated):  # and the origin gets them no more
+            pull(service, auth_registry.image.reference, auth)
+        basic = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        assert (mirror.seen[-1][1]) == basic
+
+
+def test_server_address_names_the_registry_credentials_belong_to(
+    tmp_path: Path, store: Store, auth_registry: AuthRegistry
+) -> None:
+    ref = auth_registry.image.reference
+    user, password = auth_registry.username, auth_registry.password
+    service = make_service(tmp_path, store)
+    elsewhere = pb.AuthConfig(username=user, password=password, server_address="other.example")
+    with pytest.raises(PullUnauthenticated, match="401"):
+        pull(service, ref, elsewhere)
+    # A URL form of the right host is the right host.
+    here = pb.AuthConfig(username=user, password=password,
+                         server_address=f"http://{auth_registry.registry.host}/v2/")
+    assert pull(service, ref, here) == auth_registry.image.config_digest
+
+
+def test_plain_http_realm_of_a_secure_host_gets_nothing(
+    tmp_path: Path, store: Store, proxy: Proxy, test_images: TestImages
+) -> None:
+    """127.0.0.2 is not in insecure_registries: a realm there over http is refused, and no
+    request, with or without credentials, reaches it."""
+    with recording("127.0.0.2") as realm:
+        def bearer(handler: http.server.BaseHTTPRequestHandler) -> bool:
+            challenge = f'Bearer realm="http://{realm.host}/token",service="test"'
+            reply(handler, 401, b"", {"WWW-Authenticate": challenge})
+            return True
+
+        proxy.hook = bearer
+        service = make_service(tmp_path, store)
+        ref = f"{proxy.host}/{test_images.busybox.repo_path}:latest"
+        with pytest.raises(PullUnauthenticated, match="neither https nor an insecure"):
+            pull(service, ref, pb.AuthConfig(username="alice", password="s3cret"))
+        assert realm.seen == []
+
+
+def test_blob_redirect_to_another_host_carries_no_credentials(
+    tmp_path: Path, store: Store, proxy: Proxy, registry: Registry, test_images: TestImages
+) -> None:
+    """The registry (requiring basic auth) sends blobs to a "CDN" on another host, which
+    serves them from the real registry: they arrive, and the CDN never sees Authorization."""
+    basic = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+    with recording("127.0.0.2") as cdn:
+        def serve_from_registry(handler: http.server.BaseHTTPRequestHandler) -> None:
+            conn = http.client.HTTPConnection(registry.host, timeout=10)
+            try:
+                conn.request("GET", handler.path)
+                resp = conn.getresponse()
+                reply(handler, resp.status, resp.read())
+            finally:
+                conn.close()
+
+        def auth_then_redirect(handler: http.server.BaseHTTPRequestHandler) -> bool:
+            if handler.headers.get("Authorization") != basic:
+                basic_challenge(handler)
+                return True
+            if "/blobs/" in handler.path:
+                reply(handler, 307, b"", {"Location": f"http://{cdn.host}{handler.path}"})
+                return True
+            return False
+
+        cdn.answer = serve_from_registry
+        proxy.hook = auth_then_redirect
+        service = make_service(tmp_path, store)
+        ref = f"{proxy.host}/{test_images.busybox.repo_path}:latest"
+        assert pull(service, ref, pb.AuthConfig(username="alice", password="s3cret")) \
+            == test_images.busybox.config_digest
+        assert cdn.seen and all(header is None for _, header in cdn.seen)
+
+
+def test_registry_error_body_reaches_the_client_only_as_a_short_excerpt(
+    tmp_path: Path, store: Store, proxy: Proxy, test_images: TestImages
+) -> None:
+    body = b"\x1b[31mmaintenance\r\nX-Injected: yes\x00" + b"A" * 100_000
+
+    def broken(handler: http.server.BaseHTTPRequestHandler) -> bool:
+        reply(handler, 500, body)
+        return True
+
+    proxy.hook = broken
+    service = make_service(tmp_path, store)
+    with pytest.raises(CriError) as failed:
+        pull(service, f"{proxy.host}/{test_images.busybox.repo_path}:latest")
+    message = str(failed.value)
+    assert "HTTP 500 [31mmaintenance X-Injected: yes" in message
+    assert len(message) < 500 and message.isprintable(), message

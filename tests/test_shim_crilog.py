@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import stat
+from pathlib import Path
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from shim import protocol
-from shim.crilog import LineSplitter
+from shim.crilog import CriLogFile, LineSplitter, open_beneath
 
 MAX = 8
 
@@ -44,3 +49,70 @@ def test_frames_decode_whatever_the_chunking(frames: list[tuple[int, bytes]],
     decoder = protocol.FrameDecoder()
     decoded = [f for i in range(0, len(wire), step) for f in decoder.feed(wire[i:i + step])]
     assert decoded == frames
+
+
+# --- opening beneath the pod's log directory -------------------------------------------------
+
+
+def test_log_file_and_its_directories_are_made_beneath_the_root(tmp_path: Path) -> None:
+    fd = open_beneath(str(tmp_path), "ctr/0.log")
+    try:
+        os.write(fd, b"x")
+    finally:
+        os.close(fd)
+    assert (tmp_path / "ctr" / "0.log").read_bytes() == b"x"
+    assert stat.S_IMODE((tmp_path / "ctr" / "0.log").stat().st_mode) == 0o640
+
+
+@pytest.mark.parametrize("plant", ["file link", "dangling link", "directory link"])
+def test_a_planted_symlink_never_redirects_the_log(tmp_path: Path, plant: str) -> None:
+    """A link where the log or its directory goes, pointing at a host file or directory
+    outside the log directory: refused, and the host file keeps its content."""
+    logs, host = tmp_path / "logs", tmp_path / "host"
+    logs.mkdir()
+    host.mkdir()
+    victim = host / "0.log"
+    victim.write_text("host data\n")
+    if plant == "file link":
+        (logs / "ctr").mkdir()
+        (logs / "ctr" / "0.log").symlink_to(victim)
+    elif plant == "dangling link":
+        (logs / "ctr").mkdir()
+        (logs / "ctr" / "0.log").symlink_to(host / "new.log")
+    else:
+        (logs / "ctr").symlink_to(host)
+    with pytest.raises(OSError, match="no symlinks are followed"):
+        open_beneath(str(logs), "ctr/0.log")
+    assert victim.read_text() == "host data\n"
+    assert not (host / "new.log").exists()
+
+
+@pytest.mark.parametrize("relative", ["../0.log", "ctr/../../0.log", "/etc/0.log", "a//b", "."])
+def test_paths_leaving_the_root_are_refused(tmp_path: Path, relative: str) -> None:
+    with pytest.raises(OSError, match="must be relative"):
+        open_beneath(str(tmp_path), relative)
+
+
+def test_fifo_and_hard_link_are_refused(tmp_path: Path) -> None:
+    """A FIFO does not block the open; a hard link to a host file is not appended to."""
+    os.mkfifo(tmp_path / "fifo.log")
+    with pytest.raises(OSError, match=r"fifo\.log"):  # ENXIO: nobody reads it
+        open_beneath(str(tmp_path), "fifo.log")
+    victim = tmp_path / "victim"
+    victim.write_text("host data\n")
+    os.link(victim, tmp_path / "linked.log")
+    with pytest.raises(OSError, match="regular file with one link"):
+        open_beneath(str(tmp_path), "linked.log")
+    assert victim.read_text() == "host data\n"
+
+
+def test_reopen_after_rotation_refuses_a_link_planted_meanwhile(tmp_path: Path) -> None:
+    log = CriLogFile(str(tmp_path / "0.log"), str(tmp_path))
+    victim = tmp_path / "victim"
+    victim.write_text("host data\n")
+    (tmp_path / "0.log").rename(tmp_path / "0.log.1")
+    (tmp_path / "0.log").symlink_to(victim)
+    with pytest.raises(OSError):
+        log.reopen()
+    log.write_records(b"stdout", [(b"F", b"tenant output")])
+    assert victim.read_text() == "host data\n"

@@ -47,10 +47,14 @@ def test_preload_leaves_no_fd_and_no_child() -> None:
 def test_spawn_args_match_the_shim_command_line() -> None:
     out = _run_in_fresh_python(
         "from shim import zygote, __main__ as m\n"
-        "request = {'pod_id': 'p', 'dir': '/d', 'runc_root': '/r', 'log_level': 'debug'}\n"
+        "request = {'pod_id': 'p', 'dir': '/d', 'runc_root': '/r', 'log_level': 'debug',\n"
+        "           'runc': '/usr/bin/crun', 'runc_args': ['--debug', '--x=y']}\n"
         "built = vars(zygote.spawn_args(request))\n"
         "parsed = vars(m.parse_args(['--pod-id', 'p', '--dir', '/d', '--runc-root', '/r',\n"
-        "                            '--log-level', 'debug', '--foreground']))\n"
+        "                            '--log-level', 'debug', '--foreground',\n"
+        "                            '--runc', '/usr/bin/crun',\n"
+        "                            '--runc-arg=--debug', '--runc-arg=--x=y']))\n"
+        "assert built['runc_args'] == ['--debug', '--x=y'], built\n"
         "print(built == parsed)\n")
     assert out.strip() == "True"
 

@@ -655,3 +655,105 @@ def test_all_means_the_daemons_bounding_set(tmp_path: Path) -> None:
     assert spec.effective_capabilities(["CAP_KILL"], ["SYS_ADMIN"], [], False, ("CAP_KILL",)) == [
         "CAP_KILL"
     ]
+
+
+# --- cgroup v2 --------------------------------------------------------------------------------
+
+
+def test_cgroup_namespace_on_v2_only(tmp_path: Path) -> None:
+    v2 = SpecDefaults(cgroup_v2=True)
+    assert ns_of(build(tmp_path, ctr_config(), defaults=v2))["cgroup"] is None  # a new one
+    assert "cgroup" not in ns_of(build(tmp_path, ctr_config()))  # v1 or hybrid
+    # A privileged container sees the host's tree, as with containerd.
+    privileged = ctr_config(pb.LinuxContainerSecurityContext(privileged=True))
+    s = build(tmp_path, privileged, pod=privileged_pod(), defaults=v2)
+    assert "cgroup" not in ns_of(s)
+    pause = spec.build_pause_spec(
+        pod_config(), rootfs=tmp_path, netns_path=Path("/n"), cgroups_path="/x", defaults=v2
+    )
+    assert "cgroup" not in {n["type"] for n in pause["linux"]["namespaces"]}
+
+
+def test_unified_passed_through_on_v2(tmp_path: Path) -> None:
+    res = pb.LinuxContainerResources(
+        memory_limit_in_bytes=1 << 26, unified={"memory.oom.group": "1", "memory.high": "max"}
+    )
+    v2 = SpecDefaults(cgroup_v2=True)
+    r = build(tmp_path, ctr_config(resources=res), defaults=v2)["linux"]["resources"]
+    assert r["unified"] == {"memory.high": "max", "memory.oom.group": "1"}
+    assert r["memory"] == {"limit": 1 << 26, "swap": 1 << 26}  # runc converts for v2
+    res.unified["../../escape"] = "1"
+    with pytest.raises(SpecError, match="unified"):
+        build(tmp_path, ctr_config(resources=res), defaults=v2)
+
+
+def test_systemd_cgroups_path_is_passed_as_given(tmp_path: Path) -> None:
+    s = spec.build_container_spec(
+        pod_config(), ctr_config(), {}, rootfs=tmp_path / "rootfs",
+        sandbox=sandbox_paths(tmp_path), cgroups_path="kubepods-pod1.slice:flatpod:c1",
+        target_pid_ns=None, rootfs_users=db(), oom_score_adj_floor=-1000,
+        defaults=SpecDefaults(),
+    )  # fmt: skip
+    assert s["linux"]["cgroupsPath"] == "kubepods-pod1.slice:flatpod:c1"
+
+
+# --- Localhost seccomp profiles in the moby format ------------------------------------------
+
+
+def _render(profile: dict[str, Any], caps: tuple[str, ...] = (), arch: str = "x86_64",
+            kernel: tuple[int, int] = (6, 1)) -> dict[str, Any]:
+    return seccomp.moby_to_oci(profile, seccomp.ProfileTarget(frozenset(caps), arch, kernel))
+
+
+def test_moby_profile_rules_follow_includes_and_excludes() -> None:
+    rule = {"names": ["x"], "action": "SCMP_ACT_ALLOW"}
+    profile = {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
+        {**rule, "names": ["caps"], "includes": {"caps": ["CAP_SYS_ADMIN", "CAP_BPF"]}},
+        {**rule, "names": ["nocap"], "excludes": {"caps": ["CAP_SYS_ADMIN"]}},
+        {**rule, "names": ["amd64"], "includes": {"arches": ["amd64"]}},
+        {**rule, "names": ["not-arm"], "excludes": {"arches": ["arm64", "aarch64"]}},
+        {**rule, "names": ["new"], "includes": {"minKernel": "6.2"}},
+        {**rule, "names": ["old"], "excludes": {"minKernel": "6.2"}},
+        {"name": "single", "action": "SCMP_ACT_ALLOW", "comment": "moby's old spelling"},
+    ]}
+
+    def names(**target: Any) -> set[str]:
+        return {n for r in _render(profile, **target)["syscalls"] for n in r["names"]}
+
+    assert names() == {"nocap", "amd64", "not-arm", "old", "single"}
+    assert names(caps=("CAP_SYS_ADMIN",)) == {"amd64", "not-arm", "old", "single"}
+    assert "caps" in names(caps=("CAP_SYS_ADMIN", "CAP_BPF"))
+    assert names(arch="aarch64") == {"nocap", "old", "single"}
+    assert names(kernel=(6, 2)) == {"nocap", "amd64", "not-arm", "new", "single"}
+    rendered = _render(profile)["syscalls"]
+    assert all(set(r) <= {"names", "action", "errnoRet", "args"} for r in rendered)
+
+
+def test_moby_arch_map_keeps_the_native_architecture() -> None:
+    profile = {"defaultAction": "SCMP_ACT_ERRNO", "archMap": [
+        {"architecture": "SCMP_ARCH_X86_64", "subArchitectures": ["SCMP_ARCH_X86"]},
+        {"architecture": "SCMP_ARCH_AARCH64", "subArchitectures": ["SCMP_ARCH_ARM"]}]}
+    assert _render(profile)["architectures"] == ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"]
+    assert "archMap" not in _render(profile)
+
+
+@pytest.mark.parametrize(("profile", "named"), [
+    ({"defaultAction": "SCMP_ACT_ERRNO", "defaultErrno": "EPERM"}, "defaultErrno"),
+    ({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["a"], "action": "x",
+                                                       "priority": 1}]}, "priority"),
+    ({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
+        {"names": ["a"], "action": "x", "includes": {"caps": [], "kernel": "5"}}]}, "kernel"),
+    ({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
+        {"names": ["a"], "action": "x", "args": [{"index": 0, "value": 1, "mask": 3}]}]},
+     "mask"),
+    ({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
+        {"names": ["a"], "action": "x", "includes": {"minKernel": "five"}}]}, "minKernel"),
+    ({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
+        {"names": ["a"], "name": "b", "action": "x"}]}, "name and names"),
+    ({"defaultAction": "SCMP_ACT_ERRNO", "architectures": ["SCMP_ARCH_X86_64"],
+      "archMap": []}, "archMap"),
+])
+def test_moby_profile_fields_are_never_silently_dropped(profile: dict[str, Any],
+                                                       named: str) -> None:
+    with pytest.raises(seccomp.SeccompError, match=named):
+        _render(profile)

@@ -81,8 +81,9 @@ def run_to_exit(fp: CriClient, pod_id: str, pod: pb.PodSandboxConfig, image: str
 
 def test_status_reports_user_namespaces(fp: CriClient) -> None:
     handlers = fp.Status(pb.StatusRequest()).runtime_handlers
-    assert [h.name for h in handlers] == [""]
-    assert handlers[0].features.user_namespaces  # kernel 6.18, ext4: idmapped mounts work
+    assert [h.name for h in handlers] == ["", "runc"]  # the default, under both its names
+    for handler in handlers:  # kernel 6.18, ext4: idmapped mounts work
+        assert handler.features.user_namespaces, handler.name
 
 
 def test_pod_mode_maps_ids(fp: CriClient, pulled: TestImages, shared_daemon: Daemon,

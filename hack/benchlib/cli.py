@@ -15,11 +15,11 @@ from benchlib.bigimage import ensure_pushed
 from benchlib.cri import BUSYBOX, describe
 from benchlib.runtimes import Containerd, Flatpod, Runtime
 from benchlib.stats import Report
-from benchlib.workloads import MS, Plan, run_at_scale, run_latencies
+from benchlib.workloads import MS, Plan, run_at_scale, run_churn, run_latencies
 from shim import ksm
 
 WORKLOADS = ("runpod", "create-start", "stop-remove", "concurrent", "relist", "stats",
-             "memory", "pull", "floor")
+             "memory", "pull", "churn", "floor")
 AT_SCALE = {"relist", "stats", "memory"}
 
 
@@ -33,6 +33,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="samples of the 20-pod burst and of the 100 MB pull (5)")
     parser.add_argument("--pods", type=int, default=100,
                         help="pods for relist/stats/memory, 2 containers each (100)")
+    parser.add_argument("--churn-clients", type=int, default=8,
+                        help="clients cycling pod lifecycles in the churn workload (8)")
+    parser.add_argument("--churn-seconds", type=float, default=60.0,
+                        help="how long the churn workload runs per runtime (60)")
     parser.add_argument("--only", default="",
                         help="comma-separated subset of: " + ",".join(WORKLOADS))
     parser.add_argument("--json", type=Path, help="write every raw sample here")
@@ -98,6 +102,9 @@ def run_workloads(report: Report, runtimes: list[Runtime], plan: Plan, only: set
                 runtime.remember_image(plan.big_image)
     log("latencies")
     run_latencies(report, runtimes, plan, only)
+    if "churn" in only:
+        log(f"churn: {plan.churn_clients} clients for {plan.churn_seconds:.0f} s each")
+        run_churn(report, runtimes, plan)
     if only & AT_SCALE:
         log(f"at scale: {plan.pods} pods")
         run_at_scale(report, runtimes, plan, only)
@@ -132,7 +139,8 @@ def main(argv: list[str]) -> int:
         runtimes.append(Flatpod(work))
     if args.containerd:
         runtimes.append(Containerd(work))
-    plan = Plan(runs=args.runs, heavy_runs=args.heavy_runs, pods=args.pods)
+    plan = Plan(runs=args.runs, heavy_runs=args.heavy_runs, pods=args.pods,
+                churn_clients=args.churn_clients, churn_seconds=args.churn_seconds)
     report = Report(meta={"runs": args.runs, "heavy_runs": args.heavy_runs, "pods": args.pods,
                           "only": sorted(args.only), "load_start": os.getloadavg()[0],
                           "nproc": os.cpu_count()})

@@ -36,6 +36,8 @@ class Plan:
     concurrent_pods: int = 20
     setup_threads: int = 4
     big_image: str = ""
+    churn_clients: int = 8
+    churn_seconds: float = 60.0
     load: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -128,6 +130,52 @@ def pull_sampler(image: str) -> Sampler:
     return sample
 
 
+# ---- relist under churn ------------------------------------------------------------------------
+
+
+def churn(report: Report, runtime: Runtime, plan: Plan) -> None:
+    """`plan.churn_clients` clients cycle whole pod lifecycles (run, create+start, stop,
+    remove) for `plan.churn_seconds` while kubelet's relist pair runs once a second: the
+    lifecycles per second, and each relist's latency (its p90 is the figure to watch: one
+    event loop busy with lifecycle work makes the relist wait behind it)."""
+    stop_at = time.monotonic() + plan.churn_seconds
+    done: list[int] = []
+
+    def cycle(_: int) -> None:
+        count = 0
+        while time.monotonic() < stop_at:
+            config = runtime.new_pod_config()
+            pod_id = runtime.run_pod(config)
+            runtime.cri.create_and_start(pod_id, config, sleeper_config())
+            runtime.cri.stop_and_remove_pod(pod_id)
+            count += 1
+        done.append(count)
+
+    relist = report.figure("churn-relist", f"relist under churn ({plan.churn_clients} clients "
+                           "cycling pods), each relist", "ms").of(runtime.name)
+    started = time.monotonic()
+    with ThreadPoolExecutor(plan.churn_clients) as pool:
+        cyclers = [pool.submit(cycle, i) for i in range(plan.churn_clients)]
+        while time.monotonic() < stop_at:
+            relist.samples.append(sample_relist(runtime) * MS)
+            time.sleep(1.0)
+        for cycler in cyclers:
+            cycler.result()
+    rate = sum(done) / (time.monotonic() - started)
+    report.figure("churn-rate", "pod lifecycles completed per second under churn (higher is "
+                  "better)", "/s").of(runtime.name).samples.append(rate)
+
+
+def run_churn(report: Report, runtimes: list[Runtime], plan: Plan) -> None:
+    for runtime in runtimes:
+        try:
+            churn(report, runtime, plan)
+        except Exception as err:  # a failing runtime is reported, the others go on
+            report.figure("churn-rate", "pod lifecycles per second under churn", "/s").of(
+                runtime.name).error = describe(err)
+        reset(runtimes)
+
+
 def run_latencies(report: Report, runtimes: list[Runtime], plan: Plan, only: set[str]) -> None:
     if "runpod" in only:
         alternate(report, "runpod", "RunPodSandbox", "ms", runtimes, plan.runs, sample_run_pod)
@@ -178,7 +226,7 @@ def sample_stats(runtime: Runtime) -> float:
 
 def settle_page_merging(report: Report) -> None:
     """Waits for ksmd to make four full passes, so that shims are measured as they stay
-    (flatpod's default shim_page_merging = "on" starts ksmd); notes what ksmd cost."""
+    once merged (measure_memory_both_ways starts ksmd); notes what ksmd cost."""
     if ksm.ksmd_state() != "1":
         report.notes.append("ksmd is not running: shim pages are measured unmerged")
         return
@@ -193,20 +241,42 @@ def settle_page_merging(report: Report) -> None:
         f"figures, using {100 * cpu / elapsed:.1f}% of one CPU meanwhile")
 
 
-def measure_memory(report: Report, runtime: Runtime, pods: int) -> None:
-    pairs = runtime.pauses_and_shims()
+def measure_memory_both_ways(report: Report, runtimes: list[Runtime], pods: int) -> None:
+    """Shim memory as flatpod leaves it by default (ksmd is the operator's: stopped here, the
+    shims' pages stay unmerged), then with ksmd started by the bench and settled; main()
+    stops ksmd again if it was stopped before."""
+    if ksm.ksmd_state() == "0":
+        for runtime in runtimes:
+            measure_shims(report, runtime, runtime.pauses_and_shims(), "-no-ksmd",
+                          " without ksmd")
+        ksm.set_ksmd_state("1")
+    elif ksm.ksmd_state() == "1":
+        report.notes.append("ksmd was already running: no figures for shims without merging")
+    settle_page_merging(report)
+    for runtime in runtimes:
+        measure_memory(report, runtime, pods)
+
+
+def measure_shims(report: Report, runtime: Runtime, pairs: list[tuple[int, int]],
+                  key_suffix: str = "", title_suffix: str = "") -> None:
+    """USS and PSS per pod of the shims and pauses in `pairs` ((pause, shim) pids)."""
     figures = {
         "shim-uss": ("shim USS per pod", 0), "shim-pss": ("shim PSS per pod", 1),
         "pause-uss": ("pause USS per pod", 0), "pause-pss": ("pause PSS per pod", 1),
     }
     for key, (title, index) in figures.items():
-        series = report.figure(key, title, "MiB").of(runtime.name)
+        series = report.figure(key + key_suffix, title + title_suffix, "MiB").of(runtime.name)
         for pause, shim in pairs:
             pid = shim if key.startswith("shim") else pause
             try:
                 series.samples.append(procs.uss_pss_mib(pid)[index])
             except OSError as err:
                 series.error = f"{pid}: {err}"
+
+
+def measure_memory(report: Report, runtime: Runtime, pods: int) -> None:
+    pairs = runtime.pauses_and_shims()
+    measure_shims(report, runtime, pairs)
     daemon = runtime.daemon_pid()
     title = f"daemon RSS at {pods} pods"
     report.figure("daemon-rss", title, "MiB").of(runtime.name).samples.append(
@@ -237,9 +307,7 @@ def run_at_scale(report: Report, runtimes: list[Runtime], plan: Plan, only: set[
         alternate(report, "stats", f"ListContainerStats at {n_ctr} ctrs", "ms",
                   live, plan.runs, sample_stats)
     if "memory" in only:
-        settle_page_merging(report)
-        for runtime in live:
-            measure_memory(report, runtime, plan.pods)
+        measure_memory_both_ways(report, live, plan.pods)
     for runtime in runtimes:
         series = report.figure("scale-down", f"scale-down {scale} ({plan.setup_threads} thr)",
                                "s").of(runtime.name)

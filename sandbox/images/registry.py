@@ -2,8 +2,17 @@
 
 Each request tries the registry's mirrors in order, then the origin. On 401 it answers the
 `WWW-Authenticate` challenge: Basic gets the credentials, Bearer gets a token from the realm
-(cached per realm, service and scope). Every manifest is checked against its digest here;
-blobs are streamed to the caller, who hashes them while writing (content.py).
+(cached per realm, service and scope).
+
+Credentials are the tenant's secret and a registry's answers are not trusted: they go only to
+the registry they belong to (the AuthConfig's `server_address`, else the image's registry; a
+mirror gets them only when server_address names it), and only over TLS unless that host is in
+`insecure_registries`; a token realm must be https (or an insecure host's http); a redirect to
+another scheme or host (a CDN for blobs) carries no Authorization; what a registry writes in
+an error reaches the client only as a short printable excerpt.
+
+Every manifest is checked against its digest here; blobs are streamed to the caller, who
+hashes them while writing (content.py).
 Call it from a worker thread: everything here blocks.
 """
 
@@ -41,6 +50,8 @@ DOCKER_HUB_HOST = "registry-1.docker.io"
 MAX_REDIRECTS = 5
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # the limit containerd and the registry use
 DEFAULT_INSECURE = ("localhost", "127.0.0.1", "[::1]")
+DOCKER_HUB_NAMES = ("docker.io", "index.docker.io", "registry-1.docker.io")
+MAX_EXCERPT = 200  # characters of a registry's own words that may reach a client
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 
 
@@ -75,6 +86,9 @@ class Credentials:
     auth: str = ""
     identity_token: str = ""
     registry_token: str = ""
+    # The registry host they belong to (AuthConfig.server_address, normalized); empty: the
+    # registry of the image being pulled.
+    server: str = ""
 
     def user_password(self) -> tuple[str, str] | None:
         if self.username or self.password:
@@ -93,6 +107,9 @@ class RegistryHosts:
     mirrors: Mapping[str, Sequence[str]] = field(default_factory=dict)
     insecure: Sequence[str] = DEFAULT_INSECURE
     timeout: float = 300.0  # socket timeout: a read that stalls this long fails
+
+    def is_insecure(self, host: str) -> bool:
+        return host in self.insecure or host.rsplit(":", 1)[0] in self.insecure
 
     def endpoints(self, domain: str, host: str) -> list[str]:
         """Base URLs for `domain` ("host[:port]"), in the order to try them."""
@@ -187,6 +204,7 @@ class RegistryClient:
         self.tokens = tokens or TokenCache()
         self.scope = f"repository:{ref.path}:pull"
         self.endpoints = hosts.endpoints(ref.domain, ref.host)
+        self.credentials_host = registry_host(self.credentials.server or ref.domain)
         # Authorization header per endpoint host, learnt from its 401 challenge.
         self._auth: dict[str, str] = {}
 
@@ -314,9 +332,9 @@ class RegistryClient:
                     _origin(url), str(self.ref), f"{what}: unauthorized ({resp.status})"
                 )
             if resp.status != 200:
-                detail = resp.body.read(512).decode(errors="replace").strip()
+                detail = excerpt(resp.body.read(4 * MAX_EXCERPT))
                 raise RegistryError(
-                    _origin(url), str(self.ref), f"{what}: HTTP {resp.status} {detail}"
+                    _origin(url), str(self.ref), f"{what}: HTTP {resp.status} {detail}".strip()
                 )
         except BaseException:
             resp.connection.close()
@@ -332,7 +350,7 @@ class RegistryClient:
         challenge = resp.headers.get("WWW-Authenticate", "")
         resp.body.read()
         resp.connection.close()
-        auth = self._answer_challenge(host, challenge)
+        auth = self._answer_challenge(url, challenge)
         if auth is None:
             raise Unauthorized(
                 host, str(self.ref), "unauthorized (401): the registry requires credentials"
@@ -341,11 +359,13 @@ class RegistryClient:
         return self._request(url, headers, auth)
 
     def _request(self, url: str, headers: Mapping[str, str], auth: str | None) -> _Response:
-        """GET following redirects; credentials go only to the host that asked for them."""
+        """GET following redirects; credentials go only to the scheme and host that asked for
+        them (a blob redirected to a CDN is fetched without)."""
         first_host = _origin(url)
+        first = _scheme_host(url)
         for _ in range(MAX_REDIRECTS + 1):
             send = dict(headers)
-            if auth and _origin(url) == first_host:
+            if auth and _scheme_host(url) == first:
                 send["Authorization"] = auth
             resp = self._send("GET", url, send)
             if resp.status not in (301, 302, 303, 307, 308):
@@ -377,51 +397,83 @@ class RegistryClient:
             raise
         return _Response(resp.status, resp.headers, resp, conn)
 
-    def _answer_challenge(self, host: str, challenge: str) -> str | None:
+    def credentials_for(self, url: str) -> Credentials:
+        """The credentials a request to `url` may carry: none unless it goes to the host they
+        belong to, over TLS or to a host the operator configured insecure."""
+        parts = urllib.parse.urlsplit(url)
+        host = parts.netloc
+        if registry_host(host) != self.credentials_host:
+            return Credentials()
+        if parts.scheme != "https" and not self.hosts.is_insecure(host):
+            return Credentials()
+        return self.credentials
+
+    def _answer_challenge(self, url: str, challenge: str) -> str | None:
+        host = _origin(url)
+        creds = self.credentials_for(url)
         scheme, _, rest = challenge.strip().partition(" ")
         params = {m[0].lower(): m[1] or m[2] for m in _CHALLENGE_PARAM.findall(rest)}
         if scheme.lower() == "basic":
-            user_password = self.credentials.user_password()
+            user_password = creds.user_password()
             if user_password is None:
                 return None
             return "Basic " + base64.b64encode(":".join(user_password).encode()).decode()
         if scheme.lower() == "bearer":
-            if self.credentials.registry_token:
-                return f"Bearer {self.credentials.registry_token}"
-            return f"Bearer {self._bearer_token(host, params)}"
-        raise Unauthorized(host, str(self.ref), f"unsupported auth challenge {challenge!r}")
+            if creds.registry_token:
+                return f"Bearer {creds.registry_token}"
+            return f"Bearer {self._bearer_token(host, creds, params)}"
+        raise Unauthorized(
+            host, str(self.ref), f"unsupported auth challenge {excerpt(challenge.encode())!r}"
+        )
 
-    def _bearer_token(self, host: str, params: Mapping[str, str]) -> str:
+    def _bearer_token(self, host: str, creds: Credentials, params: Mapping[str, str]) -> str:
         realm = params.get("realm", "")
         service = params.get("service", "")
         scope = params.get("scope", self.scope)
         if not realm:
             raise Unauthorized(host, str(self.ref), "bearer challenge without a realm")
-        creds = self.credentials
+        realm_parts = urllib.parse.urlsplit(realm)
+        if realm_parts.scheme != "https" and not (
+            realm_parts.scheme == "http" and self.hosts.is_insecure(realm_parts.netloc)
+        ):
+            raise Unauthorized(
+                host, str(self.ref),
+                f"token realm {excerpt(realm.encode())} is neither https nor an insecure "
+                "registry's http: no credentials or token go there",
+            )
         key = (repr(creds), realm, service, scope)
         cached = self.tokens.get(key)
         if cached is not None:
             return cached
-        doc = self._fetch_token(host, realm, service, scope)
+        doc = self._fetch_token(host, creds, realm, service, scope)
         token = doc.get("token") or doc.get("access_token")
         if not isinstance(token, str) or not token:
-            raise Unauthorized(host, str(self.ref), f"token server {realm} returned no token")
-        self.tokens.put(key, token, float(doc.get("expires_in") or 60))
+            raise Unauthorized(
+                host, str(self.ref), f"token server {excerpt(realm.encode())} returned no token"
+            )
+        expires = doc.get("expires_in")
+        lifetime = 60.0
+        if isinstance(expires, int | float) and not isinstance(expires, bool):
+            lifetime = float(expires)
+        self.tokens.put(key, token, lifetime)
         return token
 
-    def _fetch_token(self, host: str, realm: str, service: str, scope: str) -> dict[str, Any]:
+    def _fetch_token(
+        self, host: str, creds: Credentials, realm: str, service: str, scope: str
+    ) -> dict[str, Any]:
         query = {"service": service, "scope": scope} if service else {"scope": scope}
         headers: dict[str, str] = {}
-        if self.credentials.identity_token:
+        where = excerpt(realm.encode())
+        if creds.identity_token:
             # An identity token is an OAuth2 refresh token (docker login against some clouds).
             form = urllib.parse.urlencode({
                 **query, "grant_type": "refresh_token", "client_id": "flatpod",
-                "refresh_token": self.credentials.identity_token,
+                "refresh_token": creds.identity_token,
             }).encode()
             headers["Content-Type"] = "application/x-www-form-urlencoded"
             resp = self._send("POST", realm, headers, form)
         else:
-            user_password = self.credentials.user_password()
+            user_password = creds.user_password()
             if user_password is not None:
                 basic = base64.b64encode(":".join(user_password).encode()).decode()
                 headers["Authorization"] = f"Basic {basic}"
@@ -433,11 +485,14 @@ class RegistryClient:
             resp.connection.close()
         if resp.status != 200:
             raise Unauthorized(
-                host, str(self.ref), f"token server {realm} answered {resp.status}"
+                host, str(self.ref), f"token server {where} answered {resp.status}"
             )
-        doc = json.loads(body)
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            doc = None
         if not isinstance(doc, dict):
-            raise Unauthorized(host, str(self.ref), f"token server {realm} sent no JSON object")
+            raise Unauthorized(host, str(self.ref), f"token server {where} sent no JSON object")
         return doc
 
     def _final_error(
@@ -455,9 +510,32 @@ def _origin(url: str) -> str:
     return urllib.parse.urlsplit(url).netloc or url
 
 
+def _scheme_host(url: str) -> tuple[str, str]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, parts.netloc
+
+
+def registry_host(address: str) -> str:
+    """A registry's host as credentials name it: an AuthConfig server_address may be a URL
+    ("https://index.docker.io/v1/"); Docker Hub has several names for one registry."""
+    if "://" in address:
+        address = urllib.parse.urlsplit(address).netloc
+    host = address.split("/", 1)[0].lower()
+    return "docker.io" if host in DOCKER_HUB_NAMES else host
+
+
+def excerpt(raw: bytes) -> str:
+    """At most MAX_EXCERPT printable characters of what a registry wrote, on one line: its
+    words may be shown to a client, never its markup, escapes or megabytes."""
+    text = raw[: 4 * MAX_EXCERPT].decode("utf-8", errors="replace")
+    printable = "".join(c if c.isprintable() else " " for c in text)
+    short = " ".join(printable.split())
+    return short if len(short) <= MAX_EXCERPT else short[: MAX_EXCERPT - 3] + "..."
+
+
 def _cause(e: BaseException) -> str:
     if isinstance(e, RegistryError):
         return e.cause
     if isinstance(e, ConnectionRefusedError):
         return "connection refused"
-    return f"{type(e).__name__}: {e}"
+    return excerpt(f"{type(e).__name__}: {e}".encode())

@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Set
+from collections.abc import AsyncIterator, Awaitable, Callable, Set
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +45,20 @@ from sandbox.images.registry import (
     RegistryHosts,
     TokenCache,
     Unauthorized,
+    registry_host,
 )
-from sandbox.images.snapshots import LayerError, SnapshotStore, chain_ids, tree_usage
+from sandbox.images.snapshots import (
+    LayerError,
+    LayerLimits,
+    LayerTooLarge,
+    SnapshotStore,
+    chain_ids,
+    tree_usage,
+)
 from sandbox.images.store import ImageRecord, ImageStore, LayerRecord
+from sandbox.images.tarreader import TarLimits
 from sandbox.store import Store
+from sandbox.wire import pages, repeated_entry
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +105,10 @@ class ByteCount:
             self.total += nbytes
 
 
+# ListImagesResponse.images, StreamImagesResponse.images and ImageStatusResponse.image.
+IMAGE_FIELD = 1
+
+
 class ImageService:
     def __init__(
         self,
@@ -111,7 +125,10 @@ class ImageService:
         self.gc_lock = asyncio.Lock()
         self.images = ImageStore(store)
         self.content = ContentStore(root, config.max_concurrent_downloads)
-        self.snapshots = SnapshotStore(root)
+        self.snapshots = SnapshotStore(root, limits=LayerLimits(
+            max_bytes=config.max_layer_bytes,
+            tar=TarLimits(max_entries=config.max_layer_entries),
+        ))
         self.stall_timeout = float(config.pull_progress_timeout_seconds)
         self.hosts = RegistryHosts(
             mirrors=config.mirrors,
@@ -124,6 +141,8 @@ class ImageService:
         self.containers_dir = containers_dir
         self.live_snapshots = live_snapshots
         self.faults = faults or Faults()
+        # Each image's serialized `Image`, with the record it was built from (see _entry).
+        self._entries: dict[str, tuple[ImageRecord, bytes]] = {}
 
     async def start(self) -> GcReport:
         """At startup: drop crash leftovers, then what no image or container uses."""
@@ -202,6 +221,8 @@ class ImageService:
         self.faults.point("pull_image:after_first_blob")
         try:
             await self.snapshots.ensure(chain_id, blob, diff_id, progress.add)
+        except LayerTooLarge as e:
+            raise DiskFull(f"pulling {client.ref}: layer {layer.digest}: {e}") from e
         except LayerError as e:
             raise InvalidArgument(f"pulling {client.ref}: layer {layer.digest}: {e}") from e
         except OSError as e:
@@ -260,25 +281,45 @@ class ImageService:
 
     # ---- ListImages, ImageStatus -------------------------------------------------------------
 
-    async def ListImages(self, request: pb.ListImagesRequest) -> pb.ListImagesResponse:
-        wanted = request.filter.image.image if request.HasField("filter") else ""
-        if wanted:
-            found = await asyncio.to_thread(self.images.resolve, wanted)
-            records = [found] if found is not None else []
-        else:
-            records = await asyncio.to_thread(self.images.list)
-        return pb.ListImagesResponse(images=[self._cri_image(r) for r in records])
+    async def ListImages(self, request: pb.ListImagesRequest) -> bytes:
+        """A ListImagesResponse, the concatenation of each image's kept entry."""
+        return b"".join(self.list_entries(request.filter))
 
-    async def ImageStatus(self, request: pb.ImageStatusRequest) -> pb.ImageStatusResponse:
-        record = await asyncio.to_thread(self.images.resolve, request.image.image)
+    def list_entries(self, flt: pb.ImageFilter) -> list[bytes]:
+        """The images a filter selects, each as an `Image` entry of field 1 (ListImagesResponse
+        and StreamImagesResponse both carry them there)."""
+        wanted = flt.image.image
+        if wanted:
+            found = self.images.resolve(wanted)
+            return [self._entry(found)] if found is not None else []
+        return [self._entry(record) for record in self.images.list()]
+
+    async def StreamImages(self, request: pb.StreamImagesRequest) -> AsyncIterator[bytes]:
+        """StreamImagesResponse messages: ListImages' entries, in pages."""
+        for page in pages(self.list_entries(request.filter)):
+            yield page
+
+    async def ImageStatus(
+        self, request: pb.ImageStatusRequest
+    ) -> pb.ImageStatusResponse | bytes:
+        record = self.images.resolve(request.image.image)
         if record is None:
             return pb.ImageStatusResponse()  # CRI: not found is an empty answer, not an error
-        info = {}
-        if request.verbose:
-            # The shape containerd answers with, which crictl inspecti prints.
-            info["info"] = json.dumps({"chainID": record.chain_ids[-1] if record.layers else "",
-                                       "imageSpec": record.config})
+        if not request.verbose:
+            return self._entry(record)  # ImageStatusResponse.image is field 1 too
+        # The shape containerd answers with, which crictl inspecti prints.
+        info = {"info": json.dumps({"chainID": record.chain_ids[-1] if record.layers else "",
+                                    "imageSpec": record.config})}
         return pb.ImageStatusResponse(image=self._cri_image(record), info=info)
+
+    def _entry(self, record: ImageRecord) -> bytes:
+        """The image's `Image` message as a field-1 entry, serialized once per record: a
+        record is immutable, and a new one replaces it when its references change."""
+        kept = self._entries.get(record.id)
+        if kept is None or kept[0] is not record:
+            kept = (record, repeated_entry(IMAGE_FIELD, self._cri_image(record)))
+            self._entries[record.id] = kept
+        return kept[1]
 
     def _cri_image(self, record: ImageRecord) -> pb.Image:
         uid, username = _user_of(record.config)
@@ -301,10 +342,11 @@ class ImageService:
     async def RemoveImage(self, request: pb.RemoveImageRequest) -> pb.RemoveImageResponse:
         """Removes the image with all its references, however it is named (containerd's CRI
         does the same), then its blobs and snapshots no other image or container uses."""
-        record = await asyncio.to_thread(self.images.resolve, request.image.image)
+        record = self.images.resolve(request.image.image)
         if record is None:
             return pb.RemoveImageResponse()  # already gone: success, as CRI asks
         await asyncio.to_thread(self.images.remove, record.id)
+        self._entries.pop(record.id, None)
         await self.collect_garbage()
         return pb.RemoveImageResponse()
 
@@ -360,6 +402,7 @@ def _credentials(auth: pb.AuthConfig) -> Credentials:
         auth=auth.auth,
         identity_token=auth.identity_token,
         registry_token=auth.registry_token,
+        server=registry_host(auth.server_address) if auth.server_address else "",
     )
 
 

@@ -24,15 +24,17 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, cast
 
 import zstandard
 
 from netns import libc
+from sandbox.images.tarreader import TarFormatError, TarLimitExceeded, TarLimits, TarReader
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,24 @@ class UnsafeLayer(LayerError):
     """The layer tries to write outside its snapshot directory."""
 
 
+class LayerTooLarge(LayerError):
+    """The layer passes a limit of LayerLimits: a bomb, or an image too big for this node."""
+
+
+# 64 GiB: above the largest layers seen in practice (CUDA and ML framework layers reach
+# 10-20 GiB), and what a node's image disk can take; a gzip layer of zeros expands ~1000x,
+# so a 64 MiB download can never fill more than this. containerd has no such limit.
+DEFAULT_MAX_LAYER_BYTES = 64 << 30
+
+
+@dataclass(frozen=True)
+class LayerLimits:
+    """What one layer may expand to (the `images.max_layer_*` settings)."""
+
+    max_bytes: int = DEFAULT_MAX_LAYER_BYTES  # the uncompressed tar stream
+    tar: TarLimits = field(default_factory=TarLimits)
+
+
 @dataclass(frozen=True)
 class Usage:
     bytes: int
@@ -82,7 +102,10 @@ def chain_ids(diff_ids: Sequence[str]) -> list[str]:
 
 
 class SnapshotStore:
-    def __init__(self, root: Path, max_concurrent_unpacks: int = 2) -> None:
+    def __init__(
+        self, root: Path, max_concurrent_unpacks: int = 2, limits: LayerLimits | None = None
+    ) -> None:
+        self.limits = limits or LayerLimits()
         self.dir = root / "snapshots"
         self.dir.mkdir(parents=True, exist_ok=True)
         self._max_unpacks = max_concurrent_unpacks
@@ -182,7 +205,7 @@ class SnapshotStore:
         tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.dir))
         try:
             os.chmod(tmp, 0o755)  # the rootfs' "/" unless the layer says otherwise
-            unpack_layer(blob, tmp, diff_id, progress or (lambda _: None))
+            unpack_layer(blob, tmp, diff_id, progress or (lambda _: None), self.limits)
             usage = tree_usage(tmp)
             try:
                 os.rename(tmp, final)
@@ -215,16 +238,25 @@ class SnapshotStore:
 
 
 class _HashingReader:
-    """Hashes the uncompressed tar stream, to check it against the layer's diff id, and
-    reports its bytes as the pull's unpack progress."""
+    """Hashes the uncompressed tar stream, to check it against the layer's diff id, reports
+    its bytes as the pull's unpack progress, and stops it at `max_bytes` as it streams."""
 
-    def __init__(self, inner: BinaryIO, progress: Progress) -> None:
+    def __init__(self, inner: BinaryIO, progress: Progress, max_bytes: int) -> None:
         self.inner = inner
         self.progress = progress
         self.hasher = hashlib.sha256()
+        self.max_bytes = max_bytes
+        self.total = 0
 
     def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            n = CHUNK  # never the whole stream at once
         data = self.inner.read(n)
+        self.total += len(data)
+        if self.total > self.max_bytes:
+            raise LayerTooLarge(
+                f"layer expands to more than {self.max_bytes} bytes (images.max_layer_bytes)"
+            )
         self.hasher.update(data)
         self.progress(len(data))
         return data
@@ -235,7 +267,9 @@ class _HashingReader:
         return "sha256:" + self.hasher.hexdigest()
 
 
-def _decompressed(raw: BinaryIO, progress: Progress, stack: ExitStack) -> _HashingReader:
+def _decompressed(
+    raw: BinaryIO, progress: Progress, stack: ExitStack, max_bytes: int
+) -> _HashingReader:
     magic = raw.read(4)
     raw.seek(0)
     stream: BinaryIO
@@ -247,27 +281,52 @@ def _decompressed(raw: BinaryIO, progress: Progress, stack: ExitStack) -> _Hashi
         )
     else:
         stream = raw
-    return _HashingReader(stream, progress)
+    return _HashingReader(stream, progress, max_bytes)
 
 
-def unpack_layer(blob: Path, dest: Path, diff_id: str, progress: Progress) -> None:
-    """Blocking: extracts the layer in `blob` (gzip, zstd or plain tar) into `dest`."""
-    with ExitStack() as stack:
-        raw = stack.enter_context(open(blob, "rb"))
-        tar_stream = _decompressed(raw, progress, stack)
-        try:
-            with tarfile.open(fileobj=tar_stream, mode="r|") as tar:  # type: ignore[call-overload]
-                extractor = _Extractor(dest)
-                for member in tar:
-                    extractor.apply(member, tar)
-                extractor.finish()
-            actual = tar_stream.drain()
-        except (tarfile.TarError, EOFError, zstandard.ZstdError, gzip.BadGzipFile) as e:
-            raise LayerError(f"layer {blob.name} is not a valid tar stream: {e}") from e
+def unpack_layer(
+    blob: Path, dest: Path, diff_id: str, progress: Progress, limits: LayerLimits | None = None
+) -> None:
+    """Blocking: extracts the layer in `blob` (gzip, zstd or plain tar) into `dest`, within
+    `limits`, checked as the stream is read (never after)."""
+    actual = _extract(blob, dest, progress, limits or LayerLimits(), (), f"layer {blob.name}")
     if actual != diff_id:
         raise LayerError(
             f"layer {blob.name}: uncompressed digest {actual} does not match diff id {diff_id}"
         )
+
+
+def extract_tar(archive: Path, dest: Path, limits: LayerLimits, deleted: Iterable[str] = ()
+                ) -> None:
+    """Blocking: a tar that is not an image layer (a checkpoint archive, its rootfs diff) into
+    `dest` by a layer's rules: nothing escapes `dest`, within `limits`. Each of the `deleted`
+    paths becomes an overlayfs whiteout in `dest`, as a layer's .wh. entry would."""
+    _extract(archive, dest, lambda _: None, limits, deleted, str(archive))
+
+
+def _extract(blob: Path, dest: Path, progress: Progress, limits: LayerLimits,
+             deleted: Iterable[str], what: str) -> str:
+    """Extracts `blob` into `dest` and whites out `deleted`; the uncompressed digest."""
+    with ExitStack() as stack:
+        raw = stack.enter_context(open(blob, "rb"))
+        tar_stream = _decompressed(raw, progress, stack, limits.max_bytes)
+        try:
+            tar = TarReader(tar_stream, limits.tar)
+            extractor = _Extractor(dest)
+            for member in tar:
+                extractor.apply(member, tar)
+            for path in deleted:
+                parent, _, base = clean_member_path(path).rpartition("/")
+                if base:
+                    extractor.whiteout(parent, WHITEOUT_PREFIX + base)
+            extractor.finish()
+            return tar_stream.drain()
+        except TarLimitExceeded as e:
+            raise LayerTooLarge(f"{what}: {e}") from e
+        except (
+            TarFormatError, EOFError, zstandard.ZstdError, gzip.BadGzipFile, zlib.error
+        ) as e:
+            raise LayerError(f"{what} is not a valid tar stream: {e}") from e
 
 
 def clean_member_path(name: str) -> str:
@@ -285,11 +344,11 @@ class _Extractor:
         self.real_dirs: set[str] = {""}  # relative dirs already checked to be real directories
         self.dir_mtimes: dict[str, float] = {}  # set last: extracting into a dir changes it
 
-    def apply(self, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+    def apply(self, member: tarfile.TarInfo, tar: TarReader) -> None:
         rel = clean_member_path(member.name)
         parent, _, base = rel.rpartition("/")
         if base.startswith(WHITEOUT_PREFIX):
-            self._whiteout(parent, base)
+            self.whiteout(parent, base)
             return
         if rel == "":
             if not member.isdir():
@@ -356,7 +415,7 @@ class _Extractor:
         else:
             os.unlink(path)
 
-    def _whiteout(self, parent: str, base: str) -> None:
+    def whiteout(self, parent: str, base: str) -> None:
         self._ensure_real_parents(parent)
         if base == OPAQUE_MARKER:
             # Hides the lower layers' content of this directory, not this layer's.
@@ -391,7 +450,7 @@ class _Extractor:
         self._remove(rel)
         os.link(target, self._abs(rel), follow_symlinks=False)
 
-    def _create(self, path: str, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+    def _create(self, path: str, member: tarfile.TarInfo, tar: TarReader) -> None:
         if member.isreg():
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as out:

@@ -7,8 +7,10 @@ image; pulling a tag that moved re-points it, and the old image keeps its other 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +48,10 @@ class ImageRecord:
         return [layer.chain_id for layer in self.layers]
 
     @property
+    def refs(self) -> tuple[str, ...]:
+        return (*self.repo_tags, *self.repo_digests)
+
+    @property
     def blob_digests(self) -> set[str]:
         return {self.id, self.manifest_digest, self.top_digest} | {
             layer.digest for layer in self.layers
@@ -64,8 +70,7 @@ class ImageRecord:
     @staticmethod
     def from_doc(image_id: str, doc: str, refs: Iterable[str]) -> ImageRecord:
         d = json.loads(doc)
-        refs = sorted(refs)
-        return ImageRecord(
+        record = ImageRecord(
             id=image_id,
             manifest_digest=d["manifest_digest"],
             top_digest=d["top_digest"],
@@ -73,45 +78,73 @@ class ImageRecord:
             config=d["config"],
             layers=tuple(LayerRecord(**layer) for layer in d["layers"]),
             size=int(d["size"]),
-            repo_tags=tuple(r for r in refs if "@" not in r),
-            repo_digests=tuple(r for r in refs if "@" in r),
         )
+        return _with_refs(record, refs)
 
 
 class ImageStore:
+    """The image records of state.db, also kept in memory.
+
+    This store's `save` and `remove` are the only writers of the two tables, so the memory
+    copy is loaded once and kept in step by them. Lookups (ListImages, ImageStatus,
+    CreateContainer's resolve) then read no database and need no worker thread: a thread hop
+    was most of an ImageStatus answer. Pulls save from worker threads, hence the lock.
+    """
+
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._lock = threading.Lock()
+        self._records: dict[str, ImageRecord] = {}
+        self._image_of_ref: dict[str, str] = {}
+        self._load()
 
-    def save(self, record: ImageRecord, refs: Iterable[str]) -> None:
-        """Stores the image and points each reference at it (taking it from another image)."""
-        with self.store.tx() as conn:
-            conn.execute(
-                "INSERT INTO images (id, doc) VALUES (?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
-                (record.id, record.to_doc()),
-            )
-            for ref in refs:
-                conn.execute(
-                    "INSERT INTO image_refs (ref, image_id) VALUES (?, ?) "
-                    "ON CONFLICT(ref) DO UPDATE SET image_id = excluded.image_id",
-                    (ref, record.id),
-                )
-
-    def get(self, image_id: str) -> ImageRecord | None:
-        rows = self.store.query("SELECT doc FROM images WHERE id = ?", (image_id,))
-        if not rows:
-            return None
-        refs = self.store.query("SELECT ref FROM image_refs WHERE image_id = ?", (image_id,))
-        return ImageRecord.from_doc(image_id, rows[0]["doc"], (r["ref"] for r in refs))
-
-    def list(self) -> list[ImageRecord]:
+    def _load(self) -> None:
         refs: dict[str, list[str]] = {}
         for row in self.store.query("SELECT ref, image_id FROM image_refs"):
             refs.setdefault(row["image_id"], []).append(row["ref"])
-        return [
-            ImageRecord.from_doc(row["id"], row["doc"], refs.get(row["id"], ()))
-            for row in self.store.query("SELECT id, doc FROM images ORDER BY id")
-        ]
+            self._image_of_ref[row["ref"]] = row["image_id"]
+        for row in self.store.query("SELECT id, doc FROM images"):
+            self._records[row["id"]] = ImageRecord.from_doc(
+                row["id"], row["doc"], refs.get(row["id"], ())
+            )
+
+    def save(self, record: ImageRecord, refs: Iterable[str]) -> None:
+        """Stores the image and points each reference at it (taking it from another image)."""
+        refs = list(refs)
+        with self._lock:
+            with self.store.tx() as conn:
+                conn.execute(
+                    "INSERT INTO images (id, doc) VALUES (?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
+                    (record.id, record.to_doc()),
+                )
+                for ref in refs:
+                    conn.execute(
+                        "INSERT INTO image_refs (ref, image_id) VALUES (?, ?) "
+                        "ON CONFLICT(ref) DO UPDATE SET image_id = excluded.image_id",
+                        (ref, record.id),
+                    )
+            old = self._records.get(record.id)
+            taken_from = {self._image_of_ref.get(ref) for ref in refs} - {None, record.id}
+            self._image_of_ref.update((ref, record.id) for ref in refs)
+            self._records[record.id] = _with_refs(
+                record, [*(old.refs if old else ()), *refs]
+            )
+            for image_id in taken_from:
+                self._refresh_refs(str(image_id))
+
+    def _refresh_refs(self, image_id: str) -> None:
+        record = self._records.get(image_id)
+        if record is not None:
+            kept = [ref for ref in record.refs if self._image_of_ref.get(ref) == image_id]
+            self._records[image_id] = _with_refs(record, kept)
+
+    def get(self, image_id: str) -> ImageRecord | None:
+        return self._records.get(image_id)
+
+    def list(self) -> list[ImageRecord]:
+        with self._lock:
+            return [self._records[image_id] for image_id in sorted(self._records)]
 
     def resolve(self, ref_or_id: str) -> ImageRecord | None:
         """The image named by an id ("sha256:<hex>" or "<hex>"), a reference in any form
@@ -124,24 +157,34 @@ class ImageStore:
         except InvalidReference:
             ref = None
         if ref is not None:
-            rows = self.store.query("SELECT image_id FROM image_refs WHERE ref = ?", (ref,))
-            if rows:
-                return self.get(rows[0]["image_id"])
+            image_id = self._image_of_ref.get(ref)
+            if image_id is not None:
+                return self.get(image_id)
         return self._by_id_prefix(ref_or_id.removeprefix("sha256:"))
 
     def _by_id_prefix(self, prefix: str) -> ImageRecord | None:
         if len(prefix) < MIN_ID_PREFIX or not _HEX.fullmatch(prefix):
             return None
-        # The prefix is hex only, so it holds no LIKE wildcards.
-        rows = self.store.query(
-            "SELECT id FROM images WHERE id LIKE ? LIMIT 2", (f"sha256:{prefix}%",)
-        )
-        if len(rows) != 1:
-            return None  # none, or ambiguous
-        return self.get(rows[0]["id"])
+        with self._lock:
+            found = [r for i, r in self._records.items() if i.startswith(f"sha256:{prefix}")]
+        return found[0] if len(found) == 1 else None  # none, or ambiguous
 
     def remove(self, image_id: str) -> None:
         """Deletes the image and every reference to it."""
-        with self.store.tx() as conn:
-            conn.execute("DELETE FROM image_refs WHERE image_id = ?", (image_id,))
-            conn.execute("DELETE FROM images WHERE id = ?", (image_id,))
+        with self._lock:
+            with self.store.tx() as conn:
+                conn.execute("DELETE FROM image_refs WHERE image_id = ?", (image_id,))
+                conn.execute("DELETE FROM images WHERE id = ?", (image_id,))
+            record = self._records.pop(image_id, None)
+            for ref in record.refs if record else ():
+                if self._image_of_ref.get(ref) == image_id:
+                    del self._image_of_ref[ref]
+
+
+def _with_refs(record: ImageRecord, refs: Iterable[str]) -> ImageRecord:
+    unique = sorted(set(refs))
+    return dataclasses.replace(
+        record,
+        repo_tags=tuple(r for r in unique if "@" not in r),
+        repo_digests=tuple(r for r in unique if "@" in r),
+    )
