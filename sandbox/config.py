@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sandbox import cgroups
+from sandbox.streaming.limits import StreamLimits
 
 DEFAULT_CONFIG_PATH = Path("/etc/flatpod/config.toml")
 # The built-in runtime handler, whose binary is the top-level runtime_path.
@@ -65,6 +66,31 @@ class StreamingConfig:
     port: int = 0  # 0: a free port chosen at start
     tls_cert: str = ""
     tls_key: str = ""
+    # What one client may cost the node (sandbox/streaming/limits.py says why each exists).
+    max_connections: int = StreamLimits.max_connections
+    max_sessions_per_container: int = StreamLimits.max_sessions_per_container
+    handshake_timeout_seconds: int = int(StreamLimits.handshake_timeout_seconds)
+    max_header_block_bytes: int = StreamLimits.max_header_block_bytes
+    max_frame_bytes: int = StreamLimits.max_frame_bytes
+    max_streams_per_connection: int = StreamLimits.max_streams_per_connection
+    max_websocket_message_bytes: int = StreamLimits.max_websocket_message_bytes
+    port_forward_connect_timeout_seconds: int = int(
+        StreamLimits.port_forward_connect_timeout_seconds)
+    max_port_forward_connects_per_pod: int = StreamLimits.max_port_forward_connects_per_pod
+
+    def limits(self) -> StreamLimits:
+        return StreamLimits(
+            max_connections=self.max_connections,
+            max_sessions_per_container=self.max_sessions_per_container,
+            handshake_timeout_seconds=float(self.handshake_timeout_seconds),
+            max_header_block_bytes=self.max_header_block_bytes,
+            max_frame_bytes=self.max_frame_bytes,
+            max_streams_per_connection=self.max_streams_per_connection,
+            max_websocket_message_bytes=self.max_websocket_message_bytes,
+            port_forward_connect_timeout_seconds=float(
+                self.port_forward_connect_timeout_seconds),
+            max_port_forward_connects_per_pod=self.max_port_forward_connects_per_pod,
+        )
 
 
 @dataclass(frozen=True)
@@ -287,6 +313,9 @@ def _validate(config: Config) -> None:
         raise ConfigError("config key 'streaming.port' must be between 0 and 65535")
     if bool(config.streaming.tls_cert) != bool(config.streaming.tls_key):
         raise ConfigError("config keys 'streaming.tls_cert' and 'streaming.tls_key' go together")
+    _validate_stream_limits(config.streaming)
+    if config.metrics_address:
+        _validate_metrics_address(config.metrics_address)
     if config.shim_page_merging not in _PAGE_MERGING:
         raise ConfigError(
             f"config key 'shim_page_merging' must be one of {', '.join(_PAGE_MERGING)}"
@@ -311,6 +340,39 @@ def _validate(config: Config) -> None:
             f"config key 'state_dir' is longer than {MAX_STATE_DIR_LEN} characters: each pod's "
             "shim socket lives below it, and unix socket paths are limited to 108 bytes"
         )
+
+
+# [streaming] limits: (key, smallest, largest). The smallest keeps the protocols working
+# (a SPDY session needs five streams; kubelet's headers need a few KiB); the largest keeps
+# a typo from turning a bound off.
+_STREAM_LIMIT_RANGES = (
+    ("max_connections", 1, 1 << 20),
+    ("max_sessions_per_container", 1, 1 << 20),
+    ("handshake_timeout_seconds", 1, 3600),
+    ("max_header_block_bytes", 4096, 16 << 20),
+    ("max_frame_bytes", 16384, 16 << 20),
+    ("max_streams_per_connection", 5, 1 << 16),
+    ("max_websocket_message_bytes", 4096, 64 << 20),
+    ("port_forward_connect_timeout_seconds", 1, 3600),
+    ("max_port_forward_connects_per_pod", 1, 1 << 16),
+)
+
+
+def _validate_stream_limits(streaming: StreamingConfig) -> None:
+    for key, smallest, largest in _STREAM_LIMIT_RANGES:
+        if not smallest <= getattr(streaming, key) <= largest:
+            raise ConfigError(
+                f"config key 'streaming.{key}' must be between {smallest} and {largest}")
+
+
+def _validate_metrics_address(address: str) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"config key 'metrics_address' must be host:port, [v6]:port or :port, "
+            f"got {address!r}")
+    if host.startswith("[") != host.endswith("]"):
+        raise ConfigError(f"config key 'metrics_address' has an unbalanced bracket: {address!r}")
 
 
 def _validate_handlers(config: Config) -> None:

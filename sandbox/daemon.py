@@ -109,7 +109,9 @@ def pod_network(config: Config, store: Store, paths: Paths) -> tuple[Any, str]:
 def streaming_server(rt: Runtime) -> StreamingServer:
     cfg = rt.config.streaming
     tls = (cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
-    return StreamingServer(exec.ShimBackend(rt), address=cfg.address, port=cfg.port, tls=tls)
+    limits = cfg.limits()
+    return StreamingServer(exec.ShimBackend(rt, limits), address=cfg.address, port=cfg.port,
+                           tls=tls, limits=limits)
 
 
 def own_oom_score_adj() -> int:
@@ -154,9 +156,11 @@ def open_runtime(config: Config) -> Runtime:
 
 
 def bind_socket_path(path: Path) -> None:
-    """Prepares the socket's directory (root only) and removes a stale socket."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
+    """Prepares the socket's directory and removes a stale socket. A directory flatpod makes
+    is root's only (0700); one that exists is the operator's (`--socket /run/x.sock`) and
+    keeps its mode: the socket itself is 0600 from the moment it exists (serve's umask)."""
+    if not path.parent.is_dir():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         if stat.S_ISSOCK(path.lstat().st_mode):
             path.unlink()
@@ -178,8 +182,13 @@ async def serve(config: Config) -> None:
     socket_path = config.socket_path
     bind_socket_path(socket_path)
     server.add_insecure_port(f"unix://{socket_path}")
-    # Created with the process umask; the socket gives full control of the node: root only.
-    await server.start()
+    # The socket gives full control of the node: root only, also in the instant between
+    # bind() and the chmod, in a directory others may search.
+    previous_umask = os.umask(0o177)
+    try:
+        await server.start()
+    finally:
+        os.umask(previous_umask)
     os.chmod(socket_path, 0o600)
     if metrics is not None:
         await metrics.start(config.metrics_address)

@@ -7,6 +7,12 @@ connects, the server calls the backend here:
 - attach: the shim streams the container's output to us from the moment we attach;
 - port-forward: a TCP socket created inside the pod's network namespace, connected to
   127.0.0.1:<port> there (no socat, no nsenter).
+
+Nothing here grows with what a client does not read, and no client ties up a shared worker
+thread: exec output is read from the fds only as fast as the client takes it (the pipe fills
+and the process blocks); attach output waits in a bounded queue, so the shim drops an attacher
+that stops reading; a port-forward connect is non-blocking on the event loop, with a timeout
+and a cap per pod (a pod that never accepts costs one socket per attempt, nothing more).
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cri_api import api_pb2 as pb
-from netns.enter import connect_in_netns
+from netns.enter import open_socket_in_netns
 from sandbox.containers import exec_process, running_container, shim_of
 from sandbox.errors import InvalidArgument, NotFound
 from sandbox.runtime import Runtime
+from sandbox.streaming.buffers import ByteQueue
+from sandbox.streaming.limits import KeyedSlots, SlotsFull, StreamLimits
 from shim.client import AttachStream, ExecHandle, ShimClient, ShimError, resize_fd
 from shim.protocol import STREAM_STDERR, STREAM_STDOUT
 
@@ -35,6 +43,13 @@ TIOCGPTPEER = 0x5441
 PTY_DRAIN_POLLS = 100  # x 10 ms
 # An exec's exit is waited for as long as the session lasts.
 FOREVER = 10.0 * 365 * 24 * 3600
+# Process output read ahead of the client, per stream: a pipe's reader pauses past twice this.
+EXEC_READ_AHEAD = 128 * 1024
+# Pod data read ahead of the client per forwarded connection (a connection may carry 128).
+FORWARD_READ_AHEAD = 32 * 1024
+# Attach output queued ahead of the client, per stream; past it we stop reading the shim's
+# attach socket, and the shim drops an attacher 4 MiB behind (shim/server.py).
+ATTACH_READ_AHEAD = 256 * 1024
 
 
 # --- the RPCs --------------------------------------------------------------------------------
@@ -78,6 +93,12 @@ class ShimBackend:
     """sandbox.streaming.backend.StreamBackend, over the pods' shims."""
 
     rt: Runtime
+    limits: StreamLimits = field(default_factory=StreamLimits)
+    # Port-forward connects in progress, per pod.
+    connecting: KeyedSlots = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.connecting = KeyedSlots(self.limits.max_port_forward_connects_per_pod)
 
     async def exec(self, container_id: str, cmd: list[str], tty: bool, stdin: bool,
                    stdout: bool, stderr: bool) -> ExecSession:
@@ -104,18 +125,45 @@ class ShimBackend:
         pod = self.rt.find_pod(pod_sandbox_id)
         if pod is None:
             raise NotFound(f"pod sandbox {pod_sandbox_id!r} not found")
-        if pod.netns_path:
-            sock = await asyncio.to_thread(
-                connect_in_netns, Path(pod.netns_path), "127.0.0.1", port
-            )
-            return await asyncio.open_connection(sock=sock)
-        # A host-network pod's 127.0.0.1 is the host's.
-        return await asyncio.open_connection("127.0.0.1", port, family=socket.AF_INET)
+        try:
+            with self.connecting.hold(pod.id):
+                sock = await self._pod_socket(pod.netns_path)
+                return await self._connect(sock, port)
+        except SlotsFull as full:
+            raise ConnectionRefusedError(
+                f"{full.held} connects into pod {pod.id} already in progress "
+                "(streaming.max_port_forward_connects_per_pod)") from None
+
+    @staticmethod
+    async def _pod_socket(netns_path: str) -> socket.socket:
+        """A TCP socket in the pod's netns (a host-network pod's 127.0.0.1 is the host's).
+        Only creating it needs the namespace: a short-lived thread does, microseconds."""
+        if not netns_path:
+            return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        return await asyncio.to_thread(open_socket_in_netns, Path(netns_path))
+
+    async def _connect(self, sock: socket.socket, port: int
+                       ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connects on the event loop, not on a thread: a pod that never answers costs a
+        pending socket until the timeout, not a worker."""
+        timeout = self.limits.port_forward_connect_timeout_seconds
+        try:
+            sock.setblocking(False)
+            await asyncio.wait_for(
+                asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), timeout)
+        except TimeoutError as exc:
+            sock.close()
+            raise TimeoutError(f"connect to 127.0.0.1:{port} timed out after "
+                               f"{timeout:g}s") from exc
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock, limit=FORWARD_READ_AHEAD)
 
 
 async def _reader_for(fd: int) -> asyncio.StreamReader:
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 20)
+    reader = asyncio.StreamReader(limit=EXEC_READ_AHEAD)
     await loop.connect_read_pipe(
         lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
     )
@@ -207,13 +255,13 @@ class AttachSession:
     container_id: str
     stream: AttachStream
     stdin: asyncio.StreamWriter | None = None
-    stdout: asyncio.StreamReader | None = None
-    stderr: asyncio.StreamReader | None = None
+    stdout: ByteQueue | None = None
+    stderr: ByteQueue | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def open(self, stdin: bool, stdout: bool, stderr: bool) -> None:
-        self.stdout = asyncio.StreamReader() if stdout else None
-        self.stderr = asyncio.StreamReader() if stderr and not self.stream.tty else None
+        self.stdout = ByteQueue(ATTACH_READ_AHEAD) if stdout else None
+        self.stderr = ByteQueue(ATTACH_READ_AHEAD) if stderr and not self.stream.tty else None
         self.tasks.append(asyncio.create_task(self._pump_output()))
         if stdin:
             # The server writes stdin to a StreamWriter; a pipe turns that into frames.
@@ -230,13 +278,13 @@ class AttachSession:
                 if target is None:
                     continue
                 if data:
-                    target.feed_data(data)
+                    await target.put(data)  # waits while the client is behind
                 else:
-                    target.feed_eof()
+                    target.end()
         finally:
             for target in (self.stdout, self.stderr):
-                if target is not None and not target.at_eof():
-                    target.feed_eof()
+                if target is not None:
+                    target.end()
 
     async def _pump_stdin(self, source: asyncio.StreamReader) -> None:
         with contextlib.suppress(ConnectionError, ShimError):

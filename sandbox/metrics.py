@@ -87,7 +87,9 @@ class MetricsEndpoint:
         self.server = await asyncio.start_server(
             self._answer, host, port, limit=MAX_REQUEST_BYTES
         )
-        log.info("serving metrics on http://%s/metrics", address)
+        bound = [str(sock.getsockname()[:2]) for sock in self.server.sockets]
+        log.info("serving metrics on http://%s/metrics (listening on %s)", address,
+                 ", ".join(bound))
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -124,9 +126,10 @@ def _response(status: int, content_type: str, body: bytes) -> bytes:
     return head.encode("latin-1") + body
 
 
-def split_address(address: str) -> tuple[str, int]:
-    """"127.0.0.1:9110" or "[::1]:9110" -> (host, port)."""
+def split_address(address: str) -> tuple[str | None, int]:
+    """"127.0.0.1:9110" or "[::1]:9110" -> (host, port). ":9110" -> (None, port): every
+    interface, IPv4 and IPv6, as Go's ":port" (asyncio binds each address family)."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"metrics_address {address!r} must be host:port")
-    return host.strip("[]"), int(port)
+    return host.strip("[]") or None, int(port)

@@ -417,7 +417,9 @@ async def read_to_eof(fd: int, limit: int = MAX_EXEC_SYNC_OUTPUT) -> bytes:
 
 
 def resize_fd(pty_master: int, width: int, height: int) -> None:
-    """Resize an exec's terminal: the caller holds its pty master."""
+    """Resize an exec's terminal: the caller holds its pty master. Raises
+    protocol.TerminalSizeError for a size no terminal can have."""
+    protocol.check_terminal_size(width, height)
     import fcntl
     import struct
     import termios

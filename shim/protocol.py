@@ -34,6 +34,23 @@ class ProtocolError(Exception):
     pass
 
 
+# TIOCSWINSZ takes unsigned shorts; kubelet decodes sizes as uint16.
+MAX_TERMINAL_DIMENSION = 65535
+
+
+class TerminalSizeError(ValueError):
+    """A terminal size that no terminal can have."""
+
+
+def check_terminal_size(width: object, height: object) -> None:
+    """Raises TerminalSizeError unless both are integers from 0 to 65535."""
+    for name, value in (("width", width), ("height", height)):
+        if not isinstance(value, int) or isinstance(value, bool) \
+                or not 0 <= value <= MAX_TERMINAL_DIMENSION:
+            raise TerminalSizeError(
+                f"terminal {name} {value!r} is not an integer from 0 to {MAX_TERMINAL_DIMENSION}")
+
+
 def encode_message(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 

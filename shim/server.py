@@ -395,6 +395,10 @@ class Shim:
                 ValueError, TypeError) as exc:
             conn.send_message({"id": request_id, "ok": False, "error": _describe(exc)})
             return
+        except Exception as exc:  # a bug, or input no check foresaw: one failed request
+            self.logger.log("error", f"request {request_id!r} failed: {exc!r}")
+            conn.send_message({"id": request_id, "ok": False, "error": f"internal: {exc!r}"})
+            return
         if reply is not None:
             conn.send_message({"id": request_id, "ok": True, **reply})
 
@@ -579,7 +583,11 @@ class Shim:
         container = self._container(request)
         if container.pty_master < 0:
             raise OpError(f"container {container.id} has no terminal")
-        size = struct.pack("HHHH", int(request["height"]), int(request["width"]), 0, 0)
+        # A size from a client: checked here too, so no request can make struct.pack
+        # raise something the request loop does not turn into an error reply.
+        width, height = request.get("width"), request.get("height")
+        protocol.check_terminal_size(width, height)
+        size = struct.pack("HHHH", height, width, 0, 0)
         fcntl.ioctl(container.pty_master, termios.TIOCSWINSZ, size)
         return {}
 

@@ -33,6 +33,8 @@ from tests.pods import (
 from tests.support.plugin import TestImages
 from tests.test_streaming_portforward import TunnelledSpdyClient, forward_once
 from tests.test_streaming_support import (
+    BASE64_PROTOCOLS,
+    ChannelClient,
     RemoteCommand,
     SpdyClient,
     UpgradeRefused,
@@ -198,6 +200,25 @@ def test_exec_over_websocket(fp: CriClient, streaming_pod: StreamingPod, protoco
         assert client.returncode == 5
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("protocol", ["channel.k8s.io", "base64.channel.k8s.io",
+                                      "v4.channel.k8s.io", "v4.base64.channel.k8s.io"])
+def test_exec_and_attach_over_legacy_websocket_protocols(
+        fp: CriClient, pulled: TestImages, streaming_pod: StreamingPod, protocol: str) -> None:
+    """Kubernetes' "remote command execution over websockets" spec asks for channel.k8s.io:
+    only stdout may carry data, and a success sends nothing else (v1) or a Status (v4)."""
+    client = ChannelClient.connect(
+        exec_url(fp, streaming_pod.worker, ["cat", "/etc/hostname"]), protocol)
+    got = client.run_to_close()
+    assert got.get(1, b"").strip() and set(got) <= {1, 3}
+    if protocol.startswith("v4."):
+        assert json.loads(got[3])["status"] == "Success"
+    assert client.opcodes == ({1} if protocol in BASE64_PROTOCOLS else {2})
+    shell = interactive_shell(fp, pulled, streaming_pod)
+    client = ChannelClient.connect(attach_url(fp, shell), protocol)
+    client.send(0, b"echo -n attached; exit 0\n")
+    assert client.run_to_close().get(1) == b"attached"
 
 
 def test_exec_tty_and_stdin_over_websocket(fp: CriClient, streaming_pod: StreamingPod) -> None:

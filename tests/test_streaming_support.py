@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from sandbox.streaming import spdy
+from sandbox.streaming.limits import StreamLimits
 from sandbox.streaming.server import StreamingServer
 
 T = TypeVar("T")
@@ -137,13 +138,15 @@ class LocalProcessBackend:
 
 class ServerHarness:
     def __init__(self, tls: tuple[str, str] | None = None, token_ttl: float = 60.0,
-                 stream_creation_timeout: float = 30.0) -> None:
+                 stream_creation_timeout: float = 30.0,
+                 limits: StreamLimits | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.backend = LocalProcessBackend()
         self.server = StreamingServer(self.backend, tls=tls, token_ttl=token_ttl,
-                                      stream_creation_timeout=stream_creation_timeout)
+                                      stream_creation_timeout=stream_creation_timeout,
+                                      limits=limits)
         self.call(self.server.start())
 
     def call(self, coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
@@ -414,3 +417,65 @@ def run(awaitable: Awaitable[T]) -> T:
     async def wrapper() -> T:
         return await awaitable
     return asyncio.run(wrapper())
+
+
+# ---------------------------------------------------------------------------
+# channel.k8s.io over WebSocket, every variant, with websocket-client
+
+
+BASE64_PROTOCOLS = ("base64.channel.k8s.io", "v4.base64.channel.k8s.io")
+
+
+@dataclass
+class ChannelClient:
+    """A channel.k8s.io client of any version, binary or base64 (wsstream's encodings: a
+    channel byte, or an ASCII digit then base64), on websocket-client."""
+
+    ws: Any
+    protocol: str
+    received: dict[int, bytearray] = field(default_factory=dict)
+    opcodes: set[int] = field(default_factory=set)
+
+    @classmethod
+    def connect(cls, url: str, protocol: str | None) -> ChannelClient:
+        import websocket
+
+        ws = websocket.create_connection(url.replace("http", "ws", 1), timeout=20,
+                                         subprotocols=[protocol] if protocol else None)
+        return cls(ws, protocol or "")
+
+    @property
+    def base64(self) -> bool:
+        return self.protocol in BASE64_PROTOCOLS
+
+    def send(self, channel: int, data: bytes) -> None:
+        import base64
+
+        import websocket
+
+        if self.base64:
+            self.ws.send(chr(ord("0") + channel) + base64.b64encode(data).decode(),
+                         websocket.ABNF.OPCODE_TEXT)
+        else:
+            self.ws.send(bytes([channel]) + data, websocket.ABNF.OPCODE_BINARY)
+
+    def run_to_close(self) -> dict[int, bytes]:
+        """Every message until the server closes, by channel."""
+        import base64
+
+        import websocket
+
+        while True:
+            opcode, data = self.ws.recv_data()
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                break
+            self.opcodes.add(opcode)
+            if not data:
+                continue
+            if self.base64:
+                channel, payload = data[0] - ord("0"), base64.b64decode(data[1:])
+            else:
+                channel, payload = data[0], data[1:]
+            self.received.setdefault(channel, bytearray()).extend(payload)
+        self.ws.close()
+        return {channel: bytes(data) for channel, data in self.received.items()}

@@ -1,8 +1,9 @@
-"""Exec and attach over WebSocket (v4/v5 channel protocols) with the kubernetes
-Python client's WSClient (websocket-client underneath), and TLS."""
+"""Exec and attach over WebSocket with the kubernetes Python client's WSClient (v4/v5) and
+websocket-client itself (every channel protocol, binary and base64), and TLS."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -14,6 +15,8 @@ from kubernetes.stream.ws_client import WSClient
 
 from sandbox.streaming.server import AttachParams, ExecParams
 from tests.test_streaming_support import (
+    BASE64_PROTOCOLS,
+    ChannelClient,
     ServerHarness,
     run,
     run_command,
@@ -84,9 +87,59 @@ def test_attach_over_websocket(harness: ServerHarness) -> None:
         client.close()
 
 
+# Every subprotocol kubelet accepts (None: the client offers none, which is channel.k8s.io).
+LEGACY_PROTOCOLS = ["channel.k8s.io", "base64.channel.k8s.io", "v4.channel.k8s.io",
+                    "v4.base64.channel.k8s.io", None]
+
+
+def expected_exit_report(protocol: str | None, code: int, description: str) -> bytes | dict:
+    """v4 sends a JSON Status on the error channel; v1 the error's text only."""
+    if protocol and protocol.startswith("v4."):
+        return {"reason": "NonZeroExitCode", "code": str(code)}
+    return (f"command terminated with non-zero exit code: error executing {description}, "
+            f"exit code {code}").encode()
+
+
+def exit_report(protocol: str | None, error: bytes) -> bytes | dict:
+    if protocol and protocol.startswith("v4."):
+        status = json.loads(error)
+        return {"reason": status["reason"], "code": status["details"]["causes"][0]["message"]}
+    return error
+
+
+@pytest.mark.parametrize("protocol", LEGACY_PROTOCOLS)
+def test_exec_over_every_channel_protocol(harness: ServerHarness, protocol: str | None) -> None:
+    cmd = ["sh", "-c", "head -c 5; echo -n err >&2; exit 3"]
+    client = ChannelClient.connect(exec_url(harness, cmd, stdin=True), protocol)
+    assert client.ws.subprotocol == protocol
+    client.send(0, b"hello")  # head reads five bytes and goes on: no stdin EOF needed
+    got = client.run_to_close()
+    assert (got.get(1), got.get(2)) == (b"hello", b"err")
+    assert exit_report(protocol, got[3]) == expected_exit_report(protocol, 3, f"command {cmd}")
+    # Base64 protocols travel in text messages, the others in binary ones.
+    assert client.opcodes == ({1} if protocol in BASE64_PROTOCOLS else {2})
+
+
+@pytest.mark.parametrize("protocol", LEGACY_PROTOCOLS)
+def test_attach_over_every_channel_protocol(harness: ServerHarness,
+                                            protocol: str | None) -> None:
+    harness.backend.attach_commands["ctr"] = ["sh"]
+    url: str = harness.on_loop(harness.server.get_attach_url,
+                               AttachParams("ctr", stdin=True, stdout=True, stderr=True))
+    client = ChannelClient.connect(url, protocol)
+    client.send(0, b"echo -n attached; exit 0\n")
+    got = client.run_to_close()
+    assert got.get(1) == b"attached"
+    # Success: v4 sends a Success Status, v1 nothing at all.
+    if protocol and protocol.startswith("v4."):
+        assert json.loads(got[3])["status"] == "Success"
+    else:
+        assert 3 not in got
+
+
 def test_websocket_without_known_subprotocol_is_rejected(harness: ServerHarness) -> None:
     with pytest.raises(Exception, match="400"):
-        ws_client(exec_url(harness, ["true"]), "base64.channel.k8s.io")
+        ws_client(exec_url(harness, ["true"]), "v9.channel.k8s.io")
 
 
 @pytest.fixture

@@ -6,6 +6,13 @@ import asyncio
 from typing import Protocol
 
 
+class OutputSource(Protocol):
+    """A process's output: an asyncio.StreamReader, or anything with its read()."""
+
+    async def read(self, n: int = -1) -> bytes:
+        """Up to n bytes; b"" at the end."""
+
+
 class ProcessStreams(Protocol):
     """A running exec, or an attach session to a container's main process.
 
@@ -17,10 +24,10 @@ class ProcessStreams(Protocol):
     def stdin(self) -> asyncio.StreamWriter | None: ...
 
     @property
-    def stdout(self) -> asyncio.StreamReader | None: ...
+    def stdout(self) -> OutputSource | None: ...
 
     @property
-    def stderr(self) -> asyncio.StreamReader | None: ...
+    def stderr(self) -> OutputSource | None: ...
 
     async def resize(self, width: int, height: int) -> None:
         """Set the terminal size (tty sessions only)."""

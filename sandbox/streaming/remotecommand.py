@@ -6,11 +6,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sandbox.streaming.backend import ProcessStreams
+from sandbox.streaming.backend import OutputSource, ProcessStreams
+from sandbox.streaming.limits import MAX_RESIZE_PENDING
+from shim.protocol import TerminalSizeError, check_terminal_size
 
 log = logging.getLogger(__name__)
 
@@ -19,9 +22,18 @@ PROTOCOL_V4 = "v4.channel.k8s.io"
 PROTOCOL_V3 = "v3.channel.k8s.io"
 PROTOCOL_V2 = "v2.channel.k8s.io"
 PROTOCOL_V1 = "channel.k8s.io"
+PROTOCOL_V4_BASE64 = "v4.base64.channel.k8s.io"
+PROTOCOL_V1_BASE64 = "base64.channel.k8s.io"
+PROTOCOL_NONE = ""  # a WebSocket client that offers no subprotocol: binary, as channel.k8s.io
 # Server preference order for SPDY negotiation.
 SPDY_PROTOCOLS = (PROTOCOL_V5, PROTOCOL_V4, PROTOCOL_V3, PROTOCOL_V2, PROTOCOL_V1)
-WEBSOCKET_PROTOCOLS = (PROTOCOL_V5, PROTOCOL_V4)
+# Every subprotocol kubelet's WebSocket handler accepts; the client's order chooses.
+WEBSOCKET_PROTOCOLS = (PROTOCOL_V5, PROTOCOL_V4, PROTOCOL_V4_BASE64, PROTOCOL_V1,
+                       PROTOCOL_V1_BASE64, PROTOCOL_NONE)
+WEBSOCKET_BASE64_PROTOCOLS = (PROTOCOL_V4_BASE64, PROTOCOL_V1_BASE64)
+# Protocols whose error channel carries a JSON metav1.Status; the others carry only the
+# text of an error, and nothing on success.
+STATUS_AS_JSON = (PROTOCOL_V5, PROTOCOL_V4, PROTOCOL_V4_BASE64)
 
 STREAM_STDIN = "stdin"
 STREAM_STDOUT = "stdout"
@@ -41,6 +53,7 @@ CHANNEL_CLOSE = 255  # v5: [255, n] closes channel n
 # descendant may still hold open.
 OUTPUT_DRAIN_TIMEOUT = 5.0
 READ_CHUNK = 32 * 1024
+RESIZE_SLICE = 4096
 
 
 class InputChannel(Protocol):
@@ -113,30 +126,77 @@ def internal_error_status(message: str) -> dict[str, Any]:
 
 def encode_status(status: dict[str, Any], protocol: str) -> bytes:
     """v4+ send a JSON Status; older protocols send only an error's text."""
-    if protocol in (PROTOCOL_V4, PROTOCOL_V5):
+    if protocol in STATUS_AS_JSON:
         return json.dumps(status, separators=(",", ":")).encode()
     if status["status"] == "Success":
         return b""
     return str(status["message"]).encode()
 
 
-def parse_resize_events(buffer: str) -> tuple[list[tuple[int, int]], str]:
-    """Complete JSON {"Width","Height"} objects in buffer, and the unparsed rest."""
-    decoder = json.JSONDecoder()
-    events: list[tuple[int, int]] = []
-    pos = 0
-    while True:
-        while pos < len(buffer) and buffer[pos].isspace():
-            pos += 1
-        if pos >= len(buffer):
-            return events, ""
-        try:
-            value, end = decoder.raw_decode(buffer, pos)
-        except json.JSONDecodeError:
-            return events, buffer[pos:]
-        pos = end
-        if isinstance(value, dict):
-            events.append((int(value.get("Width", 0)), int(value.get("Height", 0))))
+class ResizeError(ValueError):
+    """A resize channel carried something that is not a terminal size."""
+
+
+class ResizeParser:
+    """The resize channel: a stream of JSON {"Width": w, "Height": h} objects, split
+    anywhere. At most MAX_RESIZE_PENDING bytes wait for an object to complete, so each
+    parse attempt is bounded; sizes must be integers in a terminal's range (uint16, as
+    kubelet decodes them). Keys match case-insensitively, as Go's encoding/json."""
+
+    def __init__(self, max_pending: int = MAX_RESIZE_PENDING) -> None:
+        self._pending = ""
+        self._max_pending = max_pending
+        self._decoder = json.JSONDecoder()
+
+    def feed(self, data: bytes) -> list[tuple[int, int]]:
+        """Complete sizes so far (zero sizes are skipped, as kubelet does). Objects are
+        decoded in place from a moving offset, so a chunk of many costs linear time."""
+        text = self._pending + data.decode("utf-8", "replace")
+        events: list[tuple[int, int]] = []
+        pos = 0
+        while True:
+            pos = _JSON_SPACE.match(text, pos).end()  # type: ignore[union-attr]
+            if pos == len(text):
+                self._pending = ""
+                return events
+            try:
+                value, pos = self._decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as exc:
+                if not _incomplete(exc):
+                    raise ResizeError(f"resize event is not JSON: {exc.msg}") from exc
+                if len(text) - pos > self._max_pending:
+                    raise ResizeError(
+                        f"resize event longer than {self._max_pending} bytes") from exc
+                self._pending = text[pos:]
+                return events
+            except (ValueError, RecursionError) as exc:  # 4000 digits; [[[[...
+                raise ResizeError(f"resize event: {exc!r}"[:200]) from exc
+            width, height = _terminal_size(value)
+            if width and height:
+                events.append((width, height))
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _incomplete(exc: json.JSONDecodeError) -> bool:
+    """Whether the decoder stopped only because the text ended (more may come)."""
+    return exc.pos >= len(exc.doc) or exc.msg.startswith("Unterminated")
+
+
+def _terminal_size(value: object) -> tuple[int, int]:
+    if not isinstance(value, dict):
+        raise ResizeError(f"resize event is a {type(value).__name__}, not an object")
+    fields = {str(key).lower(): item for key, item in value.items()}
+    width, height = fields.get("width", 0), fields.get("height", 0)
+    for name, item in (("Width", width), ("Height", height)):
+        if not isinstance(item, int) or isinstance(item, bool):
+            raise ResizeError(f"resize event {name} {item!r} is not an integer")
+    try:
+        check_terminal_size(width, height)
+    except TerminalSizeError as exc:
+        raise ResizeError(str(exc)) from exc
+    return width, height
 
 
 async def _pump_stdin(channel: InputChannel, process: ProcessStreams) -> None:
@@ -155,7 +215,7 @@ async def _pump_stdin(channel: InputChannel, process: ProcessStreams) -> None:
             target.close()
 
 
-async def _pump_output(source: asyncio.StreamReader | None, channel: OutputChannel) -> None:
+async def _pump_output(source: OutputSource | None, channel: OutputChannel) -> None:
     try:
         if source is not None:
             # A pty master reports EIO once the terminal's last user exits: that is EOF.
@@ -168,12 +228,26 @@ async def _pump_output(source: asyncio.StreamReader | None, channel: OutputChann
 
 
 async def _pump_resize(channel: InputChannel, process: ProcessStreams) -> None:
-    pending = ""
+    """Applies each size; a bad event ends resizing for this session (the rest of the
+    channel is read and dropped so it cannot stall the connection), nothing else."""
+    parser = ResizeParser()
     while data := await channel.read():
-        pending += data.decode("utf-8", "replace")
-        events, pending = parse_resize_events(pending)
-        for width, height in events:
-            await process.resize(width, height)
+        try:
+            # Slices of a few KiB, with a yield between them: a 1 MiB message of tiny
+            # events is ~0.2 s of parsing, which must not hold the event loop at once.
+            events: list[tuple[int, int]] = []
+            for start in range(0, len(data), RESIZE_SLICE):
+                events += parser.feed(data[start:start + RESIZE_SLICE])
+                await asyncio.sleep(0)
+            # Only the last size of a batch matters to a terminal: one resize per read,
+            # however many events a client packs into it.
+            for width, height in events[-1:]:
+                await process.resize(width, height)
+        except (ResizeError, OSError) as exc:
+            log.info("streaming: resize channel closed: %s", exc)
+            while await channel.read():
+                pass
+            return
 
 
 async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:

@@ -2,6 +2,9 @@
 
 GET/POST /exec/<token>, /attach/<token>, /portforward/<token>, upgraded to
 SPDY/3.1 (X-Stream-Protocol-Version) or WebSocket (Sec-WebSocket-Protocol).
+
+What a client may cost is bounded (limits.py): open connections node-wide, sessions per
+container (per pod for port-forward), and the time from accept to the end of the upgrade.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ import re
 import secrets
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from sandbox.streaming import remotecommand as rc
 from sandbox.streaming.backend import ProcessStreams, StreamBackend
+from sandbox.streaming.limits import KeyedSlots, SlotsFull, StreamLimits
 from sandbox.streaming.portforward import PROTOCOL_PORTFORWARD, PortForwardSession
 from sandbox.streaming.spdy import (
     RST_PROTOCOL_ERROR,
@@ -238,8 +242,12 @@ class StreamingServer:
 
     def __init__(self, backend: StreamBackend, address: str = "127.0.0.1", port: int = 0,
                  tls: tuple[str, str] | None = None, token_ttl: float = TOKEN_TTL,
-                 stream_creation_timeout: float = STREAM_CREATION_TIMEOUT) -> None:
+                 stream_creation_timeout: float = STREAM_CREATION_TIMEOUT,
+                 limits: StreamLimits | None = None) -> None:
         self._backend = backend
+        self._limits = limits or StreamLimits()
+        # Sessions running per container (exec, attach) or pod (port-forward).
+        self._sessions = KeyedSlots(self._limits.max_sessions_per_container)
         self._address = address
         self._port = port
         self._tls = tls
@@ -254,9 +262,10 @@ class StreamingServer:
         if self._tls is not None:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(*self._tls)
-        self._server = await asyncio.start_server(self._on_connection, self._address,
-                                                  self._port, ssl=context,
-                                                  limit=MAX_REQUEST_HEAD)
+        handshake = self._limits.handshake_timeout_seconds
+        self._server = await asyncio.start_server(
+            self._on_connection, self._address, self._port, ssl=context,
+            ssl_handshake_timeout=handshake if context else None, limit=MAX_REQUEST_HEAD)
         bound_port = self._server.sockets[0].getsockname()[1]
         host = self._address
         if host in ("0.0.0.0", "::", ""):
@@ -316,6 +325,13 @@ class StreamingServer:
 
     async def _on_connection(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
+        if len(self._connections) >= self._limits.max_connections:
+            log.debug("streaming: refusing a connection: %d open",
+                      self._limits.max_connections)
+            writer.write(http_response(503, "Service Unavailable",
+                                       "too many streaming connections"))
+            writer.close()
+            return
         # The session runs in its own task so stop() can cancel it without the
         # cancellation escaping into asyncio's server callback machinery.
         task = asyncio.create_task(self._serve_connection(reader, writer))
@@ -342,19 +358,37 @@ class StreamingServer:
     async def _serve_http(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
         try:
-            request = await read_request(reader)
+            try:
+                request = await asyncio.wait_for(read_request(reader),
+                                                 self._limits.handshake_timeout_seconds)
+            except TimeoutError as exc:
+                raise HttpError(408, "Request Timeout", "request head not received in "
+                                f"{self._limits.handshake_timeout_seconds:g}s") from exc
             session = self._route(request)
             kind = upgrade_kind(request)
-            if kind == "spdy":
-                await self._serve_spdy(request, session, reader, writer)
-            elif kind == "websocket":
-                await self._serve_websocket(request, session, reader, writer)
-            else:
+            if kind not in ("spdy", "websocket"):
                 raise HttpError(400, "Bad Request",
                                 "unable to upgrade: missing upgrade headers in request")
+            with self._session_slot(session):
+                if kind == "spdy":
+                    await self._serve_spdy(request, session, reader, writer)
+                else:
+                    await self._serve_websocket(request, session, reader, writer)
         except HttpError as exc:
             writer.write(http_response(exc.status, exc.reason, exc.body, exc.extra_headers))
             await writer.drain()
+
+    @contextlib.contextmanager
+    def _session_slot(self, session: PendingSession) -> Iterator[None]:
+        """Counts the session against its container's (pod's) cap for as long as it runs."""
+        try:
+            with self._sessions.hold(session.target_id):
+                yield
+        except SlotsFull as full:
+            what = "pod" if session.kind == "portforward" else "container"
+            raise HttpError(429, "Too Many Requests",
+                            f"{what} {session.target_id} already has {full.held} streaming "
+                            f"sessions (streaming.max_sessions_per_container)") from None
 
     def _route(self, request: HttpRequest) -> PendingSession:
         match = _PATH.match(request.path)
@@ -378,7 +412,7 @@ class StreamingServer:
             head.append(f"X-Stream-Protocol-Version: {protocol}")
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode())
         await writer.drain()
-        connection = SpdyConnection(StreamTransport(reader, writer))
+        connection = SpdyConnection(StreamTransport(reader, writer), self._limits)
         connection.start()
         try:
             if session.kind == "portforward":
@@ -450,7 +484,8 @@ class StreamingServer:
             raise HttpError(400, "Bad Request", f"unable to upgrade: {exc}") from exc
         writer.write(response)
         await writer.drain()
-        websocket = WebSocketConnection(reader, writer, protocol)
+        websocket = WebSocketConnection(reader, writer, protocol,
+                                        self._limits.max_websocket_message_bytes)
         if session.kind == "portforward":
             await self._port_forward_tunnelled(websocket, session)
         else:
@@ -460,7 +495,7 @@ class StreamingServer:
                                       session: PendingSession) -> None:
         transport = WebSocketTransport(websocket)
         transport.start()
-        connection = SpdyConnection(transport)
+        connection = SpdyConnection(transport, self._limits)
         connection.start()
         try:
             await self._port_forward(connection, session)
@@ -469,10 +504,10 @@ class StreamingServer:
 
     async def _remote_command_websocket(self, websocket: WebSocketConnection,
                                         session: PendingSession, protocol: str) -> None:
-        channels = WebSocketChannels(websocket, session.options,
-                                     close_signal=protocol == rc.PROTOCOL_V5)
+        channels = WebSocketChannels(websocket, session.options, protocol)
         channels.start()
         try:
+            await channels.announce()
             await rc.run_remote_command(channels.session_channels(), protocol,
                                         self._starter(session), describe(session),
                                         websocket.closed)

@@ -11,7 +11,13 @@ tracked from the start but only *enforced* once the peer has proved it does
 flow control (it sent a WINDOW_UPDATE or an INITIAL_WINDOW_SIZE setting).
 In the other direction this side always advertises WINDOW_UPDATEs as the
 application consumes data, and applies back-pressure by not reading the
-socket while a stream holds too much unconsumed data.
+socket while a stream, or the connection as a whole, holds too much unconsumed
+data.
+
+Everything the peer controls is bounded (limits.py): frame sizes, the inflated
+size of each header block (a few bytes of zlib can inflate to gigabytes), the
+number of open streams, and how many frames are parsed before other work on the
+event loop gets a turn.
 """
 
 from __future__ import annotations
@@ -25,6 +31,13 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from sandbox.streaming.limits import (
+    FRAMES_PER_YIELD,
+    MAX_BUFFERED_PER_CONNECTION,
+    MAX_BUFFERED_PER_STREAM,
+    StreamLimits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +71,14 @@ GOAWAY_INTERNAL_ERROR = 2
 
 SETTINGS_INITIAL_WINDOW_SIZE = 7
 
+# Header names and values in one block: kubelet's clients send fewer than ten; a block of
+# tens of thousands of empty ones would take tens of ms of the event loop to decode.
+MAX_HEADER_VALUES = 1024
+# SPDY/3 defines eight settings; a frame with thousands of entries is not a client's.
+MAX_SETTINGS = 64
+
 DEFAULT_WINDOW = 64 * 1024
 MAX_DATA_FRAME = 16 * 1024
-# Unconsumed bytes a stream may hold before the frame reader stops reading
-# the socket (needed because real clients ignore our advertised window).
-MAX_BUFFERED_PER_STREAM = 1024 * 1024
-MAX_CONTROL_FRAME = 1024 * 1024
 
 # Header names of the SPDY/3 compression dictionary, each stored in the
 # dictionary behind a 4-byte big-endian length (section 2.6.10.1 of draft 3).
@@ -126,14 +141,21 @@ class HeaderCompressor:
 
 
 class HeaderDecompressor:
-    def __init__(self) -> None:
+    def __init__(self, max_block: int = StreamLimits.max_header_block_bytes) -> None:
         self._inflate = zlib.decompressobj(15, zdict=HEADER_DICTIONARY)
+        self._max_block = max_block
 
     def decompress(self, data: bytes) -> dict[str, list[str]]:
+        """Inflates at most max_block + 1 bytes: a bigger block is refused before it
+        exists in memory. The zlib context is then out of step, so the caller must end
+        the connection (a SpdyProtocolError does)."""
         try:
-            block = self._inflate.decompress(data)
+            block = self._inflate.decompress(data, self._max_block + 1)
         except zlib.error as exc:
             raise SpdyProtocolError(f"header block decompression failed: {exc}") from exc
+        if len(block) > self._max_block:
+            raise SpdyProtocolError(
+                f"header block inflates to more than {self._max_block} bytes")
         return decode_header_block(block)
 
 
@@ -162,11 +184,20 @@ def decode_header_block(block: bytes) -> dict[str, list[str]]:
 
     (count,) = struct.unpack(">I", take(4))
     headers: dict[str, list[str]] = {}
+    total_values = 0
+    if count > MAX_HEADER_VALUES:
+        raise SpdyProtocolError(f"header block has {count} headers, more than "
+                                f"{MAX_HEADER_VALUES}")
     for _ in range(count):
         (name_len,) = struct.unpack(">I", take(4))
         name = take(name_len).decode("utf-8", "replace").lower()
         (value_len,) = struct.unpack(">I", take(4))
-        values = take(value_len).decode("utf-8", "replace").split("\x00")
+        raw_values = take(value_len)
+        # Count before splitting: 256 KiB of NULs would be 256 Ki empty strings.
+        total_values += raw_values.count(b"\x00") + 1
+        if total_values > MAX_HEADER_VALUES:
+            raise SpdyProtocolError(f"header block has more than {MAX_HEADER_VALUES} values")
+        values = raw_values.decode("utf-8", "replace").split("\x00")
         headers.setdefault(name, []).extend(values)
     return headers
 
@@ -285,6 +316,8 @@ def parse_settings(frame: ControlFrame) -> dict[int, int]:
     if len(frame.payload) < 4:
         raise SpdyProtocolError("short SETTINGS")
     (count,) = struct.unpack(">I", frame.payload[:4])
+    if count > MAX_SETTINGS:
+        raise SpdyProtocolError(f"SETTINGS with {count} entries, more than {MAX_SETTINGS}")
     if len(frame.payload) != 4 + 8 * count:
         raise SpdyProtocolError("SETTINGS length mismatch")
     settings: dict[int, int] = {}
@@ -304,18 +337,19 @@ class ByteTransport(Protocol):
     async def close(self) -> None: ...
 
 
-async def read_frame(transport: ByteTransport) -> Frame:
+async def read_frame(transport: ByteTransport,
+                     max_frame: int = StreamLimits.max_frame_bytes) -> Frame:
     head = await transport.read_exactly(8)
     first, second = struct.unpack(">II", head)
     flags = second >> 24
     length = second & 0xFFFFFF
+    if length > max_frame:
+        raise SpdyProtocolError(f"frame of {length} bytes exceeds {max_frame}")
     if first & 0x80000000:
         version = (first >> 16) & 0x7FFF
         frame_type = first & 0xFFFF
         if version != SPDY_VERSION:
             raise SpdyProtocolError(f"unsupported SPDY version {version}")
-        if length > MAX_CONTROL_FRAME:
-            raise SpdyProtocolError("control frame too large")
         payload = await transport.read_exactly(length) if length else b""
         return ControlFrame(frame_type, flags, payload)
     data = await transport.read_exactly(length) if length else b""
@@ -376,8 +410,6 @@ class SpdyStream:
         self._buffered = 0
         self._unacknowledged = 0  # consumed bytes not yet returned by WINDOW_UPDATE
         self._data_ready = asyncio.Event()
-        self._drained = asyncio.Event()
-        self._drained.set()
         self.remote_closed = remote_closed  # the peer sent FIN
         self.local_closed = False  # we sent FIN
         self.reset = False
@@ -414,8 +446,8 @@ class SpdyStream:
 
     async def _consumed(self, n: int) -> None:
         self._buffered -= n
-        if self._buffered < MAX_BUFFERED_PER_STREAM:
-            self._drained.set()
+        self.connection.buffered -= n
+        self.connection.buffer_room.set()
         self._unacknowledged += n
         # Return credit in batches so small reads don't each cost a frame.
         if self._unacknowledged >= DEFAULT_WINDOW // 2 and not self.remote_closed:
@@ -426,20 +458,24 @@ class SpdyStream:
         if data:
             self._chunks.append(data)
             self._buffered += len(data)
-            if self._buffered >= MAX_BUFFERED_PER_STREAM:
-                self._drained.clear()
+            self.connection.buffered += len(data)
         if fin:
             self.remote_closed = True
         self._data_ready.set()
 
     def _on_reset(self) -> None:
         self.reset = True
+        # Nobody will read what is left: give its room back to the connection.
+        self.connection.buffered -= self._buffered
+        self._buffered = 0
+        self._chunks.clear()
+        self.connection.buffer_room.set()
         self._data_ready.set()
-        self._drained.set()
         self.send_window.opened.set()
 
-    async def wait_drained(self) -> None:
-        await self._drained.wait()
+    @property
+    def over_buffer_limit(self) -> bool:
+        return self._buffered >= MAX_BUFFERED_PER_STREAM
 
     # writing ---------------------------------------------------------------
 
@@ -470,10 +506,14 @@ class SpdyStream:
 class SpdyConnection:
     """Server side of a SPDY/3.1 session: the peer opens (odd-numbered) streams."""
 
-    def __init__(self, transport: ByteTransport) -> None:
+    def __init__(self, transport: ByteTransport, limits: StreamLimits | None = None) -> None:
         self._transport = transport
+        self._limits = limits or StreamLimits()
         self._compressor = HeaderCompressor()
-        self._decompressor = HeaderDecompressor()
+        self._decompressor = HeaderDecompressor(self._limits.max_header_block_bytes)
+        # Unconsumed client data in all streams, and a wakeup when some is consumed.
+        self.buffered = 0
+        self.buffer_room = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self._streams: dict[int, SpdyStream] = {}
         self._incoming: asyncio.Queue[SpdyStream | None] = asyncio.Queue()
@@ -589,9 +629,15 @@ class SpdyConnection:
     # reading frames ------------------------------------------------------------
 
     async def _read_loop(self) -> None:
+        frames = 0
         try:
             while True:
-                frame = await read_frame(self._transport)
+                frame = await read_frame(self._transport, self._limits.max_frame_bytes)
+                frames += 1
+                if frames % FRAMES_PER_YIELD == 0:
+                    # Frames already buffered are parsed without awaiting anything: let
+                    # the rest of the daemon run between batches.
+                    await asyncio.sleep(0)
                 if isinstance(frame, DataFrame):
                     await self._on_data(frame)
                 elif not await self._on_control(frame):
@@ -614,7 +660,10 @@ class SpdyConnection:
         stream._on_data(frame.data, bool(frame.flags & FLAG_FIN))
         self._forget_if_done(stream)
         # Back-pressure on peers that ignore our window: stop reading the socket.
-        await stream.wait_drained()
+        while (stream.over_buffer_limit and not stream.reset) \
+                or self.buffered >= MAX_BUFFERED_PER_CONNECTION:
+            self.buffer_room.clear()
+            await self.buffer_room.wait()
 
     async def _on_control(self, frame: ControlFrame) -> bool:
         """Handle one control frame; False ends the read loop."""
@@ -644,7 +693,7 @@ class SpdyConnection:
             await self.send_rst(syn.stream_id, RST_PROTOCOL_ERROR)
             return
         self._last_peer_stream_id = syn.stream_id
-        if self._goaway_sent:
+        if self._goaway_sent or len(self._streams) >= self._limits.max_streams_per_connection:
             await self.send_rst(syn.stream_id, RST_REFUSED_STREAM)
             return
         stream = SpdyStream(self, syn.stream_id, syn.headers,

@@ -1,4 +1,8 @@
-"""RFC 6455 WebSocket, server side, over asyncio streams."""
+"""RFC 6455 WebSocket, server side, over asyncio streams.
+
+A client controls frame and message sizes and the number of fragments: each is bounded
+(limits.py), a message is reassembled from a list of fragments joined once (linear in its
+size), and the reader yields to the event loop between batches of frames."""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import contextlib
 import hashlib
 import struct
 from collections.abc import Mapping, Sequence
+
+from sandbox.streaming.limits import FRAMES_PER_YIELD, MAX_WEBSOCKET_FRAGMENTS, StreamLimits
 
 WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -24,11 +30,13 @@ CLOSE_NORMAL = 1000
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_TOO_BIG = 1009
 
-MAX_MESSAGE = 32 * 1024 * 1024
-
 
 class WebSocketError(Exception):
     pass
+
+
+class FrameTooBig(WebSocketError):
+    """A frame, message or fragment count over its limit (close code 1009)."""
 
 
 def accept_key(client_key: str) -> str:
@@ -45,9 +53,10 @@ def offered_subprotocols(headers: Mapping[str, Sequence[str]]) -> list[str]:
 
 
 def choose_subprotocol(offered: Sequence[str], supported: Sequence[str]) -> str | None:
-    """The first protocol in our preference order that the client offered."""
-    for protocol in supported:
-        if protocol in offered:
+    """The first protocol in the client's order that we support, as Kubernetes' wsstream
+    does. A client that offers none gets "" if "" is supported (no protocol header)."""
+    for protocol in offered or [""]:
+        if protocol in supported:
             return protocol
     return None
 
@@ -66,7 +75,7 @@ def handshake_response(headers: Mapping[str, Sequence[str]], subprotocol: str | 
         "Connection: Upgrade",
         f"Sec-WebSocket-Accept: {accept_key(keys[0].strip())}",
     ]
-    if subprotocol is not None:
+    if subprotocol:
         lines.append(f"Sec-WebSocket-Protocol: {subprotocol}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
@@ -95,8 +104,11 @@ class WebSocketConnection:
     """A WebSocket after the handshake: whole messages in, binary messages out."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 subprotocol: str | None) -> None:
+                 subprotocol: str | None,
+                 max_message: int = StreamLimits.max_websocket_message_bytes) -> None:
         self._reader = reader
+        self._max_message = max_message
+        self._frames_read = 0
         self._writer = writer
         self.subprotocol = subprotocol
         self._write_lock = asyncio.Lock()
@@ -109,9 +121,13 @@ class WebSocketConnection:
             await self._writer.drain()
 
     async def send_binary(self, data: bytes) -> None:
+        await self.send(OP_BINARY, data)
+
+    async def send(self, opcode: int, data: bytes) -> None:
+        """One unfragmented text or binary message."""
         if self._close_sent:
             raise ConnectionResetError("websocket is closing")
-        await self._write(encode_frame(OP_BINARY, data))
+        await self._write(encode_frame(opcode, data))
 
     async def ping(self, data: bytes = b"") -> None:
         await self._write(encode_frame(OP_PING, data))
@@ -142,8 +158,11 @@ class WebSocketConnection:
             (size,) = struct.unpack(">H", await self._reader.readexactly(2))
         elif size == 127:
             (size,) = struct.unpack(">Q", await self._reader.readexactly(8))
-        if size > MAX_MESSAGE:
-            raise WebSocketError("frame too large")
+        if size > self._max_message:
+            raise FrameTooBig(f"frame of {size} bytes exceeds {self._max_message}")
+        self._frames_read += 1
+        if self._frames_read % FRAMES_PER_YIELD == 0:
+            await asyncio.sleep(0)  # buffered frames parse without awaiting: let others run
         mask = await self._reader.readexactly(4)
         payload = await self._reader.readexactly(size) if size else b""
         return fin, opcode, unmask(payload, mask) if payload else b""
@@ -151,6 +170,8 @@ class WebSocketConnection:
     async def receive(self) -> bytes | None:
         """Next text or binary message's bytes; None once the connection is closed."""
         fragments: list[bytes] = []
+        size = 0
+        fragment_count = 0
         message_started = False
         try:
             while True:
@@ -168,16 +189,25 @@ class WebSocketConnection:
                 if opcode not in (OP_CONTINUATION, OP_TEXT, OP_BINARY):
                     raise WebSocketError(f"unknown opcode {opcode}")
                 message_started = True
-                fragments.append(payload)
-                if sum(len(f) for f in fragments) > MAX_MESSAGE:
-                    raise WebSocketError("message too large")
+                fragment_count += 1
+                size += len(payload)
+                if size > self._max_message:
+                    raise FrameTooBig(f"message exceeds {self._max_message} bytes")
+                if fragment_count > MAX_WEBSOCKET_FRAGMENTS:
+                    raise FrameTooBig(f"message has more than {MAX_WEBSOCKET_FRAGMENTS} "
+                                      f"fragments")
+                if payload:
+                    fragments.append(payload)
                 if fin:
                     return b"".join(fragments)
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             self.closed.set()
             return None
-        except WebSocketError:
-            await self.close(CLOSE_PROTOCOL_ERROR)
+        except FrameTooBig as exc:
+            await self.close(CLOSE_TOO_BIG, str(exc)[:100])
+            return None
+        except WebSocketError as exc:
+            await self.close(CLOSE_PROTOCOL_ERROR, str(exc)[:100])
             return None
 
     async def _on_control(self, opcode: int, payload: bytes) -> bool:
