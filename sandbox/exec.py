@@ -29,6 +29,7 @@ from pathlib import Path
 
 from cri_api import api_pb2 as pb
 from netns.enter import open_socket_in_netns
+from sandbox import validate
 from sandbox.containers import exec_process, running_container, shim_of
 from sandbox.errors import InvalidArgument, NotFound
 from sandbox.runtime import Runtime
@@ -56,9 +57,8 @@ ATTACH_READ_AHEAD = 256 * 1024
 
 
 async def exec_(rt: Runtime, req: pb.ExecRequest) -> pb.ExecResponse:
+    validate.exec_command(req.cmd)
     ctr = running_container(rt, req.container_id)
-    if not req.cmd:
-        raise InvalidArgument("exec command is empty")
     req.container_id = ctr.id
     return pb.ExecResponse(url=_url(rt.streaming.get_exec_url, req))
 

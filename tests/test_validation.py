@@ -263,6 +263,10 @@ def test_exec_sync_command_is_checked(
     assert_invalid(lambda: fp.ExecSync(pb.ExecSyncRequest(container_id=ctr_id, cmd=[])), "cmd")
     assert_invalid(lambda: fp.ExecSync(pb.ExecSyncRequest(
         container_id=ctr_id, cmd=["echo", "a\x00b"])), "cmd")
+    # The streaming Exec checks the same way, before it hands out a URL.
+    assert_invalid(lambda: fp.Exec(pb.ExecRequest(container_id=ctr_id, cmd=[])), "cmd")
+    assert_invalid(lambda: fp.Exec(pb.ExecRequest(
+        container_id=ctr_id, cmd=["echo", "x" * (2 << 20)])), "cmd")
 
 
 def test_image_stop_signal_must_name_a_signal(
