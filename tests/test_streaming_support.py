@@ -39,6 +39,7 @@ class LocalProcess:
         self.stdout = stdout
         self.stderr = stderr
         self._pty_master = pty_master
+        self._slave_closer: asyncio.Future[None] | None = None
         self.resizes: list[tuple[int, int]] = []
 
     async def resize(self, width: int, height: int) -> None:
@@ -46,6 +47,18 @@ class LocalProcess:
         if self._pty_master is not None:
             fcntl.ioctl(self._pty_master, termios.TIOCSWINSZ,
                         struct.pack("HHHH", height, width, 0, 0))
+
+    def hold_pty_slave(self, slave: int) -> None:
+        """Keeps the pty's slave side open until the process has exited, as flatpod's shim
+        does: when the last slave fd closes with the exit, the kernel hangs the pty up and
+        the master's reads fail with EIO, dropping output the process wrote just before
+        exiting that was not read yet."""
+        async def close_at_exit() -> None:
+            try:
+                await self.process.wait()
+            finally:
+                os.close(slave)
+        self._slave_closer = asyncio.ensure_future(close_at_exit())
 
     async def wait(self) -> int:
         return await self.process.wait()
@@ -110,10 +123,12 @@ class LocalProcessBackend:
             try:
                 process = await asyncio.create_subprocess_exec(
                     *cmd, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
-            finally:
+            except BaseException:
                 os.close(slave)
+                raise
             reader, writer = await _pty_streams(master)
             started = LocalProcess(process, writer if stdin else None, reader, None, master)
+            started.hold_pty_slave(slave)
         self.processes.append(started)
         return started
 
