@@ -28,7 +28,7 @@ from cri_api import api_pb2 as pb
 from netns.enter import run_in_netns
 from netns.pin import create_netns, ensure_shared_mount_dir, is_pinned, pin_namespace, unpin
 from netns.ports import PortMapping
-from sandbox import cgroups, containers, mounts, validate
+from sandbox import acl, cgroups, containers, mounts, validate
 from sandbox.errors import FailedPrecondition, InvalidArgument
 from sandbox.exits import delete_runc_state
 from sandbox.images.snapshots import idmap_supported
@@ -113,6 +113,7 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
         userns = pod_userns(config.linux.security_context)  # validated above
         if userns is not None:
             await asyncio.to_thread(_share_with_userns, rt, pod_dir, userns)
+            share_state_dirs(rt)  # the record is reserved: its group is in the set
         # 3. The network namespace, pinned, and the pod network in it.
         if not host_net:
             netns = NETNS_DIR / f"flatpod-{pod_id[:24]}"
@@ -173,6 +174,17 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
 def _forget(rt: Runtime, pod: PodRecord) -> None:
     rt.registry.forget(pod)
     rt.store.end_operation(f"run_pod:{pod.id}")
+    _unshare_state_dirs(rt, pod)
+
+
+def _unshare_state_dirs(rt: Runtime, pod: PodRecord) -> None:
+    """After a forgotten user-namespace pod: its group's entry goes (unless another pod still
+    has that group); other pods never touch the dirs."""
+    if pod_userns(pod.config.linux.security_context) is not None:
+        try:
+            share_state_dirs(rt)
+        except FailedPrecondition as err:  # the pod is gone; the next pod or restart retries
+            log.warning("pod %s: %s", pod.short, err)
 
 
 def validate_sandbox_config(config: pb.PodSandboxConfig) -> None:
@@ -412,22 +424,42 @@ def _loopback_up() -> None:
 
 def _share_with_userns(rt: Runtime, pod_dir: Path, userns: PodUserns) -> None:
     """What runc and the pod's root (host ids userns.root) must reach from inside the user
-    namespace, where flatpod's root has no power over host-owned files: the path down to the
-    pause rootfs, bundles and pod dirs (traverse only, 0711 as containerd's state dirs), the
-    pod's dir (its root's group only: users.open_to_group), and the pod's own files, given to
-    the pod's root as a normal pod's files belong to root."""
+    namespace, where flatpod's root has no power over host-owned files: the pod's dir (its
+    root's group only: users.open_to_group) and the pod's own files, given to the pod's root as
+    a normal pod's files belong to root. The dirs above are share_state_dirs'."""
     for parent in rt.paths.state.parents:
         if not os.stat(parent).st_mode & 0o001:
             raise FailedPrecondition(
                 f"{parent} is not searchable by others: a pod's user namespace cannot reach "
                 f"the state dir {rt.paths.state} below it"
             )
-    for path in (rt.paths.state, rt.paths.pods, rt.paths.bundles):
-        os.chmod(path, 0o711)
     for name in ("hostname", "resolv.conf", "hosts", "shm"):
         if (pod_dir / name).exists():
             os.chown(pod_dir / name, *userns.root)
     open_to_group(pod_dir, userns.root[1])
+
+
+def share_state_dirs(rt: Runtime) -> None:
+    """The state, pods/ and bundles (containers/) dirs: 0700, plus an ACL entry that lets the
+    host group of each user-namespace pod's root traverse them (--x), the path runc takes from
+    inside the namespace down to the pause rootfs, the pod dirs and the bundles. Each pod is
+    one entry (kubelet gives each pod its own host ids), made from the records that exist, so
+    an entry goes with the last pod that needed it, also across restarts and crashes.
+
+    Runs on the event loop, not in a worker thread: the set is read from the registry and
+    written in one step, so two pods made or removed at once cannot overwrite each other's
+    entry with an older set. It is three small xattr writes to a local filesystem."""
+    gids = {
+        userns.root[1] for pod in rt.pods.values()
+        if (userns := pod_userns(pod.config.linux.security_context)) is not None
+    }
+    for path in (rt.paths.state, rt.paths.pods, rt.paths.bundles):
+        try:
+            acl.owner_only_but_traversable_by(path, gids)
+        except acl.AclError as err:
+            raise FailedPrecondition(
+                f"pods with user namespaces need POSIX ACLs on the state dir: {err}"
+            ) from err
 
 
 # Host ids of the probe's user namespace: any range works for the probe (as critest's).
@@ -563,6 +595,7 @@ async def remove_pod_now(rt: Runtime, pod: PodRecord) -> None:
     await asyncio.to_thread(shutil.rmtree, pod_dir, True)
     await asyncio.to_thread(shutil.rmtree, rt.paths.bundle_dir(pod.id), True)
     rt.registry.forget(pod)
+    _unshare_state_dirs(rt, pod)
     log.info("pod %s removed", pod.short)
 
 

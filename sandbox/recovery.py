@@ -34,6 +34,9 @@ log = logging.getLogger("flatpod.recovery")
 
 
 async def recover(rt: Runtime) -> None:
+    # The shared state dirs' ACL names the user-namespace pods that have records, no more
+    # (a crash may have left a removed pod's entry) and no less (startup chmods them 0700).
+    pods.share_state_dirs(rt)
     await _finish_interrupted(rt)
     for pod in list(rt.pods.values()):
         if not rt.handlers.is_configured(pod):

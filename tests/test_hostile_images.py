@@ -24,7 +24,7 @@ import grpc
 import pytest
 
 from cri_api import api_pb2 as pb
-from sandbox import users
+from sandbox import acl, users
 from sandbox.images.snapshots import LayerLimits, LayerTooLarge, unpack_layer
 from sandbox.images.tarreader import (
     TarFormatError,
@@ -393,22 +393,32 @@ def test_user_db_checks_in_process(tmp_path: Path) -> None:
 # ---- what a layer holds stays out of host users' reach ----------------------------------------
 
 USERNS_HOST_ID = 300000  # no host account has it: only the pod's namespace is these ids
+OTHER_USERNS_HOST_ID = 400000  # a second pod's
+STALE_HOST_ID = 500000  # a pod a crash forgot to take out of the dirs' ACL
 
 
 def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
+    return as_host_ids(65534, *argv)
+
+
+def as_host_ids(host_id: int, *argv: str) -> subprocess.CompletedProcess[str]:
+    """`argv` as host uid and gid `host_id`, no supplementary groups (what a pod's root is on
+    the host, or user nobody)."""
     return subprocess.run(
-        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", *argv],
+        ["setpriv", "--reuid", str(host_id), "--regid", str(host_id), "--clear-groups", *argv],
         capture_output=True, text=True, timeout=30,
     )
 
 
-@pytest.mark.parametrize("userns", [True, False], ids=["userns", "no-userns"])
-def test_layer_devices_and_setuid_files_are_out_of_host_users_reach(
-    cri: CriClient, daemon: Daemon, registry: Registry, tmp_path: Path, userns: bool
-) -> None:
-    """An image with a world-writable /dev/mem-like node, a block device and a setuid-root
-    copy of busybox, run in a pod (with and without a user namespace): the container works,
-    and host user nobody reaches none of it, nor the pod's files or /dev/shm."""
+def assert_denied(*argv: str, host_id: int = 65534) -> None:
+    denied = as_host_ids(host_id, *argv)
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr, (
+        argv, denied.stdout, denied.stderr)
+
+
+def hostile_devices_image(cri: CriClient, registry: Registry) -> str:
+    """An image with a world-writable /dev/mem-like node, a block device, a setuid-root copy of
+    busybox and a world-writable file, pulled."""
     with open(oci.HOST_BUSYBOX, "rb") as f:
         binary = f.read()
     hostile = build_layer(LayerSpec((
@@ -419,35 +429,130 @@ def test_layer_devices_and_setuid_files_are_out_of_host_users_reach(
     ), comment="devices and setuid"))
     ref = push(registry, [busybox_layer(), hostile])
     cri.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)))
-    fields: dict[str, object] = {}
-    if userns:
-        mapping = [pb.IDMapping(container_id=0, host_id=USERNS_HOST_ID, length=65536)]
-        opts = pb.NamespaceOption(userns_options=pb.UserNamespace(
-            mode=pb.POD, uids=mapping, gids=mapping))
-        fields["linux"] = pb.LinuxPodSandboxConfig(
-            security_context=pb.LinuxSandboxSecurityContext(namespace_options=opts))
+    return ref
+
+
+def userns_fields(host_id: int) -> dict[str, object]:
+    mapping = [pb.IDMapping(container_id=0, host_id=host_id, length=65536)]
+    opts = pb.NamespaceOption(userns_options=pb.UserNamespace(
+        mode=pb.POD, uids=mapping, gids=mapping))
+    return {"linux": pb.LinuxPodSandboxConfig(
+        security_context=pb.LinuxSandboxSecurityContext(namespace_options=opts))}
+
+
+def sleeper(cri: CriClient, ref: str, pod_id: str, pod: pb.PodSandboxConfig) -> str:
+    """A running container of `ref` in the pod, with the pod's namespace options."""
+    config = container_config(ref, command=["sleep", "1000"])
+    config.linux.security_context.namespace_options.CopyFrom(
+        pod.linux.security_context.namespace_options)
+    ctr_id: str = cri.CreateContainer(pb.CreateContainerRequest(
+        pod_sandbox_id=pod_id, config=config, sandbox_config=pod)).container_id
+    cri.StartContainer(pb.StartContainerRequest(container_id=ctr_id))
+    return ctr_id
+
+
+def reads_its_rootfs(cri: CriClient, ctr_id: str) -> None:
+    inside = cri.ExecSync(pb.ExecSyncRequest(
+        container_id=ctr_id, cmd=["cat", "/opt/open"], timeout=10))
+    assert inside.stdout == b"anyone\n", inside.stderr
+
+
+@pytest.mark.parametrize("userns", [True, False], ids=["userns", "no-userns"])
+def test_layer_devices_and_setuid_files_are_out_of_host_users_reach(
+    cri: CriClient, daemon: Daemon, registry: Registry, tmp_path: Path, userns: bool
+) -> None:
+    """The hostile image run in a pod (with and without a user namespace): the container
+    works, and host user nobody reaches none of it, nor the pod's files or /dev/shm."""
+    ref = hostile_devices_image(cri, registry)
+    fields = userns_fields(USERNS_HOST_ID) if userns else {}
     with a_pod(cri, tmp_path, **fields) as (pod_id, pod):
-        ctr_config = container_config(ref, command=["sleep", "1000"])
-        if userns:
-            ctr_config.linux.security_context.namespace_options.CopyFrom(
-                pod.linux.security_context.namespace_options)
-        ctr_id = cri.CreateContainer(pb.CreateContainerRequest(
-            pod_sandbox_id=pod_id, config=ctr_config, sandbox_config=pod)).container_id
-        cri.StartContainer(pb.StartContainerRequest(container_id=ctr_id))
-        inside = cri.ExecSync(pb.ExecSyncRequest(
-            container_id=ctr_id, cmd=["cat", "/opt/open"], timeout=10))
-        assert inside.stdout == b"anyone\n", inside.stderr
+        ctr_id = sleeper(cri, ref, pod_id, pod)
+        reads_its_rootfs(cri, ctr_id)
         rootfs = daemon.state / "containers" / ctr_id / "rootfs"
         pod_dir = daemon.state / "pods" / pod_id
         assert (rootfs / "opt" / "suid-sh").stat().st_mode & 0o4000  # root sees it
         for target in ("opt/mem", "opt/disk", "opt/suid-sh", "opt/open"):
-            denied = as_nobody("stat", str(rootfs / target))
-            assert denied.returncode != 0 and "Permission denied" in denied.stderr, (
-                target, denied.stdout)
+            assert_denied("stat", str(rootfs / target))
         run = as_nobody(str(rootfs / "opt" / "suid-sh"), "-c", "id -u")
         assert run.returncode != 0 and run.stdout == "", run.stdout  # never ran
         for target in (pod_dir / "shm", pod_dir / "hostname"):
-            denied = as_nobody("stat", str(target))
-            assert denied.returncode != 0 and "Permission denied" in denied.stderr, target
-        for directory in (rootfs.parent, pod_dir):
+            assert_denied("stat", str(target))
+        for directory in (rootfs.parent, pod_dir, *shared_dirs(daemon)):
             assert directory.stat().st_mode & 0o007 == 0, oct(directory.stat().st_mode)
+
+
+def shared_dirs(daemon: Daemon) -> tuple[Path, Path, Path]:
+    """The dirs above every pod's files: the state dir, pods/ and the bundles (containers/)."""
+    return daemon.state, daemon.state / "pods", daemon.state / "containers"
+
+
+def pod_files(daemon: Daemon, pod_id: str, ctr_id: str) -> list[Path]:
+    pod_dir, bundle = daemon.state / "pods" / pod_id, daemon.state / "containers" / ctr_id
+    return [
+        pod_dir, pod_dir / "hostname", pod_dir / "resolv.conf", pod_dir / "shm",
+        pod_dir / "ns" / "user", pod_dir / "shim.sock", daemon.state / "containers" / pod_id,
+        bundle, bundle / "config.json", bundle / "rootfs" / "opt" / "mem",
+        bundle / "rootfs" / "opt" / "open", bundle / "rootfs" / "bin" / "sh",
+    ]
+
+
+def assert_closed(daemon: Daemon, pods: dict[int, tuple[str, str]]) -> None:
+    """Host user nobody lists and traverses none of the shared dirs and reaches no file of
+    any pod; each pod's root (its host ids) may traverse the shared dirs, list none of them,
+    and reach only its own pod's dir."""
+    for directory in shared_dirs(daemon):
+        assert directory.stat().st_mode & 0o077 == 0o010, oct(directory.stat().st_mode)
+        assert_denied("ls", str(directory))
+    assert_denied("stat", str(daemon.state / "pods"))  # traversing the state dir
+    for host_id, (pod_id, ctr_id) in pods.items():
+        assert_denied("stat", str(daemon.state / "pods" / pod_id))  # traversing pods/
+        for path in pod_files(daemon, pod_id, ctr_id):
+            assert path.exists(), path
+            assert_denied("stat", str(path))
+        own = as_host_ids(host_id, "stat", str(daemon.state / "pods" / pod_id / "hostname"))
+        assert own.returncode == 0, own.stderr
+        assert_denied("ls", str(daemon.state / "pods"), host_id=host_id)
+        for other_id, (other_pod, _ctr) in pods.items():
+            if other_id != host_id:
+                assert_denied("stat", str(daemon.state / "pods" / other_pod / "hostname"),
+                              host_id=host_id)
+
+
+def test_shared_state_dirs_stay_closed_with_userns_pods_and_across_restarts(
+    cri: CriClient, daemon: Daemon, registry: Registry, tmp_path: Path
+) -> None:
+    """Two user-namespace pods with different host ids: the state, pods/ and bundles dirs
+    stay 0700 to host users (each pod's root group gets an ACL entry to traverse them, which
+    runc needs from inside the namespace), before and after a daemon restart that must also
+    drop a stale entry; after both pods go, no entry of theirs remains."""
+    ref = hostile_devices_image(cri, registry)
+    with (a_pod(cri, tmp_path, **userns_fields(USERNS_HOST_ID)) as (first, first_cfg),
+          a_pod(cri, tmp_path, **userns_fields(OTHER_USERNS_HOST_ID)) as (second, second_cfg)):
+        pods = {USERNS_HOST_ID: (first, sleeper(cri, ref, first, first_cfg)),
+                OTHER_USERNS_HOST_ID: (second, sleeper(cri, ref, second, second_cfg))}
+        for _pod_id, ctr_id in pods.values():
+            reads_its_rootfs(cri, ctr_id)
+        for directory in shared_dirs(daemon):
+            assert acl.named_groups(directory) == set(pods), directory
+        assert_closed(daemon, pods)
+
+        daemon.stop()  # a crash left a removed pod's entry; startup chmods the dirs 0700
+        for directory in shared_dirs(daemon):
+            acl.owner_only_but_traversable_by(directory, {*pods, STALE_HOST_ID})
+        daemon.start()
+        for directory in shared_dirs(daemon):
+            assert acl.named_groups(directory) == set(pods), directory
+        assert_closed(daemon, pods)
+        for _pod_id, ctr_id in pods.values():
+            reads_its_rootfs(cri, ctr_id)
+        # A new container after the restart: runc reaches its bundle from inside the userns.
+        reads_its_rootfs(cri, sleeper(cri, ref, first, first_cfg))
+
+        cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=first))
+        cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=first))
+        for directory in shared_dirs(daemon):
+            assert acl.named_groups(directory) == {OTHER_USERNS_HOST_ID}, directory
+        reads_its_rootfs(cri, pods[OTHER_USERNS_HOST_ID][1])
+    for directory in shared_dirs(daemon):  # no ACL left at all: the dirs are plain 0700
+        assert acl.read(directory) == [], directory
+        assert directory.stat().st_mode & 0o7777 == 0o700, oct(directory.stat().st_mode)
