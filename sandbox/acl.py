@@ -2,10 +2,9 @@
 
 The kernel's format (include/uapi/linux/posix_acl_xattr.h): a little-endian u32 version (2),
 then one 8-byte entry per ACL entry: u16 tag, u16 permissions, u32 id (named entries only).
-Written here with os.setxattr rather than through setfacl: three syscalls per directory, no
-extra package, and the daemon never parses a tool's output. Any filesystem flatpod's state or
-root dir lives on takes it (tmpfs with CONFIG_TMPFS_POSIX_ACL, as Debian 12's kernel has; ext4,
-xfs, btrfs).
+Written here with os.setxattr rather than through setfacl: one syscall per directory, no
+extra package, and the daemon never parses a tool's output. The filesystems a state dir lives
+on take it: tmpfs with CONFIG_TMPFS_POSIX_ACL (Debian 12's kernel has it), ext4, xfs, btrfs.
 """
 
 from __future__ import annotations
