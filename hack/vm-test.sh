@@ -126,7 +126,7 @@ host_pip_for() {
 # flatpod's dependencies and the test requirements as wheels for the guest, kept per
 # requirement set and Python version; then flatpod's own wheel from the staged tree.
 make_wheelhouse() {
-  local pyver=$1 stage=$2 pip key wheels deps
+  local pyver=$1 stage=$2 log=$3 pip key wheels deps
   pip=$(host_pip_for "$pyver") || return 77
   deps=$(python3 - "$repo/pyproject.toml" "$guest_test_requirements" <<'EOF2'
 import re, sys, tomllib
@@ -142,12 +142,12 @@ EOF2
   if [ ! -f "$wheels/.complete" ]; then
     rm -rf "$wheels"; mkdir -p "$wheels"
     echo "$deps" > "$wheels/requirements.txt"
-    "$pip" wheel -q -w "$wheels" -r "$wheels/requirements.txt" >&2 || return 1
-    "$pip" download -q --no-deps -d "$wheels" pip >&2 || return 1  # the guest runs it from here
+    "$pip" wheel -q -w "$wheels" -r "$wheels/requirements.txt" >>"$log" 2>&1 || return 1
+    "$pip" download -q --no-deps -d "$wheels" pip >>"$log" 2>&1 || return 1  # the guest runs it
     touch "$wheels/.complete"
   fi
   # flatpod itself, from the working tree as it is (not only what is committed).
-  "$pip" wheel -q --no-deps -w "$stage/dist" "$stage/src" >&2 || return 1
+  "$pip" wheel -q --no-deps -w "$stage/dist" "$stage/src" >>"$log" 2>&1 || return 1
   echo "$wheels"
 }
 
@@ -195,9 +195,12 @@ main() {
   begin "wheels (guest Python $pyver)"
   stage_tree "$stage"
   local wheels rc=0
-  wheels=$(make_wheelhouse "$pyver" "$stage") || rc=$?
+  wheels=$(make_wheelhouse "$pyver" "$stage" "$stage/pip.log") || rc=$?
   [ "$rc" = 77 ] && skip "no python$pyver on the host to build the guest's wheels with"
-  [ "$rc" = 0 ] || { echo "vm-test: FAILED: could not make the guest's wheels (pip output above)"; exit 1; }
+  if [ "$rc" != 0 ]; then
+    tail -n 30 "$stage/pip.log"
+    echo "vm-test: FAILED: could not make the guest's wheels (pip output above)"; exit 1
+  fi
   selected_tests "$@" > "$stage/tests.txt"
   end wheels
 

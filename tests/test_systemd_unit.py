@@ -27,6 +27,7 @@ from cri_api import api_pb2 as pb
 from tests.cri import CriClient
 from tests.daemon import (
     REPO,
+    START_TIMEOUT,
     kill_stray_zygote,
     remove_bridge,
     remove_cgroup_parent,
@@ -39,8 +40,6 @@ from tests.support.plugin import TestImages
 
 UNIT_FILE = REPO / "hack" / "flatpod.service"
 RUNTIME_UNIT_DIR = Path("/run/systemd/system")
-# Under the VM's emulated CPU a Python daemon takes many seconds to start; generous on purpose.
-START_TIMEOUT = 180.0
 SLEEP = ["sleep", "100000"]
 
 
