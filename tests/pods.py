@@ -13,6 +13,7 @@ from typing import Any
 
 from cri_api import api_pb2 as pb
 from tests.cri import CriClient
+from tests.daemon import TIME_SCALE
 
 
 def pod_config(name: str = "", log_dir: Path | None = None, **fields: Any) -> pb.PodSandboxConfig:
@@ -84,7 +85,7 @@ def pod_state(cri: CriClient, pod_id: str) -> int:
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout * TIME_SCALE
     while True:
         result = condition()
         if result:

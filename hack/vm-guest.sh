@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Runs inside the VM as the job of hack/vm-test.sh (via ../shared/vm/runvm.sh), as root, with
+# the staged tree and flatpod's wheel at /mnt/flatpod and the wheelhouse at /mnt/wheels.
+# Makes the venv from the wheelhouse (no network here), installs flatpod, runs the listed
+# tests; writes pytest.log, junit.xml and phases.txt (seconds per phase) to /job/out.
+set -uo pipefail
+
+share=/mnt/flatpod
+out=/job/out
+venv=/opt/flatpod/venv
+phase_start=0
+begin() { phase_start=$(date +%s); echo "== vm-guest: $1"; }
+end() { echo "$1 $(( $(date +%s) - phase_start ))" >> "$out/phases.txt"; }
+
+echo "== vm-guest: pid 1 $(cat /proc/1/comm), $(stat -fc %T /sys/fs/cgroup)," \
+  "kernel $(uname -r), $(python3 --version)"
+echo "controllers: $(cat /sys/fs/cgroup/cgroup.controllers)"
+
+begin venv
+# Every CPU cycle is emulated: no ensurepip (pip runs from its wheel in the wheelhouse) and no
+# byte-compiling of everything installed (Python compiles what the tests import, once).
+python3 -m venv --without-pip "$venv" || exit 1
+pip_wheel=$(ls /mnt/wheels/pip-*.whl | tail -n 1)
+"$venv/bin/python" "$pip_wheel/pip" install -q --no-compile --no-index --find-links /mnt/wheels \
+  -r /mnt/wheels/requirements.txt "$share"/dist/flatpod-*.whl || exit 1
+ln -sf "$venv/bin/flatpod" /usr/local/bin/flatpod
+end venv
+"$venv/bin/flatpod" --version
+
+begin tests
+mapfile -t tests < "$share/tests.txt"
+cd "$share/src" || exit 1
+# The tests import the staged tree; bytecode goes to the guest's disk, not the share.
+export PYTHONPATH=$share/src PYTHONPYCACHEPREFIX=/var/cache/flatpod-pycache
+# An emulated CPU (qemu TCG, "qemu" here; "kvm" with hardware virtualization) stretches the
+# tests' waits tenfold.
+virt=$(systemd-detect-virt 2>/dev/null || true)
+[ "$virt" = qemu ] && export FLATPOD_TEST_TIME_SCALE=${FLATPOD_TEST_TIME_SCALE:-10}
+echo "virtualization: $virt, FLATPOD_TEST_TIME_SCALE=${FLATPOD_TEST_TIME_SCALE:-1}"
+"$venv/bin/python" -m pytest -p no:cacheprovider -rfEs --junitxml="$out/junit.xml" \
+  "${tests[@]}" 2>&1 | tee "$out/pytest.log"
+rc=${PIPESTATUS[0]}
+end tests
+exit "$rc"
