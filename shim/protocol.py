@@ -30,6 +30,13 @@ STREAM_STDERR = 2
 MAX_FRAME = 1 << 20
 
 
+# Made once: json.dumps(separators=...) builds a new encoder per call, and json.loads
+# sniffs the encoding of bytes; both run Python code that, in a zygote-forked shim, copies
+# the zygote's pages holding it. Lines are UTF-8 (the encoder's output is ASCII).
+COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+JSON_DECODER = json.JSONDecoder()
+
+
 class ProtocolError(Exception):
     pass
 
@@ -52,12 +59,12 @@ def check_terminal_size(width: object, height: object) -> None:
 
 
 def encode_message(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    return COMPACT_JSON.encode(message).encode() + b"\n"
 
 
 def decode_message(line: bytes) -> dict[str, Any]:
     try:
-        message = json.loads(line)
+        message = JSON_DECODER.decode(line.decode("utf-8", "surrogatepass"))
     except ValueError as exc:
         raise ProtocolError(f"malformed JSON line: {exc}") from exc
     if not isinstance(message, dict):

@@ -170,7 +170,7 @@ def _warm_up() -> None:
                 runc.start("warm-up")
         finally:
             log.close()
-            shim.loop.selector.close()
+            shim.loop.close()
             shim.wakeup_reader.close()
             shim.wakeup_writer.close()
             listener.close()
