@@ -22,7 +22,6 @@ import re
 import shutil
 import socket
 import sys
-import tempfile
 from typing import Any
 
 from shim import __main__ as shim_main
@@ -134,7 +133,7 @@ def _warm_up() -> None:
     from shim.runc import Runc
     from shim.server import Connection, Logger, Shim
 
-    state_dir = tempfile.mkdtemp(prefix="flatpod-zygote-warm-up-")
+    state_dir = _private_temp_dir("flatpod-zygote-warm-up-")
     try:
         bundle = os.path.join(state_dir, "bundle")
         os.mkdir(bundle)
@@ -176,6 +175,15 @@ def _warm_up() -> None:
             listener.close()
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _private_temp_dir(prefix: str) -> str:
+    """A new directory only root can enter, as tempfile.mkdtemp makes one: tempfile
+    imports random, whose at-fork hook reseeds it in every forked shim (and in the
+    intermediate child). Measured: 44 KiB of USS per shim."""
+    path = os.path.join(os.environ.get("TMPDIR") or "/tmp", prefix + os.urandom(8).hex())
+    os.mkdir(path, 0o700)  # fails rather than follow or reuse anything already there
+    return path
 
 
 # Objects that fill the free blocks of the zygote's pymalloc pools (see _fill_pool_holes);
