@@ -1013,8 +1013,8 @@ def _owns_pid_namespace(bundle: str) -> bool:
     """Whether config.json gives the container a PID namespace of its own (not the pod's, a
     target's by path, or the host's)."""
     try:
-        with open(os.path.join(bundle, "config.json"), encoding="utf-8") as file:
-            namespaces = json.load(file).get("linux", {}).get("namespaces", [])
+        with open(os.path.join(bundle, "config.json"), "rb") as file:
+            namespaces = json.loads(file.read()).get("linux", {}).get("namespaces", [])
     except (OSError, ValueError):
         return True
     return any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
