@@ -12,6 +12,7 @@ import contextlib
 import os
 import socket
 import sys
+from collections.abc import Mapping
 
 from shim.runc import DEFAULT_RUNC, Runc
 from shim.server import LOG_LEVELS, Logger, Shim, set_child_subreaper
@@ -78,10 +79,11 @@ def redirect_stdio(log_path: str) -> None:
     os.close(log_fd)
 
 
-def serve(args: argparse.Namespace, listener: socket.socket) -> None:
+def serve(args: argparse.Namespace, listener: socket.socket,
+          runc_environment: Mapping[str, str] | None = None) -> None:
     set_child_subreaper()
     runc = Runc(root=args.runc_root, binary=args.runc, log_dir=args.dir,
-                extra_global_args=list(args.runc_args))
+                extra_global_args=list(args.runc_args), environment=runc_environment)
     shim = Shim(args.pod_id, args.dir, runc, listener, Logger(LOG_LEVELS[args.log_level]),
                 max_log_line=args.max_log_line)
     try:

@@ -18,6 +18,7 @@ import os
 import select
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -81,6 +82,10 @@ class Runc:
     # Where runc's --log files go for calls whose stderr belongs to the container.
     log_dir: str = "/tmp"
     extra_global_args: list[str] = field(default_factory=list)
+    # runc's environment; None: this process's os.environ, read at each call. A
+    # zygote-forked shim is given a copy made in the zygote: reading os.environ runs
+    # os._Environ's Python code, and decodes every variable, in each shim (~60 KiB of USS).
+    environment: Mapping[str, str] | None = None
 
     def _argv(self, *args: str) -> list[str]:
         return [self.binary, "--root", self.root, *self.extra_global_args, *args]
@@ -95,7 +100,7 @@ class Runc:
                 read_end, write_end = os.pipe()
                 ours.append(write_end if index == 0 else read_end)
                 theirs.append(read_end if index == 0 else write_end)
-            pid = _spawn(argv, *theirs)
+            pid = _spawn(argv, self.environment, *theirs)
             for fd in theirs:
                 os.close(fd)
             theirs.clear()
@@ -118,7 +123,7 @@ class Runc:
                 "--log", log_path, "--log-format", "json", *args]
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         try:
-            pid = _spawn(argv, *(fd if fd >= 0 else devnull
+            pid = _spawn(argv, self.environment, *(fd if fd >= 0 else devnull
                                  for fd in (stdio.stdin, stdio.stdout, stdio.stderr)))
             returncode, _output = _wait(pid, self.timeout, [])
             if returncode != 0:
@@ -227,7 +232,8 @@ def _state_from_json(raw: dict[str, Any]) -> RuncState:
                      bundle=str(raw.get("bundle", "")))
 
 
-def _spawn(argv: list[str], stdin: int, stdout: int, stderr: int) -> int:
+def _spawn(argv: list[str], environment: Mapping[str, str] | None, stdin: int, stdout: int,
+           stderr: int) -> int:
     """Start argv with the given fds as its 0, 1, 2 and nothing else: every other fd a
     Python process opens is close-on-exec (PEP 446), so it does not reach runc."""
     duplicates: list[int] = []
@@ -239,7 +245,8 @@ def _spawn(argv: list[str], stdin: int, stdout: int, stderr: int) -> int:
                 duplicates.append(fd)
             sources.append(fd)
         actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(sources)]
-        return os.posix_spawn(argv[0], argv, os.environ, file_actions=actions,
+        env = os.environ if environment is None else environment
+        return os.posix_spawn(argv[0], argv, env, file_actions=actions,
                               setsigdef=RESET_SIGNALS)
     finally:
         for fd in duplicates:

@@ -22,6 +22,7 @@ import re
 import shutil
 import socket
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from shim import __main__ as shim_main
@@ -45,14 +46,16 @@ def spawn_args(request: dict[str, Any]) -> argparse.Namespace:
         foreground=True)
 
 
-def fork_shim(args: argparse.Namespace, inherited: list[socket.socket]) -> int:
-    """Fork a detached shim; returns its pid once its socket is listening."""
+def fork_shim(args: argparse.Namespace, inherited: list[socket.socket],
+              environment: Mapping[str, str]) -> int:
+    """Fork a detached shim; returns its pid once its socket is listening. Its runc calls
+    get environment (this process's, copied once: see Runc.environment)."""
     os.makedirs(args.dir, mode=0o700, exist_ok=True)
     listener = shim_main.bind_listener(os.path.join(args.dir, shim_main.SOCKET_NAME))
     pid_read, pid_write = os.pipe()
     intermediate = os.fork()
     if intermediate == 0:
-        _become_shim(args, listener, inherited, pid_read, pid_write)
+        _become_shim(args, listener, inherited, pid_read, pid_write, environment)
     os.close(pid_write)
     listener.close()
     with os.fdopen(pid_read, "rb") as pid_pipe:
@@ -64,7 +67,8 @@ def fork_shim(args: argparse.Namespace, inherited: list[socket.socket]) -> int:
 
 
 def _become_shim(args: argparse.Namespace, listener: socket.socket,
-                 inherited: list[socket.socket], pid_read: int, pid_write: int) -> None:
+                 inherited: list[socket.socket], pid_read: int, pid_write: int,
+                 environment: Mapping[str, str]) -> None:
     """In the intermediate child: new session, fork the shim, report its pid, exit."""
     try:
         for sock in inherited:  # the zygote's listener and client connection
@@ -77,13 +81,14 @@ def _become_shim(args: argparse.Namespace, listener: socket.socket,
             os._exit(0)
         os.close(pid_write)
         shim_main.redirect_stdio(os.path.join(args.dir, shim_main.LOG_NAME))
-        shim_main.serve(args, listener)
+        shim_main.serve(args, listener, environment)
         os._exit(0)
     except BaseException:
         os._exit(1)
 
 
-def handle(conn: socket.socket, zygote_listener: socket.socket) -> None:
+def handle(conn: socket.socket, zygote_listener: socket.socket,
+           environment: Mapping[str, str]) -> None:
     with conn:
         conn.settimeout(30)
         buffer = b""
@@ -97,7 +102,8 @@ def handle(conn: socket.socket, zygote_listener: socket.socket) -> None:
             request = protocol.decode_message(buffer.split(b"\n", 1)[0])
             op = request.get("op")
             if op == "spawn":
-                shim_pid = fork_shim(spawn_args(request), [zygote_listener, conn])
+                shim_pid = fork_shim(spawn_args(request), [zygote_listener, conn],
+                                     environment)
                 reply: dict[str, Any] = {"ok": True, "pid": shim_pid}
             elif op == "ping":
                 reply = {"ok": True, "pid": os.getpid()}
@@ -142,7 +148,8 @@ def _warm_up() -> None:
                 {"type": "pid"}, {"type": "ipc", "path": "/proc/1/ns/ipc"}]}}, config)
         # /bin/true writes no pid file: create fails after runc ran, and the error
         # path is warmed as well.
-        runc = Runc(root=state_dir, binary="/bin/true", log_dir=state_dir)
+        runc = Runc(root=state_dir, binary="/bin/true", log_dir=state_dir,
+                    environment=dict(os.environ))
         listener = shim_main.bind_listener(os.path.join(state_dir, shim_main.SOCKET_NAME))
         shim = Shim("warm-up", state_dir, runc, listener, Logger(LOG_LEVELS["error"]))
         requests = b"".join(protocol.encode_message(r) for r in (
@@ -276,11 +283,12 @@ def advise_merging() -> None:
 
 def serve_zygote(listener: socket.socket, merge_pages: bool = False) -> None:
     preload()
+    environment = dict(os.environ)
     if merge_pages:
         advise_merging()
     while True:
         conn, _addr = listener.accept()
-        handle(conn, listener)
+        handle(conn, listener, environment)
 
 
 def main(argv: list[str] | None = None) -> None:
