@@ -367,7 +367,7 @@ class Shim:
 
     def _on_accept(self) -> None:
         try:
-            sock, _addr = self.listener.accept()
+            sock = accept(self.listener)
         except (BlockingIOError, ConnectionAbortedError):
             return
         Connection(self, sock)
@@ -945,6 +945,16 @@ class Shim:
     def _publish(self, event: dict[str, Any]) -> None:
         for conn in list(self.subscribers):
             conn.send_message(event)
+
+
+def accept(listener: socket.socket) -> socket.socket:
+    """listener.accept() without its Python layer, which turns the family and type into
+    enum members (enum code that would run in every zygote-forked shim, and in the zygote
+    at each spawn: ~50 KiB of USS per shim). The new socket is blocking, as accept()
+    makes it for a listener without a timeout."""
+    accept_fd: Callable[[], tuple[int, object]] = getattr(listener, "_accept")  # noqa: B009
+    fd, _address = accept_fd()
+    return socket.socket(fileno=fd)
 
 
 def _ignore_signal(signum: int, frame: object) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 from shim import __main__ as shim_main
 from shim import ksm, protocol
 from shim.runc import DEFAULT_RUNC
-from shim.server import LOG_LEVELS, load_libc, load_prctl
+from shim.server import LOG_LEVELS, accept, load_libc, load_prctl
 
 
 def spawn_args(request: dict[str, Any]) -> argparse.Namespace:
@@ -287,7 +287,7 @@ def serve_zygote(listener: socket.socket, merge_pages: bool = False) -> None:
     if merge_pages:
         advise_merging()
     while True:
-        conn, _addr = listener.accept()
+        conn = accept(listener)
         handle(conn, listener, environment)
 
 
