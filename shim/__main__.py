@@ -38,6 +38,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def bind_listener(path: str) -> socket.socket:
     """Listen on path with mode 0600; a stale socket from a dead shim is replaced, a
     live one is an error (two shims for one pod must never run)."""
+    if os.access(path, os.F_OK, follow_symlinks=False):  # else no probe, no exception
+        _replace_stale_socket(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old_umask)
+    listener.listen(64)
+    return listener
+
+
+def _replace_stale_socket(path: str) -> None:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
@@ -48,14 +61,6 @@ def bind_listener(path: str) -> socket.socket:
         raise SystemExit(f"a shim is already serving {path}")
     finally:
         probe.close()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
-    try:
-        listener.bind(path)
-    finally:
-        os.umask(old_umask)
-    listener.listen(64)
-    return listener
 
 
 def detach(log_path: str) -> None:

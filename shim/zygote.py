@@ -50,7 +50,8 @@ def fork_shim(args: argparse.Namespace, inherited: list[socket.socket],
               environment: Mapping[str, str]) -> int:
     """Fork a detached shim; returns its pid once its socket is listening. Its runc calls
     get environment (this process's, copied once: see Runc.environment)."""
-    os.makedirs(args.dir, mode=0o700, exist_ok=True)
+    if not os.access(args.dir, os.F_OK):  # the daemon has made it: makedirs would raise
+        os.makedirs(args.dir, mode=0o700, exist_ok=True)
     listener = shim_main.bind_listener(os.path.join(args.dir, shim_main.SOCKET_NAME))
     pid_read, pid_write = os.pipe()
     intermediate = os.fork()
@@ -58,12 +59,23 @@ def fork_shim(args: argparse.Namespace, inherited: list[socket.socket],
         _become_shim(args, listener, inherited, pid_read, pid_write, environment)
     os.close(pid_write)
     listener.close()
-    with os.fdopen(pid_read, "rb") as pid_pipe:
-        shim_pid = int(pid_pipe.read() or b"0")
+    shim_pid = int(_read_to_end(pid_read) or b"0")
     os.waitpid(intermediate, 0)
     if shim_pid <= 0:
         raise OSError("shim fork failed")
     return shim_pid
+
+
+def _read_to_end(fd: int) -> bytes:
+    """All of a pipe, then closed: os.fdopen would build a buffered reader (and its
+    8 KiB buffer) at each spawn, between the forks of two shims."""
+    data = b""
+    try:
+        while chunk := os.read(fd, 64):
+            data += chunk
+    finally:
+        os.close(fd)
+    return data
 
 
 def _become_shim(args: argparse.Namespace, listener: socket.socket,
