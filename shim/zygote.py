@@ -286,6 +286,11 @@ def preload() -> None:
     # write to (and so un-share) every page of them in each forked shim.
     gc.collect()
     gc.freeze()
+    # Give back the free memory inside the heap (about 1.8 MiB, left by imports): the
+    # zygote, and so every shim, maps that much less (RSS and PSS; a shim's USS is alike).
+    malloc_trim = getattr(load_libc(), "malloc_trim", None)  # glibc only
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 def advise_merging() -> None:
