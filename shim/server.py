@@ -1,4 +1,4 @@
-"""The per-pod shim: one selectors loop over clients, container stdio and SIGCHLD.
+"""The per-pod shim: one epoll loop over clients, container stdio and SIGCHLD.
 
 It is the child subreaper of the pause and every container of its pod: runc create /
 exec --detach leave their processes re-parented here, so this process reaps them and
