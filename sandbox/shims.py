@@ -38,6 +38,9 @@ LostHandler = Callable[[str], None]
 # Generous: a loaded node may take a while to schedule the zygote, and a false "dead"
 # would mean killing a healthy one.
 ZYGOTE_PING_TIMEOUT = 10.0
+# Starting the zygote preloads and warms up the shim's code before it detaches: a second here,
+# but tens of seconds on a slow or emulated CPU. Only a hung start should fail.
+ZYGOTE_START_TIMEOUT = 120.0
 
 
 def rfc3339_to_ns(stamp: str | None) -> int:
@@ -93,7 +96,7 @@ class ShimRegistry:
             _kill(old_pid)
         self.zygote_socket.unlink(missing_ok=True)
         await start_zygote(socket_path, log_path=str(self.zygote_socket.with_suffix(".log")),
-                           merge_pages=self.page_merging != "off")
+                           merge_pages=self.page_merging != "off", timeout=ZYGOTE_START_TIMEOUT)
         reply = await zygote_call(socket_path, "ping", timeout=ZYGOTE_PING_TIMEOUT)
         pid_file.write_text(f"{int(reply['pid'])}\n")
 
