@@ -38,7 +38,7 @@ import pytest
 from cri_api import api_pb2 as pb
 from netns.enter import open_socket_in_netns
 from sandbox.streaming import spdy
-from shim.client import ShimClient, ShimError
+from shim.client import ProcessState, ShimClient, ShimError
 from tests.cri import CriClient
 from tests.daemon import REPO, Daemon
 from tests.pods import container_config, pod_config, run_pod, start_container
@@ -334,12 +334,12 @@ def test_resize_overflow(fp: CriClient, shared_daemon: Daemon, hostile_pod: Host
     # The shim refuses an out-of-range size itself, and keeps serving.
     shim = ShimClient(str(shared_daemon.state / "pods" / hostile_pod.pod_id))
 
-    async def direct() -> dict[str, object]:
+    async def direct() -> ProcessState:
         for width, height in ((70000, 1), (-1, 5), (True, 5), ("80", 5)):
             with pytest.raises(ShimError, match="terminal"):
                 await shim.resize(tty_shell, width, height)  # type: ignore[arg-type]
         return await shim.state(tty_shell)
-    assert run(direct())["status"] == "running"
+    assert run(direct()).status == "running"
 
 
 # --- clients that never read ---------------------------------------------------------------------
