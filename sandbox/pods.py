@@ -8,6 +8,7 @@ IPC, UTS (and PID) namespaces are pinned as files right after. Containers join t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from netns.enter import run_in_netns
 from netns.pin import create_netns, ensure_shared_mount_dir, is_pinned, pin_namespace, unpin
 from netns.ports import PortMapping
 from sandbox import cgroups, containers, mounts, validate
-from sandbox.errors import FailedPrecondition, InvalidArgument
+from sandbox.errors import FailedPrecondition, InvalidArgument, Steps
 from sandbox.exits import delete_runc_state
 from sandbox.images.snapshots import idmap_supported
 from sandbox.records import (
@@ -81,7 +82,10 @@ async def run_pod_sandbox(rt: Runtime, req: pb.RunPodSandboxRequest) -> pb.RunPo
 
 
 async def _join_or_start(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> str:
-    return await rt.registry.create_once("pod sandbox", name, lambda: _create_pod(rt, name, req))
+    return await rt.registry.create_once(
+        "pod sandbox", name, lambda: _create_pod(rt, name, req),
+        lambda pod_id: remove_leftover(rt, rt.registry.pod(pod_id)),
+    )
 
 
 async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> str:
@@ -100,79 +104,113 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
     rt.registry.reserve(pod)
     rt.store.begin_operation(f"run_pod:{pod_id}", "run_pod", pod_id, {})
     rt.faults.point("run_pod:after_reserve")
-    async with rt.locks.hold(pod_id), undo_on_failure() as undo:
-        undo.push("forget record", lambda: _forget(rt, pod))
+    async with rt.locks.hold(pod_id), undo_on_failure(f"run pod {pod_id}", rt.faults) as undo:
+        undo.settle(forget=lambda: _forget(rt, pod), keep=lambda left: _keep(rt, pod, left))
         # 2. The pod's dir: hostname, resolv.conf, hosts, /dev/shm.
+        undo.at("pod dir")
         pod_dir = rt.paths.pod_dir(pod_id)
         undo.push("pod dir", lambda: shutil.rmtree(pod_dir, ignore_errors=True))
         await asyncio.to_thread(_write_pod_files, pod_dir, config, host_net)
+        # The pod's shim needs only the dir: the zygote forks it while the rest is made.
+        shim_task = asyncio.ensure_future(
+            rt.shims.spawn(pod_id, pod_dir, rt.handlers.of_pod(pod))
+        )
+        undo.push_after("shim", shim_task, lambda: _shutdown_shim(rt, pod))
         if config.linux.security_context.namespace_options.ipc != pb.NODE:
+            undo.at("shm")
             shm = pod_dir / "shm"
-            await asyncio.to_thread(mounts.mount_tmpfs, shm, SHM_SIZE)
             undo.push("shm", lambda: mounts.unmount(shm))
+            await asyncio.to_thread(mounts.mount_tmpfs, shm, SHM_SIZE)
         userns = pod_userns(config.linux.security_context)  # validated above
         if userns is not None:
+            undo.at("userns")
             await asyncio.to_thread(_share_with_userns, rt, pod_dir, userns)
-        # 3. The network namespace, pinned, and the pod network in it.
+        # 3. The network namespace, pinned. The network in it (veth, IPAM, routes, host ports)
+        # is set up while the pause starts: only the netns must exist before the pause.
+        network: asyncio.Future[None] | None = None
         if not host_net:
+            undo.at("netns")
             netns = NETNS_DIR / f"flatpod-{pod_id[:24]}"
+            pod.netns_path = str(netns)
             if userns is None:
+                undo.push("netns", lambda: unpin(netns))
                 await asyncio.to_thread(create_netns, netns)
             else:  # made inside the pod's user namespace, which is pinned first
                 user_ns = pod_dir / "ns" / "user"
                 undo.push("userns", lambda: unpin(user_ns))
+                undo.push("netns", lambda: unpin(netns))
                 await asyncio.to_thread(create_userns, userns, user_ns, netns)
                 pod.namespaces["user"] = str(user_ns)
-            pod.netns_path = str(netns)
-            undo.push("netns", lambda: unpin(netns))
             rt.faults.point("run_pod:after_netns")
-            undo.push("network", lambda: _teardown_network(rt, pod))
-            result = await asyncio.to_thread(
-                rt.network.setup, pod_id, netns, port_mappings(config),
-                config.metadata.name, config.metadata.namespace,
-            )
-            pod.network_kind = rt.network_kind
-            pod.ip = result.ip
-            pod.additional_ips = list(result.additional_ips)
-            rt.faults.point("run_pod:after_network")
+            network = asyncio.ensure_future(_setup_network(rt, pod, netns))
+            undo.push_after("network", network, lambda: _teardown_network(rt, pod))
         # 4. The pod cgroup, with the pod's overhead and resources (cgroupfs driver; with
         # systemd the pod's slice and its limits are kubelet's, as with containerd).
+        undo.at("cgroup")
         place = cgroups.placement(
             rt.config.driver, config.linux.cgroup_parent, rt.config.default_cgroup_parent, pod_id
         )
         pod.cgroup_path, pod.cgroup_slice = place.pod_path, place.slice
         if place.driver is cgroups.Driver.CGROUPFS:
-            await asyncio.to_thread(cgroups.create, pod.cgroup_path, pod_resources(config.linux))
             undo.push("cgroup", lambda: cgroups.remove(pod.cgroup_path))
+            await asyncio.to_thread(cgroups.create, pod.cgroup_path, pod_resources(config.linux))
         rt.faults.point("run_pod:after_cgroup")
         # 5. The pause bundle, and the pod's shim to run it.
+        undo.at("pause bundle")
         bundle = rt.paths.bundle_dir(pod_id)
         spec = _pause_spec(rt, pod, pod_dir)
-        await asyncio.to_thread(_write_bundle, bundle, spec)
         undo.push("bundle", lambda: shutil.rmtree(bundle, ignore_errors=True))
-        shim = await rt.shims.spawn(pod_id, pod_dir, rt.handlers.of_pod(pod))
-        undo.push("shim", lambda: _shutdown_shim(rt, pod))
-        rt.faults.point("run_pod:after_shim")
-        undo.push("pause", lambda: delete_runc_state(rt, pod_id))
+        await asyncio.to_thread(_write_bundle, bundle, spec)
         oom_file, systemd = await asyncio.to_thread(containers.shim_cgroup_options, pod, pod_id)
+        undo.at("shim")
+        shim = await shim_task
+        rt.faults.point("run_pod:after_shim")
+        undo.at("pause")
+        undo.push("pause", lambda: delete_runc_state(rt, pod_id))
         pod.pause_pid = await shim.create(pod_id, str(bundle), exit_file=str(bundle / "exit"),
                                           oom_file=oom_file, systemd_cgroup=systemd)
         await shim.start(pod_id)
         rt.faults.point("run_pod:after_pause_start")
         # 6. Pin the pause's namespaces: containers join these files, never /proc/<pid>/ns.
+        undo.at("pins")
+        undo.push("pins", lambda: _unpin_namespaces(pod, pod_dir))
         pod.namespaces = await asyncio.to_thread(_pin_namespaces, pod, pod_dir)
-        undo.push("pins", lambda: _unpin_namespaces(pod))
         rt.faults.point("run_pod:after_pins")
-        # 7. Ready.
+        # 7. Ready, once the network is.
+        if network is not None:
+            undo.at("network")
+            await network
+        undo.at("ready")
         rt.registry.transition(pod, SANDBOX_READY)
         rt.store.end_operation(f"run_pod:{pod_id}")
     log.info("pod %s (%s) ready, ip %s", pod_id[:12], name, pod.ip or "host")
     return pod_id
 
 
+async def _setup_network(rt: Runtime, pod: PodRecord, netns: Path) -> None:
+    """The pod network in the pinned netns (netlink on a worker thread, never the loop's)."""
+    config = pod.config
+    result = await asyncio.to_thread(
+        rt.network.setup, pod.id, netns, port_mappings(config),
+        config.metadata.name, config.metadata.namespace,
+    )
+    pod.network_kind = rt.network_kind
+    pod.ip = result.ip
+    pod.additional_ips = list(result.additional_ips)
+    rt.faults.point("run_pod:after_network")
+
+
 def _forget(rt: Runtime, pod: PodRecord) -> None:
     rt.registry.forget(pod)
     rt.store.end_operation(f"run_pod:{pod.id}")
+
+
+def _keep(rt: Runtime, pod: PodRecord, left: str) -> None:
+    """Keeps a pod whose failed creation could not be undone, NOTREADY (so kubelet stops and
+    removes it, as containerd's sandbox with a cleanup error) and naming what is left; its
+    journal entry stays, so recovery also removes it."""
+    _name_leftovers(rt, pod)
+    rt.registry.transition(pod, SANDBOX_NOTREADY, cleanup_error=left)
 
 
 def validate_sandbox_config(config: pb.PodSandboxConfig) -> None:
@@ -448,8 +486,14 @@ def userns_supported(path: Path) -> bool:
     return _userns_support[path]
 
 
-def _unpin_namespaces(pod: PodRecord) -> None:
-    for path in pod.namespaces.values():
+# The namespaces a pod pins in its dir's ns/ (the pause's, and the user namespace).
+PINNED_KINDS = ("ipc", "uts", "pid", "user")
+
+
+def _unpin_namespaces(pod: PodRecord, pod_dir: Path) -> None:
+    """Unpins the pod's namespaces: those its record names, and any its dir holds (a half-made
+    pod's record may not name them)."""
+    for path in {*pod.namespaces.values(), *(str(pod_dir / "ns" / k) for k in PINNED_KINDS)}:
         unpin(Path(path))
 
 
@@ -469,17 +513,23 @@ async def stop_pod_sandbox(
 
 async def stop_pod(rt: Runtime, pod: PodRecord) -> None:
     """Stops the pod's containers and its pause, and takes down its network. Idempotent."""
-    for ctr in rt.containers_of(pod.id):
-        await containers.stop_container_now(rt, ctr, timeout=0)
-    rt.faults.point("stop_pod:after_containers")
-    await _stop_pause(rt, pod)
-    rt.faults.point("stop_pod:after_pause")
-    await _teardown_network(rt, pod)
-    rt.faults.point("stop_pod:after_network")
-    if pod.netns_path:
-        await asyncio.to_thread(unpin, Path(pod.netns_path))
-    if pod.state != SANDBOX_NOTREADY:
-        rt.registry.transition(pod, SANDBOX_NOTREADY)
+    with Steps(f"stop pod {pod.id}") as where:
+        where.at("containers")
+        for ctr in rt.containers_of(pod.id):
+            await containers.stop_container_now(rt, ctr, timeout=0)
+        rt.faults.point("stop_pod:after_containers")
+        where.at("pause")
+        await _stop_pause(rt, pod)
+        rt.faults.point("stop_pod:after_pause")
+        where.at("network")
+        await _teardown_network(rt, pod)
+        rt.faults.point("stop_pod:after_network")
+        where.at("netns")
+        if pod.netns_path:
+            await asyncio.to_thread(unpin, Path(pod.netns_path))
+        where.at("record")
+        if pod.state != SANDBOX_NOTREADY:
+            rt.registry.transition(pod, SANDBOX_NOTREADY)
     log.info("pod %s stopped", pod.short)
 
 
@@ -542,6 +592,9 @@ async def remove_pod_sandbox(
     pod = rt.find_pod(req.pod_sandbox_id)
     if pod is None:
         return pb.RemovePodSandboxResponse()
+    if pod.cleanup_error:
+        await remove_leftover(rt, pod)
+        return pb.RemovePodSandboxResponse()
     async with rt.locks.hold(pod.id):
         await remove_pod_now(rt, pod)
     return pb.RemovePodSandboxResponse()
@@ -549,21 +602,57 @@ async def remove_pod_sandbox(
 
 async def remove_pod_now(rt: Runtime, pod: PodRecord) -> None:
     """Forcibly stops the pod, then removes its containers and every trace of it."""
-    await stop_pod(rt, pod)
-    for ctr in rt.containers_of(pod.id):
-        await containers.remove_container_now(rt, ctr)
-    await _shutdown_shim(rt, pod)
-    rt.faults.point("remove_pod:midway")
-    _unpin_namespaces(pod)
-    pod_dir = rt.paths.pod_dir(pod.id)
-    unpin(pod_dir / "ns" / "user")  # a half-made pod's record may not name it
-    await asyncio.to_thread(mounts.unmount, pod_dir / "shm")
-    if pod.cgroup_path and containers.pod_placement(pod).driver is cgroups.Driver.CGROUPFS:
-        await asyncio.to_thread(cgroups.remove, pod.cgroup_path)
-    await asyncio.to_thread(shutil.rmtree, pod_dir, True)
-    await asyncio.to_thread(shutil.rmtree, rt.paths.bundle_dir(pod.id), True)
-    rt.registry.forget(pod)
+    with Steps(f"remove pod {pod.id}") as where:
+        where.at("stop")
+        await stop_pod(rt, pod)
+        where.at("containers")
+        for ctr in rt.containers_of(pod.id):
+            await containers.remove_container_now(rt, ctr)
+        where.at("shim")
+        await _shutdown_shim(rt, pod)
+        rt.faults.point("remove_pod:midway")
+        where.at("namespaces")
+        pod_dir = rt.paths.pod_dir(pod.id)
+        _unpin_namespaces(pod, pod_dir)
+        where.at("shm")
+        await asyncio.to_thread(mounts.unmount, pod_dir / "shm")
+        where.at("cgroup")
+        if pod.cgroup_path and containers.pod_placement(pod).driver is cgroups.Driver.CGROUPFS:
+            await asyncio.to_thread(cgroups.remove, pod.cgroup_path)
+        where.at("dirs")
+        await asyncio.to_thread(shutil.rmtree, pod_dir, True)
+        await asyncio.to_thread(shutil.rmtree, rt.paths.bundle_dir(pod.id), True)
+        where.at("record")
+        rt.registry.forget(pod)
+        if pod.cleanup_error:  # its RunPodSandbox's journal entry was kept (see _keep)
+            rt.store.end_operation(f"run_pod:{pod.id}")
     log.info("pod %s removed", pod.short)
+
+
+async def remove_leftover(rt: Runtime, pod: PodRecord) -> None:
+    """Removes a pod whose creation did not finish: interrupted by a crash (recovery), or
+    failed with an undo that failed too (its cleanup_error is set; a removal, a retry with
+    its name, or recovery). Its record may not name all it made, so every name derivable
+    from its id is tried; removal is idempotent."""
+    async with rt.locks.hold(pod.id):
+        _name_leftovers(rt, pod)
+        if rt.shims.get(pod.id) is None:
+            await rt.shims.reconnect(pod.id, rt.paths.pod_dir(pod.id))
+        await remove_pod_now(rt, pod)
+
+
+def _name_leftovers(rt: Runtime, pod: PodRecord) -> None:
+    """Fills in the record what a half-made pod may have made: the names are derived from
+    its id and config, as RunPodSandbox derives them."""
+    opts = pod.config.linux.security_context.namespace_options
+    if opts.network != pb.NODE:
+        pod.netns_path = pod.netns_path or str(NETNS_DIR / f"flatpod-{pod.id[:24]}")
+        pod.network_kind = pod.network_kind or rt.network_kind
+    if not (pod.cgroup_path or pod.cgroup_slice):
+        with contextlib.suppress(cgroups.CgroupError):
+            place = cgroups.placement(rt.config.driver, pod.config.linux.cgroup_parent,
+                                      rt.config.default_cgroup_parent, pod.id)  # fmt: skip
+            pod.cgroup_path, pod.cgroup_slice = place.pod_path, place.slice
 
 
 # --- PodSandboxStatus and ListPodSandbox ------------------------------------------------------
@@ -648,9 +737,7 @@ def _list_entry(pod: PodRecord) -> bytes:
 
 
 def _filtered(rt: Runtime, flt: pb.PodSandboxFilter) -> list[PodRecord]:
-    want = None
-    if flt.HasField("state"):
-        want = SANDBOX_READY if flt.state.state == pb.SANDBOX_READY else SANDBOX_NOTREADY
+    want = flt.state.state if flt.HasField("state") else None
     return rt.registry.pods_matching(flt.id, want, flt.label_selector)
 
 
