@@ -110,12 +110,13 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
         undo.at("pod dir")
         pod_dir = rt.paths.pod_dir(pod_id)
         undo.push("pod dir", lambda: shutil.rmtree(pod_dir, ignore_errors=True))
-        await asyncio.to_thread(_write_pod_files, pod_dir, config, host_net)
+        _make_pod_dir(pod_dir)  # two mkdirs on tmpfs: not worth a thread's round trip
         # The pod's shim needs only the dir: the zygote forks it while the rest is made.
         shim_task = asyncio.ensure_future(
             rt.shims.spawn(pod_id, pod_dir, rt.handlers.of_pod(pod))
         )
         undo.push_after("shim", shim_task, lambda: _shutdown_shim(rt, pod))
+        await asyncio.to_thread(_write_pod_files, pod_dir, config, host_net)
         if config.linux.security_context.namespace_options.ipc != pb.NODE:
             undo.at("shm")
             shm = pod_dir / "shm"
@@ -169,12 +170,15 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
         undo.push("pause", lambda: delete_runc_state(rt, pod_id))
         pod.pause_pid = await shim.create(pod_id, str(bundle), exit_file=str(bundle / "exit"),
                                           oom_file=oom_file, systemd_cgroup=systemd)
+        # 6. Pin the pause's namespaces: containers join these files, never /proc/<pid>/ns.
+        # After `runc create` its init already waits inside them, so they are pinned while
+        # `runc start` runs.
+        pins = asyncio.ensure_future(asyncio.to_thread(_pin_namespaces, pod, pod_dir))
+        undo.push_after("pins", pins, lambda: _unpin_namespaces(pod, pod_dir))
         await shim.start(pod_id)
         rt.faults.point("run_pod:after_pause_start")
-        # 6. Pin the pause's namespaces: containers join these files, never /proc/<pid>/ns.
         undo.at("pins")
-        undo.push("pins", lambda: _unpin_namespaces(pod, pod_dir))
-        pod.namespaces = await asyncio.to_thread(_pin_namespaces, pod, pod_dir)
+        pod.namespaces = await pins
         rt.faults.point("run_pod:after_pins")
         # 7. Ready, once the network is.
         if network is not None:
@@ -284,9 +288,12 @@ def pod_resources(linux: pb.LinuxPodSandboxConfig) -> cgroups.Resources:
     )
 
 
-def _write_pod_files(pod_dir: Path, config: pb.PodSandboxConfig, host_net: bool) -> None:
+def _make_pod_dir(pod_dir: Path) -> None:
     pod_dir.mkdir(parents=True, exist_ok=False, mode=0o700)
     (pod_dir / "ns").mkdir(mode=0o700)
+
+
+def _write_pod_files(pod_dir: Path, config: pb.PodSandboxConfig, host_net: bool) -> None:
     hostname = os.uname().nodename if host_net else (config.hostname or config.metadata.name)
     (pod_dir / "hostname").write_text(hostname + "\n")
     (pod_dir / "resolv.conf").write_text(resolv_conf(config.dns_config))
