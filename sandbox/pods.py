@@ -18,10 +18,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from google.protobuf.json_format import MessageToDict
 
@@ -30,7 +30,7 @@ from netns.enter import run_in_netns
 from netns.pin import create_netns, ensure_shared_mount_dir, is_pinned, pin_namespace, unpin
 from netns.ports import PortMapping
 from sandbox import cgroups, containers, mounts, validate
-from sandbox.errors import FailedPrecondition, InvalidArgument, Steps
+from sandbox.errors import FailedPrecondition, InvalidArgument, StepFailed, Steps
 from sandbox.exits import delete_runc_state
 from sandbox.images.snapshots import idmap_supported
 from sandbox.records import (
@@ -47,6 +47,7 @@ from sandbox.wire import pages, repeated_entry
 from shim.client import ShimError
 
 log = logging.getLogger("flatpod.pods")
+T = TypeVar("T")
 
 # A sandbox that is still being made: listed nowhere, found only by its own retry.
 SANDBOX_CREATING = PodState.CREATING
@@ -106,63 +107,65 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
     rt.faults.point("run_pod:after_reserve")
     async with rt.locks.hold(pod_id), undo_on_failure(f"run pod {pod_id}", rt.faults) as undo:
         undo.settle(forget=lambda: _forget(rt, pod), keep=lambda left: _keep(rt, pod, left))
-        # 2. The pod's dir: hostname, resolv.conf, hosts, /dev/shm.
+        # Each branch below is one worker-thread hop (a hop costs a thread's and the loop's
+        # wakeups, which a loaded node makes milliseconds), and the branches that need only
+        # the pod dir run at once. Every undo is pushed before its step, as a step can be
+        # left half done.
+        # 2. The pod's dir, and the pod's shim: it needs only the dir, so the zygote forks
+        # it while the rest is made.
         undo.at("pod dir")
         pod_dir = rt.paths.pod_dir(pod_id)
         undo.push("pod dir", lambda: shutil.rmtree(pod_dir, ignore_errors=True))
         _make_pod_dir(pod_dir)  # two mkdirs on tmpfs: not worth a thread's round trip
-        # The pod's shim needs only the dir: the zygote forks it while the rest is made.
         shim_task = asyncio.ensure_future(
             rt.shims.spawn(pod_id, pod_dir, rt.handlers.of_pod(pod))
         )
         undo.push_after("shim", shim_task, lambda: _shutdown_shim(rt, pod))
-        await asyncio.to_thread(_write_pod_files, pod_dir, config, host_net)
-        if config.linux.security_context.namespace_options.ipc != pb.NODE:
-            undo.at("shm")
-            shm = pod_dir / "shm"
-            undo.push("shm", lambda: mounts.unmount(shm))
-            await asyncio.to_thread(mounts.mount_tmpfs, shm, SHM_SIZE)
+        # 3. The pod's files (hostname, resolv.conf, hosts, /dev/shm) and, at the same time,
+        # the network namespace, pinned (made inside the pod's user namespace, if it has one,
+        # which is pinned first).
         userns = pod_userns(config.linux.security_context)  # validated above
-        if userns is not None:
-            undo.at("userns")
-            await asyncio.to_thread(_share_with_userns, rt, pod_dir, userns)
-        # 3. The network namespace, pinned. The network in it (veth, IPAM, routes, host ports)
-        # is set up while the pause starts: only the netns must exist before the pause.
-        network: asyncio.Future[None] | None = None
+        shm = pod_dir / "shm"
+        undo.push("shm", lambda: mounts.unmount(shm))
+        files = _in_step("pod files", asyncio.to_thread(_make_pod_files, rt, pod, userns))
+        netns: Path | None = None
         if not host_net:
-            undo.at("netns")
             netns = NETNS_DIR / f"flatpod-{pod_id[:24]}"
             pod.netns_path = str(netns)
-            if userns is None:
-                undo.push("netns", lambda: unpin(netns))
-                await asyncio.to_thread(create_netns, netns)
-            else:  # made inside the pod's user namespace, which is pinned first
-                user_ns = pod_dir / "ns" / "user"
+            user_ns = pod_dir / "ns" / "user"
+            if userns is not None:
                 undo.push("userns", lambda: unpin(user_ns))
-                undo.push("netns", lambda: unpin(netns))
-                await asyncio.to_thread(create_userns, userns, user_ns, netns)
                 pod.namespaces["user"] = str(user_ns)
+            undo.push("netns", lambda: unpin(netns))
+            made_netns = asyncio.to_thread(_make_netns, netns, userns, user_ns)
+            both = await asyncio.gather(files, _in_step("netns", made_netns),
+                                        return_exceptions=True)  # no undo while one runs
+            for outcome in both:
+                if isinstance(outcome, BaseException):
+                    raise outcome
             rt.faults.point("run_pod:after_netns")
-            network = asyncio.ensure_future(_setup_network(rt, pod, netns))
+        else:
+            await files
+        # 4. The network in it (veth, IPAM, routes, host ports) is set up while the pause
+        # starts: only the netns must exist before the pause.
+        network = None
+        if netns is not None:
+            network = asyncio.ensure_future(_in_step("network", _setup_network(rt, pod, netns)))
             undo.push_after("network", network, lambda: _teardown_network(rt, pod))
-        # 4. The pod cgroup, with the pod's overhead and resources (cgroupfs driver; with
-        # systemd the pod's slice and its limits are kubelet's, as with containerd).
-        undo.at("cgroup")
+        # 5. The pod cgroup, with the pod's overhead and resources (cgroupfs driver; with
+        # systemd the pod's slice and its limits are kubelet's, as with containerd), and the
+        # pause's bundle.
+        undo.at("pause bundle")
         place = cgroups.placement(
             rt.config.driver, config.linux.cgroup_parent, rt.config.default_cgroup_parent, pod_id
         )
         pod.cgroup_path, pod.cgroup_slice = place.pod_path, place.slice
         if place.driver is cgroups.Driver.CGROUPFS:
             undo.push("cgroup", lambda: cgroups.remove(pod.cgroup_path))
-            await asyncio.to_thread(cgroups.create, pod.cgroup_path, pod_resources(config.linux))
-        rt.faults.point("run_pod:after_cgroup")
-        # 5. The pause bundle, and the pod's shim to run it.
-        undo.at("pause bundle")
         bundle = rt.paths.bundle_dir(pod_id)
-        spec = _pause_spec(rt, pod, pod_dir)
         undo.push("bundle", lambda: shutil.rmtree(bundle, ignore_errors=True))
-        await asyncio.to_thread(_write_bundle, bundle, spec)
-        oom_file, systemd = await asyncio.to_thread(containers.shim_cgroup_options, pod, pod_id)
+        oom_file, systemd = await asyncio.to_thread(_make_cgroup_and_bundle, rt, pod, place)
+        # 6. The pod's shim runs the pause: runc create + runc start.
         undo.at("shim")
         shim = await shim_task
         rt.faults.point("run_pod:after_shim")
@@ -170,7 +173,7 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
         undo.push("pause", lambda: delete_runc_state(rt, pod_id))
         pod.pause_pid = await shim.create(pod_id, str(bundle), exit_file=str(bundle / "exit"),
                                           oom_file=oom_file, systemd_cgroup=systemd)
-        # 6. Pin the pause's namespaces: containers join these files, never /proc/<pid>/ns.
+        # 7. Pin the pause's namespaces: containers join these files, never /proc/<pid>/ns.
         # After `runc create` its init already waits inside them, so they are pinned while
         # `runc start` runs.
         pins = asyncio.ensure_future(asyncio.to_thread(_pin_namespaces, pod, pod_dir))
@@ -180,15 +183,55 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
         undo.at("pins")
         pod.namespaces = await pins
         rt.faults.point("run_pod:after_pins")
-        # 7. Ready, once the network is.
+        # 8. Ready, once the network is.
         if network is not None:
-            undo.at("network")
             await network
         undo.at("ready")
         rt.registry.transition(pod, SANDBOX_READY)
         rt.store.end_operation(f"run_pod:{pod_id}")
     log.info("pod %s (%s) ready, ip %s", pod_id[:12], name, pod.ip or "host")
     return pod_id
+
+
+async def _in_step(step: str, work: Awaitable[T]) -> T:
+    """Awaits `work`, reporting its failure from `step`: for the branches that run at once,
+    which the request's own "at" cannot name."""
+    try:
+        return await work
+    except Exception as err:
+        raise StepFailed(step, err) from err
+
+
+def _make_pod_files(rt: Runtime, pod: PodRecord, userns: PodUserns | None) -> None:
+    """hostname, resolv.conf, hosts and the /dev/shm tmpfs in the pod's dir (a worker
+    thread's work)."""
+    config = pod.config
+    pod_dir = rt.paths.pod_dir(pod.id)
+    opts = config.linux.security_context.namespace_options
+    _write_pod_files(pod_dir, config, opts.network == pb.NODE)
+    if opts.ipc != pb.NODE:
+        mounts.mount_tmpfs(pod_dir / "shm", SHM_SIZE)
+    if userns is not None:
+        _share_with_userns(rt, pod_dir, userns)
+
+
+def _make_netns(netns: Path, userns: PodUserns | None, user_ns: Path) -> None:
+    if userns is None:
+        create_netns(netns)
+    else:
+        create_userns(userns, user_ns, netns)
+
+
+def _make_cgroup_and_bundle(
+    rt: Runtime, pod: PodRecord, place: cgroups.Placement
+) -> tuple[str | None, bool]:
+    """The pod cgroup (cgroupfs) and the pause's bundle; what the shim needs of the pause's
+    cgroup (a worker thread's work)."""
+    if place.driver is cgroups.Driver.CGROUPFS:
+        cgroups.create(pod.cgroup_path, pod_resources(pod.config.linux))
+    rt.faults.point("run_pod:after_cgroup")
+    _write_bundle(rt.paths.bundle_dir(pod.id), _pause_spec(rt, pod, rt.paths.pod_dir(pod.id)))
+    return containers.shim_cgroup_options(pod, pod.id)
 
 
 async def _setup_network(rt: Runtime, pod: PodRecord, netns: Path) -> None:
