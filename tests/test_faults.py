@@ -12,6 +12,7 @@ import re
 import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -400,6 +401,31 @@ def _restart(d: Daemon, env: dict[str, str]) -> None:
     d.start()
 
 
+@dataclass
+class Armed:
+    """A daemon whose named steps fail once (FLATPOD_FAIL_AT), and a client of it."""
+
+    daemon: Daemon
+    cri: CriClient
+
+    def restart_unarmed(self) -> None:
+        self.cri.close()
+        _restart(self.daemon, {})
+        self.cri = self.daemon.client()
+
+
+@contextmanager
+def failing_at(d: Daemon, points: str) -> Iterator[Armed]:
+    _restart(d, {FAIL_ENV: points})
+    armed = Armed(d, d.client())
+    try:
+        yield armed
+    finally:
+        armed.cri.close()
+        if d.env:
+            _restart(d, {})
+
+
 def _failed_with(err: grpc.RpcError, request: str, step: str, point: str) -> str:
     """The id the error names, after checking it says where the request failed, why, and
     what is kept for later."""
@@ -413,44 +439,42 @@ def _failed_with(err: grpc.RpcError, request: str, step: str, point: str) -> str
     return found.group(1)
 
 
+def _left_nothing(armed: Armed, object_id: str, others: set[str]) -> None:
+    d = armed.daemon
+    assert traces_of(d, {object_id}) == [], d.log()
+    assert processes_in(object_id) == []
+    assert_all_gone(d, armed.cri, {object_id} | others)
+
+
 @pytest.mark.parametrize("finish", FINISHES)
 def test_a_failed_undo_keeps_the_pod_until_its_cleanup_is_finished(
     finish: str, world: World
 ) -> None:
     d = world.daemon
-    _restart(d, {FAIL_ENV: POD_UNDO_FAILS})
-    cri = d.client()
-    try:
+    with failing_at(d, POD_UNDO_FAILS) as armed:
         config = pod_config(log_dir=world.logs)
         with pytest.raises(grpc.RpcError) as err:
-            cri.RunPodSandbox(pb.RunPodSandboxRequest(config=config))
+            armed.cri.RunPodSandbox(pb.RunPodSandboxRequest(config=config))
         pod_id = _failed_with(err.value, "run pod", "pins", "run_pod:after_pins")
         for what in ("pins", "pause", "network", "netns", "cgroup"):
             assert f"{what}: [Errno 5] injected failure at undo:{what}" in err.value.details()
         # Kept NOTREADY (kubelet stops and removes it), with everything it left.
-        assert pod_state(cri, pod_id) == pb.SANDBOX_NOTREADY
+        assert pod_state(armed.cri, pod_id) == pb.SANDBOX_NOTREADY
         left = " ".join(traces_of(d, {pod_id}))
         for trace in ("netns", "veth", "cgroup", "mount", "ip lease"):
             assert trace in left, left
         assert processes_in(pod_id), "the pause is not running"
         if finish == "remove":
-            cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
-            cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+            armed.cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+            armed.cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
         elif finish == "restart":
-            cri.close()
-            _restart(d, {})
-            cri = d.client()
+            armed.restart_unarmed()
         else:  # kubelet's retry, same name: the leftover goes first
-            retried = run_pod(cri, config)
-            assert retried != pod_id and pod_state(cri, retried) == pb.SANDBOX_READY
-        assert pod_id not in {p.id for p in cri.ListPodSandbox(pb.ListPodSandboxRequest()).items}
-        assert traces_of(d, {pod_id}) == [], d.log()
-        assert processes_in(pod_id) == []
-        assert_all_gone(d, cri, {pod_id})
-    finally:
-        cri.close()
-        if d.env:
-            _restart(d, {})
+            retried = run_pod(armed.cri, config)
+            assert retried != pod_id and pod_state(armed.cri, retried) == pb.SANDBOX_READY
+        listed = armed.cri.ListPodSandbox(pb.ListPodSandboxRequest()).items
+        assert pod_id not in {p.id for p in listed}
+        _left_nothing(armed, pod_id, set())
 
 
 @pytest.mark.parametrize("finish", FINISHES)
@@ -458,39 +482,29 @@ def test_a_failed_undo_keeps_the_container_until_its_cleanup_is_finished(
     finish: str, world: World
 ) -> None:
     d = world.daemon
-    _restart(d, {FAIL_ENV: CTR_UNDO_FAILS})
-    cri = d.client()
-    try:
+    with failing_at(d, CTR_UNDO_FAILS) as armed:
         ctx: dict[str, str] = {}
-        _pod(cri, world.logs, ctx)
+        _pod(armed.cri, world.logs, ctx)
         config = container_config(world.images.busybox.reference, command=SLEEP)
         ctx["ctr_config"] = config.SerializeToString().hex()
         with pytest.raises(grpc.RpcError) as err:
-            _create(cri, ctx)
+            _create(armed.cri, ctx)
         ctr_id = _failed_with(
             err.value, "create container", "runc create", "create_container:after_shim_create"
         )
         # Seen by nobody, and what it left is still there.
-        assert not cri.ListContainers(pb.ListContainersRequest()).containers
+        assert not armed.cri.ListContainers(pb.ListContainersRequest()).containers
         left = " ".join(traces_of(d, {ctr_id}))
         for trace in ("mount", "cgroup"):
             assert trace in left, left
         assert processes_in(ctr_id), "the container's runc init is not there"
         if finish == "remove":
-            cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=ctx["pod"]))
+            armed.cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=ctx["pod"]))
         elif finish == "restart":
-            cri.close()
-            _restart(d, {})
-            cri = d.client()
+            armed.restart_unarmed()
         else:  # kubelet's retry, same name: the leftover goes first
-            retried = _create(cri, ctx)
+            retried = _create(armed.cri, ctx)
             assert retried != ctr_id
-            cri.StartContainer(pb.StartContainerRequest(container_id=retried))
-            _works(cri, retried)
-        assert traces_of(d, {ctr_id}) == [], d.log()
-        assert processes_in(ctr_id) == []
-        assert_all_gone(d, cri, {ctr_id, ctx["pod"]})
-    finally:
-        cri.close()
-        if d.env:
-            _restart(d, {})
+            armed.cri.StartContainer(pb.StartContainerRequest(container_id=retried))
+            _works(armed.cri, retried)
+        _left_nothing(armed, ctr_id, {ctx["pod"]})
