@@ -429,7 +429,7 @@ def failing_at(d: Daemon, points: str) -> Iterator[Armed]:
 def _failed_with(err: grpc.RpcError, request: str, step: str, point: str) -> str:
     """The id the error names, after checking it says where the request failed, why, and
     what is kept for later."""
-    details = err.details() or ""  # type: ignore[attr-defined]
+    details = err.details() or ""
     assert status_code(err) == grpc.StatusCode.INTERNAL, details
     found = re.match(
         rf"{request} ([0-9a-f]{{64}}): {step}: \[Errno 5\] injected failure at {point} "
@@ -457,7 +457,7 @@ def test_a_failed_undo_keeps_the_pod_until_its_cleanup_is_finished(
             armed.cri.RunPodSandbox(pb.RunPodSandboxRequest(config=config))
         pod_id = _failed_with(err.value, "run pod", "pins", "run_pod:after_pins")
         for what in ("pins", "pause", "network", "netns", "cgroup"):
-            assert f"{what}: [Errno 5] injected failure at undo:{what}" in err.value.details()
+            assert f"{what}: [Errno 5] injected failure at undo:{what}" in str(err.value.details())
         # Kept NOTREADY (kubelet stops and removes it), with everything it left.
         assert pod_state(armed.cri, pod_id) == pb.SANDBOX_NOTREADY
         left = " ".join(traces_of(d, {pod_id}))
