@@ -121,51 +121,44 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
             rt.shims.spawn(pod_id, pod_dir, rt.handlers.of_pod(pod))
         )
         undo.push_after("shim", shim_task, lambda: _shutdown_shim(rt, pod))
-        # 3. The pod's files (hostname, resolv.conf, hosts, /dev/shm) and, at the same time,
-        # the network namespace, pinned (made inside the pod's user namespace, if it has one,
-        # which is pinned first).
+        # 3. The pod's files (hostname, resolv.conf, hosts, /dev/shm), the pod cgroup (with
+        # the pod's overhead and resources; cgroupfs driver: with systemd the pod's slice and
+        # its limits are kubelet's, as with containerd) and the pause's bundle, in one hop.
         userns = pod_userns(config.linux.security_context)  # validated above
-        shm = pod_dir / "shm"
-        undo.push("shm", lambda: mounts.unmount(shm))
-        files = _in_step("pod files", asyncio.to_thread(_make_pod_files, rt, pod, userns))
-        netns: Path | None = None
-        if not host_net:
-            netns = NETNS_DIR / f"flatpod-{pod_id[:24]}"
-            pod.netns_path = str(netns)
-            user_ns = pod_dir / "ns" / "user"
-            if userns is not None:
-                undo.push("userns", lambda: unpin(user_ns))
-                pod.namespaces["user"] = str(user_ns)
-            undo.push("netns", lambda: unpin(netns))
-            made_netns = asyncio.to_thread(_make_netns, netns, userns, user_ns)
-            both = await asyncio.gather(files, _in_step("netns", made_netns),
-                                        return_exceptions=True)  # no undo while one runs
-            for outcome in both:
-                if isinstance(outcome, BaseException):
-                    raise outcome
-            rt.faults.point("run_pod:after_netns")
-        else:
-            await files
-        # 4. The network in it (veth, IPAM, routes, host ports) is set up while the pause
-        # starts: only the netns must exist before the pause.
-        network = None
-        if netns is not None:
-            network = asyncio.ensure_future(_in_step("network", _setup_network(rt, pod, netns)))
-            undo.push_after("network", network, lambda: _teardown_network(rt, pod))
-        # 5. The pod cgroup, with the pod's overhead and resources (cgroupfs driver; with
-        # systemd the pod's slice and its limits are kubelet's, as with containerd), and the
-        # pause's bundle.
-        undo.at("pause bundle")
         place = cgroups.placement(
             rt.config.driver, config.linux.cgroup_parent, rt.config.default_cgroup_parent, pod_id
         )
         pod.cgroup_path, pod.cgroup_slice = place.pod_path, place.slice
+        shm, bundle = pod_dir / "shm", rt.paths.bundle_dir(pod_id)
+        user_ns = pod_dir / "ns" / "user"
+        if not host_net:  # the spec names them; they are made at the same time (step 4)
+            pod.netns_path = str(NETNS_DIR / f"flatpod-{pod_id[:24]}")
+            if userns is not None:
+                pod.namespaces["user"] = str(user_ns)
+        undo.push("shm", lambda: mounts.unmount(shm))
         if place.driver is cgroups.Driver.CGROUPFS:
             undo.push("cgroup", lambda: cgroups.remove(pod.cgroup_path))
-        bundle = rt.paths.bundle_dir(pod_id)
         undo.push("bundle", lambda: shutil.rmtree(bundle, ignore_errors=True))
-        oom_file, systemd = await asyncio.to_thread(_make_cgroup_and_bundle, rt, pod, place)
-        # 6. The pod's shim runs the pause: runc create + runc start.
+        made = asyncio.ensure_future(asyncio.to_thread(_make_pod_contents, rt, pod, userns, place))
+        undo.push_after("pod files", made, lambda: None)  # the undos above wait for it
+        # 4. At the same time, the network namespace, pinned (made inside the pod's user
+        # namespace, if it has one, which is pinned first); then the network in it (veth,
+        # IPAM, routes, host ports) is set up while the pause starts: only the netns must
+        # exist before the pause.
+        network = None
+        if not host_net:
+            undo.at("netns")
+            netns = Path(pod.netns_path)
+            if userns is not None:
+                undo.push("userns", lambda: unpin(user_ns))
+            undo.push("netns", lambda: unpin(netns))
+            await asyncio.to_thread(_make_netns, netns, userns, user_ns)
+            rt.faults.point("run_pod:after_netns")
+            network = asyncio.ensure_future(_in_step("network", _setup_network(rt, pod, netns)))
+            undo.push_after("network", network, lambda: _teardown_network(rt, pod))
+        undo.at("pod files")
+        oom_file, systemd = await made
+        # 5. The pod's shim runs the pause: runc create + runc start.
         undo.at("shim")
         shim = await shim_task
         rt.faults.point("run_pod:after_shim")
@@ -173,7 +166,7 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
         undo.push("pause", lambda: delete_runc_state(rt, pod_id))
         pod.pause_pid = await shim.create(pod_id, str(bundle), exit_file=str(bundle / "exit"),
                                           oom_file=oom_file, systemd_cgroup=systemd)
-        # 7. Pin the pause's namespaces: containers join these files, never /proc/<pid>/ns.
+        # 6. Pin the pause's namespaces: containers join these files, never /proc/<pid>/ns.
         # After `runc create` its init already waits inside them, so they are pinned while
         # `runc start` runs.
         pins = asyncio.ensure_future(asyncio.to_thread(_pin_namespaces, pod, pod_dir))
@@ -183,7 +176,7 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
         undo.at("pins")
         pod.namespaces = await pins
         rt.faults.point("run_pod:after_pins")
-        # 8. Ready, once the network is.
+        # 7. Ready, once the network is.
         if network is not None:
             await network
         undo.at("ready")
@@ -202,17 +195,28 @@ async def _in_step(step: str, work: Awaitable[T]) -> T:
         raise StepFailed(step, err) from err
 
 
-def _make_pod_files(rt: Runtime, pod: PodRecord, userns: PodUserns | None) -> None:
-    """hostname, resolv.conf, hosts and the /dev/shm tmpfs in the pod's dir (a worker
-    thread's work)."""
+def _make_pod_contents(
+    rt: Runtime, pod: PodRecord, userns: PodUserns | None, place: cgroups.Placement
+) -> tuple[str | None, bool]:
+    """hostname, resolv.conf, hosts and the /dev/shm tmpfs in the pod's dir; the pod cgroup
+    (cgroupfs); the pause's bundle. Returns what the shim needs of the pause's cgroup. A
+    worker thread's work: one hop for all of it."""
     config = pod.config
     pod_dir = rt.paths.pod_dir(pod.id)
     opts = config.linux.security_context.namespace_options
-    _write_pod_files(pod_dir, config, opts.network == pb.NODE)
-    if opts.ipc != pb.NODE:
-        mounts.mount_tmpfs(pod_dir / "shm", SHM_SIZE)
-    if userns is not None:
-        _share_with_userns(rt, pod_dir, userns)
+    with Steps("pod files"):
+        _write_pod_files(pod_dir, config, opts.network == pb.NODE)
+        if opts.ipc != pb.NODE:
+            mounts.mount_tmpfs(pod_dir / "shm", SHM_SIZE)
+        if userns is not None:
+            _share_with_userns(rt, pod_dir, userns)
+    with Steps("cgroup"):
+        if place.driver is cgroups.Driver.CGROUPFS:
+            cgroups.create(pod.cgroup_path, pod_resources(config.linux))
+        rt.faults.point("run_pod:after_cgroup")
+    with Steps("pause bundle"):
+        _write_bundle(rt.paths.bundle_dir(pod.id), _pause_spec(rt, pod, pod_dir))
+        return containers.shim_cgroup_options(pod, pod.id)
 
 
 def _make_netns(netns: Path, userns: PodUserns | None, user_ns: Path) -> None:
@@ -220,18 +224,6 @@ def _make_netns(netns: Path, userns: PodUserns | None, user_ns: Path) -> None:
         create_netns(netns)
     else:
         create_userns(userns, user_ns, netns)
-
-
-def _make_cgroup_and_bundle(
-    rt: Runtime, pod: PodRecord, place: cgroups.Placement
-) -> tuple[str | None, bool]:
-    """The pod cgroup (cgroupfs) and the pause's bundle; what the shim needs of the pause's
-    cgroup (a worker thread's work)."""
-    if place.driver is cgroups.Driver.CGROUPFS:
-        cgroups.create(pod.cgroup_path, pod_resources(pod.config.linux))
-    rt.faults.point("run_pod:after_cgroup")
-    _write_bundle(rt.paths.bundle_dir(pod.id), _pause_spec(rt, pod, rt.paths.pod_dir(pod.id)))
-    return containers.shim_cgroup_options(pod, pod.id)
 
 
 async def _setup_network(rt: Runtime, pod: PodRecord, netns: Path) -> None:

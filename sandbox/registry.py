@@ -124,7 +124,9 @@ class Registry:
     def visible_container(self, ref: str) -> ContainerRecord:
         ctr = self.container(ref)
         if ctr.state == ContainerState.CREATING:
-            raise NotFound(f"container {ref!r} not found (it is still being created)")
+            why = ("its creation failed; removing it finishes the cleanup" if ctr.cleanup_error
+                   else "it is still being created")
+            raise NotFound(f"container {ref!r} not found ({why})")
         return ctr
 
     def visible_containers_of(self, pod_id: str) -> list[ContainerRecord]:
