@@ -28,6 +28,8 @@ from sandbox.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Steps,
+    describe,
 )
 from sandbox.exits import apply_exit, delete_runc_state, publish, record_exit
 from sandbox.mounts import unmount
@@ -64,7 +66,6 @@ _STATES = {
     EXITED: pb.CONTAINER_EXITED,
     UNKNOWN: pb.CONTAINER_UNKNOWN,
 }
-_STATE_NAMES = {v: k for k, v in _STATES.items()}
 # ListContainersResponse.containers
 LIST_CONTAINERS_FIELD = pb.ListContainersResponse.DESCRIPTOR.fields_by_name["containers"].number
 # How long a stop waits for the shim to see the exit after SIGKILL.
@@ -99,7 +100,8 @@ async def create_container(
     name = container_name(req.config.metadata, pod)
     try:
         ctr_id = await rt.registry.create_once(
-            "container", name, lambda: _create(rt, pod, name, req, image, restore)
+            "container", name, lambda: _create(rt, pod, name, req, image, restore),
+            lambda ctr_id: _remove_leftover(rt, rt.registry.container(ctr_id)),
         )
     finally:
         if restore is not None:
@@ -131,9 +133,12 @@ async def _create(
     # 1. Reserve the name, before touching the host.
     rt.registry.reserve(ctr)
     rt.faults.point("create_container:after_reserve")
-    async with rt.locks.hold(ctr.id), undo_on_failure() as undo:
-        undo.push("record", lambda: rt.registry.forget(ctr))
+    async with rt.locks.hold(ctr.id), undo_on_failure(f"create container {ctr.id}",
+                                                      rt.faults) as undo:
+        undo.settle(forget=lambda: rt.registry.forget(ctr),
+                    keep=lambda left: rt.registry.update(ctr, cleanup_error=left))
         # 2. The rootfs: an overlay of the image's snapshots and a writable layer.
+        undo.at("rootfs")
         bundle = rt.paths.bundle_dir(ctr.id)
         layer = rt.paths.writable_layers / ctr.id
         rootfs = bundle / "rootfs"
@@ -153,6 +158,7 @@ async def _create(
         rt.faults.point("create_container:after_rootfs")
         ctr.rootfs = str(rootfs)
         # 3. The OCI spec: joins the pod's pinned namespaces.
+        undo.at("spec")
         ctr.cgroup_path = pod_placement(pod).container_path(ctr.id)
         spec = await asyncio.to_thread(_container_spec, rt, pod, ctr, image, rootfs)
         user = spec["process"]["user"]
@@ -163,11 +169,13 @@ async def _create(
             os.chmod(bundle / "config.json", 0o600)
             open_to_group(bundle, userns.root[1])
         # 4. The log file, where kubelet reads it.
+        undo.at("log file")
         ctr.log_path = _log_path(pod, config)
         log_root = pod.config.log_directory or None
         if ctr.log_path:
             await asyncio.to_thread(_prepare_log, pod.config.log_directory, config.log_path)
         # 5. The shim creates it: the process waits in runc's init until StartContainer.
+        undo.at("runc create")
         shim = shim_of(rt, pod.id)
         oom_file, systemd = await asyncio.to_thread(shim_cgroup_options, pod, ctr.id)
         ctr.pid = await shim.create(
@@ -178,10 +186,17 @@ async def _create(
         )
         undo.push("runc", lambda: delete_runc_state(rt, ctr.id))
         rt.faults.point("create_container:after_shim_create")
+        undo.at("created")
         rt.registry.transition(ctr, CREATED)
     publish(rt, ctr, pb.CONTAINER_CREATED_EVENT)
     log.info("container %s (%s) created in pod %s", ctr.id[:12], name, pod.short)
     return ctr.id
+
+
+async def _remove_leftover(rt: Runtime, ctr: ContainerRecord) -> None:
+    """Removes a container whose failed creation left a cleanup (its cleanup_error is set)."""
+    async with rt.locks.hold(ctr.id):
+        await remove_container_now(rt, ctr)
 
 
 def validate_container_config(config: pb.ContainerConfig) -> None:
@@ -346,23 +361,27 @@ async def start_container(rt: Runtime, req: pb.StartContainerRequest) -> pb.Star
         # Taken before `runc start`: a quick process may exit (and its finished_at be recorded)
         # before the shim's reply arrives, and started_at must not come after finished_at.
         started_at = time.time_ns()
-        rt.faults.point("start_container:before_runc_start")
-        try:
-            view = await shim_of(rt, pod.id).start(ctr.id)
-        except ShimError as err:
-            rt.registry.transition(
-                ctr, EXITED, reason="StartError", message=str(err), exit_code=128,
-                finished_at=time.time_ns(),
-            )
-            raise FailedPrecondition(f"starting container {ctr.id}: {err}") from err
-        rt.faults.point("start_container:after_runc_start")
-        changes: dict[str, object] = {"started_at": started_at}
-        if not ctr.pid:  # restored from a checkpoint: its process exists only now
-            changes["pid"] = view.pid
-            await asyncio.to_thread(checkpoint.discard_images, rt, ctr)
-        # Its exit may already have been reported: then it stays exited.
-        state = RUNNING if ctr.state == CREATED else ctr.state
-        rt.registry.transition(ctr, state, **changes)
+        with Steps(f"start container {ctr.id}") as where:
+            where.at("runc start")
+            rt.faults.point("start_container:before_runc_start")
+            try:
+                view = await shim_of(rt, pod.id).start(ctr.id)
+            except ShimError as err:
+                rt.registry.transition(
+                    ctr, EXITED, reason="StartError", message=str(err), exit_code=128,
+                    finished_at=time.time_ns(),
+                )
+                raise FailedPrecondition(describe(err)) from err
+            rt.faults.point("start_container:after_runc_start")
+            changes: dict[str, object] = {"started_at": started_at}
+            if not ctr.pid:  # restored from a checkpoint: its process exists only now
+                where.at("checkpoint images")
+                changes["pid"] = view.pid
+                await asyncio.to_thread(checkpoint.discard_images, rt, ctr)
+            # Its exit may already have been reported: then it stays exited.
+            where.at("record")
+            state = RUNNING if ctr.state == CREATED else ctr.state
+            rt.registry.transition(ctr, state, **changes)
     publish(rt, ctr, pb.CONTAINER_STARTED_EVENT)
     return pb.StartContainerResponse()
 
@@ -392,24 +411,27 @@ async def stop_container_now(rt: Runtime, ctr: ContainerRecord, timeout: int) ->
             message=ctr.message or "the container's shim is gone; its exit status is unknown",
         )
         return
-    try:
-        if timeout > 0 and ctr.state == RUNNING:
-            await shim.signal(ctr.id, _stop_signal(ctr))
-            view = await _wait(shim, ctr.id, timeout)
-            if view is not None:
+    with Steps(f"stop container {ctr.id}") as where:
+        try:
+            if timeout > 0 and ctr.state == RUNNING:
+                where.at("stop signal")
+                await shim.signal(ctr.id, _stop_signal(ctr))
+                view = await _wait(shim, ctr.id, timeout)
+                if view is not None:
+                    await apply_exit(rt, ctr, view)
+                    return
+            where.at("SIGKILL")
+            await shim.signal(ctr.id, signal.SIGKILL, all=True)
+            view = await _wait(shim, ctr.id, KILL_WAIT)
+            if view is None:
+                raise DeadlineExceeded(f"it did not exit {KILL_WAIT}s after SIGKILL")
+            await apply_exit(rt, ctr, view)
+        except ShimError as err:
+            view = await _shim_view(shim, ctr.id)
+            if view is not None and view.exited:
                 await apply_exit(rt, ctr, view)
                 return
-        await shim.signal(ctr.id, signal.SIGKILL, all=True)
-        view = await _wait(shim, ctr.id, KILL_WAIT)
-        if view is None:
-            raise DeadlineExceeded(f"container {ctr.id} did not exit {KILL_WAIT}s after SIGKILL")
-        await apply_exit(rt, ctr, view)
-    except ShimError as err:
-        view = await _shim_view(shim, ctr.id)
-        if view is not None and view.exited:
-            await apply_exit(rt, ctr, view)
-            return
-        raise FailedPrecondition(f"stopping container {ctr.id}: {err}") from err
+            raise FailedPrecondition(describe(err)) from err
 
 
 async def _wait(shim: ShimClient, ctr_id: str, timeout: float) -> ProcessState | None:
@@ -550,7 +572,7 @@ def _list_entry(ctr: ContainerRecord) -> bytes:
 
 
 def _filtered(rt: Runtime, flt: pb.ContainerFilter) -> list[ContainerRecord]:
-    want_state = _STATE_NAMES.get(flt.state.state) if flt.HasField("state") else None
+    want_state = flt.state.state if flt.HasField("state") else None
     return rt.registry.containers_matching(
         flt.id, flt.pod_sandbox_id, flt.label_selector, want_state
     )

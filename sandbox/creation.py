@@ -6,7 +6,10 @@ kubelet retries with the same name, and the runtime must end with one working ob
 request anyway and hands its result to the retry:
 - a retry that arrives while the first is still working waits for it and gets its id;
 - an object finished after its client gave up is marked unclaimed, and the next request with
-  that name claims it.
+  that name claims it;
+- an object whose creation failed and could not be fully undone (its `cleanup_error` is set,
+  sandbox/undo.py) holds the name until it is removed: the next request with that name
+  finishes that removal, then makes a new one.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from sandbox.errors import AlreadyExists
 class Claimable(Protocol):
     id: str
     unclaimed: bool
+    cleanup_error: str
 
     @property
     def state(self) -> str: ...  # read only: a record's state is a str enum
@@ -47,12 +51,14 @@ class Creations:
         make: Callable[[], Awaitable[str]],
         claim: Callable[[str], None],
         mark_unclaimed: Callable[[str], None],
+        remove_leftover: Callable[[str], Awaitable[None]],
     ) -> str:
         """The id of the object called `name`: made by `make`, or the one already made.
 
         `holder` is the existing object with that name, if any; `claim` records, by id, that
         a request took an unclaimed one; `mark_unclaimed` records, by id, an object whose
-        client went away before it was made.
+        client went away before it was made; `remove_leftover` removes, by id, a holder that
+        a failed creation left to clean up.
         """
         inflight = self.pending.get(name)
         if inflight is not None:
@@ -61,12 +67,15 @@ class Creations:
                 return await asyncio.shield(inflight.task)
             finally:
                 inflight.waiters -= 1
-        if holder is not None:
+        if holder is not None and not holder.cleanup_error:
             if holder.unclaimed:
                 claim(holder.id)
                 return holder.id
             raise name_taken(what, name, holder.id, holder.state)
-        task = asyncio.ensure_future(make())
+        if holder is None:
+            task = asyncio.ensure_future(make())
+        else:  # in the task, so that a retry arriving meanwhile waits for this one
+            task = asyncio.ensure_future(_removed_then_made(holder.id, remove_leftover, make))
         entry = PendingCreate(task)
         self.pending[name] = entry
         task.add_done_callback(lambda _t: self.pending.pop(name, None))
@@ -94,3 +103,10 @@ def _unclaimed_if_nobody_waits(
     if task.cancelled() or task.exception() is not None or entry.waiters > 0:
         return
     mark(task.result())
+
+
+async def _removed_then_made(
+    leftover_id: str, remove: Callable[[str], Awaitable[None]], make: Callable[[], Awaitable[str]]
+) -> str:
+    await remove(leftover_id)
+    return await make()

@@ -8,6 +8,7 @@ IPC, UTS (and PID) namespaces are pinned as files right after. Containers join t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -17,10 +18,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from google.protobuf.json_format import MessageToDict
 
@@ -29,7 +30,7 @@ from netns.enter import run_in_netns
 from netns.pin import create_netns, ensure_shared_mount_dir, is_pinned, pin_namespace, unpin
 from netns.ports import PortMapping
 from sandbox import acl, cgroups, containers, mounts, validate
-from sandbox.errors import FailedPrecondition, InvalidArgument
+from sandbox.errors import FailedPrecondition, InvalidArgument, StepFailed, Steps
 from sandbox.exits import delete_runc_state
 from sandbox.images.snapshots import idmap_supported
 from sandbox.records import (
@@ -46,6 +47,7 @@ from sandbox.wire import pages, repeated_entry
 from shim.client import ShimError
 
 log = logging.getLogger("flatpod.pods")
+T = TypeVar("T")
 
 # A sandbox that is still being made: listed nowhere, found only by its own retry.
 SANDBOX_CREATING = PodState.CREATING
@@ -81,7 +83,10 @@ async def run_pod_sandbox(rt: Runtime, req: pb.RunPodSandboxRequest) -> pb.RunPo
 
 
 async def _join_or_start(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> str:
-    return await rt.registry.create_once("pod sandbox", name, lambda: _create_pod(rt, name, req))
+    return await rt.registry.create_once(
+        "pod sandbox", name, lambda: _create_pod(rt, name, req),
+        lambda pod_id: remove_leftover(rt, rt.registry.pod(pod_id)),
+    )
 
 
 async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> str:
@@ -100,75 +105,140 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
     rt.registry.reserve(pod)
     rt.store.begin_operation(f"run_pod:{pod_id}", "run_pod", pod_id, {})
     rt.faults.point("run_pod:after_reserve")
-    async with rt.locks.hold(pod_id), undo_on_failure() as undo:
-        undo.push("forget record", lambda: _forget(rt, pod))
-        # 2. The pod's dir: hostname, resolv.conf, hosts, /dev/shm.
+    async with rt.locks.hold(pod_id), undo_on_failure(f"run pod {pod_id}", rt.faults) as undo:
+        undo.settle(forget=lambda: _forget(rt, pod), keep=lambda left: _keep(rt, pod, left))
+        # Each branch below is one worker-thread hop (a hop costs a thread's and the loop's
+        # wakeups, which a loaded node makes milliseconds), and the branches that need only
+        # the pod dir run at once. Every undo is pushed before its step, as a step can be
+        # left half done.
+        # 2. The pod's dir, and the pod's shim: it needs only the dir, so the zygote forks
+        # it while the rest is made.
+        undo.at("pod dir")
         pod_dir = rt.paths.pod_dir(pod_id)
         undo.push("pod dir", lambda: shutil.rmtree(pod_dir, ignore_errors=True))
-        await asyncio.to_thread(_write_pod_files, pod_dir, config, host_net)
-        if config.linux.security_context.namespace_options.ipc != pb.NODE:
-            shm = pod_dir / "shm"
-            await asyncio.to_thread(mounts.mount_tmpfs, shm, SHM_SIZE)
-            undo.push("shm", lambda: mounts.unmount(shm))
+        _make_pod_dir(pod_dir)  # two mkdirs on tmpfs: not worth a thread's round trip
+        shim_task = asyncio.ensure_future(
+            rt.shims.spawn(pod_id, pod_dir, rt.handlers.of_pod(pod))
+        )
+        undo.push_after("shim", shim_task, lambda: _shutdown_shim(rt, pod))
+        # 3. The pod's files (hostname, resolv.conf, hosts, /dev/shm), the pod cgroup (with
+        # the pod's overhead and resources; cgroupfs driver: with systemd the pod's slice and
+        # its limits are kubelet's, as with containerd) and the pause's bundle, in one hop.
         userns = pod_userns(config.linux.security_context)  # validated above
-        if userns is not None:
-            await asyncio.to_thread(_share_with_userns, rt, pod_dir, userns)
+        if userns is not None:  # on the loop: see share_state_dirs
             share_state_dirs(rt)  # the record is reserved: its group is in the set
-        # 3. The network namespace, pinned, and the pod network in it.
-        if not host_net:
-            netns = NETNS_DIR / f"flatpod-{pod_id[:24]}"
-            if userns is None:
-                await asyncio.to_thread(create_netns, netns)
-            else:  # made inside the pod's user namespace, which is pinned first
-                user_ns = pod_dir / "ns" / "user"
-                undo.push("userns", lambda: unpin(user_ns))
-                await asyncio.to_thread(create_userns, userns, user_ns, netns)
-                pod.namespaces["user"] = str(user_ns)
-            pod.netns_path = str(netns)
-            undo.push("netns", lambda: unpin(netns))
-            rt.faults.point("run_pod:after_netns")
-            undo.push("network", lambda: _teardown_network(rt, pod))
-            result = await asyncio.to_thread(
-                rt.network.setup, pod_id, netns, port_mappings(config),
-                config.metadata.name, config.metadata.namespace,
-            )
-            pod.network_kind = rt.network_kind
-            pod.ip = result.ip
-            pod.additional_ips = list(result.additional_ips)
-            rt.faults.point("run_pod:after_network")
-        # 4. The pod cgroup, with the pod's overhead and resources (cgroupfs driver; with
-        # systemd the pod's slice and its limits are kubelet's, as with containerd).
         place = cgroups.placement(
             rt.config.driver, config.linux.cgroup_parent, rt.config.default_cgroup_parent, pod_id
         )
         pod.cgroup_path, pod.cgroup_slice = place.pod_path, place.slice
+        shm, bundle = pod_dir / "shm", rt.paths.bundle_dir(pod_id)
+        user_ns = pod_dir / "ns" / "user"
+        if not host_net:  # the spec names them; they are made at the same time (step 4)
+            pod.netns_path = str(NETNS_DIR / f"flatpod-{pod_id[:24]}")
+            if userns is not None:
+                pod.namespaces["user"] = str(user_ns)
+        undo.push("shm", lambda: mounts.unmount(shm))
         if place.driver is cgroups.Driver.CGROUPFS:
-            await asyncio.to_thread(cgroups.create, pod.cgroup_path, pod_resources(config.linux))
             undo.push("cgroup", lambda: cgroups.remove(pod.cgroup_path))
-        rt.faults.point("run_pod:after_cgroup")
-        # 5. The pause bundle, and the pod's shim to run it.
-        bundle = rt.paths.bundle_dir(pod_id)
-        spec = _pause_spec(rt, pod, pod_dir)
-        await asyncio.to_thread(_write_bundle, bundle, spec)
         undo.push("bundle", lambda: shutil.rmtree(bundle, ignore_errors=True))
-        shim = await rt.shims.spawn(pod_id, pod_dir, rt.handlers.of_pod(pod))
-        undo.push("shim", lambda: _shutdown_shim(rt, pod))
+        made = asyncio.ensure_future(asyncio.to_thread(_make_pod_contents, rt, pod, userns, place))
+        undo.push_after("pod files", made, lambda: None)  # the undos above wait for it
+        # 4. At the same time, the network namespace, pinned (made inside the pod's user
+        # namespace, if it has one, which is pinned first); then the network in it (veth,
+        # IPAM, routes, host ports) is set up while the pause starts: only the netns must
+        # exist before the pause.
+        network = None
+        if not host_net:
+            undo.at("netns")
+            netns = Path(pod.netns_path)
+            if userns is not None:
+                undo.push("userns", lambda: unpin(user_ns))
+            undo.push("netns", lambda: unpin(netns))
+            await asyncio.to_thread(_make_netns, netns, userns, user_ns)
+            rt.faults.point("run_pod:after_netns")
+            network = asyncio.ensure_future(_in_step("network", _setup_network(rt, pod, netns)))
+            undo.push_after("network", network, lambda: _teardown_network(rt, pod))
+        undo.at("pod files")
+        oom_file, systemd = await made
+        # 5. The pod's shim runs the pause: runc create + runc start.
+        undo.at("shim")
+        shim = await shim_task
         rt.faults.point("run_pod:after_shim")
+        undo.at("pause")
         undo.push("pause", lambda: delete_runc_state(rt, pod_id))
-        oom_file, systemd = await asyncio.to_thread(containers.shim_cgroup_options, pod, pod_id)
         pod.pause_pid = await shim.create(pod_id, str(bundle), exit_file=str(bundle / "exit"),
                                           oom_file=oom_file, systemd_cgroup=systemd)
+        # 6. Pin the pause's namespaces: containers join these files, never /proc/<pid>/ns.
+        # After `runc create` its init already waits inside them, so they are pinned while
+        # `runc start` runs.
+        pins = asyncio.ensure_future(asyncio.to_thread(_pin_namespaces, pod, pod_dir))
+        undo.push_after("pins", pins, lambda: _unpin_namespaces(pod, pod_dir))
         await shim.start(pod_id)
         rt.faults.point("run_pod:after_pause_start")
-        # 6. Pin the pause's namespaces: containers join these files, never /proc/<pid>/ns.
-        pod.namespaces = await asyncio.to_thread(_pin_namespaces, pod, pod_dir)
-        undo.push("pins", lambda: _unpin_namespaces(pod))
+        undo.at("pins")
+        pod.namespaces = await pins
         rt.faults.point("run_pod:after_pins")
-        # 7. Ready.
+        # 7. Ready, once the network is.
+        if network is not None:
+            await network
+        undo.at("ready")
         rt.registry.transition(pod, SANDBOX_READY)
         rt.store.end_operation(f"run_pod:{pod_id}")
     log.info("pod %s (%s) ready, ip %s", pod_id[:12], name, pod.ip or "host")
     return pod_id
+
+
+async def _in_step(step: str, work: Awaitable[T]) -> T:
+    """Awaits `work`, reporting its failure from `step`: for the branches that run at once,
+    which the request's own "at" cannot name."""
+    try:
+        return await work
+    except Exception as err:
+        raise StepFailed(step, err) from err
+
+
+def _make_pod_contents(
+    rt: Runtime, pod: PodRecord, userns: PodUserns | None, place: cgroups.Placement
+) -> tuple[str | None, bool]:
+    """hostname, resolv.conf, hosts and the /dev/shm tmpfs in the pod's dir; the pod cgroup
+    (cgroupfs); the pause's bundle. Returns what the shim needs of the pause's cgroup. A
+    worker thread's work: one hop for all of it."""
+    config = pod.config
+    pod_dir = rt.paths.pod_dir(pod.id)
+    opts = config.linux.security_context.namespace_options
+    with Steps("pod files"):
+        _write_pod_files(pod_dir, config, opts.network == pb.NODE)
+        if opts.ipc != pb.NODE:
+            mounts.mount_tmpfs(pod_dir / "shm", SHM_SIZE)
+        if userns is not None:
+            _share_with_userns(rt, pod_dir, userns)
+    with Steps("cgroup"):
+        if place.driver is cgroups.Driver.CGROUPFS:
+            cgroups.create(pod.cgroup_path, pod_resources(config.linux))
+        rt.faults.point("run_pod:after_cgroup")
+    with Steps("pause bundle"):
+        _write_bundle(rt.paths.bundle_dir(pod.id), _pause_spec(rt, pod, pod_dir))
+        return containers.shim_cgroup_options(pod, pod.id)
+
+
+def _make_netns(netns: Path, userns: PodUserns | None, user_ns: Path) -> None:
+    if userns is None:
+        create_netns(netns)
+    else:
+        create_userns(userns, user_ns, netns)
+
+
+async def _setup_network(rt: Runtime, pod: PodRecord, netns: Path) -> None:
+    """The pod network in the pinned netns (netlink on a worker thread, never the loop's)."""
+    config = pod.config
+    result = await asyncio.to_thread(
+        rt.network.setup, pod.id, netns, port_mappings(config),
+        config.metadata.name, config.metadata.namespace,
+    )
+    pod.network_kind = rt.network_kind
+    pod.ip = result.ip
+    pod.additional_ips = list(result.additional_ips)
+    rt.faults.point("run_pod:after_network")
 
 
 def _forget(rt: Runtime, pod: PodRecord) -> None:
@@ -185,6 +255,14 @@ def _unshare_state_dirs(rt: Runtime, pod: PodRecord) -> None:
             share_state_dirs(rt)
         except FailedPrecondition as err:  # the pod is gone; the next pod or restart retries
             log.warning("pod %s: %s", pod.short, err)
+
+
+def _keep(rt: Runtime, pod: PodRecord, left: str) -> None:
+    """Keeps a pod whose failed creation could not be undone, NOTREADY (so kubelet stops and
+    removes it, as containerd's sandbox with a cleanup error) and naming what is left; its
+    journal entry stays, so recovery also removes it."""
+    _name_leftovers(rt, pod)
+    rt.registry.transition(pod, SANDBOX_NOTREADY, cleanup_error=left)
 
 
 def validate_sandbox_config(config: pb.PodSandboxConfig) -> None:
@@ -258,9 +336,12 @@ def pod_resources(linux: pb.LinuxPodSandboxConfig) -> cgroups.Resources:
     )
 
 
-def _write_pod_files(pod_dir: Path, config: pb.PodSandboxConfig, host_net: bool) -> None:
+def _make_pod_dir(pod_dir: Path) -> None:
     pod_dir.mkdir(parents=True, exist_ok=False, mode=0o700)
     (pod_dir / "ns").mkdir(mode=0o700)
+
+
+def _write_pod_files(pod_dir: Path, config: pb.PodSandboxConfig, host_net: bool) -> None:
     hostname = os.uname().nodename if host_net else (config.hostname or config.metadata.name)
     (pod_dir / "hostname").write_text(hostname + "\n")
     (pod_dir / "resolv.conf").write_text(resolv_conf(config.dns_config))
@@ -480,8 +561,14 @@ def userns_supported(path: Path) -> bool:
     return _userns_support[path]
 
 
-def _unpin_namespaces(pod: PodRecord) -> None:
-    for path in pod.namespaces.values():
+# The namespaces a pod pins in its dir's ns/ (the pause's, and the user namespace).
+PINNED_KINDS = ("ipc", "uts", "pid", "user")
+
+
+def _unpin_namespaces(pod: PodRecord, pod_dir: Path) -> None:
+    """Unpins the pod's namespaces: those its record names, and any its dir holds (a half-made
+    pod's record may not name them)."""
+    for path in {*pod.namespaces.values(), *(str(pod_dir / "ns" / k) for k in PINNED_KINDS)}:
         unpin(Path(path))
 
 
@@ -501,17 +588,23 @@ async def stop_pod_sandbox(
 
 async def stop_pod(rt: Runtime, pod: PodRecord) -> None:
     """Stops the pod's containers and its pause, and takes down its network. Idempotent."""
-    for ctr in rt.containers_of(pod.id):
-        await containers.stop_container_now(rt, ctr, timeout=0)
-    rt.faults.point("stop_pod:after_containers")
-    await _stop_pause(rt, pod)
-    rt.faults.point("stop_pod:after_pause")
-    await _teardown_network(rt, pod)
-    rt.faults.point("stop_pod:after_network")
-    if pod.netns_path:
-        await asyncio.to_thread(unpin, Path(pod.netns_path))
-    if pod.state != SANDBOX_NOTREADY:
-        rt.registry.transition(pod, SANDBOX_NOTREADY)
+    with Steps(f"stop pod {pod.id}") as where:
+        where.at("containers")
+        for ctr in rt.containers_of(pod.id):
+            await containers.stop_container_now(rt, ctr, timeout=0)
+        rt.faults.point("stop_pod:after_containers")
+        where.at("pause")
+        await _stop_pause(rt, pod)
+        rt.faults.point("stop_pod:after_pause")
+        where.at("network")
+        await _teardown_network(rt, pod)
+        rt.faults.point("stop_pod:after_network")
+        where.at("netns")
+        if pod.netns_path:
+            await asyncio.to_thread(unpin, Path(pod.netns_path))
+        where.at("record")
+        if pod.state != SANDBOX_NOTREADY:
+            rt.registry.transition(pod, SANDBOX_NOTREADY)
     log.info("pod %s stopped", pod.short)
 
 
@@ -574,6 +667,9 @@ async def remove_pod_sandbox(
     pod = rt.find_pod(req.pod_sandbox_id)
     if pod is None:
         return pb.RemovePodSandboxResponse()
+    if pod.cleanup_error:
+        await remove_leftover(rt, pod)
+        return pb.RemovePodSandboxResponse()
     async with rt.locks.hold(pod.id):
         await remove_pod_now(rt, pod)
     return pb.RemovePodSandboxResponse()
@@ -581,22 +677,58 @@ async def remove_pod_sandbox(
 
 async def remove_pod_now(rt: Runtime, pod: PodRecord) -> None:
     """Forcibly stops the pod, then removes its containers and every trace of it."""
-    await stop_pod(rt, pod)
-    for ctr in rt.containers_of(pod.id):
-        await containers.remove_container_now(rt, ctr)
-    await _shutdown_shim(rt, pod)
-    rt.faults.point("remove_pod:midway")
-    _unpin_namespaces(pod)
-    pod_dir = rt.paths.pod_dir(pod.id)
-    unpin(pod_dir / "ns" / "user")  # a half-made pod's record may not name it
-    await asyncio.to_thread(mounts.unmount, pod_dir / "shm")
-    if pod.cgroup_path and containers.pod_placement(pod).driver is cgroups.Driver.CGROUPFS:
-        await asyncio.to_thread(cgroups.remove, pod.cgroup_path)
-    await asyncio.to_thread(shutil.rmtree, pod_dir, True)
-    await asyncio.to_thread(shutil.rmtree, rt.paths.bundle_dir(pod.id), True)
-    rt.registry.forget(pod)
-    _unshare_state_dirs(rt, pod)
+    with Steps(f"remove pod {pod.id}") as where:
+        where.at("stop")
+        await stop_pod(rt, pod)
+        where.at("containers")
+        for ctr in rt.containers_of(pod.id):
+            await containers.remove_container_now(rt, ctr)
+        where.at("shim")
+        await _shutdown_shim(rt, pod)
+        rt.faults.point("remove_pod:midway")
+        where.at("namespaces")
+        pod_dir = rt.paths.pod_dir(pod.id)
+        _unpin_namespaces(pod, pod_dir)
+        where.at("shm")
+        await asyncio.to_thread(mounts.unmount, pod_dir / "shm")
+        where.at("cgroup")
+        if pod.cgroup_path and containers.pod_placement(pod).driver is cgroups.Driver.CGROUPFS:
+            await asyncio.to_thread(cgroups.remove, pod.cgroup_path)
+        where.at("dirs")
+        await asyncio.to_thread(shutil.rmtree, pod_dir, True)
+        await asyncio.to_thread(shutil.rmtree, rt.paths.bundle_dir(pod.id), True)
+        where.at("record")
+        rt.registry.forget(pod)
+        if pod.cleanup_error:  # its RunPodSandbox's journal entry was kept (see _keep)
+            rt.store.end_operation(f"run_pod:{pod.id}")
+        _unshare_state_dirs(rt, pod)
     log.info("pod %s removed", pod.short)
+
+
+async def remove_leftover(rt: Runtime, pod: PodRecord) -> None:
+    """Removes a pod whose creation did not finish: interrupted by a crash (recovery), or
+    failed with an undo that failed too (its cleanup_error is set; a removal, a retry with
+    its name, or recovery). Its record may not name all it made, so every name derivable
+    from its id is tried; removal is idempotent."""
+    async with rt.locks.hold(pod.id):
+        _name_leftovers(rt, pod)
+        if rt.shims.get(pod.id) is None:
+            await rt.shims.reconnect(pod.id, rt.paths.pod_dir(pod.id))
+        await remove_pod_now(rt, pod)
+
+
+def _name_leftovers(rt: Runtime, pod: PodRecord) -> None:
+    """Fills in the record what a half-made pod may have made: the names are derived from
+    its id and config, as RunPodSandbox derives them."""
+    opts = pod.config.linux.security_context.namespace_options
+    if opts.network != pb.NODE:
+        pod.netns_path = pod.netns_path or str(NETNS_DIR / f"flatpod-{pod.id[:24]}")
+        pod.network_kind = pod.network_kind or rt.network_kind
+    if not (pod.cgroup_path or pod.cgroup_slice):
+        with contextlib.suppress(cgroups.CgroupError):
+            place = cgroups.placement(rt.config.driver, pod.config.linux.cgroup_parent,
+                                      rt.config.default_cgroup_parent, pod.id)  # fmt: skip
+            pod.cgroup_path, pod.cgroup_slice = place.pod_path, place.slice
 
 
 # --- PodSandboxStatus and ListPodSandbox ------------------------------------------------------
@@ -681,9 +813,7 @@ def _list_entry(pod: PodRecord) -> bytes:
 
 
 def _filtered(rt: Runtime, flt: pb.PodSandboxFilter) -> list[PodRecord]:
-    want = None
-    if flt.HasField("state"):
-        want = SANDBOX_READY if flt.state.state == pb.SANDBOX_READY else SANDBOX_NOTREADY
+    want = flt.state.state if flt.HasField("state") else None
     return rt.registry.pods_matching(flt.id, want, flt.label_selector)
 
 

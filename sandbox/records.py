@@ -73,6 +73,10 @@ class PodRecord:
     # True when the RunPodSandbox that made this pod never got its answer to the client (it
     # timed out on kubelet's side): kubelet's retry with the same name is handed this pod.
     unclaimed: bool = False
+    # Set when RunPodSandbox failed and an undo step failed too: what was not undone. The pod
+    # is kept NOTREADY, so kubelet (or a retry, or recovery) removes it and that finishes the
+    # cleanup (sandbox/undo.py).
+    cleanup_error: str = ""
     # This record's entry in a ListPodSandbox answer, serialized; emptied on every save.
     list_entry: bytes = field(default=b"", repr=False, compare=False, metadata=TRANSIENT)
 
@@ -112,6 +116,10 @@ class ContainerRecord:
     uid: int = 0
     gid: int = 0
     supplemental_groups: list[int] = field(default_factory=list)
+    # Set when CreateContainer failed and an undo step failed too: what was not undone. The
+    # record stays CREATING, seen by nobody, until a removal (its pod's, a retry's, or
+    # recovery's) finishes the cleanup (sandbox/undo.py).
+    cleanup_error: str = ""
     # This record's entry in a ListContainers answer, serialized; emptied on every save.
     list_entry: bytes = field(default=b"", repr=False, compare=False, metadata=TRANSIENT)
 

@@ -10,22 +10,19 @@ rebooted (the state dir is empty then). For each record this module asks the one
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from cri_api import api_pb2 as pb
-from sandbox import cgroups, containers, exits, pods
+from sandbox import containers, exits, pods
 from sandbox.records import (
     CREATED,
     EXITED,
     RUNNING,
     SANDBOX_READY,
     ContainerRecord,
-    PodRecord,
 )
 from sandbox.runtime import Runtime
 from shim.client import ProcessState, ShimClient, ShimError
@@ -63,39 +60,19 @@ async def recover(rt: Runtime) -> None:
 
 
 async def _finish_interrupted(rt: Runtime) -> None:
-    """Objects whose creation a crash interrupted are removed, with whatever they touched."""
+    """Objects whose creation a crash interrupted, or whose failed creation could not be
+    undone (their cleanup_error is set), are removed, with whatever they touched."""
     for op_id, kind, target, _doc in rt.store.operations():
         log.warning("cleaning up after interrupted %s of %s", kind, target)
         pod = rt.pods.get(target)
         if kind == "run_pod" and pod is not None:
-            await _remove_half_made_pod(rt, pod)
+            await pods.remove_leftover(rt, pod)
         rt.store.end_operation(op_id)
     # A crash between reserving the name and journalling the operation leaves a record only.
-    for pod in rt.registry.creating_pods():
-        await _remove_half_made_pod(rt, pod)
-    for ctr in rt.registry.creating_containers():
+    for pod in rt.registry.unfinished_pods():
+        await pods.remove_leftover(rt, pod)
+    for ctr in rt.registry.unfinished_containers():
         await containers.remove_container_now(rt, ctr)
-
-
-async def _remove_half_made_pod(rt: Runtime, pod: PodRecord) -> None:
-    """RunPodSandbox saves the record only when the pod is ready, so a half-made pod's record
-    names none of what was made: every name is derived from the id, so derive them all and
-    let the (idempotent) removal try each one."""
-    opts = pod.config.linux.security_context.namespace_options
-    if opts.network != pb.NODE:
-        pod.netns_path = pod.netns_path or str(pods.NETNS_DIR / f"flatpod-{pod.id[:24]}")
-        pod.network_kind = pod.network_kind or rt.network_kind
-    if not (pod.cgroup_path or pod.cgroup_slice):
-        with contextlib.suppress(cgroups.CgroupError):
-            place = cgroups.placement(rt.config.driver, pod.config.linux.cgroup_parent,
-                                      rt.config.default_cgroup_parent, pod.id)  # fmt: skip
-            pod.cgroup_path, pod.cgroup_slice = place.pod_path, place.slice
-    ns_dir = rt.paths.pod_dir(pod.id) / "ns"
-    for kind in ("ipc", "uts", "pid", "user"):
-        if (ns_dir / kind).exists():
-            pod.namespaces.setdefault(kind, str(ns_dir / kind))
-    await rt.shims.reconnect(pod.id, rt.paths.pod_dir(pod.id))
-    await pods.remove_pod_now(rt, pod)
 
 
 async def _reconcile_container(

@@ -4,7 +4,8 @@ Every RPC family asks the registry instead of reading the indexes itself, so eac
 records has one home:
 - visibility: a record still being created is listed nowhere and found by no status, stats
   or event; only its own creation (and recovery) sees it;
-- filters: id prefix, pod id prefix, state and label selector, as the CRI filters name them;
+- filters: id prefix, pod id prefix, state and label selector, as the CRI filters name them
+  (a state value the CRI does not define selects nothing: a filter never fails open);
 - names: reserving a name together with storing the record, and handing a finished object to
   a retry of the request that made it (sandbox/creation.py);
 - changes: a state change is a transition that saves the record as part of the change, so
@@ -20,6 +21,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar, overload
 
+from cri_api import api_pb2 as pb
 from sandbox.creation import Creations, name_taken
 from sandbox.errors import FailedPrecondition, InvalidArgument, NotFound
 from sandbox.records import (
@@ -47,6 +49,16 @@ Kind = Literal["pod sandbox", "container"]
 # compares identities with these.
 _POD_CREATING = PodState.CREATING
 _CTR_CREATING = ContainerState.CREATING
+# The record state a CRI state filter selects, by the filter's value.
+_POD_STATE_FILTERS: dict[int, PodState] = {
+    pb.SANDBOX_READY: PodState.READY, pb.SANDBOX_NOTREADY: PodState.NOTREADY,
+}
+_CONTAINER_STATE_FILTERS: dict[int, ContainerState] = {
+    pb.CONTAINER_CREATED: ContainerState.CREATED,
+    pb.CONTAINER_RUNNING: ContainerState.RUNNING,
+    pb.CONTAINER_EXITED: ContainerState.EXITED,
+    pb.CONTAINER_UNKNOWN: ContainerState.UNKNOWN,
+}
 _FIELDS = {
     PodRecord: frozenset(f.name for f in dataclasses.fields(PodRecord)),
     ContainerRecord: frozenset(f.name for f in dataclasses.fields(ContainerRecord)),
@@ -89,11 +101,16 @@ class Registry:
     def containers_of(self, pod_id: str) -> list[ContainerRecord]:
         return [c for c in self.containers.values() if c.pod_id == pod_id]
 
-    def creating_pods(self) -> list[PodRecord]:
-        """Pods whose creation has not finished (recovery removes them)."""
-        return [p for p in self.pods.values() if p.state == PodState.CREATING]
+    def unfinished_pods(self) -> list[PodRecord]:
+        """Pods whose creation has not finished, or failed and left a cleanup to finish
+        (recovery removes them)."""
+        return [
+            p for p in self.pods.values() if p.state == PodState.CREATING or p.cleanup_error
+        ]
 
-    def creating_containers(self) -> list[ContainerRecord]:
+    def unfinished_containers(self) -> list[ContainerRecord]:
+        """Containers being created, or whose failed creation left a cleanup to finish (these
+        stay CREATING: see ContainerRecord.cleanup_error)."""
         return [c for c in self.containers.values() if c.state == ContainerState.CREATING]
 
     # --- visibility: what status, list, stats and events see -----------------------------
@@ -107,7 +124,9 @@ class Registry:
     def visible_container(self, ref: str) -> ContainerRecord:
         ctr = self.container(ref)
         if ctr.state == ContainerState.CREATING:
-            raise NotFound(f"container {ref!r} not found (it is still being created)")
+            why = ("its creation failed; removing it finishes the cleanup" if ctr.cleanup_error
+                   else "it is still being created")
+            raise NotFound(f"container {ref!r} not found ({why})")
         return ctr
 
     def visible_containers_of(self, pod_id: str) -> list[ContainerRecord]:
@@ -131,37 +150,52 @@ class Registry:
     def pods_matching(
         self,
         id_prefix: str = "",
-        state: PodState | None = None,
+        state: int | None = None,
         labels: Mapping[str, str] | None = None,
     ) -> list[PodRecord]:
-        """The visible pods a CRI filter selects (ListPodSandbox, the pod stats RPCs)."""
+        """The visible pods a CRI filter selects (ListPodSandbox, the pod stats RPCs); `state`
+        is the filter's PodSandboxState value, None for none."""
+        want = None if state is None else _POD_STATE_FILTERS.get(state)
+        if state is not None and want is None:
+            return []
         found = [p for p in self.pods.values() if p.state is not _POD_CREATING]
-        return _selected(found, id_prefix, state, labels)
+        return _selected(found, id_prefix, want, labels)
 
     def containers_matching(
         self,
         id_prefix: str = "",
         pod_prefix: str = "",
         labels: Mapping[str, str] | None = None,
-        state: ContainerState | None = None,
+        state: int | None = None,
     ) -> list[ContainerRecord]:
-        """The visible containers a CRI filter selects (ListContainers, the stats RPCs)."""
+        """The visible containers a CRI filter selects (ListContainers, the stats RPCs);
+        `state` is the filter's ContainerState value, None for none."""
+        want = None if state is None else _CONTAINER_STATE_FILTERS.get(state)
+        if state is not None and want is None:
+            return []
         found = [c for c in self.containers.values() if c.state is not _CTR_CREATING]
         if pod_prefix:
             found = [c for c in found if c.pod_id.startswith(pod_prefix)]
-        return _selected(found, id_prefix, state, labels)
+        return _selected(found, id_prefix, want, labels)
 
     # --- names: reserve, create once, claim --------------------------------------------------
 
-    async def create_once(self, kind: Kind, name: str, make: Callable[[], Awaitable[str]]) -> str:
+    async def create_once(
+        self,
+        kind: Kind,
+        name: str,
+        make: Callable[[], Awaitable[str]],
+        remove_leftover: Callable[[str], Awaitable[None]],
+    ) -> str:
         """The id of the `kind` called `name`: made by `make`, or the one already made (see
-        sandbox/creation.py)."""
+        sandbox/creation.py). A holder of the name whose creation failed with a cleanup left
+        is first removed, by id, with `remove_leftover`."""
         index: Mapping[str, PodRecord | ContainerRecord] = (
             self.pods if kind == "pod sandbox" else self.containers
         )
         holder = next((r for r in index.values() if r.name == name), None)
         return await self.creations.create_once(
-            name, kind, holder, make, self._claim, self._mark_unclaimed
+            name, kind, holder, make, self._claim, self._mark_unclaimed, remove_leftover
         )
 
     def reserve(self, record: PodRecord | ContainerRecord) -> None:

@@ -112,7 +112,8 @@ class Runtime:
     # Unfiltered ListPodSandbox / ListContainers answers (see list_answer).
     answers: AnswerCache = field(default_factory=AnswerCache)
     locks: KeyedLocks = field(default_factory=KeyedLocks)
-    # Test-only crash points (sandbox/faults.py); empty unless FLATPOD_CRASH_AT was set.
+    # Test-only crash and failure points (sandbox/faults.py); empty unless FLATPOD_CRASH_AT
+    # or FLATPOD_FAIL_AT was set.
     faults: Faults = field(default_factory=Faults)
     # restrict_oom_score_adj: without CAP_SYS_RESOURCE nothing may go below our own value.
     oom_score_adj_floor: int = -1000

@@ -17,7 +17,7 @@ import grpc
 from google.protobuf.message import Message
 
 from cri_api import api_pb2 as pb
-from sandbox.errors import CriError, Unimplemented
+from sandbox.errors import CriError, StepFailed, Unimplemented
 
 log = logging.getLogger("flatpod.server")
 
@@ -103,8 +103,12 @@ def _failure(name: str, err: Exception) -> tuple[grpc.StatusCode, str]:
     """The status and details that answer what a handler raised, logged.
 
     CriErrors carry their own status; anything else is INTERNAL, logged with its traceback,
-    and the daemon goes on serving.
+    and the daemon goes on serving. A step that failed of an unexpected cause (StepFailed
+    answering INTERNAL: an OSError, a runc failure) is logged with the cause's traceback too.
     """
+    if isinstance(err, StepFailed) and err.code is grpc.StatusCode.INTERNAL:
+        log.error("%s: %s", name, err, exc_info=err)
+        return err.code, str(err)
     if isinstance(err, CriError):
         log.info("%s: %s: %s", name, err.code.name, err)
         return err.code, str(err)

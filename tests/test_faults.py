@@ -1,13 +1,18 @@
 """Crash at any step: the daemon dies (os._exit(137), as kill -9) at each fault point of
 sandbox/faults.py, restarts without it, and must have left nothing half made, nothing leaked,
-and a kubelet retry of the same request must give a working object."""
+and a kubelet retry of the same request must give a working object.
+
+Fail at a step, and fail its undos: the record stays, and a removal, a restart or a retry
+finishes the cleanup."""
 
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +21,7 @@ import pytest
 
 from cri_api import api_pb2 as pb
 from netns.bridge import BridgeConfig
-from sandbox.faults import ENV, POINTS
+from sandbox.faults import ENV, FAIL_ENV, POINTS
 from tests.cri import CriClient, status_code
 from tests.daemon import Daemon, running_daemon
 from tests.pods import (
@@ -63,7 +68,7 @@ def traces_of(d: Daemon, ids: set[str]) -> list[str]:
     mountinfo = Path("/proc/self/mountinfo").read_text()
     netns = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
     leases = _leases(d)
-    cgroups = _cgroup_dirs()
+    cgroups = _cgroup_dirs(d)
     for i in ids:
         for sub in (d.state / "pods", d.state / "containers", d.state / "runc",
                     d.root / "containers"):
@@ -91,12 +96,14 @@ def _leases(d: Daemon) -> set[str]:
         db.close()
 
 
-def _cgroup_dirs() -> list[str]:
+def _cgroup_dirs(d: Daemon) -> list[str]:
+    """The cgroups below a node's parent and below the test daemon's own (tests/daemon.py)."""
     dirs = []
     for controller in ("memory", "cpu,cpuacct", "pids", "devices", "freezer"):
-        top = Path("/sys/fs/cgroup") / controller / "flatpod"
-        if top.is_dir():
-            dirs += [dirpath for dirpath, _, _ in os.walk(top)]
+        for parent in ("flatpod", d.state.name):
+            top = Path("/sys/fs/cgroup") / controller / parent
+            if top.is_dir():
+                dirs += [dirpath for dirpath, _, _ in os.walk(top)]
     return dirs
 
 
@@ -359,3 +366,145 @@ def test_crash_at(point: str, world: World) -> None:
         assert_all_gone(d, cri, all_ids)
     finally:
         cri.close()
+
+
+# --- an undo that fails: the record stays until the cleanup is finished ------------------------
+
+# RunPodSandbox fails once everything is made, and every undo that leaves something on the
+# host fails too: the pause runs on, its namespaces stay pinned, the netns with its veth, the
+# pod cgroup and the ip lease stay.
+POD_UNDO_FAILS = "run_pod:after_pins,undo:pins,undo:pause,undo:network,undo:netns,undo:cgroup"
+# CreateContainer fails once runc made the container, and its rootfs and runc undos fail: its
+# process waits in runc init, in its cgroup, on its overlay mount.
+CTR_UNDO_FAILS = "create_container:after_shim_create,undo:runc,undo:rootfs"
+FINISHES = ["remove", "restart", "retry"]
+
+
+def processes_in(object_id: str) -> list[int]:
+    """The live processes whose cgroup names `object_id` (a pod's: its pause and containers;
+    a zombie holds nothing, and its reaper, init once the shim is gone, takes it soon)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            in_cgroup = object_id in Path(f"/proc/{pid}/cgroup").read_text()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if in_cgroup and state != "Z":
+            pids.append(int(pid))
+    return pids
+
+
+def _restart(d: Daemon, env: dict[str, str]) -> None:
+    d.stop()
+    d.env = env
+    d.start()
+
+
+@dataclass
+class Armed:
+    """A daemon whose named steps fail once (FLATPOD_FAIL_AT), and a client of it."""
+
+    daemon: Daemon
+    cri: CriClient
+
+    def restart_unarmed(self) -> None:
+        self.cri.close()
+        _restart(self.daemon, {})
+        self.cri = self.daemon.client()
+
+
+@contextmanager
+def failing_at(d: Daemon, points: str) -> Iterator[Armed]:
+    _restart(d, {FAIL_ENV: points})
+    armed = Armed(d, d.client())
+    try:
+        yield armed
+    finally:
+        armed.cri.close()
+        if d.env:
+            _restart(d, {})
+
+
+def _failed_with(err: grpc.RpcError, request: str, step: str, point: str) -> str:
+    """The id the error names, after checking it says where the request failed, why, and
+    what is kept for later."""
+    details = err.details() or ""
+    assert status_code(err) == grpc.StatusCode.INTERNAL, details
+    found = re.match(
+        rf"{request} ([0-9a-f]{{64}}): {step}: \[Errno 5\] injected failure at {point} "
+        r"\(not undone, kept for a later removal: (.*)\)$", details,
+    )
+    assert found, details
+    return found.group(1)
+
+
+def _left_nothing(armed: Armed, object_id: str, others: set[str]) -> None:
+    d = armed.daemon
+    assert traces_of(d, {object_id}) == [], d.log()
+    assert processes_in(object_id) == []
+    assert_all_gone(d, armed.cri, {object_id} | others)
+
+
+@pytest.mark.parametrize("finish", FINISHES)
+def test_a_failed_undo_keeps_the_pod_until_its_cleanup_is_finished(
+    finish: str, world: World
+) -> None:
+    d = world.daemon
+    with failing_at(d, POD_UNDO_FAILS) as armed:
+        config = pod_config(log_dir=world.logs)
+        with pytest.raises(grpc.RpcError) as err:
+            armed.cri.RunPodSandbox(pb.RunPodSandboxRequest(config=config))
+        pod_id = _failed_with(err.value, "run pod", "pins", "run_pod:after_pins")
+        for what in ("pins", "pause", "network", "netns", "cgroup"):
+            assert f"{what}: [Errno 5] injected failure at undo:{what}" in str(err.value.details())
+        # Kept NOTREADY (kubelet stops and removes it), with everything it left.
+        assert pod_state(armed.cri, pod_id) == pb.SANDBOX_NOTREADY
+        left = " ".join(traces_of(d, {pod_id}))
+        for trace in ("netns", "veth", "cgroup", "mount", "ip lease"):
+            assert trace in left, left
+        assert processes_in(pod_id), "the pause is not running"
+        if finish == "remove":
+            armed.cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+            armed.cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+        elif finish == "restart":
+            armed.restart_unarmed()
+        else:  # kubelet's retry, same name: the leftover goes first
+            retried = run_pod(armed.cri, config)
+            assert retried != pod_id and pod_state(armed.cri, retried) == pb.SANDBOX_READY
+        listed = armed.cri.ListPodSandbox(pb.ListPodSandboxRequest()).items
+        assert pod_id not in {p.id for p in listed}
+        _left_nothing(armed, pod_id, set())
+
+
+@pytest.mark.parametrize("finish", FINISHES)
+def test_a_failed_undo_keeps_the_container_until_its_cleanup_is_finished(
+    finish: str, world: World
+) -> None:
+    d = world.daemon
+    with failing_at(d, CTR_UNDO_FAILS) as armed:
+        ctx: dict[str, str] = {}
+        _pod(armed.cri, world.logs, ctx)
+        config = container_config(world.images.busybox.reference, command=SLEEP)
+        ctx["ctr_config"] = config.SerializeToString().hex()
+        with pytest.raises(grpc.RpcError) as err:
+            _create(armed.cri, ctx)
+        ctr_id = _failed_with(
+            err.value, "create container", "runc create", "create_container:after_shim_create"
+        )
+        # Seen by nobody, and what it left is still there.
+        assert not armed.cri.ListContainers(pb.ListContainersRequest()).containers
+        left = " ".join(traces_of(d, {ctr_id}))
+        for trace in ("mount", "cgroup"):
+            assert trace in left, left
+        assert processes_in(ctr_id), "the container's runc init is not there"
+        if finish == "remove":
+            armed.cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=ctx["pod"]))
+        elif finish == "restart":
+            armed.restart_unarmed()
+        else:  # kubelet's retry, same name: the leftover goes first
+            retried = _create(armed.cri, ctx)
+            assert retried != ctr_id
+            armed.cri.StartContainer(pb.StartContainerRequest(container_id=retried))
+            _works(armed.cri, retried)
+        _left_nothing(armed, ctr_id, {ctx["pod"]})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -53,8 +54,8 @@ def test_a_record_being_created_is_seen_by_nothing_but_lookups(registry: Registr
     with pytest.raises(NotFound, match="still being created"):
         registry.visible_container("c2")
     assert registry.pod("p2").id == "p2"  # its own creation and recovery still find it
-    assert [p.id for p in registry.creating_pods()] == ["p2"]
-    assert [c.id for c in registry.creating_containers()] == ["c2"]
+    assert [p.id for p in registry.unfinished_pods()] == ["p2"]
+    assert [c.id for c in registry.unfinished_containers()] == ["c2"]
 
 
 def test_filters_select_by_id_pod_state_and_labels(registry: Registry) -> None:
@@ -63,12 +64,50 @@ def test_filters_select_by_id_pod_state_and_labels(registry: Registry) -> None:
     registry.reserve(_ctr("ca1", "pa1", "ca", ContainerState.RUNNING))
     registry.reserve(_ctr("cb1", "pb1", "cb", ContainerState.EXITED))
     assert [p.id for p in registry.pods_matching("pb")] == ["pb1"]
-    assert [p.id for p in registry.pods_matching(state=PodState.READY)] == ["pa1"]
+    assert [p.id for p in registry.pods_matching(state=pb.SANDBOX_READY)] == ["pa1"]
     assert [p.id for p in registry.pods_matching(labels={"app": "b"})] == ["pb1"]
     assert [c.id for c in registry.containers_matching(pod_prefix="pa")] == ["ca1"]
-    assert [c.id for c in registry.containers_matching(state=ContainerState.EXITED)] == ["cb1"]
+    assert [c.id for c in registry.containers_matching(state=pb.CONTAINER_EXITED)] == ["cb1"]
     assert [c.id for c in registry.containers_matching(labels={"app": "cb"})] == ["cb1"]
     assert registry.containers_matching("ca", labels={"app": "cb"}) == []
+
+
+def test_a_state_filter_the_cri_does_not_define_selects_nothing(registry: Registry) -> None:
+    """An unknown state value is a filter that matches nothing, never "no filter"."""
+    registry.reserve(_pod("p1", "a"))
+    registry.reserve(_pod("p2", "b", PodState.NOTREADY))
+    registry.reserve(_ctr("c1", "p1", "c", ContainerState.RUNNING))
+    assert [p.id for p in registry.pods_matching(state=pb.SANDBOX_NOTREADY)] == ["p2"]
+    assert registry.pods_matching(state=7) == []
+    assert [c.id for c in registry.containers_matching(state=pb.CONTAINER_RUNNING)] == ["c1"]
+    assert registry.containers_matching(state=42) == []
+
+
+def test_a_record_kept_with_a_cleanup_error_is_unfinished_and_yields_its_name(
+    registry: Registry,
+) -> None:
+    """A pod whose failed creation could not be undone is kept NOTREADY (kubelet sees it and
+    removes it); it counts as unfinished, and a request for its name first removes it."""
+    pod = _pod("p1", "name-a", PodState.NOTREADY)
+    registry.reserve(pod)
+    assert registry.unfinished_pods() == []
+    registry.update(pod, cleanup_error="network: EIO")
+    assert [p.id for p in registry.unfinished_pods()] == ["p1"]
+    assert [p.id for p in registry.pods_matching()] == ["p1"]
+    removed: list[str] = []
+
+    async def remove(pod_id: str) -> None:
+        removed.append(pod_id)
+        registry.forget(registry.pod(pod_id))
+
+    async def make() -> str:
+        registry.reserve(_pod("p2", "name-a"))
+        return "p2"
+
+    assert asyncio.run(registry.create_once("pod sandbox", "name-a", make, remove)) == "p2"
+    assert removed == ["p1"] and set(registry.pods) == {"p2"}
+    with pytest.raises(AlreadyExists):  # a holder without a cleanup left is not replaced
+        asyncio.run(registry.create_once("pod sandbox", "name-a", make, remove))
 
 
 def test_a_transition_is_saved_with_the_fields_that_change(
