@@ -42,7 +42,7 @@ from sandbox.runtime import Runtime
 from sandbox.spec import IdMap, PodUserns, SpecError, build_pause_spec, pod_userns
 from sandbox.undo import undo_on_failure
 from sandbox.users import open_to_group
-from sandbox.wire import pages, repeated_entry
+from sandbox.wire import int_field, message_field, pages, repeated_entry
 from shim.client import ShimError
 
 log = logging.getLogger("flatpod.pods")
@@ -55,6 +55,11 @@ PAUSE_STOP_TIMEOUT = 10.0
 SHIM_EXIT_TIMEOUT = 5.0
 # ListPodSandboxResponse.items
 LIST_PODS_FIELD = pb.ListPodSandboxResponse.DESCRIPTOR.fields_by_name["items"].number
+# PodSandboxStatusResponse's fields, for its answer assembled from kept bytes
+_STATUS_FIELDS = pb.PodSandboxStatusResponse.DESCRIPTOR.fields_by_name
+STATUS_FIELD = _STATUS_FIELDS["status"].number
+CONTAINER_STATUSES_FIELD = _STATUS_FIELDS["containers_statuses"].number
+TIMESTAMP_FIELD = _STATUS_FIELDS["timestamp"].number
 _PROTOCOLS: dict[int, Literal["tcp", "udp", "sctp"]] = {
     pb.TCP: "tcp", pb.UDP: "udp", pb.SCTP: "sctp"
 }
@@ -552,6 +557,7 @@ async def remove_pod_now(rt: Runtime, pod: PodRecord) -> None:
     await stop_pod(rt, pod)
     for ctr in rt.containers_of(pod.id):
         await containers.remove_container_now(rt, ctr)
+    await rt.removals.of_pod(pod.id)  # containers removed before, cleaned after the answer
     await _shutdown_shim(rt, pod)
     rt.faults.point("remove_pod:midway")
     _unpin_namespaces(pod)
@@ -571,8 +577,20 @@ async def remove_pod_now(rt: Runtime, pod: PodRecord) -> None:
 
 async def pod_sandbox_status(
     rt: Runtime, req: pb.PodSandboxStatusRequest
-) -> pb.PodSandboxStatusResponse:
+) -> pb.PodSandboxStatusResponse | bytes:
+    """Non-verbose (kubelet's), assembled from the pod's and its containers' kept status
+    bytes and the timestamp (sandbox/wire.py)."""
     pod = rt.registry.visible_pod(req.pod_sandbox_id)
+    if not req.verbose:
+        if not pod.status_bytes:
+            pod.status_bytes = sandbox_status(pod).SerializeToString()
+        parts = [message_field(STATUS_FIELD, pod.status_bytes)]
+        parts += [
+            message_field(CONTAINER_STATUSES_FIELD, containers.status_bytes(rt, c))
+            for c in rt.registry.visible_containers_of(pod.id)
+        ]
+        parts.append(int_field(TIMESTAMP_FIELD, time.time_ns()))
+        return b"".join(parts)
     response = pb.PodSandboxStatusResponse(status=sandbox_status(pod), timestamp=time.time_ns())
     if req.verbose:
         response.info["info"] = json.dumps(

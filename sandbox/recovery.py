@@ -22,6 +22,7 @@ from sandbox import cgroups, containers, exits, pods
 from sandbox.records import (
     CREATED,
     EXITED,
+    REMOVE_CONTAINER,
     RUNNING,
     SANDBOX_READY,
     ContainerRecord,
@@ -61,11 +62,14 @@ async def recover(rt: Runtime) -> None:
 
 async def _finish_interrupted(rt: Runtime) -> None:
     """Objects whose creation a crash interrupted are removed, with whatever they touched."""
-    for op_id, kind, target, _doc in rt.store.operations():
+    for op_id, kind, target, doc in rt.store.operations():
         log.warning("cleaning up after interrupted %s of %s", kind, target)
         pod = rt.pods.get(target)
         if kind == "run_pod" and pod is not None:
             await _remove_half_made_pod(rt, pod)
+        elif kind == REMOVE_CONTAINER:  # removed, but its host traces not yet all cleaned
+            await containers.finish_removal(rt, target, doc)
+            continue  # its entry ends with the cleanup, and stays if that failed
         rt.store.end_operation(op_id)
     # A crash between reserving the name and journalling the operation leaves a record only.
     for pod in rt.registry.creating_pods():

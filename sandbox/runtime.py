@@ -24,6 +24,7 @@ from sandbox.faults import Faults
 from sandbox.handlers import RuntimeHandlers
 from sandbox.records import ContainerRecord, PodRecord
 from sandbox.registry import Registry
+from sandbox.removals import Removals
 from sandbox.store import Store
 from sandbox.wire import AnswerCache
 
@@ -126,6 +127,8 @@ class Runtime:
     started_at: float = 0.0
     # Work that follows an event but that no RPC waits for (held so it is not collected).
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    # Removed containers whose host traces are still being cleaned (sandbox/removals.py).
+    removals: Removals = field(default_factory=Removals)
 
     def __post_init__(self) -> None:
         self.registry = Registry(self.store)
