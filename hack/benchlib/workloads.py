@@ -136,7 +136,7 @@ def pull_sampler(image: str) -> Sampler:
 def churn(report: Report, runtime: Runtime, plan: Plan) -> None:
     """`plan.churn_clients` clients cycle whole pod lifecycles (run, create+start, stop,
     remove) for `plan.churn_seconds` while kubelet's relist pair runs once a second: the
-    lifecycles per second, and each relist's latency (its p90 is the figure to watch: one
+    lifecycles per second, and each relist's latency (its p95 is the figure to watch: one
     event loop busy with lifecycle work makes the relist wait behind it)."""
     stop_at = time.monotonic() + plan.churn_seconds
     done: list[int] = []
