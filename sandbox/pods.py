@@ -560,16 +560,22 @@ async def remove_pod_now(rt: Runtime, pod: PodRecord) -> None:
     await rt.removals.of_pod(pod.id)  # containers removed before, cleaned after the answer
     await _shutdown_shim(rt, pod)
     rt.faults.point("remove_pod:midway")
-    _unpin_namespaces(pod)
     pod_dir = rt.paths.pod_dir(pod.id)
-    unpin(pod_dir / "ns" / "user")  # a half-made pod's record may not name it
-    await asyncio.to_thread(mounts.unmount, pod_dir / "shm")
+    await asyncio.to_thread(_unpin_all, pod, pod_dir)
     if pod.cgroup_path and containers.pod_placement(pod).driver is cgroups.Driver.CGROUPFS:
         await asyncio.to_thread(cgroups.remove, pod.cgroup_path)
     await asyncio.to_thread(shutil.rmtree, pod_dir, True)
     await asyncio.to_thread(shutil.rmtree, rt.paths.bundle_dir(pod.id), True)
     rt.registry.forget(pod)
     log.info("pod %s removed", pod.short)
+
+
+def _unpin_all(pod: PodRecord, pod_dir: Path) -> None:
+    """The pod's pinned namespaces and /dev/shm unmounted (blocking: umount2 waits for the
+    kernel, off the event loop)."""
+    _unpin_namespaces(pod)
+    unpin(pod_dir / "ns" / "user")  # a half-made pod's record may not name it
+    mounts.unmount(pod_dir / "shm")
 
 
 # --- PodSandboxStatus and ListPodSandbox ------------------------------------------------------
