@@ -1,7 +1,7 @@
 """The runtimes under test: how each is started, stopped, and checked for leftovers.
 
 Every pod the bench makes lives below a cgroup parent named after the runtime
-(/fpbench-flatpod, /fpbench-ctrd), so "what is left" is a question about those cgroups,
+(/fpbench-flatpod-<run>, /fpbench-ctrd), so "what is left" is a question about those cgroups,
 plus each runtime's own traces (netns pins, mounts, shim processes, the bridge).
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -144,11 +145,13 @@ class Runtime:
 
 class Flatpod(Runtime):
     name = "flatpod"
-    cgroup_parent = "/fpbench-flatpod"
-    bridge = "fpbench0"
-    subnet = "10.243.0.0/16"
-
     def __init__(self, work: Path) -> None:
+        # Names of this run's own: benches of other checkouts may run at the same time on a
+        # shared machine, and one's cleanup must not take another's bridge or cgroups.
+        run = secrets.token_hex(3)
+        self.cgroup_parent = f"/fpbench-flatpod-{run}"
+        self.bridge = f"fpb{run}"
+        self.subnet = f"10.242.{64 * secrets.randbelow(4)}.0/18"
         super().__init__(work)
         self.root = work / "flatpod-root"
         self.state = Path()
