@@ -10,6 +10,7 @@ rebooted (the state dir is empty then). For each record this module asks the one
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -34,22 +35,21 @@ from shim.client import ProcessState, ShimClient, ShimError
 log = logging.getLogger("flatpod.recovery")
 
 
+# Pods recovered at once: each waits mostly on its shim's answers, so a node's pods are
+# reconnected side by side (restart to first RPC, hack/bench --only restart); bounded so
+# that a node of hundreds of pods does not open hundreds of sockets at once.
+RECOVERY_CONCURRENCY = 32
+
+
 async def recover(rt: Runtime) -> None:
     await _finish_interrupted(rt)
-    for pod in list(rt.pods.values()):
-        if not rt.handlers.is_configured(pod):
-            log.warning(
-                "pod %s: its runtime handler %r is no longer configured; its shim keeps the "
-                "runtime it started with, and the pod can still be stopped and removed",
-                pod.short, pod.runtime_handler,
-            )
-        shim = await rt.shims.reconnect(pod.id, rt.paths.pod_dir(pod.id))
-        if shim is None and pod.state == SANDBOX_READY:
-            await exits.on_pause_exit(rt, pod)
-        for ctr in rt.containers_of(pod.id):
-            await _reconcile_container(rt, ctr, shim)
-        if shim is not None:
-            await _reconcile_pause(rt, pod.id, shim)
+    slots = asyncio.Semaphore(RECOVERY_CONCURRENCY)
+
+    async def recover_in_slot(pod: PodRecord) -> None:
+        async with slots:
+            await _recover_pod(rt, pod)
+
+    await asyncio.gather(*(recover_in_slot(pod) for pod in list(rt.pods.values())))
     orphans = [c for c in rt.containers.values() if c.pod_id not in rt.pods]
     for ctr in orphans:
         await containers.remove_container_now(rt, ctr)
@@ -58,6 +58,23 @@ async def recover(rt: Runtime) -> None:
         len(rt.pods), len(rt.containers),
         sum(1 for c in rt.containers.values() if c.state == RUNNING),
     )
+
+
+async def _recover_pod(rt: Runtime, pod: PodRecord) -> None:
+    """Reconnects the pod's shim and asks it (or the exit files) about its processes."""
+    if not rt.handlers.is_configured(pod):
+        log.warning(
+            "pod %s: its runtime handler %r is no longer configured; its shim keeps the "
+            "runtime it started with, and the pod can still be stopped and removed",
+            pod.short, pod.runtime_handler,
+        )
+    shim = await rt.shims.reconnect(pod.id, rt.paths.pod_dir(pod.id))
+    if shim is None and pod.state == SANDBOX_READY:
+        await exits.on_pause_exit(rt, pod)
+    for ctr in rt.containers_of(pod.id):
+        await _reconcile_container(rt, ctr, shim)
+    if shim is not None:
+        await _reconcile_pause(rt, pod.id, shim)
 
 
 async def _finish_interrupted(rt: Runtime) -> None:
