@@ -517,25 +517,51 @@ async def _shutdown_shim(rt: Runtime, pod: PodRecord) -> None:
         return
     try:
         shim_pid = (await shim.shim_state()).pid
-        await shim.shutdown()
+        # Held from while it answers: no reused pid can be waited for or killed.
+        pidfd = _pidfd(shim_pid)
     except (ShimError, OSError) as err:
         log.info("shim of pod %s: %s", pod.short, err)
         return
-    deadline = time.monotonic() + SHIM_EXIT_TIMEOUT
-    while shim_pid and _alive(shim_pid) and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    if shim_pid and _alive(shim_pid):
-        log.warning("shim of pod %s (pid %d) did not exit; killing it", pod.short, shim_pid)
-        os.kill(shim_pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie counts as gone: the shim is not our child)."""
+    if pidfd is None:
+        return
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+        await shim.shutdown()
+        if not await _exited(pidfd, SHIM_EXIT_TIMEOUT):
+            log.warning("shim of pod %s (pid %d) did not exit; killing it", pod.short, shim_pid)
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except (ShimError, OSError) as err:
+        log.info("shim of pod %s: %s", pod.short, err)
+    finally:
+        os.close(pidfd)
+
+
+def _pidfd(pid: int) -> int | None:
+    """A pidfd of `pid`; None when there is no such process (any more)."""
+    if not pid:
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+
+
+async def _exited(pidfd: int, timeout: float) -> bool:
+    """Waits until the process exits (its pidfd turns readable; one event-loop wakeup where
+    polling /proc took one every 10 ms); False if it still runs after `timeout`."""
+    loop = asyncio.get_running_loop()
+    gone: asyncio.Future[None] = loop.create_future()
+    def readable() -> None:
+        if not gone.done():
+            gone.set_result(None)
+
+    loop.add_reader(pidfd, readable)
+    try:
+        await asyncio.wait_for(gone, timeout)
+        return True
+    except TimeoutError:
         return False
+    finally:
+        loop.remove_reader(pidfd)
 
 
 # --- RemovePodSandbox ------------------------------------------------------------------------

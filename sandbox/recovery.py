@@ -42,6 +42,7 @@ RECOVERY_CONCURRENCY = 32
 
 
 async def recover(rt: Runtime) -> None:
+    log.info("recovering %d pods and %d containers", len(rt.pods), len(rt.containers))
     await _finish_interrupted(rt)
     slots = asyncio.Semaphore(RECOVERY_CONCURRENCY)
 
