@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -126,20 +127,24 @@ def test_unchanged_records_answer_the_same_bytes(rt: Runtime) -> None:
     assert rebuilt == first and rebuilt is not first
 
 
+M = TypeVar("M", pb.PodSandboxStatusResponse, pb.ContainerStatusResponse)
+
+
+def _decoded(answer: M | bytes, response_type: type[M]) -> M:
+    """A status handler's answer as a message, whether it answered bytes or a message."""
+    return response_type.FromString(answer) if isinstance(answer, bytes) else answer
+
+
 def _statuses(rt: Runtime, pod_id: str, verbose: bool) -> pb.PodSandboxStatusResponse:
     request = pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=verbose)
-    answer = asyncio.run(pods.pod_sandbox_status(rt, request))
-    if isinstance(answer, bytes):
-        return pb.PodSandboxStatusResponse.FromString(answer)
-    return answer
+    return _decoded(asyncio.run(pods.pod_sandbox_status(rt, request)),
+                    pb.PodSandboxStatusResponse)
 
 
 def _container_status(rt: Runtime, ctr_id: str, verbose: bool) -> pb.ContainerStatusResponse:
     request = pb.ContainerStatusRequest(container_id=ctr_id, verbose=verbose)
-    answer = asyncio.run(containers.container_status(rt, request))
-    if isinstance(answer, bytes):
-        return pb.ContainerStatusResponse.FromString(answer)
-    return answer
+    return _decoded(asyncio.run(containers.container_status(rt, request)),
+                    pb.ContainerStatusResponse)
 
 
 def test_status_answers_from_kept_bytes_follow_every_change(rt: Runtime) -> None:
