@@ -31,7 +31,8 @@ from sandbox.errors import (
     Steps,
     describe,
 )
-from sandbox.exits import apply_exit, delete_runc_state, publish, record_exit
+from sandbox.exits import apply_exit, delete_runc_state, forget_runc_state, publish, record_exit
+from sandbox.handlers import Handler
 from sandbox.mounts import unmount
 from sandbox.records import (
     CREATED,
@@ -42,6 +43,7 @@ from sandbox.records import (
     ContainerState,
     PodRecord,
 )
+from sandbox.removals import Leftovers
 from sandbox.runtime import Runtime
 from sandbox.spec import (
     SandboxPaths,
@@ -52,7 +54,7 @@ from sandbox.spec import (
     pod_userns,
 )
 from sandbox.users import UserDb, open_to_group
-from sandbox.wire import pages, repeated_entry
+from sandbox.wire import message_field, pages, repeated_entry
 from shim.client import ProcessState, ShimClient, ShimError, ShimTimeout
 from shim.crilog import open_beneath
 from shim.runc import RuncError
@@ -68,6 +70,8 @@ _STATES = {
 }
 # ListContainersResponse.containers
 LIST_CONTAINERS_FIELD = pb.ListContainersResponse.DESCRIPTOR.fields_by_name["containers"].number
+# ContainerStatusResponse.status
+STATUS_FIELD = pb.ContainerStatusResponse.DESCRIPTOR.fields_by_name["status"].number
 # How long a stop waits for the shim to see the exit after SIGKILL.
 KILL_WAIT = 10.0
 
@@ -465,26 +469,61 @@ def _stop_signal(ctr: ContainerRecord) -> int:
 async def remove_container(
     rt: Runtime, req: pb.RemoveContainerRequest
 ) -> pb.RemoveContainerResponse:
+    """Answers once the container is stopped, gone from every list and its name free; its
+    host traces are cleaned after the answer, journalled (sandbox/removals.py)."""
     ctr = rt.find_container(req.container_id)
     if ctr is None:
         return pb.RemoveContainerResponse()
     async with rt.locks.hold(ctr.id):
-        await remove_container_now(rt, ctr)
+        if rt.containers.get(ctr.id) is ctr:  # else a concurrent Remove got there first
+            leftovers = await _retire(rt, ctr)
+            rt.removals.start(leftovers, _clean_up(rt, leftovers))
     return pb.RemoveContainerResponse()
 
 
 async def remove_container_now(rt: Runtime, ctr: ContainerRecord) -> None:
-    """Forcibly stops, then removes every trace: runc state, rootfs, cgroup, dirs, record."""
+    """Forcibly stops, then removes every trace: record, runc state, rootfs, cgroup, dirs
+    (pod removal and recovery, which wait for all of it)."""
+    await _clean_up(rt, await _retire(rt, ctr))
+
+
+async def _retire(rt: Runtime, ctr: ContainerRecord) -> Leftovers:
+    """Stops the container and deletes its record, journalling what it left on the host."""
     await stop_container_now(rt, ctr, timeout=0)
-    await delete_runc_state(rt, ctr.id)
-    bundle = rt.paths.bundle_dir(ctr.id)
-    await asyncio.to_thread(unmount, bundle / "rootfs")
-    if ctr.cgroup_path and not cgroups.systemd_owned(ctr.cgroup_path):  # runc stops scopes
-        await asyncio.to_thread(cgroups.remove, ctr.cgroup_path)
-    await asyncio.to_thread(_remove_dirs, bundle, rt.paths.writable_layers / ctr.id)
-    rt.registry.forget(ctr)
+    leftovers = Leftovers(ctr.id, ctr.pod_id, ctr.cgroup_path, tuple(ctr.snapshots))
+    rt.registry.retire(ctr, leftovers.doc())
     publish(rt, ctr, pb.CONTAINER_DELETED_EVENT)
     log.info("container %s removed", ctr.id[:12])
+    return leftovers
+
+
+async def _clean_up(rt: Runtime, leftovers: Leftovers) -> None:
+    """Deletes what a removed container left on the host, then its journal entry: one
+    thread hop for all of it, so the event loop is woken once."""
+    rt.faults.point("remove_container:before_cleanup")
+    handler = rt.handlers.of_pod(rt.pods.get(leftovers.pod_id))
+    await asyncio.to_thread(_clean_host, rt, handler, leftovers)
+
+
+def _clean_host(rt: Runtime, handler: Handler, leftovers: Leftovers) -> None:
+    ctr_id = leftovers.container_id
+    forget_runc_state(handler, ctr_id)
+    bundle = rt.paths.bundle_dir(ctr_id)
+    unmount(bundle / "rootfs")
+    cgroup = leftovers.cgroup_path
+    if cgroup and not cgroups.systemd_owned(cgroup):  # runc stops scopes
+        cgroups.remove(cgroup)
+    _remove_dirs(bundle, rt.paths.writable_layers / ctr_id)
+    rt.store.end_operation(ctr_id)
+
+
+async def finish_removal(rt: Runtime, container_id: str, doc: dict[str, Any]) -> None:
+    """Startup: cleans what a removal journalled and a crash left (sandbox/recovery.py).
+    A failure is logged and its entry kept, for the next start to try again."""
+    try:
+        await _clean_up(rt, Leftovers.from_doc(container_id, doc))
+    except (OSError, RuncError, cgroups.CgroupError) as err:
+        log.warning("cleaning up after removed container %s failed: %s", container_id[:12], err)
 
 
 # --- ContainerStatus and ListContainers -------------------------------------------------------
@@ -492,8 +531,11 @@ async def remove_container_now(rt: Runtime, ctr: ContainerRecord) -> None:
 
 async def container_status(
     rt: Runtime, req: pb.ContainerStatusRequest
-) -> pb.ContainerStatusResponse:
+) -> pb.ContainerStatusResponse | bytes:
+    """Non-verbose (kubelet's), the record's kept status bytes as the whole answer."""
     ctr = rt.registry.visible_container(req.container_id)
+    if not req.verbose:
+        return message_field(STATUS_FIELD, status_bytes(rt, ctr))
     response = pb.ContainerStatusResponse(status=container_status_message(rt, ctr))
     if req.verbose:
         response.info["info"] = json.dumps(
@@ -507,6 +549,14 @@ async def container_status(
             }
         )
     return response
+
+
+def status_bytes(rt: Runtime, ctr: ContainerRecord) -> bytes:
+    """The container's ContainerStatus, serialized once per change of its record (a save
+    empties it, as it does the list entry)."""
+    if not ctr.status_bytes:
+        ctr.status_bytes = container_status_message(rt, ctr).SerializeToString()
+    return ctr.status_bytes
 
 
 def container_status_message(rt: Runtime, ctr: ContainerRecord) -> pb.ContainerStatus:

@@ -139,7 +139,9 @@ def open_runtime(config: Config) -> Runtime:
         config.images,
         sandbox_image=config.sandbox_image,
         containers_dir=paths.writable_layers,
-        live_snapshots=lambda: {s for c in rt.containers.values() for s in c.snapshots},
+        live_snapshots=lambda: (
+            {s for c in rt.containers.values() for s in c.snapshots} | rt.removals.snapshots()
+        ),
         faults=rt.faults,
     )
 

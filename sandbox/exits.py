@@ -12,6 +12,7 @@ import logging
 import time
 
 from cri_api import api_pb2 as pb
+from sandbox.handlers import Handler
 from sandbox.records import ContainerRecord, ContainerState, PodRecord, PodState
 from sandbox.runtime import Runtime
 from sandbox.shims import rfc3339_to_ns
@@ -90,10 +91,16 @@ async def delete_runc_state(rt: Runtime, container_id: str) -> None:
     """
     ctr = rt.containers.get(container_id)  # else the pause, whose id is its pod's
     handler = rt.handlers.of_pod(rt.pods.get(ctr.pod_id if ctr else container_id))
+    if (handler.root / container_id).exists():
+        await asyncio.to_thread(forget_runc_state, handler, container_id)
+
+
+def forget_runc_state(handler: Handler, container_id: str) -> None:
+    """`runc delete --force` of the container if runc has a record of it (blocking)."""
     if not (handler.root / container_id).exists():
         return
     try:
-        await asyncio.to_thread(handler.runc().delete, container_id, True)
+        handler.runc().delete(container_id, True)
     except RuncError as err:
         if not err.not_found:
             raise

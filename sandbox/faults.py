@@ -48,6 +48,7 @@ POINTS = frozenset({
     "stop_pod:after_pause",
     "stop_pod:after_network",
     "remove_pod:midway",
+    "remove_container:before_cleanup",
     "pull_image:after_first_blob",
 })
 

@@ -29,7 +29,7 @@ async def version(rt: Runtime, req: pb.VersionRequest) -> pb.VersionResponse:
     return pb.VersionResponse(
         version="0.1.0",  # the kubelet-runtime API version, as containerd and CRI-O answer
         runtime_name=RUNTIME_NAME,
-        runtime_version=flatpod_version(),
+        runtime_version=rt.version,
         runtime_api_version=CRI_API_VERSION,
     )
 

@@ -43,7 +43,7 @@ from sandbox.runtime import Runtime
 from sandbox.spec import IdMap, PodUserns, SpecError, build_pause_spec, pod_userns
 from sandbox.undo import undo_on_failure
 from sandbox.users import open_to_group
-from sandbox.wire import pages, repeated_entry
+from sandbox.wire import int_field, message_field, pages, repeated_entry
 from shim.client import ShimError
 
 log = logging.getLogger("flatpod.pods")
@@ -57,6 +57,11 @@ PAUSE_STOP_TIMEOUT = 10.0
 SHIM_EXIT_TIMEOUT = 5.0
 # ListPodSandboxResponse.items
 LIST_PODS_FIELD = pb.ListPodSandboxResponse.DESCRIPTOR.fields_by_name["items"].number
+# PodSandboxStatusResponse's fields, for its answer assembled from kept bytes
+_STATUS_FIELDS = pb.PodSandboxStatusResponse.DESCRIPTOR.fields_by_name
+STATUS_FIELD = _STATUS_FIELDS["status"].number
+CONTAINER_STATUSES_FIELD = _STATUS_FIELDS["containers_statuses"].number
+TIMESTAMP_FIELD = _STATUS_FIELDS["timestamp"].number
 _PROTOCOLS: dict[int, Literal["tcp", "udp", "sctp"]] = {
     pb.TCP: "tcp", pb.UDP: "udp", pb.SCTP: "sctp"
 }
@@ -637,25 +642,51 @@ async def _shutdown_shim(rt: Runtime, pod: PodRecord) -> None:
         return
     try:
         shim_pid = (await shim.shim_state()).pid
-        await shim.shutdown()
+        # Held from while it answers: no reused pid can be waited for or killed.
+        pidfd = _pidfd(shim_pid)
     except (ShimError, OSError) as err:
         log.info("shim of pod %s: %s", pod.short, err)
         return
-    deadline = time.monotonic() + SHIM_EXIT_TIMEOUT
-    while shim_pid and _alive(shim_pid) and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    if shim_pid and _alive(shim_pid):
-        log.warning("shim of pod %s (pid %d) did not exit; killing it", pod.short, shim_pid)
-        os.kill(shim_pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie counts as gone: the shim is not our child)."""
+    if pidfd is None:
+        return
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+        await shim.shutdown()
+        if not await _exited(pidfd, SHIM_EXIT_TIMEOUT):
+            log.warning("shim of pod %s (pid %d) did not exit; killing it", pod.short, shim_pid)
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except (ShimError, OSError) as err:
+        log.info("shim of pod %s: %s", pod.short, err)
+    finally:
+        os.close(pidfd)
+
+
+def _pidfd(pid: int) -> int | None:
+    """A pidfd of `pid`; None when there is no such process (any more)."""
+    if not pid:
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+
+
+async def _exited(pidfd: int, timeout: float) -> bool:
+    """Waits until the process exits (its pidfd turns readable; one event-loop wakeup where
+    polling /proc took one every 10 ms); False if it still runs after `timeout`."""
+    loop = asyncio.get_running_loop()
+    gone: asyncio.Future[None] = loop.create_future()
+    def readable() -> None:
+        if not gone.done():
+            gone.set_result(None)
+
+    loop.add_reader(pidfd, readable)
+    try:
+        await asyncio.wait_for(gone, timeout)
+        return True
+    except TimeoutError:
         return False
+    finally:
+        loop.remove_reader(pidfd)
 
 
 # --- RemovePodSandbox ------------------------------------------------------------------------
@@ -683,12 +714,13 @@ async def remove_pod_now(rt: Runtime, pod: PodRecord) -> None:
         where.at("containers")
         for ctr in rt.containers_of(pod.id):
             await containers.remove_container_now(rt, ctr)
+        await rt.removals.of_pod(pod.id)  # containers removed before, cleaned after the answer
         where.at("shim")
         await _shutdown_shim(rt, pod)
         rt.faults.point("remove_pod:midway")
         where.at("namespaces")
         pod_dir = rt.paths.pod_dir(pod.id)
-        _unpin_namespaces(pod, pod_dir)
+        await asyncio.to_thread(_unpin_namespaces, pod, pod_dir)  # umount2 blocks
         where.at("shm")
         await asyncio.to_thread(mounts.unmount, pod_dir / "shm")
         where.at("cgroup")
@@ -736,8 +768,20 @@ def _name_leftovers(rt: Runtime, pod: PodRecord) -> None:
 
 async def pod_sandbox_status(
     rt: Runtime, req: pb.PodSandboxStatusRequest
-) -> pb.PodSandboxStatusResponse:
+) -> pb.PodSandboxStatusResponse | bytes:
+    """Non-verbose (kubelet's), assembled from the pod's and its containers' kept status
+    bytes and the timestamp (sandbox/wire.py)."""
     pod = rt.registry.visible_pod(req.pod_sandbox_id)
+    if not req.verbose:
+        if not pod.status_bytes:
+            pod.status_bytes = sandbox_status(pod).SerializeToString()
+        parts = [message_field(STATUS_FIELD, pod.status_bytes)]
+        parts += [
+            message_field(CONTAINER_STATUSES_FIELD, containers.status_bytes(rt, c))
+            for c in rt.registry.visible_containers_of(pod.id)
+        ]
+        parts.append(int_field(TIMESTAMP_FIELD, time.time_ns()))
+        return b"".join(parts)
     response = pb.PodSandboxStatusResponse(status=sandbox_status(pod), timestamp=time.time_ns())
     if req.verbose:
         response.info["info"] = json.dumps(

@@ -15,7 +15,10 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from cri_api import api_pb2 as pb
-from sandbox.store import Store
+from sandbox.store import Store, journal
+
+# The journal kind of a removed container whose host traces are still being cleaned.
+REMOVE_CONTAINER = "remove_container"
 
 # Marks a field that lives in memory only: never stored, rebuilt on demand.
 TRANSIENT = {"transient": True}
@@ -79,6 +82,8 @@ class PodRecord:
     cleanup_error: str = ""
     # This record's entry in a ListPodSandbox answer, serialized; emptied on every save.
     list_entry: bytes = field(default=b"", repr=False, compare=False, metadata=TRANSIENT)
+    # Its PodSandboxStatus message, serialized; emptied on every save.
+    status_bytes: bytes = field(default=b"", repr=False, compare=False, metadata=TRANSIENT)
 
     def __post_init__(self) -> None:
         self.state = PodState(self.state)  # a member, also when given its value
@@ -122,6 +127,8 @@ class ContainerRecord:
     cleanup_error: str = ""
     # This record's entry in a ListContainers answer, serialized; emptied on every save.
     list_entry: bytes = field(default=b"", repr=False, compare=False, metadata=TRANSIENT)
+    # Its ContainerStatus message, serialized; emptied on every save.
+    status_bytes: bytes = field(default=b"", repr=False, compare=False, metadata=TRANSIENT)
 
     def __post_init__(self) -> None:
         self.state = ContainerState(self.state)
@@ -154,7 +161,7 @@ def _from_doc(cls: type[R], doc: str, config: bytes) -> R:
 
 
 def save_pod(store: Store, pod: PodRecord) -> None:
-    pod.list_entry = b""
+    pod.list_entry = pod.status_bytes = b""
     with store.tx() as conn:
         conn.execute(
             "INSERT INTO pods(id, doc, config) VALUES (?, ?, ?) "
@@ -164,7 +171,7 @@ def save_pod(store: Store, pod: PodRecord) -> None:
 
 
 def save_container(store: Store, ctr: ContainerRecord) -> None:
-    ctr.list_entry = b""
+    ctr.list_entry = ctr.status_bytes = b""
     with store.tx() as conn:
         conn.execute(
             "INSERT INTO containers(id, pod_id, doc, config) VALUES (?, ?, ?, ?) "
@@ -214,10 +221,17 @@ def delete_pod(store: Store, pod: PodRecord) -> None:
         conn.execute("DELETE FROM names WHERE owner_id = ?", (pod.id,))
 
 
-def delete_container(store: Store, ctr: ContainerRecord) -> None:
+def delete_container(
+    store: Store, ctr: ContainerRecord, leftovers: dict[str, Any] | None = None
+) -> None:
+    """Deletes the record and frees its name; with `leftovers`, journals in the same
+    transaction what remains to be cleaned on the host (kind "remove_container", keyed by the
+    container id), so that no crash can lose it."""
     with store.tx() as conn:
         conn.execute("DELETE FROM containers WHERE id = ?", (ctr.id,))
         conn.execute("DELETE FROM names WHERE owner_id = ?", (ctr.id,))
+        if leftovers is not None:
+            journal(conn, ctr.id, REMOVE_CONTAINER, ctr.id, leftovers)
 
 
 def load_pods(store: Store) -> dict[str, PodRecord]:

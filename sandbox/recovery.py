@@ -10,6 +10,7 @@ rebooted (the state dir is empty then). For each record this module asks the one
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -20,9 +21,11 @@ from sandbox import containers, exits, pods
 from sandbox.records import (
     CREATED,
     EXITED,
+    REMOVE_CONTAINER,
     RUNNING,
     SANDBOX_READY,
     ContainerRecord,
+    PodRecord,
 )
 from sandbox.runtime import Runtime
 from shim.client import ProcessState, ShimClient, ShimError
@@ -30,25 +33,25 @@ from shim.client import ProcessState, ShimClient, ShimError
 log = logging.getLogger("flatpod.recovery")
 
 
+# Pods recovered at once: each waits mostly on its shim's answers, so a node's pods are
+# reconnected side by side (restart to first RPC, hack/bench --only restart); bounded so
+# that a node of hundreds of pods does not open hundreds of sockets at once.
+RECOVERY_CONCURRENCY = 32
+
+
 async def recover(rt: Runtime) -> None:
     # The shared state dirs' ACL names the user-namespace pods that have records, no more
     # (a crash may have left a removed pod's entry) and no less (startup chmods them 0700).
     pods.share_state_dirs(rt)
+    log.info("recovering %d pods and %d containers", len(rt.pods), len(rt.containers))
     await _finish_interrupted(rt)
-    for pod in list(rt.pods.values()):
-        if not rt.handlers.is_configured(pod):
-            log.warning(
-                "pod %s: its runtime handler %r is no longer configured; its shim keeps the "
-                "runtime it started with, and the pod can still be stopped and removed",
-                pod.short, pod.runtime_handler,
-            )
-        shim = await rt.shims.reconnect(pod.id, rt.paths.pod_dir(pod.id))
-        if shim is None and pod.state == SANDBOX_READY:
-            await exits.on_pause_exit(rt, pod)
-        for ctr in rt.containers_of(pod.id):
-            await _reconcile_container(rt, ctr, shim)
-        if shim is not None:
-            await _reconcile_pause(rt, pod.id, shim)
+    slots = asyncio.Semaphore(RECOVERY_CONCURRENCY)
+
+    async def recover_in_slot(pod: PodRecord) -> None:
+        async with slots:
+            await _recover_pod(rt, pod)
+
+    await asyncio.gather(*(recover_in_slot(pod) for pod in list(rt.pods.values())))
     orphans = [c for c in rt.containers.values() if c.pod_id not in rt.pods]
     for ctr in orphans:
         await containers.remove_container_now(rt, ctr)
@@ -59,14 +62,34 @@ async def recover(rt: Runtime) -> None:
     )
 
 
+async def _recover_pod(rt: Runtime, pod: PodRecord) -> None:
+    """Reconnects the pod's shim and asks it (or the exit files) about its processes."""
+    if not rt.handlers.is_configured(pod):
+        log.warning(
+            "pod %s: its runtime handler %r is no longer configured; its shim keeps the "
+            "runtime it started with, and the pod can still be stopped and removed",
+            pod.short, pod.runtime_handler,
+        )
+    shim = await rt.shims.reconnect(pod.id, rt.paths.pod_dir(pod.id))
+    if shim is None and pod.state == SANDBOX_READY:
+        await exits.on_pause_exit(rt, pod)
+    for ctr in rt.containers_of(pod.id):
+        await _reconcile_container(rt, ctr, shim)
+    if shim is not None:
+        await _reconcile_pause(rt, pod.id, shim)
+
+
 async def _finish_interrupted(rt: Runtime) -> None:
     """Objects whose creation a crash interrupted, or whose failed creation could not be
     undone (their cleanup_error is set), are removed, with whatever they touched."""
-    for op_id, kind, target, _doc in rt.store.operations():
+    for op_id, kind, target, doc in rt.store.operations():
         log.warning("cleaning up after interrupted %s of %s", kind, target)
         pod = rt.pods.get(target)
         if kind == "run_pod" and pod is not None:
             await pods.remove_leftover(rt, pod)
+        elif kind == REMOVE_CONTAINER:  # removed, but its host traces not yet all cleaned
+            await containers.finish_removal(rt, target, doc)
+            continue  # its entry ends with the cleanup, and stays if that failed
         rt.store.end_operation(op_id)
     # A crash between reserving the name and journalling the operation leaves a record only.
     for pod in rt.registry.unfinished_pods():

@@ -261,6 +261,12 @@ class Registry:
         else:
             save_container(self.store, record)
 
+    def retire(self, ctr: ContainerRecord, leftovers: dict[str, object]) -> None:
+        """Removes the container from the indexes and the store, its name with it, and
+        journals `leftovers` (what is still on the host) in the same transaction."""
+        self.containers.pop(ctr.id, None)
+        delete_container(self.store, ctr, leftovers)
+
     def forget(self, record: PodRecord | ContainerRecord) -> None:
         """Removes the record from the indexes and the store, its name with it."""
         if isinstance(record, PodRecord):

@@ -24,6 +24,7 @@ from sandbox.faults import Faults
 from sandbox.handlers import RuntimeHandlers
 from sandbox.records import ContainerRecord, PodRecord
 from sandbox.registry import Registry
+from sandbox.removals import Removals
 from sandbox.store import Store
 from sandbox.wire import AnswerCache
 
@@ -127,6 +128,8 @@ class Runtime:
     started_at: float = 0.0
     # Work that follows an event but that no RPC waits for (held so it is not collected).
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    # Removed containers whose host traces are still being cleaned (sandbox/removals.py).
+    removals: Removals = field(default_factory=Removals)
 
     def __post_init__(self) -> None:
         self.registry = Registry(self.store)
@@ -149,6 +152,14 @@ class Runtime:
         self.background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("background work failed: %s", task.exception())
+
+    @functools.cached_property
+    def version(self) -> str:
+        """flatpod's version, read once: importlib.metadata scans the install for it, which
+        took ~0.5 ms of every Version call."""
+        from sandbox.info import flatpod_version
+
+        return flatpod_version()
 
     @functools.cached_property
     def handlers(self) -> RuntimeHandlers:

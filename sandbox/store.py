@@ -163,10 +163,7 @@ class Store:
 
     def begin_operation(self, op_id: str, kind: str, target: str, doc: dict[str, Any]) -> None:
         with self.tx() as conn:
-            conn.execute(
-                "INSERT OR REPLACE INTO operations(id, kind, target, doc) VALUES (?, ?, ?, ?)",
-                (op_id, kind, target, json.dumps(doc)),
-            )
+            journal(conn, op_id, kind, target, doc)
 
     def end_operation(self, op_id: str) -> None:
         with self.tx() as conn:
@@ -202,6 +199,17 @@ class Store:
             (network, owner),
         )
         return [str(r["ip"]) for r in rows]
+
+
+def journal(
+    conn: sqlite3.Connection, op_id: str, kind: str, target: str, doc: dict[str, Any]
+) -> None:
+    """Journals an operation inside a transaction the caller holds (see Store.begin_operation),
+    so that a change and the work it leaves to do commit together."""
+    conn.execute(
+        "INSERT OR REPLACE INTO operations(id, kind, target, doc) VALUES (?, ?, ?, ?)",
+        (op_id, kind, target, json.dumps(doc)),
+    )
 
 
 def _statements(script: str) -> list[str]:

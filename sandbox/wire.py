@@ -31,9 +31,18 @@ def varint(value: int) -> bytes:
 
 def repeated_entry(field_number: int, message: Message) -> bytes:
     """One element of a `repeated <message> = field_number` field, ready to concatenate."""
-    payload = message.SerializeToString()
+    return message_field(field_number, message.SerializeToString())
+
+
+def message_field(field_number: int, payload: bytes) -> bytes:
+    """A message field (or one element of a repeated one) holding the serialized `payload`."""
     tag = varint(field_number << 3 | _WIRE_TYPE_LENGTH_DELIMITED)
     return tag + varint(len(payload)) + payload
+
+
+def int_field(field_number: int, value: int) -> bytes:
+    """An int64/int32/enum field of a non-negative `value` (a varint)."""
+    return varint(field_number << 3) + varint(value)
 
 
 def pages(entries: Sequence[bytes], max_bytes: int = STREAM_PAGE_BYTES) -> Iterator[bytes]:

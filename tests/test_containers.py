@@ -434,9 +434,13 @@ def test_state_machine_and_remove(
             if ctr != finished:
                 assert memory_dir(cgroup).is_dir()
             fp.RemoveContainer(pb.RemoveContainerRequest(container_id=ctr))
-            assert leftovers(shared_daemon, ctr, cgroup) == []
+            # Gone at once from status and lists; its host traces are cleaned after the answer.
             err = rpc_error(container_status, fp, ctr)
             assert status_code(err) == grpc.StatusCode.NOT_FOUND
+            listed = fp.ListContainers(pb.ListContainersRequest()).containers
+            assert ctr not in {c.id for c in listed}
+            wait_for(lambda: leftovers(shared_daemon, ctr, cgroup) == [],  # noqa: B023
+                     what=f"the cleanup of {ctr[:12]}")
         fp.RemoveContainer(pb.RemoveContainerRequest(container_id="e" * 64))
 
         twin = container_config(busybox, command=SLEEP)
@@ -571,7 +575,8 @@ def test_pid_pod_exit_leaves_no_orphans(
             wait_for(lambda: not processes_in_cgroup(cgroup), timeout=5,  # noqa: B023
                      what=f"no process left in {ctr[:12]}'s cgroup")
             fp.RemoveContainer(pb.RemoveContainerRequest(container_id=ctr))
-            assert leftovers(shared_daemon, ctr, cgroup) == []
+            wait_for(lambda: leftovers(shared_daemon, ctr, cgroup) == [],  # noqa: B023
+                     what=f"the cleanup of {ctr[:12]}")
         # Wherever they were, the orphaned sleeps are gone from the host.
         wait_for(lambda: not host_commands_with(b"sleep 1234", b"sleep 1235"), timeout=5,
                  what="the orphaned sleeps to be killed")

@@ -295,6 +295,34 @@ def remove_pod_case(world: World) -> Case:
     return Case(stop.setup, crash, retry)
 
 
+def remove_container_case(world: World) -> Case:
+    """The daemon dies right after RemoveContainer answered (or just before the answer got
+    out), before it cleaned the container's host traces: the journal finishes them."""
+    start = start_case(world, started=True)
+
+    def setup(cri: CriClient, logs: Path) -> dict[str, str]:
+        ctx = start.setup(cri, logs)
+        cri.StartContainer(pb.StartContainerRequest(container_id=ctx["ctr"]))
+        return ctx
+
+    def crash(cri: CriClient, ctx: dict[str, str]) -> object:
+        d = world.daemon
+        cri.RemoveContainer(pb.RemoveContainerRequest(container_id=ctx["ctr"]))
+        assert d.process is not None and d.process.wait(20) == 137, d.log()
+        # The crash came before the cleanup: the rootfs, bundle, layer and cgroup are there.
+        assert traces_of(d, {ctx["ctr"]}) != []
+        return cri.Version(pb.VersionRequest())  # the daemon is gone: UNAVAILABLE
+
+    def retry(cri: CriClient, ctx: dict[str, str]) -> None:
+        assert traces_of(world.daemon, {ctx["ctr"]}) == [], world.daemon.log()
+        assert not cri.ListContainers(pb.ListContainersRequest()).containers
+        ctr = _create(cri, ctx)  # the name is free again
+        cri.StartContainer(pb.StartContainerRequest(container_id=ctr))
+        _works(cri, ctr)
+
+    return Case(setup, crash, retry)
+
+
 def pull_case(world: World) -> Case:
     image = world.images.layered
 
@@ -323,6 +351,8 @@ def case_for(point: str, world: World) -> Case:
         return stop_pod_case(world)
     if rpc == "remove_pod":
         return remove_pod_case(world)
+    if rpc == "remove_container":
+        return remove_container_case(world)
     return pull_case(world)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -124,3 +125,49 @@ def test_unchanged_records_answer_the_same_bytes(rt: Runtime) -> None:
     rt.store.put_setting("unrelated", "1")  # any write: built again, equal
     rebuilt = asyncio.run(pods.list_pod_sandbox(rt, request))
     assert rebuilt == first and rebuilt is not first
+
+
+M = TypeVar("M", pb.PodSandboxStatusResponse, pb.ContainerStatusResponse)
+
+
+def _decoded(answer: M | bytes, response_type: type[M]) -> M:
+    """A status handler's answer as a message, whether it answered bytes or a message."""
+    return response_type.FromString(answer) if isinstance(answer, bytes) else answer
+
+
+def _statuses(rt: Runtime, pod_id: str, verbose: bool) -> pb.PodSandboxStatusResponse:
+    request = pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=verbose)
+    return _decoded(asyncio.run(pods.pod_sandbox_status(rt, request)),
+                    pb.PodSandboxStatusResponse)
+
+
+def _container_status(rt: Runtime, ctr_id: str, verbose: bool) -> pb.ContainerStatusResponse:
+    request = pb.ContainerStatusRequest(container_id=ctr_id, verbose=verbose)
+    return _decoded(asyncio.run(containers.container_status(rt, request)),
+                    pb.ContainerStatusResponse)
+
+
+def test_status_answers_from_kept_bytes_follow_every_change(rt: Runtime) -> None:
+    """The non-verbose status answers (kubelet's), assembled from each record's kept bytes,
+    say what the verbose ones built from the records say, also after each change."""
+    pod = _add_pod(rt, "p1")
+    ctr = _add_container(rt, "c1", "p1")
+    _add_container(rt, "c2", "p1", state=containers.CONTAINER_CREATING)  # seen by nobody
+    for _ in range(2):  # the first builds the kept bytes, the second answers them
+        fast, full = _statuses(rt, "p1", False), _statuses(rt, "p1", True)
+        assert fast.status == full.status and fast.status.state == pb.SANDBOX_READY
+        assert list(fast.containers_statuses) == list(full.containers_statuses)
+        assert [c.id for c in fast.containers_statuses] == ["c1"]
+        assert fast.timestamp > 0 and not fast.info
+        assert _container_status(rt, "c1", False).status == full.containers_statuses[0]
+
+    pod.state = SANDBOX_NOTREADY
+    save_pod(rt.store, pod)
+    ctr.state, ctr.exit_code, ctr.reason = EXITED, 3, "Error"
+    save_container(rt.store, ctr)
+    fast = _statuses(rt, "p1", False)
+    assert fast.status.state == pb.SANDBOX_NOTREADY
+    status = _container_status(rt, "c1", False).status
+    assert (status.state, status.exit_code, status.reason) == (pb.CONTAINER_EXITED, 3, "Error")
+    assert fast.containers_statuses[0] == status
+    assert status == _container_status(rt, "c1", True).status

@@ -19,8 +19,8 @@ from benchlib.workloads import MS, Plan, run_at_scale, run_churn, run_latencies
 from shim import ksm
 
 WORKLOADS = ("runpod", "create-start", "stop-remove", "concurrent", "relist", "stats",
-             "memory", "pull", "churn", "floor")
-AT_SCALE = {"relist", "stats", "memory"}
+             "memory", "restart", "pull", "churn", "floor")
+AT_SCALE = {"relist", "stats", "memory", "restart"}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

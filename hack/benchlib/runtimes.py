@@ -1,7 +1,7 @@
 """The runtimes under test: how each is started, stopped, and checked for leftovers.
 
 Every pod the bench makes lives below a cgroup parent named after the runtime
-(/fpbench-flatpod, /fpbench-ctrd), so "what is left" is a question about those cgroups,
+(/fpbench-flatpod-<run>, /fpbench-ctrd), so "what is left" is a question about those cgroups,
 plus each runtime's own traces (netns pins, mounts, shim processes, the bridge).
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -25,8 +26,9 @@ from benchlib.cri import NAMESPACE, Cri, describe, pod_config
 from cri_api import api_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[2]
-# The conformance harness (containerd, the stand-in registry) lives beside the checkout.
-CONFORMANCE = REPO.parent / "shared" / "conformance"
+# The conformance harness (containerd, the stand-in registry) lives beside the checkout
+# (CONFORMANCE_DIR overrides, as for hack/critest.sh: a worktree's parent is elsewhere).
+CONFORMANCE = Path(os.environ.get("CONFORMANCE_DIR", REPO.parent / "shared" / "conformance"))
 CONTAINERD_SH = CONFORMANCE / "containerd.sh"
 CONFORMANCE_WORK = Path(os.environ.get("CONFORMANCE_WORK", "/var/tmp/flatpod-conformance"))
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -121,7 +123,12 @@ class Runtime:
             self._cri.close()
             self._cri = None
 
-    def wait_answering(self, deadline: float) -> None:
+    def restart(self) -> float | None:
+        """Restarts the daemon with its pods running: seconds until it answers again; None
+        where the bench cannot (containerd.sh stop removes every pod first)."""
+        return None
+
+    def wait_answering(self, deadline: float, poll: float = 0.1) -> None:
         last = ""
         while time.monotonic() < deadline:
             try:
@@ -129,7 +136,7 @@ class Runtime:
                 return
             except grpc.RpcError as err:
                 last = describe(err)
-            time.sleep(0.1)
+            time.sleep(poll)
         raise RuntimeError(f"{self.name} does not answer on {self.socket}: {last}")
 
 
@@ -138,11 +145,13 @@ class Runtime:
 
 class Flatpod(Runtime):
     name = "flatpod"
-    cgroup_parent = "/fpbench-flatpod"
-    bridge = "fpbench0"
-    subnet = "10.243.0.0/16"
-
     def __init__(self, work: Path) -> None:
+        # Names of this run's own: benches of other checkouts may run at the same time on a
+        # shared machine, and one's cleanup must not take another's bridge or cgroups.
+        run = secrets.token_hex(3)
+        self.cgroup_parent = f"/fpbench-flatpod-{run}"
+        self.bridge = f"fpb{run}"
+        self.subnet = f"10.242.{64 * secrets.randbelow(4)}.0/18"
         super().__init__(work)
         self.root = work / "flatpod-root"
         self.state = Path()
@@ -169,8 +178,23 @@ class Flatpod(Runtime):
         # Short, under /run as on a node: shim sockets below it must fit in sockaddr_un.
         self.state = Path(tempfile.mkdtemp(prefix="fpb-", dir="/run"))
         self.socket = self.state / "flatpod.sock"
+        (self.work / "flatpod.toml").write_text(self._config_text())
+        self._spawn()
+
+    def restart(self) -> float:
+        """SIGTERM (pods keep running), then `flatpod serve` again: seconds from its start
+        to its first answered RPC (it recovers every pod before it serves)."""
+        self.close()
+        if self.process is not None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(30)
+        self.socket.unlink(missing_ok=True)
+        started = time.monotonic()
+        self._spawn()
+        return time.monotonic() - started
+
+    def _spawn(self) -> None:
         config = self.work / "flatpod.toml"
-        config.write_text(self._config_text())
         env = dict(os.environ, PYTHONPATH=str(REPO))
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
@@ -182,8 +206,8 @@ class Flatpod(Runtime):
         while not self.socket.exists() and time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"flatpod serve exited: {self.log_tail()}")
-            time.sleep(0.05)
-        self.wait_answering(deadline)
+            time.sleep(0.01)
+        self.wait_answering(deadline, poll=0.01)
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -206,6 +230,8 @@ class Flatpod(Runtime):
 
     def stop(self) -> list[str]:
         left: list[str] = []
+        if self.socket == Path():  # it never started: nothing of the bench's to remove
+            return left
         try:
             self.remove_bench_pods()
         except Exception as err:  # still stop the daemon and look for what is left
@@ -288,6 +314,8 @@ class Containerd(Runtime):
 
     def stop(self) -> list[str]:
         left: list[str] = []
+        if self.socket == Path():  # it never started: nothing of the bench's to remove
+            return left
         try:
             self.remove_bench_pods()
             for image, was_there in self.images_before.items():

@@ -1,4 +1,4 @@
-"""Samples per runtime per workload, their medians and p90s, the table and the JSON dump."""
+"""Samples per runtime per workload, their medians, p90s and p95s, the table and the JSON dump."""
 
 from __future__ import annotations
 
@@ -25,6 +25,11 @@ class Series:
             return self.median()
         # "inclusive" keeps p90 within the observed range for small N.
         return statistics.quantiles(self.samples, n=10, method="inclusive")[8]
+
+    def p95(self) -> float | None:
+        if len(self.samples) < 2:
+            return self.median()
+        return statistics.quantiles(self.samples, n=20, method="inclusive")[18]
 
 
 @dataclass
@@ -58,15 +63,14 @@ class Report:
         path.write_text(json.dumps(doc, indent=1) + "\n")
 
 
-def _cell(series: Series | None) -> tuple[str, str]:
+def _cell(series: Series | None) -> tuple[str, str, str]:
     if series is None:
-        return "-", "-"
+        return "-", "-", "-"
     if series.unsupported:
-        return "n/a", "n/a"
+        return "n/a", "n/a", "n/a"
     if series.error is not None and not series.samples:
-        return "ERROR", "ERROR"
-    med, p90 = series.median(), series.p90()
-    return _num(med), _num(p90)
+        return "ERROR", "ERROR", "ERROR"
+    return _num(series.median()), _num(series.p90()), _num(series.p95())
 
 
 def _num(value: float | None) -> str:
@@ -87,7 +91,7 @@ def _ratio(a: Series | None, b: Series | None) -> str:
 def format_table(report: Report, runtimes: list[str]) -> str:
     header = ["workload", "unit"]
     for name in runtimes:
-        header += [f"{name} med", "p90"]
+        header += [f"{name} med", "p90", "p95"]
     if len(runtimes) == 2:
         header.append(f"{runtimes[0][:2]}/{runtimes[1][:4]}")
     rows = [header]

@@ -136,7 +136,7 @@ def pull_sampler(image: str) -> Sampler:
 def churn(report: Report, runtime: Runtime, plan: Plan) -> None:
     """`plan.churn_clients` clients cycle whole pod lifecycles (run, create+start, stop,
     remove) for `plan.churn_seconds` while kubelet's relist pair runs once a second: the
-    lifecycles per second, and each relist's latency (its p90 is the figure to watch: one
+    lifecycles per second, and each relist's latency (its p95 is the figure to watch: one
     event loop busy with lifecycle work makes the relist wait behind it)."""
     stop_at = time.monotonic() + plan.churn_seconds
     done: list[int] = []
@@ -277,10 +277,6 @@ def measure_shims(report: Report, runtime: Runtime, pairs: list[tuple[int, int]]
 def measure_memory(report: Report, runtime: Runtime, pods: int) -> None:
     pairs = runtime.pauses_and_shims()
     measure_shims(report, runtime, pairs)
-    daemon = runtime.daemon_pid()
-    title = f"daemon RSS at {pods} pods"
-    report.figure("daemon-rss", title, "MiB").of(runtime.name).samples.append(
-        procs.rss_mib(daemon) if daemon and os.path.exists(f"/proc/{daemon}") else 0.0)
     table = procs.snapshot()
     for role, pid in runtime.describe_processes(table, {s for _, s in pairs}).items():
         uss, pss = procs.uss_pss_mib(pid)
@@ -288,6 +284,35 @@ def measure_memory(report: Report, runtime: Runtime, pods: int) -> None:
                             f"PSS {pss:.1f} MiB, RSS {procs.rss_mib(pid):.1f} MiB")
     report.notes.append(f"{runtime.name}: {len(pairs)} pause/shim pairs found for {pods} pods, "
                         f"{len({s for _, s in pairs})} distinct shims")
+
+
+def measure_restart(report: Report, runtime: Runtime, plan: Plan) -> None:
+    """The daemon restarted with every pod running: seconds to its first answered RPC, then
+    checks that every pod and container came back as it was (ready, running)."""
+    series = report.figure("restart", f"restart to first RPC at {plan.pods} pods, all "
+                           "recovered", "s").of(runtime.name)
+    try:
+        elapsed = runtime.restart()
+    except Exception as err:
+        series.error = describe(err)
+        return
+    if elapsed is None:
+        series.unsupported = True
+        return
+    ready = [p for p in runtime.cri.list_pods() if p.state == pb.SANDBOX_READY]
+    running = [c for c in runtime.cri.list_containers() if c.state == pb.CONTAINER_RUNNING]
+    want = (plan.pods, plan.pods * plan.containers_per_pod)
+    if (len(ready), len(running)) != want:
+        series.error = (f"after the restart {len(ready)} pods ready and {len(running)} "
+                        f"containers running, not {want[0]} and {want[1]}")
+    series.samples.append(elapsed)
+
+
+def measure_daemon_rss(report: Report, runtime: Runtime, pods: int) -> None:
+    daemon = runtime.daemon_pid()
+    title = f"daemon RSS at {pods} pods"
+    report.figure("daemon-rss", title, "MiB").of(runtime.name).samples.append(
+        procs.rss_mib(daemon) if daemon and os.path.exists(f"/proc/{daemon}") else 0.0)
 
 
 def run_at_scale(report: Report, runtimes: list[Runtime], plan: Plan, only: set[str]) -> None:
@@ -306,8 +331,13 @@ def run_at_scale(report: Report, runtimes: list[Runtime], plan: Plan, only: set[
     if "stats" in only:
         alternate(report, "stats", f"ListContainerStats at {n_ctr} ctrs", "ms",
                   live, plan.runs, sample_stats)
+    for runtime in live:  # one sample each, with every pod up (cheap: always)
+        measure_daemon_rss(report, runtime, plan.pods)
     if "memory" in only:
         measure_memory_both_ways(report, live, plan.pods)
+    if "restart" in only:
+        for runtime in live:
+            measure_restart(report, runtime, plan)
     for runtime in runtimes:
         series = report.figure("scale-down", f"scale-down {scale} ({plan.setup_threads} thr)",
                                "s").of(runtime.name)

@@ -1,0 +1,66 @@
+"""Container removals the client does not wait for.
+
+RemoveContainer answers once the container is gone from every list and its name is free
+(the record's delete, one transaction that also journals what is left on the host). Its
+runc state, rootfs mount, cgroup, bundle and writable layer are cleaned after the answer;
+until then the journal entry (store `operations`, kind "remove_container") names them, so
+a crash loses nothing: startup finishes the cleanup (sandbox/recovery.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("flatpod.removals")
+
+
+@dataclass(frozen=True)
+class Leftovers:
+    """What a removed container may still have on the host, as journalled."""
+
+    container_id: str
+    pod_id: str
+    cgroup_path: str = ""
+    snapshots: tuple[str, ...] = ()  # still mounted as lower dirs until the rootfs is gone
+
+    def doc(self) -> dict[str, object]:
+        return {"pod_id": self.pod_id, "cgroup_path": self.cgroup_path,
+                "snapshots": list(self.snapshots)}
+
+    @classmethod
+    def from_doc(cls, container_id: str, doc: dict[str, Any]) -> Leftovers:
+        return cls(container_id, str(doc.get("pod_id", "")), str(doc.get("cgroup_path", "")),
+                   tuple(map(str, doc.get("snapshots") or ())))
+
+
+@dataclass
+class Removals:
+    """The cleanups in flight, by container id."""
+
+    pending: dict[str, tuple[Leftovers, asyncio.Task[None]]] = field(default_factory=dict)
+
+    def start(self, leftovers: Leftovers, cleanup: Coroutine[object, object, None]) -> None:
+        task = asyncio.create_task(cleanup)
+        self.pending[leftovers.container_id] = (leftovers, task)
+        task.add_done_callback(lambda t: self._done(leftovers.container_id, t))
+
+    def _done(self, container_id: str, task: asyncio.Task[None]) -> None:
+        self.pending.pop(container_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("cleaning up after container %s failed (the next start retries): %s",
+                        container_id[:12], task.exception())
+
+    async def of_pod(self, pod_id: str) -> None:
+        """Waits for the cleanups of the pod's removed containers (a pod is removed after
+        them: their cgroups are below its own)."""
+        tasks = [task for left, task in self.pending.values() if left.pod_id == pod_id]
+        if tasks:  # wait, not gather: a cancelled caller must not cancel them
+            await asyncio.wait(tasks)
+
+    def snapshots(self) -> set[str]:
+        """Snapshots still mounted under a removed container's rootfs."""
+        return {s for left, _ in self.pending.values() for s in left.snapshots}
