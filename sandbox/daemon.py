@@ -212,6 +212,7 @@ async def serve(config: Config) -> None:
         await metrics.stop()
     await rt.streaming.stop()
     await rt.shims.close()
+    await rt.removals.drain(timeout=5)  # before the store closes under their journal
     with contextlib.suppress(FileNotFoundError):
         socket_path.unlink()
     rt.store.close()

@@ -61,6 +61,13 @@ class Removals:
         if tasks:  # wait, not gather: a cancelled caller must not cancel them
             await asyncio.wait(tasks)
 
+    async def drain(self, timeout: float) -> None:
+        """Waits up to `timeout` for every cleanup (the daemon stopping: what is left is
+        finished by the next start, from the journal)."""
+        tasks = [task for _, task in self.pending.values()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
     def snapshots(self) -> set[str]:
         """Snapshots still mounted under a removed container's rootfs."""
         return {s for left, _ in self.pending.values() for s in left.snapshots}
