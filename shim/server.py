@@ -21,7 +21,6 @@ import socket
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 from shim import ops_attach, ops_exec, ops_lifecycle, protocol
@@ -46,9 +45,9 @@ STREAM_NAMES = {protocol.STREAM_STDOUT: b"stdout", protocol.STREAM_STDERR: b"std
 # The shim's protocol: each op's handler, by concern. Why a table and not getattr on
 # "op_<name>": the protocol reads in one place, each concern's module owns its ops, and no
 # request can reach a method that was never meant to be an op.
-OPS: Mapping[str, Op] = MappingProxyType(
-    {**ops_lifecycle.OPS, **ops_exec.OPS, **ops_attach.OPS}
-)
+# A dict typed read-only, not a MappingProxyType: its get() is a method call on the dict
+# behind it, whose lookup writes zygote pages in every shim (hack/shim-memory: +55 KiB).
+OPS: Mapping[str, Op] = {**ops_lifecycle.OPS, **ops_exec.OPS, **ops_attach.OPS}
 
 
 @dataclass
