@@ -28,6 +28,9 @@ from typing import Any
 from shim import __main__ as shim_main
 from shim import ksm, protocol
 from shim.runc import DEFAULT_RUNC
+
+# shim.server imports the op handlers (shim/ops_*.py) and shim/state.py: all loaded here,
+# before any fork, so every shim shares them.
 from shim.server import LOG_LEVELS, accept, load_libc, load_prctl
 
 

@@ -27,6 +27,19 @@ def test_preload_imports_no_threading_and_no_subprocess() -> None:
     assert out.strip() == "[]"
 
 
+def test_preload_imports_every_module_of_the_shims_protocol() -> None:
+    """A module a shim imports after the fork is private to that shim, not shared: the op
+    handlers and what they share must be loaded by the zygote."""
+    wanted = sorted(f"shim.{path.stem}" for path in (REPO / "shim").glob("ops_*.py"))
+    assert len(wanted) >= 3, wanted
+    out = _run_in_fresh_python(
+        "import sys\n"
+        "from shim import zygote\n"
+        "zygote.preload()\n"
+        f"print([m for m in {[*wanted, 'shim.state']!r} if m not in sys.modules])\n")
+    assert out.strip() == "[]"
+
+
 def test_preload_leaves_no_fd_and_no_child() -> None:
     """The warm-up runs a throwaway Shim and /bin/true: nothing of it may reach a shim."""
     out = _run_in_fresh_python(

@@ -1,0 +1,205 @@
+"""The shim's process lifecycle ops: create (runc create, or a restore held for start),
+start, signal, state, wait, subscribe and shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from shim import protocol
+from shim.crilog import CriLogFile, LineSplitter
+from shim.runc import RuncError, Stdio, criu_log_errors
+from shim.state import (
+    ConsoleListener,
+    Container,
+    FdWriter,
+    Op,
+    OpError,
+    Restore,
+    owns_pid_namespace,
+    read_oom_kills,
+    read_pid,
+    receive_console,
+)
+
+if TYPE_CHECKING:
+    from shim.server import Connection, Shim
+
+
+def create(shim: Shim, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
+    container_id = str(request["container_id"])
+    if container_id in shim.containers:
+        raise OpError(f"container {container_id} already exists in this shim")
+    if shim.shutting_down:
+        raise OpError("shim is shutting down")
+    bundle = str(request["bundle"])
+    tty = bool(request.get("tty"))
+    want_stdin = bool(request.get("stdin"))
+    log_path = request.get("log_path")
+    pid_file = os.path.join(bundle, "init.pid")
+    log_root = request.get("log_root")
+    log = CriLogFile(str(log_path), str(log_root) if log_root else None) if log_path else None
+    oom_file = request.get("oom_file")
+    oom_control = str(oom_file) if oom_file else None
+    container = Container(
+        id=container_id, bundle=bundle, pid=0, tty=tty,
+        stdin_once=bool(request.get("stdin_once")),
+        exit_file=str(request.get("exit_file") or os.path.join(bundle, "exit")),
+        log=log, stdin=None, oom_control=oom_control,
+        systemd_cgroup=bool(request.get("systemd_cgroup")),
+        kill_all_on_exit=not owns_pid_namespace(bundle), want_stdin=want_stdin,
+        restore=Restore.from_request(request.get("restore")))
+    if container.restore is not None:
+        if tty:
+            raise OpError("a container with a terminal cannot be restored from a checkpoint")
+        # Nothing runs until start restores it: runc restore makes the container.
+        shim.containers[container_id] = container
+        shim.logger.log("info", f"created {container_id} to restore at start")
+        return {"pid": 0}
+    _run_container(shim, container, pid_file)
+    return {"pid": container.pid}
+
+
+def _run_container(shim: Shim, container: Container, pid_file: str) -> None:
+    """runc create (or restore) with the container's stdio; then it is watched."""
+    try:
+        if container.tty:
+            _create_with_pty(shim, container, pid_file)
+        else:
+            _create_with_pipes(shim, container, pid_file, container.want_stdin)
+        container.pid = read_pid(pid_file)
+    except BaseException:
+        _release_stdio(shim, container)
+        if container.log:
+            container.log.close()
+        raise
+    container.oom_kills_at_create = read_oom_kills(container.oom_control)
+    container.oom_kills_seen = container.oom_kills_at_create
+    shim.watch_oom(container)
+    shim.containers[container.id] = container
+    shim.pids[container.pid] = container
+    for fd in container.outputs:
+        shim.loop.watch(fd, shim.output_reader(container, fd), None)
+    shim.logger.log("info", f"created {container.id} pid {container.pid}")
+
+
+def _create_with_pipes(shim: Shim, container: Container, pid_file: str, want_stdin: bool) -> None:
+    child_fds: list[int] = []
+    try:
+        stdin_read = -1
+        if want_stdin:
+            stdin_read, stdin_write = os.pipe()
+            child_fds.append(stdin_read)
+            container.stdin = FdWriter(shim.loop, stdin_write)
+        out_read, out_write = os.pipe()
+        container.outputs[out_read] = protocol.STREAM_STDOUT
+        child_fds.append(out_write)
+        err_read, err_write = os.pipe()
+        container.outputs[err_read] = protocol.STREAM_STDERR
+        child_fds.append(err_write)
+        stdio = Stdio(stdin_read, out_write, err_write)
+        restore = container.restore
+        if restore is None:
+            shim.runc.create(container.id, container.bundle, pid_file, stdio=stdio,
+                             systemd_cgroup=container.systemd_cgroup)
+        else:
+            shim.runc.restore(container.id, container.bundle, restore.image_path,
+                              restore.work_path, pid_file, criu=restore.criu, stdio=stdio,
+                              systemd_cgroup=container.systemd_cgroup)
+    finally:
+        for fd in child_fds:
+            os.close(fd)
+    for fd in container.outputs:
+        os.set_blocking(fd, False)
+        container.splitters[fd] = LineSplitter(shim.max_log_line)
+
+
+def _create_with_pty(shim: Shim, container: Container, pid_file: str) -> None:
+    socket_path = os.path.join(shim.state_dir, shim.next_name("c") + ".sock")
+    with ConsoleListener(socket_path) as listener:
+        shim.runc.create(container.id, container.bundle, pid_file,
+                         console_socket=socket_path, systemd_cgroup=container.systemd_cgroup)
+        master = receive_console(listener)
+    container.pty_master = master
+    os.set_blocking(master, False)
+    container.outputs[master] = protocol.STREAM_STDOUT
+    container.splitters[master] = LineSplitter(shim.max_log_line)
+    container.stdin = FdWriter(shim.loop, os.dup(master))
+
+
+def _release_stdio(shim: Shim, container: Container) -> None:
+    for fd in list(container.outputs):
+        shim.loop.forget(fd)
+        os.close(fd)
+    container.outputs.clear()
+    if container.stdin is not None:
+        container.stdin.close()
+
+
+def start(shim: Shim, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
+    container = shim.container_for(request)
+    if container.restore is not None and container.status == "created":
+        # Restored, not started: the process continues where its checkpoint left it.
+        restore = container.restore
+        try:
+            _run_container(shim, container, os.path.join(container.bundle, "init.pid"))
+        except RuncError as exc:
+            criu_says = criu_log_errors(os.path.join(restore.work_path, "restore.log"))
+            raise OpError(f"{exc}; CRIU: {criu_says}" if criu_says else str(exc)) from exc
+        container.restore = None
+        container.status = "running"
+        return container.view()
+    shim.runc.start(container.id)
+    if container.status == "created":
+        container.status = "running"
+    return container.view()
+
+
+def signal_(shim: Shim, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
+    container = shim.container_for(request)
+    if container.restore is not None and container.status != "exited":
+        # Never restored: no process, so a kill (a stop, a remove) ends it at once.
+        container.restore = None
+        shim.container_exited(container, 128 + int(signal.SIGKILL))
+        return container.view()
+    if container.status != "exited":
+        shim.runc.kill(container.id, request.get("signal", "TERM"),
+                       all=bool(request.get("all")))
+    return container.view()
+
+
+def state(shim: Shim, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
+    if "container_id" in request:
+        return shim.container_for(request).view()
+    return {"pod_id": shim.pod_id, "pid": os.getpid(),
+            "containers": [c.view() for c in shim.containers.values()]}
+
+
+def wait(shim: Shim, conn: Connection, request: dict[str, Any]) -> dict[str, Any] | None:
+    container = shim.container_for(request)
+    if container.status == "exited":
+        return container.view()
+    container.waiters.append((conn, request.get("id")))
+    return None
+
+
+def subscribe(shim: Shim, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
+    conn.mode = "events"
+    shim.subscribers.append(conn)
+    return {}
+
+
+def shutdown(shim: Shim, conn: Connection, request: dict[str, Any]) -> None:
+    shim.shutting_down = True
+    conn.send_message({"id": request.get("id"), "ok": True})
+    shim.maybe_exit()
+    return None
+
+
+OPS: Mapping[str, Op] = MappingProxyType({
+    "create": create, "start": start, "signal": signal_, "state": state, "wait": wait,
+    "subscribe": subscribe, "shutdown": shutdown,
+})
