@@ -383,7 +383,8 @@ def test_restore_from_an_archive_creates_the_container_then_start_runs_runc_rest
             assert "restore" in details, details
             assert container_status(ck, ctr_id).state == pb.CONTAINER_EXITED
             ck.RemoveContainer(pb.RemoveContainerRequest(container_id=ctr_id))
-            assert not layer.exists()
+            # The host cleanup follows the answer (sandbox/removals.py).
+            wait_for(lambda: not layer.exists(), what="the writable layer removed")
     finally:
         archive.unlink()
 
