@@ -34,7 +34,7 @@ host_packages=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs socat)
 # What flatpod and its tests run with inside the guest (runc, iptables, iproute2 and
 # busybox-static are in every image mkvm.sh builds). Changing this list builds a new image.
 guest_packages="python3,python3-venv,crun,catatonit,nftables,conntrack"
-guest_packages="$guest_packages,containernetworking-plugins,docker-registry,zstd,sqlite3"
+guest_packages="$guest_packages,containernetworking-plugins,docker-registry,zstd,sqlite3,criu"
 [ -n "${VM_EXTRA_PACKAGES:-}" ] && guest_packages="$guest_packages,$VM_EXTRA_PACKAGES"
 # From the project's test extras, only what the VM tests import (no linters, no kubelet client,
 # no hypothesis: fewer files to install under an emulated CPU).

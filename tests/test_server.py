@@ -46,7 +46,7 @@ def test_status_conditions_and_verbose_config(cri: CriClient, daemon: Daemon) ->
     assert response.features.supplemental_groups_policy is True
 
 
-def test_runtime_config_is_cgroupfs(cri: CriClient) -> None:
+def test_runtime_config_answers_the_driver_in_use(cri: CriClient) -> None:
     response = cri.RuntimeConfig(pb.RuntimeConfigRequest())
     # The driver in use: systemd where it is PID 1 (the default), else cgroupfs.
     systemd = cgroups.detect_driver() is cgroups.Driver.SYSTEMD

@@ -241,7 +241,13 @@ def test_run_as_user_and_groups(pod: Pod) -> None:
 
 def test_memory_limit_in_cgroup(pod: Pod) -> None:
     res = pb.LinuxContainerResources(memory_limit_in_bytes=64 << 20, cpu_shares=256)
-    script = "cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/cpu/cpu.shares"
+    if cgroups.is_unified_only():  # where /proc/self/cgroup says
+        script = ('d=/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup); '
+                  'cat $d/memory.max $d/cpu.weight')
+        shares = str(cgroups.shares_to_weight(256))
+    else:
+        script = "cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/cpu/cpu.shares"
+        shares = "256"
     rc, out = run_container(pod, sh(script, resources=res))
     assert rc == 0, out
-    assert out.split() == [str(64 << 20), "256"]
+    assert out.split() == [str(64 << 20), shares]
