@@ -14,7 +14,7 @@
 # Exit: 0 passed, 1 failed, 77 skipped (this machine cannot run a VM: no qemu, not root...).
 # Env: VM_DIR (/var/tmp/flatpod-vm), VM_OUT ($VM_DIR/out), VM_EXTRA_PACKAGES (more Debian
 #      packages for the image), VM_ACCEL (auto|kvm|tcg), VM_MEM (MiB, 2048), VM_CPUS (2),
-#      VM_TIMEOUT (seconds for the job inside, 900), FLATPOD_VM_TOOLS (../shared/vm).
+#      VM_TIMEOUT (seconds for the job inside, 1800), FLATPOD_VM_TOOLS (../shared/vm).
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -208,7 +208,7 @@ main() {
   begin "boot + run $(wc -l < "$stage/tests.txt") test ids in the VM (accel ${VM_ACCEL:-auto})"
   rc=0
   "$tools/runvm.sh" -i "$img" -A "${VM_ACCEL:-auto}" -m "${VM_MEM:-2048}" -c "${VM_CPUS:-2}" \
-    -t "${VM_TIMEOUT:-900}" -s "$stage:/mnt/flatpod" -s "$wheels:/mnt/wheels" \
+    -t "${VM_TIMEOUT:-1800}" -s "$stage:/mnt/flatpod" -s "$wheels:/mnt/wheels" \
     "$repo/hack/vm-guest.sh" "$out" || rc=$?
   local vm_total=$(( $(date +%s) - phase_start ))
   # The guest's own phases (venv, tests) and the boot, from what runvm.sh and the guest wrote.
