@@ -191,7 +191,9 @@ main() {
   [ -n "$pyver" ] || { echo "vm-test: FAILED: no python3 in the image ($img/packages.txt)"; exit 1; }
 
   local stage; stage=$(mktemp -d /tmp/flatpod-vm-stage.XXXXXX)
-  trap 'rm -rf "$stage"' EXIT
+  # Expanded now: the trap runs when the script exits, after this function's locals are gone.
+  # shellcheck disable=SC2064
+  trap "rm -rf '$stage'" EXIT
   begin "wheels (guest Python $pyver)"
   stage_tree "$stage"
   local wheels rc=0
