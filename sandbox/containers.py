@@ -55,7 +55,7 @@ from sandbox.spec import (
 )
 from sandbox.users import UserDb, open_to_group
 from sandbox.wire import message_field, pages, repeated_entry
-from shim.client import ProcessState, ShimClient, ShimError, ShimTimeout
+from shim.client import ExecSyncResult, ProcessState, ShimClient, ShimError, ShimTimeout
 from shim.crilog import open_beneath
 from shim.runc import RuncError
 
@@ -653,7 +653,7 @@ async def exec_sync(rt: Runtime, req: pb.ExecSyncRequest) -> pb.ExecSyncResponse
     process = exec_process(rt, ctr, list(req.cmd), tty=False)
     shim = shim_of(rt, ctr.pod_id)
     timeout = float(req.timeout) if req.timeout > 0 else None
-    result = await shim.exec_sync(ctr.id, process, timeout)
+    result = await exec_sync_in(shim, ctr.id, process, timeout)
     if result.timed_out:
         lingering = "" if result.tree_gone else "; some of its processes were not dead yet"
         raise DeadlineExceeded(
@@ -663,6 +663,21 @@ async def exec_sync(rt: Runtime, req: pb.ExecSyncRequest) -> pb.ExecSyncResponse
     return pb.ExecSyncResponse(
         stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code
     )
+
+
+async def exec_sync_in(shim: ShimClient, ctr_id: str, process: dict[str, Any],
+                       timeout: float | None) -> ExecSyncResult:
+    """The shim's exec_sync. A container that exits after the state check but before the
+    shim starts the command (a probe racing an exit flatpod has not applied yet) is
+    FAILED_PRECONDITION, the answer it gets once the exit is known, not an internal error."""
+    try:
+        return await shim.exec_sync(ctr_id, process, timeout)
+    except ShimError as err:
+        view = await _shim_view(shim, ctr_id)
+        if view is not None and view.exited:
+            raise FailedPrecondition(
+                f"container {ctr_id} exited before the command started: {err}") from err
+        raise
 
 
 def exec_process(rt: Runtime, ctr: ContainerRecord, cmd: list[str], tty: bool) -> dict[str, Any]:
