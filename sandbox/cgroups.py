@@ -232,13 +232,36 @@ def _v2_controllers(point: Path) -> frozenset[str]:
 
 
 def hierarchies() -> list[Hierarchy]:
-    """The host's cgroup hierarchies, from /proc/self/mountinfo."""
+    """The host's cgroup hierarchies, from /proc/self/mountinfo (read now: the daemon reads
+    them once, as HostCgroups)."""
     return parse_hierarchies(Path("/proc/self/mountinfo").read_text())
 
 
 def is_unified_only(root: Path = CGROUP_ROOT) -> bool:
     """Pure v2: /sys/fs/cgroup itself is the unified hierarchy."""
     return (root / "cgroup.controllers").exists()
+
+
+@dataclass(frozen=True)
+class HostCgroups:
+    """The node's cgroup hierarchies, read once when the daemon starts (`rt.host_cgroups`)
+    and passed to every operation. Why: reading /proc/self/mountinfo and the v2 root's
+    controllers costs about 0.2 ms, and each pod and container operation needed it one to
+    three times; cgroup filesystems are not remounted under a running node (runc likewise
+    reads its cgroup mount info once per process)."""
+
+    hierarchies: tuple[Hierarchy, ...]
+    unified_only: bool
+
+    @classmethod
+    def read(cls) -> HostCgroups:
+        return cls(tuple(hierarchies()), is_unified_only())
+
+
+def _given_or_read(hs: Sequence[Hierarchy] | None) -> Sequence[Hierarchy]:
+    """The hierarchies the caller holds (the daemon's HostCgroups), else the host's, read
+    now (tests and one-off callers)."""
+    return hs if hs is not None else hierarchies()
 
 
 def _v1(controller: str, hs: Sequence[Hierarchy]) -> Hierarchy | None:
@@ -275,7 +298,7 @@ def create(path: str, resources: Resources | None = None, hs: Sequence[Hierarchy
            ) -> None:  # fmt: skip
     """mkdir -p `path` in every hierarchy, then apply `resources`."""
     _refuse_systemd_owned(path, "create")
-    hs = list(hs) if hs is not None else hierarchies()
+    hs = _given_or_read(hs)
     for h in hs:
         _mkdir_levels(h, path)
         if h.version == 2:
@@ -335,7 +358,7 @@ def enable_controllers(mount_point: Path, path: str) -> None:
 def update(path: str, resources: Resources, hs: Sequence[Hierarchy] | None = None) -> None:
     """Apply the set fields of `resources` to an existing cgroup (cgroupfs driver only)."""
     _refuse_systemd_owned(path, "write limits into")
-    hs = list(hs) if hs is not None else hierarchies()
+    hs = _given_or_read(hs)
     _apply_cpu(path, resources, hs)
     _apply_cpuset(path, resources, hs)
     _apply_memory(path, resources, hs)
@@ -506,7 +529,7 @@ def remove(path: str, hs: Sequence[Hierarchy] | None = None,
     if not path.strip("/"):
         raise CgroupError("refusing to remove a hierarchy's root cgroup")
     _refuse_systemd_owned(path, "remove")
-    hs = list(hs) if hs is not None else hierarchies()
+    hs = _given_or_read(hs)
     for h in hs:
         top = h.dir_for(path)
         if not top.is_dir():
@@ -536,7 +559,7 @@ def _rmdir_when_empty(d: Path, timeout_s: float) -> None:
 
 def pids(path: str, hs: Sequence[Hierarchy] | None = None) -> list[int]:
     """Pids in `path` and below it, from the pids (or memory, or v2) hierarchy."""
-    hs = list(hs) if hs is not None else hierarchies()
+    hs = _given_or_read(hs)
     h = _v1("pids", hs) or _v1("memory", hs) or _v2(hs)
     if h is None or not h.dir_for(path).is_dir():
         return []
@@ -558,14 +581,14 @@ def cgroup_dir(cgroup_path: str, controller: str, hs: Sequence[Hierarchy] | None
     the same for both drivers: with systemd it names the slice or scope as systemd nests it.
     Raises CgroupError when no hierarchy offers `controller`.
     """
-    hs = list(hs) if hs is not None else hierarchies()
+    hs = _given_or_read(hs)
     return _require(owner(controller, hs), controller).dir_for(cgroup_path)
 
 
 def oom_events_file(cgroup_path: str, hs: Sequence[Hierarchy] | None = None) -> Path:
     """The file whose `oom_kill` line counts the cgroup's OOM kills: v1's memory.oom_control,
     v2's memory.events (which counts the cgroup's descendants too)."""
-    hs = list(hs) if hs is not None else hierarchies()
+    hs = _given_or_read(hs)
     h = _require(owner("memory", hs), "memory")
     name = "memory.oom_control" if h.version == 1 else "memory.events"
     return h.dir_for(cgroup_path) / name

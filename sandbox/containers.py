@@ -181,7 +181,7 @@ async def _create(
         # 5. The shim creates it: the process waits in runc's init until StartContainer.
         undo.at("runc create")
         shim = shim_of(rt, pod.id)
-        oom_file, systemd = await asyncio.to_thread(shim_cgroup_options, pod, ctr.id)
+        oom_file, systemd = shim_cgroup_options(pod, ctr.id, rt.host_cgroups)
         ctr.pid = await shim.create(
             ctr.id, str(bundle), stdin=config.stdin, stdin_once=config.stdin_once,
             tty=config.tty, log_path=ctr.log_path or None, log_root=log_root,
@@ -281,7 +281,7 @@ def _container_spec(
             rootfs=rootfs, sandbox=sandbox,
             cgroups_path=pod_placement(pod).oci_cgroups_path(ctr.id),
             target_pid_ns=target, rootfs_users=UserDb.from_rootfs(rootfs),
-            oom_score_adj_floor=rt.oom_score_adj_floor, defaults=spec_defaults(),
+            oom_score_adj_floor=rt.oom_score_adj_floor, defaults=spec_defaults(rt.host_cgroups),
         )
     except SpecError as err:
         raise InvalidArgument(str(err)) from err
@@ -328,25 +328,27 @@ def pod_placement(pod: PodRecord) -> cgroups.Placement:
     return cgroups.Placement(pod_path=pod.cgroup_path, slice=pod.cgroup_slice)
 
 
-def shim_cgroup_options(pod: PodRecord, container_id: str) -> tuple[str | None, bool]:
+def shim_cgroup_options(
+    pod: PodRecord, container_id: str, host: cgroups.HostCgroups
+) -> tuple[str | None, bool]:
     """What the shim needs of the cgroup of a container (or the pause) of `pod`: the file
     that counts its OOM kills (None: no memory controller), and whether runc makes it as a
-    systemd scope."""
+    systemd scope. Reads nothing: the host's hierarchies were read at start."""
     place = pod_placement(pod)
     try:
-        oom_file: str | None = str(cgroups.oom_events_file(place.container_path(container_id)))
+        path = place.container_path(container_id)
+        oom_file: str | None = str(cgroups.oom_events_file(path, host.hierarchies))
     except cgroups.CgroupError:
         oom_file = None
     return oom_file, place.driver is cgroups.Driver.SYSTEMD
 
 
-def spec_defaults() -> SpecDefaults:
+def spec_defaults(host: cgroups.HostCgroups) -> SpecDefaults:
     """The node-level spec defaults that depend on the host's cgroups."""
-    hs = cgroups.hierarchies()
-    pure_v2 = cgroups.is_unified_only()
+    pure_v2 = host.unified_only
     # runc places hugetlb limits on v1's hugetlb hierarchy, or on pure v2; not on a hybrid
     # host's v2 mount.
-    owner = cgroups.owner("hugetlb", hs)
+    owner = cgroups.owner("hugetlb", host.hierarchies)
     return SpecDefaults(
         cgroup_v2=pure_v2,
         hugetlb_available=owner is not None and (owner.version == 1 or pure_v2),
@@ -512,7 +514,7 @@ def _clean_host(rt: Runtime, handler: Handler, leftovers: Leftovers) -> None:
     unmount(bundle / "rootfs")
     cgroup = leftovers.cgroup_path
     if cgroup and not cgroups.systemd_owned(cgroup):  # runc stops scopes
-        cgroups.remove(cgroup)
+        cgroups.remove(cgroup, rt.host_cgroups.hierarchies)
     _remove_dirs(bundle, rt.paths.writable_layers / ctr_id)
     rt.store.end_operation(ctr_id)
 
@@ -728,9 +730,10 @@ def _apply_resources(rt: Runtime, ctr: ContainerRecord, linux: pb.LinuxContainer
     of its unit, so `runc update` asks systemd to change them (and writes what systemd has no
     property for), as containerd does."""
     if not cgroups.systemd_owned(ctr.cgroup_path):
-        cgroups.update(ctr.cgroup_path, cgroups.Resources.from_cri(linux))
+        hs = rt.host_cgroups.hierarchies
+        cgroups.update(ctr.cgroup_path, cgroups.Resources.from_cri(linux), hs)
         return
-    resources = linux_resources(linux, spec_defaults())
+    resources = linux_resources(linux, spec_defaults(rt.host_cgroups))
     handler = rt.handlers.of_pod(rt.registry.pods.get(ctr.pod_id))
     handler.runc(systemd_cgroup=True).update(ctr.id, resources)
 

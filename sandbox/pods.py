@@ -144,7 +144,8 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
                 pod.namespaces["user"] = str(user_ns)
         undo.push("shm", lambda: mounts.unmount(shm))
         if place.driver is cgroups.Driver.CGROUPFS:
-            undo.push("cgroup", lambda: cgroups.remove(pod.cgroup_path))
+            hs = rt.host_cgroups.hierarchies
+            undo.push("cgroup", lambda: cgroups.remove(pod.cgroup_path, hs))
         undo.push("bundle", lambda: shutil.rmtree(bundle, ignore_errors=True))
         made = asyncio.ensure_future(asyncio.to_thread(_make_pod_contents, rt, pod, userns, place))
         undo.push_after("pod files", made, lambda: None)  # the undos above wait for it
@@ -219,11 +220,12 @@ def _make_pod_contents(
             _share_with_userns(rt, pod_dir, userns)
     with Steps("cgroup"):
         if place.driver is cgroups.Driver.CGROUPFS:
-            cgroups.create(pod.cgroup_path, pod_resources(config.linux))
+            hs = rt.host_cgroups.hierarchies
+            cgroups.create(pod.cgroup_path, pod_resources(config.linux), hs)
         rt.faults.point("run_pod:after_cgroup")
     with Steps("pause bundle"):
         _write_bundle(rt.paths.bundle_dir(pod.id), _pause_spec(rt, pod, pod_dir))
-        return containers.shim_cgroup_options(pod, pod.id)
+        return containers.shim_cgroup_options(pod, pod.id, rt.host_cgroups)
 
 
 def _make_netns(netns: Path, userns: PodUserns | None, user_ns: Path) -> None:
@@ -725,7 +727,7 @@ async def remove_pod_now(rt: Runtime, pod: PodRecord) -> None:
         await asyncio.to_thread(mounts.unmount, pod_dir / "shm")
         where.at("cgroup")
         if pod.cgroup_path and containers.pod_placement(pod).driver is cgroups.Driver.CGROUPFS:
-            await asyncio.to_thread(cgroups.remove, pod.cgroup_path)
+            await asyncio.to_thread(cgroups.remove, pod.cgroup_path, rt.host_cgroups.hierarchies)
         where.at("dirs")
         await asyncio.to_thread(shutil.rmtree, pod_dir, True)
         await asyncio.to_thread(shutil.rmtree, rt.paths.bundle_dir(pod.id), True)
@@ -893,7 +895,10 @@ async def update_pod_sandbox_resources(
     async with rt.locks.hold(pod.id):
         try:
             if owned:
-                await asyncio.to_thread(cgroups.update, pod.cgroup_path, pod_resources(linux))
+                await asyncio.to_thread(
+                    cgroups.update, pod.cgroup_path, pod_resources(linux),
+                    rt.host_cgroups.hierarchies,
+                )
         except cgroups.CgroupError as err:
             raise InvalidArgument(f"pod sandbox {pod.id} resources: {err}") from err
         except OSError as err:  # e.g. a memory limit below what the pod uses now (EBUSY)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 
+from sandbox.cgroups import HostCgroups
 from sandbox.config import Config
 from sandbox.faults import Faults
 from sandbox.handlers import RuntimeHandlers
@@ -119,6 +120,8 @@ class Runtime:
     # restrict_oom_score_adj: without CAP_SYS_RESOURCE nothing may go below our own value.
     oom_score_adj_floor: int = -1000
     network_kind: str = ""
+    # The node's cgroup hierarchies, read once at start (sandbox/cgroups.py HostCgroups).
+    host_cgroups: HostCgroups = field(default_factory=HostCgroups.read)
     # Subsystems, attached by the daemon at start (see daemon.py): they import this module.
     images: ImageService = field(init=False)
     network: PodNetwork = field(init=False)
