@@ -148,12 +148,12 @@ def read_net(netns_path: str) -> NetSample:
 
 
 def read_all(cgroup_paths: Mapping[str, int | None], uppers: Mapping[str, Path],
-             netns_paths: Iterable[str], layers: Path) -> Readings:  # fmt: skip
+             netns_paths: Iterable[str], layers: Path,
+             hs: Sequence[cgroups.Hierarchy]) -> Readings:  # fmt: skip
     """Blocking: every stale source in one go, so that a list costs one thread hop.
 
     `cgroup_paths` maps each cgroup to the pid whose processes' details to read, or None.
     """
-    hs = cgroups.hierarchies()
     device = cgroup_stats.filesystem_device(layers) if uppers else None
     disk = cgroup_stats.whole_disk(device) if device else None
     return Readings(
@@ -224,7 +224,8 @@ class Stats:
                 self._forget_gone(rt)  # samples of what was removed since, even so
                 return
             read = await asyncio.to_thread(read_all, stale_cgroups, stale_disks, stale_nets,
-                                           rt.paths.writable_layers)
+                                           rt.paths.writable_layers,
+                                           rt.host_cgroups.hierarchies)
             for path, sample in read.cgroups.items():
                 previous = self.cgroups.get(path)
                 if _fresh(previous, now, self.cgroup_ttl_ns) and previous is not None:

@@ -36,7 +36,8 @@ def test_a_metrics_read_rereads_a_fresh_sample_for_its_process_details() -> None
         st = Stats()
         ctr = SimpleNamespace(id="c1", cgroup_path=path, pid=os.getpid())
         rt = SimpleNamespace(pods={}, containers={"c1": ctr},
-                             paths=SimpleNamespace(writable_layers=Path("/nonexistent")))
+                             paths=SimpleNamespace(writable_layers=Path("/nonexistent")),
+                             host_cgroups=cgroups.HostCgroups.read())
         asyncio.run(st.refresh(rt, [ctr], []))  # type: ignore[arg-type]
         first = st.cgroups[path]
         assert first.figures is not None and first.procs is None
