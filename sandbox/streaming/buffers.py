@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 
 class ByteQueue:
@@ -41,16 +42,27 @@ class ByteQueue:
 
     async def read(self, n: int = 64 * 1024) -> bytes:
         """Up to n bytes of the next chunk; b"" at the end."""
-        while not self._chunks:
-            if self._ended:
-                return b""
-            self._readable.clear()
-            await self._readable.wait()
-        chunk = self._chunks.popleft()
-        if len(chunk) > n:
-            self._chunks.appendleft(chunk[n:])
-            chunk = chunk[:n]
+        chunk = await next_chunk(self._chunks, self._readable, lambda: self._ended, n)
+        if not chunk:
+            return chunk
         self._size -= len(chunk)
         if self._size < self._limit:
             self._room.set()
         return chunk
+
+
+async def next_chunk(
+    chunks: deque[bytes], readable: asyncio.Event, ended: Callable[[], bool], n: int
+) -> bytes:
+    """Up to n bytes of the first of `chunks` (what is left of it stays first), waiting on
+    `readable` while there is none; b"" once there is none and `ended()`."""
+    while not chunks:
+        if ended():
+            return b""
+        readable.clear()
+        await readable.wait()
+    chunk = chunks.popleft()
+    if len(chunk) > n:
+        chunks.appendleft(chunk[n:])
+        chunk = chunk[:n]
+    return chunk

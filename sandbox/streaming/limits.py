@@ -7,6 +7,7 @@ client controls has a bound here. The defaults are the `[streaming]` defaults of
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -49,6 +50,16 @@ MAX_WEBSOCKET_FRAGMENTS = 1024
 MAX_RESIZE_PENDING = 4 * KIB
 # Frames parsed back to back before the reader lets the event loop run other work.
 FRAMES_PER_YIELD = 64
+# Seconds to wait for a closing connection (TLS may never answer).
+CLOSE_TIMEOUT = 2.0
+
+
+async def close_writer(writer: asyncio.StreamWriter) -> None:
+    """Closes a connection, waiting for it at most CLOSE_TIMEOUT; a failure to close is
+    the connection's end too, so it is not raised."""
+    writer.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
 
 
 class SlotsFull(Exception):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sandbox.streaming.backend import StreamBackend
+from sandbox.streaming.limits import close_writer
 from sandbox.streaming.spdy import (
     RST_PROTOCOL_ERROR,
     RST_REFUSED_STREAM,
@@ -20,7 +21,6 @@ from sandbox.streaming.spdy import (
 
 log = logging.getLogger(__name__)
 
-CLOSE_TIMEOUT = 2.0  # seconds to wait for a closing connection (TLS may never answer)
 
 PROTOCOL_PORTFORWARD = "portforward.k8s.io"
 STREAM_ERROR = "error"
@@ -146,9 +146,7 @@ class PortForwardSession:
         try:
             await copy_both_ways(data, error, reader, writer)
         finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+            await close_writer(writer)
 
     @staticmethod
     async def _report(error: SpdyStream, message: str) -> None:

@@ -22,7 +22,7 @@ from typing import Protocol
 
 from sandbox.streaming import remotecommand as rc
 from sandbox.streaming.backend import ProcessStreams, StreamBackend
-from sandbox.streaming.limits import KeyedSlots, SlotsFull, StreamLimits
+from sandbox.streaming.limits import KeyedSlots, SlotsFull, StreamLimits, close_writer
 from sandbox.streaming.portforward import PROTOCOL_PORTFORWARD, PortForwardSession
 from sandbox.streaming.spdy import (
     RST_PROTOCOL_ERROR,
@@ -42,7 +42,6 @@ from sandbox.streaming.wschannels import WebSocketChannels, WebSocketTransport
 
 log = logging.getLogger(__name__)
 
-CLOSE_TIMEOUT = 2.0  # seconds to wait for a closing connection (TLS may never answer)
 
 TOKEN_TTL = 60.0  # seconds, as kubelet's streaming server
 MAX_PENDING_TOKENS = 1000
@@ -53,34 +52,26 @@ WEBSOCKET_TUNNEL_PROTOCOL = "SPDY/3.1+portforward.k8s.io"
 _PATH = re.compile(r"^/(exec|attach|portforward)/([A-Za-z0-9_-]+)/?$")
 
 
-class ExecRequestLike(Protocol):
-    """cri_api ExecRequest, or ExecParams."""
+class AttachRequestLike(Protocol):
+    """cri_api AttachRequest, or AttachParams."""
 
     @property
     def container_id(self) -> str: ...
+    @property
+    def tty(self) -> bool: ...
+    @property
+    def stdin(self) -> bool: ...
+    @property
+    def stdout(self) -> bool: ...
+    @property
+    def stderr(self) -> bool: ...
+
+
+class ExecRequestLike(AttachRequestLike, Protocol):
+    """cri_api ExecRequest, or ExecParams: an attach's streams, and the command."""
+
     @property
     def cmd(self) -> Sequence[str]: ...
-    @property
-    def tty(self) -> bool: ...
-    @property
-    def stdin(self) -> bool: ...
-    @property
-    def stdout(self) -> bool: ...
-    @property
-    def stderr(self) -> bool: ...
-
-
-class AttachRequestLike(Protocol):
-    @property
-    def container_id(self) -> str: ...
-    @property
-    def tty(self) -> bool: ...
-    @property
-    def stdin(self) -> bool: ...
-    @property
-    def stdout(self) -> bool: ...
-    @property
-    def stderr(self) -> bool: ...
 
 
 class PortForwardRequestLike(Protocol):
@@ -290,26 +281,14 @@ class StreamingServer:
     # URLs ------------------------------------------------------------------
 
     def get_exec_url(self, request: ExecRequestLike) -> str:
-        if not request.container_id:
-            raise ValueError("missing required container_id")
+        options = container_stream_options(request)
         if not request.cmd:
             raise ValueError("missing required cmd")
-        if request.tty and request.stderr:
-            raise ValueError("tty and stderr cannot both be true")
-        if not (request.stdin or request.stdout or request.stderr):
-            raise ValueError("one of stdin, stdout, or stderr must be set")
-        options = rc.StreamOptions(request.stdin, request.stdout, request.stderr, request.tty)
         session = PendingSession("exec", request.container_id, options, cmd=tuple(request.cmd))
         return f"{self.url}/exec/{self._tokens.insert(session)}"
 
     def get_attach_url(self, request: AttachRequestLike) -> str:
-        if not request.container_id:
-            raise ValueError("missing required container_id")
-        if request.tty and request.stderr:
-            raise ValueError("tty and stderr cannot both be true")
-        if not (request.stdin or request.stdout or request.stderr):
-            raise ValueError("one of stdin, stdout, and stderr must be set")
-        options = rc.StreamOptions(request.stdin, request.stdout, request.stderr, request.tty)
+        options = container_stream_options(request)
         session = PendingSession("attach", request.container_id, options)
         return f"{self.url}/attach/{self._tokens.insert(session)}"
 
@@ -351,9 +330,7 @@ class StreamingServer:
         except Exception:
             log.exception("streaming: connection failed")
         finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+            await close_writer(writer)
 
     async def _serve_http(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
@@ -516,6 +493,18 @@ class StreamingServer:
                 await asyncio.wait_for(channels.finished.wait(), CLIENT_CLOSE_GRACE)
         finally:
             await channels.stop()
+
+
+def container_stream_options(request: AttachRequestLike) -> rc.StreamOptions:
+    """The streams an exec or attach asks for, checked as kubelet's streaming server checks
+    them (ValueError: what is wrong)."""
+    if not request.container_id:
+        raise ValueError("missing required container_id")
+    if request.tty and request.stderr:
+        raise ValueError("tty and stderr cannot both be true")
+    if not (request.stdin or request.stdout or request.stderr):
+        raise ValueError("one of stdin, stdout, or stderr must be set")
+    return rc.StreamOptions(request.stdin, request.stdout, request.stderr, request.tty)
 
 
 def describe(session: PendingSession) -> str:

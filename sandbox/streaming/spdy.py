@@ -32,16 +32,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from sandbox.streaming.buffers import next_chunk
 from sandbox.streaming.limits import (
     FRAMES_PER_YIELD,
     MAX_BUFFERED_PER_CONNECTION,
     MAX_BUFFERED_PER_STREAM,
     StreamLimits,
+    close_writer,
 )
 
 log = logging.getLogger(__name__)
 
-CLOSE_TIMEOUT = 2.0  # seconds to wait for a closing connection (TLS may never answer)
 
 SPDY_VERSION = 3
 
@@ -376,9 +377,7 @@ class StreamTransport:
         await self._writer.drain()
 
     async def close(self) -> None:
-        self._writer.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._writer.wait_closed(), CLOSE_TIMEOUT)
+        await close_writer(self._writer)
 
 
 # ---------------------------------------------------------------------------
@@ -426,17 +425,13 @@ class SpdyStream:
 
     async def read(self, max_bytes: int = 64 * 1024) -> bytes:
         """Next chunk of data; b"" once the peer half-closed or the stream died."""
-        while not self._chunks:
-            if self.remote_closed or self.reset:
-                return b""
-            self._data_ready.clear()
-            await self._data_ready.wait()
-        chunk = self._chunks.popleft()
-        if len(chunk) > max_bytes:
-            self._chunks.appendleft(chunk[max_bytes:])
-            chunk = chunk[:max_bytes]
-        await self._consumed(len(chunk))
+        chunk = await next_chunk(self._chunks, self._data_ready, self._ended, max_bytes)
+        if chunk:
+            await self._consumed(len(chunk))
         return chunk
+
+    def _ended(self) -> bool:
+        return self.remote_closed or self.reset
 
     async def read_all(self) -> bytes:
         parts = []

@@ -13,11 +13,15 @@ import hashlib
 import struct
 from collections.abc import Mapping, Sequence
 
-from sandbox.streaming.limits import FRAMES_PER_YIELD, MAX_WEBSOCKET_FRAGMENTS, StreamLimits
+from sandbox.streaming.limits import (
+    FRAMES_PER_YIELD,
+    MAX_WEBSOCKET_FRAGMENTS,
+    StreamLimits,
+    close_writer,
+)
 
 WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
-CLOSE_TIMEOUT = 2.0  # seconds to wait for a closing connection (TLS may never answer)
 
 OP_CONTINUATION = 0x0
 OP_TEXT = 0x1
@@ -141,9 +145,7 @@ class WebSocketConnection:
 
     async def abort(self) -> None:
         self.closed.set()
-        self._writer.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._writer.wait_closed(), CLOSE_TIMEOUT)
+        await close_writer(self._writer)
 
     async def _read_frame(self) -> tuple[bool, int, bytes]:
         first, second = await self._reader.readexactly(2)
