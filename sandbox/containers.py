@@ -42,6 +42,7 @@ from sandbox.records import (
     ContainerRecord,
     ContainerState,
     PodRecord,
+    cri_container_state,
 )
 from sandbox.removals import Leftovers
 from sandbox.runtime import Runtime
@@ -54,7 +55,7 @@ from sandbox.spec import (
     pod_userns,
 )
 from sandbox.users import UserDb, open_to_group
-from sandbox.wire import message_field, pages, repeated_entry
+from sandbox.wire import list_entries, message_field, stream_pages
 from shim.client import ExecSyncResult, ProcessState, ShimClient, ShimError, ShimTimeout
 from shim.crilog import open_beneath
 from shim.runc import RuncError
@@ -62,12 +63,6 @@ from shim.runc import RuncError
 log = logging.getLogger("flatpod.containers")
 
 CONTAINER_CREATING = ContainerState.CREATING
-_STATES = {
-    CREATED: pb.CONTAINER_CREATED,
-    RUNNING: pb.CONTAINER_RUNNING,
-    EXITED: pb.CONTAINER_EXITED,
-    UNKNOWN: pb.CONTAINER_UNKNOWN,
-}
 # ListContainersResponse.containers
 LIST_CONTAINERS_FIELD = pb.ListContainersResponse.DESCRIPTOR.fields_by_name["containers"].number
 # ContainerStatusResponse.status
@@ -567,7 +562,7 @@ def container_status_message(rt: Runtime, ctr: ContainerRecord) -> pb.ContainerS
     return pb.ContainerStatus(
         id=ctr.id,
         metadata=config.metadata,
-        state=_STATES.get(ctr.state, pb.CONTAINER_UNKNOWN),
+        state=cri_container_state(ctr.state),
         created_at=ctr.created_at,
         started_at=ctr.started_at,
         finished_at=ctr.finished_at,
@@ -596,38 +591,25 @@ async def list_containers(rt: Runtime, req: pb.ListContainersRequest) -> bytes:
     """A ListContainersResponse, assembled from each container's cached entry (sandbox/wire.py).
     Unfiltered, as kubelet's relist asks every second, the whole answer is cached too."""
     return rt.list_answer(
-        "containers", rt.registry.containers, req.filter, lambda: _answer(rt, req.filter)
+        "containers", rt.registry.containers, req.filter,
+        lambda: b"".join(_entries(rt, req.filter)),
     )
 
 
-async def stream_containers(
+def stream_containers(
     rt: Runtime, req: pb.StreamContainersRequest
 ) -> AsyncIterator[bytes]:
     """StreamContainersResponse messages: the entries ListContainers answers with, in pages
     (`containers` is field 1 in both responses)."""
-    for page in pages(_entries(rt, req.filter)):
-        yield page
-
-
-def _answer(rt: Runtime, flt: pb.ContainerFilter) -> bytes:
-    return b"".join(_entries(rt, flt))
+    return stream_pages(_entries(rt, req.filter))
 
 
 def _entries(rt: Runtime, flt: pb.ContainerFilter) -> list[bytes]:
-    return [c.list_entry or _list_entry(c) for c in _filtered(rt, flt)]
-
-
-def _list_entry(ctr: ContainerRecord) -> bytes:
-    if not ctr.list_entry:
-        ctr.list_entry = repeated_entry(LIST_CONTAINERS_FIELD, _summary(ctr))
-    return ctr.list_entry
-
-
-def _filtered(rt: Runtime, flt: pb.ContainerFilter) -> list[ContainerRecord]:
     want_state = flt.state.state if flt.HasField("state") else None
-    return rt.registry.containers_matching(
+    matching = rt.registry.containers_matching(
         flt.id, flt.pod_sandbox_id, flt.label_selector, want_state
     )
+    return list_entries(matching, LIST_CONTAINERS_FIELD, _summary)
 
 
 def _summary(ctr: ContainerRecord) -> pb.Container:
@@ -639,7 +621,7 @@ def _summary(ctr: ContainerRecord) -> pb.Container:
         image=pb.ImageSpec(image=ctr.image_name or ctr.image_ref),
         image_ref=ctr.image_id,
         image_id=ctr.image_id,
-        state=_STATES.get(ctr.state, pb.CONTAINER_UNKNOWN),
+        state=cri_container_state(ctr.state),
         created_at=ctr.created_at,
         labels=config.labels,
         annotations=config.annotations,

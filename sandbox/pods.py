@@ -38,12 +38,13 @@ from sandbox.records import (
     SANDBOX_READY,
     PodRecord,
     PodState,
+    cri_pod_state,
 )
 from sandbox.runtime import Runtime
 from sandbox.spec import IdMap, PodUserns, SpecError, build_pause_spec, pod_userns
 from sandbox.undo import undo_on_failure
 from sandbox.users import open_to_group
-from sandbox.wire import int_field, message_field, pages, repeated_entry
+from sandbox.wire import int_field, list_entries, message_field, stream_pages
 from shim.client import ShimError
 
 log = logging.getLogger("flatpod.pods")
@@ -811,7 +812,7 @@ def sandbox_status(pod: PodRecord) -> pb.PodSandboxStatus:
     return pb.PodSandboxStatus(
         id=pod.id,
         metadata=config.metadata,
-        state=pb.SANDBOX_READY if pod.state == SANDBOX_READY else pb.SANDBOX_NOTREADY,
+        state=cri_pod_state(pod.state),
         created_at=pod.created_at,
         network=pb.PodSandboxNetworkStatus(
             ip=pod.ip, additional_ips=[pb.PodIP(ip=ip) for ip in pod.additional_ips]
@@ -832,42 +833,30 @@ def sandbox_status(pod: PodRecord) -> pb.PodSandboxStatus:
 async def list_pod_sandbox(rt: Runtime, req: pb.ListPodSandboxRequest) -> bytes:
     """A ListPodSandboxResponse, assembled from each pod's cached entry (see sandbox/wire.py).
     Unfiltered, as kubelet's relist asks every second, the whole answer is cached too."""
-    return rt.list_answer("pods", rt.registry.pods, req.filter, lambda: _answer(rt, req.filter))
+    return rt.list_answer(
+        "pods", rt.registry.pods, req.filter, lambda: b"".join(_entries(rt, req.filter))
+    )
 
 
-async def stream_pod_sandboxes(
+def stream_pod_sandboxes(
     rt: Runtime, req: pb.StreamPodSandboxesRequest
 ) -> AsyncIterator[bytes]:
     """StreamPodSandboxesResponse messages: the entries ListPodSandbox answers with, in pages
     (its `pod_sandboxes` is field 1, like ListPodSandboxResponse's `items`)."""
-    for page in pages(_entries(rt, req.filter)):
-        yield page
-
-
-def _answer(rt: Runtime, flt: pb.PodSandboxFilter) -> bytes:
-    return b"".join(_entries(rt, flt))
+    return stream_pages(_entries(rt, req.filter))
 
 
 def _entries(rt: Runtime, flt: pb.PodSandboxFilter) -> list[bytes]:
-    return [p.list_entry or _list_entry(p) for p in _filtered(rt, flt)]
-
-
-def _list_entry(pod: PodRecord) -> bytes:
-    if not pod.list_entry:
-        pod.list_entry = repeated_entry(LIST_PODS_FIELD, _summary(pod))
-    return pod.list_entry
-
-
-def _filtered(rt: Runtime, flt: pb.PodSandboxFilter) -> list[PodRecord]:
     want = flt.state.state if flt.HasField("state") else None
-    return rt.registry.pods_matching(flt.id, want, flt.label_selector)
+    matching = rt.registry.pods_matching(flt.id, want, flt.label_selector)
+    return list_entries(matching, LIST_PODS_FIELD, _summary)
 
 
 def _summary(pod: PodRecord) -> pb.PodSandbox:
     return pb.PodSandbox(
         id=pod.id,
         metadata=pod.config.metadata,
-        state=pb.SANDBOX_READY if pod.state == SANDBOX_READY else pb.SANDBOX_NOTREADY,
+        state=cri_pod_state(pod.state),
         created_at=pod.created_at,
         labels=pod.config.labels,
         annotations=pod.config.annotations,

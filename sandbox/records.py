@@ -50,6 +50,27 @@ RUNNING = ContainerState.RUNNING
 EXITED = ContainerState.EXITED
 UNKNOWN = ContainerState.UNKNOWN
 
+# The CRI state each record state is answered as (a record being created is answered by no
+# status or list; registry.py's state filters select by the same pairs).
+CRI_POD_STATES: dict[PodState, pb.PodSandboxState] = {
+    SANDBOX_READY: pb.SANDBOX_READY,
+    SANDBOX_NOTREADY: pb.SANDBOX_NOTREADY,
+}
+CRI_CONTAINER_STATES: dict[ContainerState, pb.ContainerState] = {
+    CREATED: pb.CONTAINER_CREATED,
+    RUNNING: pb.CONTAINER_RUNNING,
+    EXITED: pb.CONTAINER_EXITED,
+    UNKNOWN: pb.CONTAINER_UNKNOWN,
+}
+
+
+def cri_pod_state(state: PodState) -> pb.PodSandboxState:
+    return CRI_POD_STATES.get(state, pb.SANDBOX_NOTREADY)
+
+
+def cri_container_state(state: ContainerState) -> pb.ContainerState:
+    return CRI_CONTAINER_STATES.get(state, pb.CONTAINER_UNKNOWN)
+
 
 @dataclass
 class PodRecord:

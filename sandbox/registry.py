@@ -21,10 +21,11 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar, overload
 
-from cri_api import api_pb2 as pb
 from sandbox.creation import Creations, name_taken
 from sandbox.errors import FailedPrecondition, InvalidArgument, NotFound
 from sandbox.records import (
+    CRI_CONTAINER_STATES,
+    CRI_POD_STATES,
     ContainerRecord,
     ContainerState,
     PodRecord,
@@ -50,14 +51,9 @@ Kind = Literal["pod sandbox", "container"]
 _POD_CREATING = PodState.CREATING
 _CTR_CREATING = ContainerState.CREATING
 # The record state a CRI state filter selects, by the filter's value.
-_POD_STATE_FILTERS: dict[int, PodState] = {
-    pb.SANDBOX_READY: PodState.READY, pb.SANDBOX_NOTREADY: PodState.NOTREADY,
-}
+_POD_STATE_FILTERS: dict[int, PodState] = {cri: s for s, cri in CRI_POD_STATES.items()}
 _CONTAINER_STATE_FILTERS: dict[int, ContainerState] = {
-    pb.CONTAINER_CREATED: ContainerState.CREATED,
-    pb.CONTAINER_RUNNING: ContainerState.RUNNING,
-    pb.CONTAINER_EXITED: ContainerState.EXITED,
-    pb.CONTAINER_UNKNOWN: ContainerState.UNKNOWN,
+    cri: s for s, cri in CRI_CONTAINER_STATES.items()
 }
 _FIELDS = {
     PodRecord: frozenset(f.name for f in dataclasses.fields(PodRecord)),

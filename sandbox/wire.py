@@ -7,7 +7,8 @@ serialized once (when the record changes) and a list answer is the concatenation
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator, Sequence
+from typing import Protocol, TypeVar
 
 from google.protobuf.message import Message
 
@@ -45,6 +46,28 @@ def int_field(field_number: int, value: int) -> bytes:
     return varint(field_number << 3) + varint(value)
 
 
+class ListedRecord(Protocol):
+    """A pod or container record, which keeps its serialized list entry (a save empties it)."""
+
+    list_entry: bytes
+
+
+R = TypeVar("R", bound=ListedRecord)
+
+
+def list_entries(
+    records: Iterable[R], field_number: int, summary: Callable[[R], Message]
+) -> list[bytes]:
+    """Each record's element of a list answer's `repeated` field `field_number`: the one it
+    keeps, else `summary(record)` serialized and kept."""
+    return [r.list_entry or _keep_list_entry(r, field_number, summary) for r in records]
+
+
+def _keep_list_entry(record: R, field_number: int, summary: Callable[[R], Message]) -> bytes:
+    record.list_entry = repeated_entry(field_number, summary(record))
+    return record.list_entry
+
+
 def pages(entries: Sequence[bytes], max_bytes: int = STREAM_PAGE_BYTES) -> Iterator[bytes]:
     """Consecutive entries concatenated into messages of at most `max_bytes` (an entry larger
     than that is a message alone). At least one, so a stream with nothing to list still
@@ -59,6 +82,12 @@ def pages(entries: Sequence[bytes], max_bytes: int = STREAM_PAGE_BYTES) -> Itera
         size += len(entry)
     if page or not entries:
         yield b"".join(page)
+
+
+async def stream_pages(entries: Sequence[bytes]) -> AsyncIterator[bytes]:
+    """A Stream* list RPC's messages: `entries` in pages."""
+    for page in pages(entries):
+        yield page
 
 
 class AnswerCache:
