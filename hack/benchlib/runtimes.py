@@ -60,7 +60,26 @@ class Runtime:
         raise NotImplementedError
 
     def stop(self) -> list[str]:
-        """Stops what the bench started; returns what was left behind (empty: clean)."""
+        """Removes what the bench made, stops what it started; returns what was left behind
+        (empty: clean)."""
+        left: list[str] = []
+        if self.socket == Path():  # it never started: nothing of the bench's to remove
+            return left
+        try:
+            self.remove_bench_pods()
+            self.restore_images()
+        except Exception as err:  # still stop the daemon and look for what is left
+            left.append(f"removing pods/images failed: {describe(err)}")
+        self.close()
+        left += self.stop_daemon()
+        left += self._cgroup_leftovers()
+        return left
+
+    def restore_images(self) -> None:
+        """Removes the images the bench pulled into a store that outlives it."""
+
+    def stop_daemon(self) -> list[str]:
+        """Stops the daemon if the bench started it; returns what it left behind."""
         raise NotImplementedError
 
     def daemon_pid(self) -> int:
@@ -228,15 +247,8 @@ class Flatpod(Runtime):
                 helpers[f"{role} {proc.pid}"] = proc.pid
         return helpers
 
-    def stop(self) -> list[str]:
+    def stop_daemon(self) -> list[str]:
         left: list[str] = []
-        if self.socket == Path():  # it never started: nothing of the bench's to remove
-            return left
-        try:
-            self.remove_bench_pods()
-        except Exception as err:  # still stop the daemon and look for what is left
-            left.append(f"removing pods failed: {describe(err)}")
-        self.close()
         if self.process is not None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -246,7 +258,6 @@ class Flatpod(Runtime):
                 self.process.kill()
                 self.process.wait()
         left += self._own_leftovers()
-        left += self._cgroup_leftovers()
         self._remove_bridge()
         return left
 
@@ -312,18 +323,13 @@ class Containerd(Runtime):
         except (OSError, ValueError):
             return 0
 
-    def stop(self) -> list[str]:
+    def restore_images(self) -> None:
+        for image, was_there in self.images_before.items():
+            if not was_there:
+                self.cri.remove_image(image)
+
+    def stop_daemon(self) -> list[str]:
         left: list[str] = []
-        if self.socket == Path():  # it never started: nothing of the bench's to remove
-            return left
-        try:
-            self.remove_bench_pods()
-            for image, was_there in self.images_before.items():
-                if not was_there:
-                    self.cri.remove_image(image)
-        except Exception as err:
-            left.append(f"removing pods/images failed: {describe(err)}")
-        self.close()
         if self.started_here:
             result = self._script("stop")
             if result.returncode != 0:
@@ -335,5 +341,4 @@ class Containerd(Runtime):
             netns_now = set(os.listdir(NETNS_DIR)) if NETNS_DIR.is_dir() else set()
             left += [f"netns {n}" for n in sorted(netns_now - self.netns_before)
                      if n.startswith("cni-")]
-        left += self._cgroup_leftovers()
         return left
