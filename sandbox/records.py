@@ -182,23 +182,31 @@ def _from_doc(cls: type[R], doc: str, config: bytes) -> R:
 
 
 def save_pod(store: Store, pod: PodRecord) -> None:
-    pod.list_entry = pod.status_bytes = b""
-    with store.tx() as conn:
-        conn.execute(
-            "INSERT INTO pods(id, doc, config) VALUES (?, ?, ?) "
-            "ON CONFLICT(id) DO UPDATE SET doc = excluded.doc, config = excluded.config",
-            (pod.id, _doc(pod), pod.config.SerializeToString()),
-        )
+    _save(
+        store, pod,
+        "INSERT INTO pods(id, doc, config) VALUES (?, ?, ?) "
+        "ON CONFLICT(id) DO UPDATE SET doc = excluded.doc, config = excluded.config",
+        (pod.id, _doc(pod), pod.config.SerializeToString()),
+    )
 
 
 def save_container(store: Store, ctr: ContainerRecord) -> None:
-    ctr.list_entry = ctr.status_bytes = b""
+    _save(
+        store, ctr,
+        "INSERT INTO containers(id, pod_id, doc, config) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
+        (ctr.id, ctr.pod_id, _doc(ctr), ctr.config.SerializeToString()),
+    )
+
+
+def _save(
+    store: Store, record: PodRecord | ContainerRecord, upsert: str, row: tuple[object, ...]
+) -> None:
+    """Stores a changed record. Its cached answers (list entry, status) are emptied, to be
+    built again from it when next asked for: a save is the one place that does it."""
+    record.list_entry = record.status_bytes = b""
     with store.tx() as conn:
-        conn.execute(
-            "INSERT INTO containers(id, pod_id, doc, config) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
-            (ctr.id, ctr.pod_id, _doc(ctr), ctr.config.SerializeToString()),
-        )
+        conn.execute(upsert, row)
 
 
 def insert_pod(store: Store, pod: PodRecord) -> str | None:
