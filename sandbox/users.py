@@ -15,6 +15,7 @@ import errno
 import os
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,14 +192,7 @@ def read_in_root(
 
 def parse_passwd(text: str) -> list[PasswdEntry]:
     entries = []
-    for line in text.splitlines():
-        parts = line.strip().split(":")
-        if len(parts) < 4 or line.startswith("#"):
-            continue
-        try:
-            uid, gid = int(parts[2]), int(parts[3])
-        except ValueError:
-            continue
+    for parts, (uid, gid) in _id_lines(text, min_fields=4, id_fields=(2, 3)):
         home = parts[5] if len(parts) > 5 else ""
         entries.append(PasswdEntry(name=parts[0], uid=uid, gid=gid, home=home))
     return entries
@@ -206,17 +200,27 @@ def parse_passwd(text: str) -> list[PasswdEntry]:
 
 def parse_group(text: str) -> list[GroupEntry]:
     entries = []
-    for line in text.splitlines():
-        parts = line.strip().split(":")
-        if len(parts) < 3 or line.startswith("#"):
-            continue
-        try:
-            gid = int(parts[2])
-        except ValueError:
-            continue
+    for parts, (gid,) in _id_lines(text, min_fields=3, id_fields=(2,)):
         members = tuple(m for m in parts[3].split(",") if m) if len(parts) > 3 else ()
         entries.append(GroupEntry(name=parts[0], gid=gid, members=members))
     return entries
+
+
+def _id_lines(
+    text: str, min_fields: int, id_fields: tuple[int, ...]
+) -> Iterator[tuple[list[str], tuple[int, ...]]]:
+    """The fields of each line of an /etc/passwd- or /etc/group-style file, with its numeric
+    ids (`id_fields`). Comments, lines of fewer than `min_fields` fields and lines whose id
+    is not a number are skipped."""
+    for line in text.splitlines():
+        parts = line.strip().split(":")
+        if len(parts) < min_fields or line.startswith("#"):
+            continue
+        try:
+            ids = tuple(int(parts[i]) for i in id_fields)
+        except ValueError:
+            continue
+        yield parts, ids
 
 
 def _parse_id(text: str) -> int | None:
