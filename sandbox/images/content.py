@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +55,35 @@ class _Download:
             listener(nbytes)
 
 
+class GcRemovals:
+    """What GC is removing from a store (blobs by digest, snapshots by chain id): a pull that
+    wants one of them meanwhile waits until it is gone, then makes it again."""
+
+    def __init__(self) -> None:
+        self._done: dict[str, asyncio.Event] = {}  # set once GC has removed it
+
+    async def wait_for(self, name: str) -> None:
+        done = self._done.get(name)
+        if done is not None:
+            await done.wait()
+
+    async def remove(self, names: Iterable[str], remove: Callable[[str], None]) -> None:
+        """`remove(name)` for each of `names`, all in one worker thread."""
+        events = {n: asyncio.Event() for n in names}
+        self._done.update(events)
+        try:
+            await asyncio.to_thread(_remove_each, list(events), remove)
+        finally:
+            for name, event in events.items():
+                del self._done[name]
+                event.set()
+
+
+def _remove_each(names: list[str], remove: Callable[[str], None]) -> None:
+    for name in names:
+        remove(name)
+
+
 class ContentStore:
     def __init__(self, root: Path, max_concurrent_downloads: int = 3) -> None:
         self.blob_dir = root / "content" / "sha256"
@@ -64,7 +93,7 @@ class ContentStore:
         self._max_downloads = max_concurrent_downloads
         self._slots: asyncio.Semaphore | None = None
         self._downloads: dict[str, _Download] = {}
-        self._removing: dict[str, asyncio.Event] = {}  # digest -> set when GC has removed it
+        self._removing = GcRemovals()  # blobs by digest
 
     def path(self, digest: str) -> Path:
         return self.blob_dir / digest_hex(digest)
@@ -82,21 +111,10 @@ class ContentStore:
     def remove(self, digest: str) -> None:
         self.path(digest).unlink(missing_ok=True)
 
-    def _remove_all(self, names: set[str]) -> None:
-        for name in names:
-            self.remove(name)
-
     async def remove_unused(self, doomed: set[str]) -> None:
         """Deletes blobs GC found unused. Decide `doomed` and call this in one event-loop step:
         a pull asking for one of them meanwhile waits and downloads it again."""
-        events = {d: asyncio.Event() for d in doomed if d not in self._downloads}
-        self._removing.update(events)
-        try:
-            await asyncio.to_thread(self._remove_all, set(events))
-        finally:
-            for digest, event in events.items():
-                del self._removing[digest]
-                event.set()
+        await self._removing.remove([d for d in doomed if d not in self._downloads], self.remove)
 
     def clear_ingest(self) -> None:
         """Drops half-written downloads left by a crash (call before any pull starts)."""
@@ -110,9 +128,7 @@ class ContentStore:
         """The blob's path, downloading it with `opener` unless it is present or already
         being downloaded by another pull (then this waits for that one)."""
         digest_hex(digest)
-        removal = self._removing.get(digest)
-        if removal is not None:
-            await removal.wait()  # GC is deleting it: fetch it again afterwards
+        await self._removing.wait_for(digest)  # GC is deleting it: fetch it again afterwards
         path = self.path(digest)
         if path.is_file():
             progress(size)

@@ -34,6 +34,7 @@ from typing import BinaryIO, cast
 import zstandard
 
 from netns import libc
+from sandbox.images.content import GcRemovals
 from sandbox.images.tarreader import TarFormatError, TarLimitExceeded, TarLimits, TarReader
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ class SnapshotStore:
         self._max_unpacks = max_concurrent_unpacks
         self._slots: asyncio.Semaphore | None = None
         self._unpacking: dict[str, asyncio.Future[None]] = {}
-        self._removing: dict[str, asyncio.Event] = {}  # chain id -> set once GC removed it
+        self._removing = GcRemovals()  # snapshots by chain id
         self._usage: dict[str, Usage] = {}  # snapshots never change, so this never goes stale
 
     def path(self, chain_id: str) -> Path:
@@ -137,20 +138,9 @@ class SnapshotStore:
         shutil.rmtree(doomed, ignore_errors=True)
         self._usage.pop(chain_id, None)
 
-    def _remove_all(self, names: set[str]) -> None:
-        for name in names:
-            self.remove(name)
-
     async def remove_unused(self, doomed: set[str]) -> None:
         """Deletes snapshots GC found unused; see ContentStore.remove_unused."""
-        events = {c: asyncio.Event() for c in doomed if c not in self._unpacking}
-        self._removing.update(events)
-        try:
-            await asyncio.to_thread(self._remove_all, set(events))
-        finally:
-            for chain_id, event in events.items():
-                del self._removing[chain_id]
-                event.set()
+        await self._removing.remove([c for c in doomed if c not in self._unpacking], self.remove)
 
     def clear_temp(self) -> None:
         """Drops half-unpacked or half-removed snapshots left by a crash."""
@@ -166,9 +156,7 @@ class SnapshotStore:
 
     async def ensure(self, chain_id: str, blob: Path, diff_id: str, progress: Progress) -> None:
         """Unpacks the layer unless its snapshot exists or another pull is unpacking it."""
-        removal = self._removing.get(chain_id)
-        if removal is not None:
-            await removal.wait()  # GC is deleting it: unpack it again afterwards
+        await self._removing.wait_for(chain_id)  # GC is deleting it: unpack it again afterwards
         if self.has(chain_id):
             return
         pending = self._unpacking.get(chain_id)
