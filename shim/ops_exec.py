@@ -12,7 +12,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from shim import protocol
-from shim.runc import Stdio
+from shim.runc import StdioPipes
 from shim.state import (
     Callback,
     ConsoleListener,
@@ -75,34 +75,17 @@ def exec_(shim: Shim, conn: Connection, request: dict[str, Any]) -> None:
 
 def _exec_with_pipes(shim: Shim, container: Container, process_path: str, pid_file: str,
                      want_stdin: bool) -> tuple[list[int], list[str]]:
-    child_fds: list[int] = []
-    caller_fds: list[int] = []
-    names: list[str] = []
+    pipes = StdioPipes.open(want_stdin)
     try:
-        stdin_read = -1
-        if want_stdin:
-            stdin_read, stdin_write = os.pipe()
-            child_fds.append(stdin_read)
-            caller_fds.append(stdin_write)
-            names.append("stdin")
-        out_read, out_write = os.pipe()
-        caller_fds.append(out_read)
-        child_fds.append(out_write)
-        names.append("stdout")
-        err_read, err_write = os.pipe()
-        caller_fds.append(err_read)
-        child_fds.append(err_write)
-        names.append("stderr")
-        shim.runc.exec(container.id, process_path, pid_file,
-                       stdio=Stdio(stdin_read, out_write, err_write))
+        shim.runc.exec(container.id, process_path, pid_file, stdio=pipes.child)
     except BaseException:
-        for fd in caller_fds:
-            os.close(fd)
+        pipes.close_parent_ends()
         raise
     finally:
-        for fd in child_fds:
-            os.close(fd)
-    return caller_fds, names
+        pipes.close_child_ends()
+    if not want_stdin:
+        return [pipes.stdout, pipes.stderr], ["stdout", "stderr"]
+    return [pipes.stdin, pipes.stdout, pipes.stderr], ["stdin", "stdout", "stderr"]
 
 
 def _exec_with_pty(shim: Shim, container: Container, process_path: str,

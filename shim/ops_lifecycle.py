@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from shim import protocol
 from shim.crilog import CriLogFile, LineSplitter
-from shim.runc import RuncError, Stdio, criu_log_errors
+from shim.runc import RuncError, StdioPipes, criu_log_errors
 from shim.state import (
     ConsoleListener,
     Container,
@@ -87,20 +87,13 @@ def _run_container(shim: Shim, container: Container, pid_file: str) -> None:
 
 
 def _create_with_pipes(shim: Shim, container: Container, pid_file: str, want_stdin: bool) -> None:
-    child_fds: list[int] = []
+    pipes = StdioPipes.open(want_stdin)
+    if want_stdin:
+        container.stdin = FdWriter(shim.loop, pipes.stdin)
+    container.outputs[pipes.stdout] = protocol.STREAM_STDOUT
+    container.outputs[pipes.stderr] = protocol.STREAM_STDERR
     try:
-        stdin_read = -1
-        if want_stdin:
-            stdin_read, stdin_write = os.pipe()
-            child_fds.append(stdin_read)
-            container.stdin = FdWriter(shim.loop, stdin_write)
-        out_read, out_write = os.pipe()
-        container.outputs[out_read] = protocol.STREAM_STDOUT
-        child_fds.append(out_write)
-        err_read, err_write = os.pipe()
-        container.outputs[err_read] = protocol.STREAM_STDERR
-        child_fds.append(err_write)
-        stdio = Stdio(stdin_read, out_write, err_write)
+        stdio = pipes.child
         restore = container.restore
         if restore is None:
             shim.runc.create(container.id, container.bundle, pid_file, stdio=stdio,
@@ -110,8 +103,7 @@ def _create_with_pipes(shim: Shim, container: Container, pid_file: str, want_std
                               restore.work_path, pid_file, criu=restore.criu, stdio=stdio,
                               systemd_cgroup=container.systemd_cgroup)
     finally:
-        for fd in child_fds:
-            os.close(fd)
+        pipes.close_child_ends()
     for fd in container.outputs:
         os.set_blocking(fd, False)
         container.splitters[fd] = LineSplitter(shim.max_log_line)

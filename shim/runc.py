@@ -74,6 +74,47 @@ class Stdio:
     stderr: int = -1
 
 
+@dataclass(frozen=True)
+class StdioPipes:
+    """Pipes for a process's stdio: `child` holds the ends runc hands on (close them once
+    runc has), the caller keeps `stdin` (the write end; -1 without stdin), `stdout` and
+    `stderr` (the read ends)."""
+
+    child: Stdio
+    stdin: int
+    stdout: int
+    stderr: int
+
+    @classmethod
+    def open(cls, want_stdin: bool) -> StdioPipes:
+        made: list[int] = []
+        try:
+            stdin_read = stdin_write = -1
+            if want_stdin:
+                stdin_read, stdin_write = os.pipe()
+                made += (stdin_read, stdin_write)
+            out_read, out_write = os.pipe()
+            made += (out_read, out_write)
+            err_read, err_write = os.pipe()
+        except BaseException:
+            for fd in made:
+                os.close(fd)
+            raise
+        return cls(Stdio(stdin_read, out_write, err_write), stdin_write, out_read, err_read)
+
+    def close_child_ends(self) -> None:
+        _close_open(self.child.stdin, self.child.stdout, self.child.stderr)
+
+    def close_parent_ends(self) -> None:
+        _close_open(self.stdin, self.stdout, self.stderr)
+
+
+def _close_open(*fds: int) -> None:
+    for fd in fds:
+        if fd >= 0:
+            os.close(fd)
+
+
 @dataclass
 class Runc:
     root: str
