@@ -14,6 +14,7 @@ from tests.pods import mounts_under, remove_all_pods
 
 if TYPE_CHECKING:
     from tests.support.plugin import TestImages
+    from tests.test_streaming_support import ServerHarness
 
 pytest_plugins = ["tests.support.plugin", "tests.support.netns"]
 
@@ -30,6 +31,14 @@ def cri(daemon: Daemon) -> Iterator[CriClient]:
     client = daemon.client()
     yield client
     client.close()
+
+
+@pytest.fixture
+def harness() -> Iterator[ServerHarness]:
+    """A streaming server over real local processes (tests/test_streaming_support.py)."""
+    from tests.test_streaming_support import running_harness
+
+    yield from running_harness()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -16,15 +16,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from kubernetes.client import Configuration
 from kubernetes.stream.ws_client import WSClient
 
 from cri_api import api_pb2 as pb
 from tests.cri import CriClient
 from tests.pods import (
+    attach_url,
     container_config,
     container_status,
     exec_sync,
+    exec_url,
     pod_config,
     run_pod,
     start_container,
@@ -38,8 +39,10 @@ from tests.test_streaming_support import (
     RemoteCommand,
     SpdyClient,
     UpgradeRefused,
+    echo_hello_then_eof,
     run,
     run_command,
+    ws_client,
 )
 
 SPDY_PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io", "v3.channel.k8s.io",
@@ -75,29 +78,14 @@ def streaming_pod(fp: CriClient, pulled: TestImages,
         remove_pod(fp, pod_id)
 
 
-def exec_url(fp: CriClient, ctr_id: str, cmd: list[str], *, tty: bool = False,
-             stdin: bool = False) -> str:
-    url: str = fp.Exec(pb.ExecRequest(container_id=ctr_id, cmd=cmd, tty=tty, stdin=stdin,
-                                      stdout=True, stderr=not tty)).url
-    return url
-
-
-def attach_url(fp: CriClient, ctr_id: str) -> str:
-    url: str = fp.Attach(pb.AttachRequest(container_id=ctr_id, stdin=True, stdout=True,
-                                          stderr=True)).url
-    return url
-
-
 def forward_url(fp: CriClient, pod_id: str, port: int) -> str:
     url: str = fp.PortForward(pb.PortForwardRequest(pod_sandbox_id=pod_id, port=[port])).url
     return url
 
 
-def ws_client(url: str, protocol: str = "v5.channel.k8s.io") -> WSClient:
-    config = Configuration()
-    config.verify_ssl = False
-    return WSClient(config, url.replace("http", "ws", 1),
-                    {"sec-websocket-protocol": protocol}, capture_all=True, binary=True)
+def v5_client(url: str) -> WSClient:
+    """kubelet's clients' current WebSocket protocol."""
+    return ws_client(url, "v5.channel.k8s.io")
 
 
 def exit_code(status: dict[str, Any]) -> int:
@@ -222,7 +210,7 @@ def test_exec_and_attach_over_legacy_websocket_protocols(
 
 
 def test_exec_tty_and_stdin_over_websocket(fp: CriClient, streaming_pod: StreamingPod) -> None:
-    client = ws_client(exec_url(fp, streaming_pod.worker, ["echo", "-n", "hello"],
+    client = v5_client(exec_url(fp, streaming_pod.worker, ["echo", "-n", "hello"],
                                 tty=True, stdin=True))
     try:
         client.run_forever(timeout=20)
@@ -230,7 +218,7 @@ def test_exec_tty_and_stdin_over_websocket(fp: CriClient, streaming_pod: Streami
         assert client.returncode == 0
     finally:
         client.close()
-    client = ws_client(exec_url(fp, streaming_pod.worker, ["cat"], stdin=True))
+    client = v5_client(exec_url(fp, streaming_pod.worker, ["cat"], stdin=True))
     try:
         client.write_stdin(b"echoed back\n")
         client.close_channel(0)  # v5 CLOSE: cat sees EOF
@@ -306,14 +294,9 @@ def test_attach_over_spdy(fp: CriClient, pulled: TestImages,
 def test_attach_over_websocket(fp: CriClient, pulled: TestImages,
                                streaming_pod: StreamingPod) -> None:
     shell = interactive_shell(fp, pulled, streaming_pod)
-    client = ws_client(attach_url(fp, shell))
+    client = v5_client(attach_url(fp, shell))
     try:
-        client.write_stdin(b"echo -n hello\n")
-        client.update(timeout=5)
-        assert client.read_stdout(timeout=5) == b"hello"
-        client.close_channel(0)
-        client.run_forever(timeout=20)
-        assert not client.is_open()
+        echo_hello_then_eof(client)
         assert client.read_stderr() == b""
     finally:
         client.close()

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import pytest
+from google.protobuf.message import Message
 
 from cri_api import api_pb2 as pb
 from sandbox import containers, pods
@@ -104,11 +105,8 @@ def test_stream_pod_sandboxes_equals_list_pod_sandbox(
     raw_pages = asyncio.run(_collect(
         pods.stream_pod_sandboxes(node, pb.StreamPodSandboxesRequest(filter=flt))
     ))
-    streamed = [p for raw in raw_pages
-                for p in pb.StreamPodSandboxesResponse.FromString(raw).pod_sandboxes]
-    assert streamed == list(listed)
-    assert all(len(raw) <= STREAM_PAGE_BYTES for raw in raw_pages)
-    assert len(raw_pages) >= 1  # an empty stream still answers once
+    _check_streamed(listed, raw_pages,
+                    lambda raw: pb.StreamPodSandboxesResponse.FromString(raw).pod_sandboxes)
 
 
 @pytest.mark.parametrize("flt", _container_filters())
@@ -121,14 +119,27 @@ def test_stream_containers_equals_list_containers(
     raw_pages = asyncio.run(_collect(
         containers.stream_containers(node, pb.StreamContainersRequest(filter=flt))
     ))
-    streamed = [c for raw in raw_pages
-                for c in pb.StreamContainersResponse.FromString(raw).containers]
-    assert streamed == list(listed)
-    assert all(len(raw) <= STREAM_PAGE_BYTES for raw in raw_pages)
+    streamed = _check_streamed(
+        listed, raw_pages, lambda raw: pb.StreamContainersResponse.FromString(raw).containers
+    )
     if flt is None:
         assert len(streamed) == PODS * CONTAINERS_PER_POD
         # 1,000 entries of over 4 KiB: the stream never builds one message of them all.
         assert len(raw_pages) >= 4
+
+
+def _check_streamed(
+    listed: Sequence[Message], raw_pages: list[bytes],
+    entries_of: Callable[[bytes], Sequence[Message]],
+) -> list[Message]:
+    """The entries of a stream's raw messages, checked against its List answer: the same
+    entries in the same order, each message within the page bound, at least one message
+    (an empty stream still answers once)."""
+    streamed = [entry for raw in raw_pages for entry in entries_of(raw)]
+    assert streamed == list(listed)
+    assert all(len(raw) <= STREAM_PAGE_BYTES for raw in raw_pages)
+    assert len(raw_pages) >= 1
+    return streamed
 
 
 def test_pages_keep_entries_whole_and_in_order() -> None:

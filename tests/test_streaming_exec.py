@@ -7,33 +7,21 @@ import os
 import statistics
 import time
 import zlib
-from collections.abc import Iterator
 
 import pytest
 
 from sandbox.streaming import spdy
-from sandbox.streaming.server import AttachParams, ExecParams
+from sandbox.streaming.server import AttachParams
 from tests.pods import pid_alive
 from tests.test_streaming_support import (
     RemoteCommand,
     ServerHarness,
     SpdyClient,
     UpgradeRefused,
+    exec_url,
     run,
     run_command,
-    running_harness,
 )
-
-
-@pytest.fixture
-def harness() -> Iterator[ServerHarness]:
-    yield from running_harness()
-
-
-def exec_url(harness: ServerHarness, cmd: list[str], **options: bool) -> str:
-    params = ExecParams("c1", cmd, **options)
-    url: str = harness.on_loop(harness.server.get_exec_url, params)
-    return url
 
 
 def test_dictionary_matches_spdy3_draft() -> None:
@@ -100,12 +88,20 @@ def test_stdin_echo_and_eof(harness: ServerHarness) -> None:
     assert result.status["status"] == "Success"
 
 
+def _tty_shell_url(harness: ServerHarness, script: str) -> str:
+    """An exec of `sh -c script` with a terminal and stdin."""
+    return exec_url(harness, ["sh", "-c", script], stdin=True, tty=True, stderr=False)
+
+
+async def _open_tty(url: str) -> RemoteCommand:
+    return await RemoteCommand.open(url, stdin=True, stderr=False, tty=True)
+
+
 def test_exec_with_tty(harness: ServerHarness) -> None:
-    url = exec_url(harness, ["sh", "-c", "stty size; echo -n hello"], stdin=True, tty=True,
-                   stderr=False)
+    url = _tty_shell_url(harness, "stty size; echo -n hello")
 
     async def scenario() -> bytes:
-        command = await RemoteCommand.open(url, stdin=True, stderr=False, tty=True)
+        command = await _open_tty(url)
         try:
             assert command.stderr is None and command.resize is not None
             # The process ends by itself while our stdin stays open (critest's case).
@@ -119,11 +115,10 @@ def test_exec_with_tty(harness: ServerHarness) -> None:
 
 
 def test_tty_resize_reaches_terminal(harness: ServerHarness) -> None:
-    url = exec_url(harness, ["sh", "-c", "read line; stty size"], stdin=True, tty=True,
-                   stderr=False)
+    url = _tty_shell_url(harness, "read line; stty size")
 
     async def scenario() -> bytes:
-        command = await RemoteCommand.open(url, stdin=True, stderr=False, tty=True)
+        command = await _open_tty(url)
         try:
             assert command.resize is not None and command.stdin is not None
             await command.client.send(command.resize, b'{"Width":91,"Height":33}\n')

@@ -41,7 +41,14 @@ from sandbox.streaming import spdy
 from shim.client import ProcessState, ShimClient, ShimError
 from tests.cri import CriClient
 from tests.daemon import REPO, Daemon
-from tests.pods import container_config, pod_config, run_pod, start_container
+from tests.pods import (
+    attach_url,
+    container_config,
+    exec_url,
+    pod_config,
+    run_pod,
+    start_container,
+)
 from tests.support.plugin import TestImages
 from tests.test_streaming_support import (
     RemoteCommand,
@@ -159,13 +166,6 @@ def unlogged_container(image: str, name: str, **fields: object) -> pb.ContainerC
     config = container_config(image, name, **fields)
     config.log_path = ""
     return config
-
-
-def exec_url(fp: CriClient, ctr_id: str, cmd: list[str], tty: bool = False,
-             stdin: bool = False) -> str:
-    url: str = fp.Exec(pb.ExecRequest(container_id=ctr_id, cmd=cmd, tty=tty, stdin=stdin,
-                                      stdout=True, stderr=not tty)).url
-    return url
 
 
 # --- SPDY header bomb ----------------------------------------------------------------------------
@@ -298,12 +298,6 @@ async def _attach_resize(url: str, events: list[bytes]) -> None:
         await asyncio.sleep(0.2)
     finally:
         await command.client.close()
-
-
-def attach_url(fp: CriClient, ctr_id: str, tty: bool) -> str:
-    url: str = fp.Attach(pb.AttachRequest(container_id=ctr_id, stdin=True, stdout=True,
-                                          stderr=not tty, tty=tty)).url
-    return url
 
 
 def test_resize_overflow(fp: CriClient, shared_daemon: Daemon, hostile_pod: HostilePod,

@@ -19,15 +19,17 @@ from sandbox.metrics import MetricsEndpoint
 from sandbox.streaming import spdy
 from sandbox.streaming.limits import StreamLimits
 from sandbox.streaming.remotecommand import ResizeError, ResizeParser
-from sandbox.streaming.server import ExecParams, PortForwardParams
+from sandbox.streaming.server import PortForwardParams
 from tests.daemon import Daemon, running_daemon
 from tests.test_streaming_support import (
     RemoteCommand,
     ServerHarness,
     SpdyClient,
     UpgradeRefused,
+    exec_url,
     run,
     run_command,
+    running_harness,
 )
 
 LIMITS = StreamLimits(max_connections=4, max_sessions_per_container=2,
@@ -36,21 +38,12 @@ LIMITS = StreamLimits(max_connections=4, max_sessions_per_container=2,
 
 @pytest.fixture
 def harness() -> Iterator[ServerHarness]:
-    started = ServerHarness(limits=LIMITS)
-    try:
-        yield started
-    finally:
-        started.close()
+    yield from running_harness(LIMITS)
 
 
 def address(harness: ServerHarness) -> tuple[str, int]:
     host, port = harness.server.url.split("://", 1)[1].rsplit(":", 1)
     return host, int(port)
-
-
-def exec_url(harness: ServerHarness, cmd: list[str], **options: bool) -> str:
-    url: str = harness.on_loop(harness.server.get_exec_url, ExecParams("c1", cmd, **options))
-    return url
 
 
 def test_a_connection_that_never_sends_its_request_is_closed(harness: ServerHarness) -> None:

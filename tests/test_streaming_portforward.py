@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import struct
 from collections.abc import Iterator
 
@@ -12,17 +11,12 @@ import websocket  # websocket-client: a real client nobody here wrote
 
 from sandbox.streaming import spdy
 from sandbox.streaming.server import PortForwardParams
+from tests.support.registry import free_port
 from tests.test_streaming_support import (
     ServerHarness,
     SpdyClient,
     run,
-    running_harness,
 )
-
-
-@pytest.fixture
-def harness() -> Iterator[ServerHarness]:
-    yield from running_harness()
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -50,13 +44,6 @@ def ports(harness: ServerHarness) -> Iterator[tuple[int, int]]:
         for server in (echo, http):
             server.close()
             harness.call(server.wait_closed())
-
-
-def unused_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def forward_url(harness: ServerHarness) -> str:
@@ -102,7 +89,7 @@ def test_two_ports_concurrent_connections(harness: ServerHarness,
 
 
 def test_connection_failure_on_error_stream(harness: ServerHarness) -> None:
-    closed_port = unused_port()
+    closed_port = free_port()
 
     async def scenario() -> tuple[bytes, bytes]:
         client = await SpdyClient.connect(forward_url(harness), ["portforward.k8s.io"])
@@ -171,7 +158,7 @@ class TunnelledSpdyClient:
 def test_port_forward_tunnelled_in_websocket(harness: ServerHarness,
                                              ports: tuple[int, int]) -> None:
     echo_port, _ = ports
-    closed_port = unused_port()
+    closed_port = free_port()
     client = TunnelledSpdyClient(forward_url(harness))
     try:
         # websocket-client reports the subprotocol lower-cased.

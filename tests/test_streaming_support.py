@@ -17,9 +17,12 @@ from collections.abc import Awaitable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from kubernetes.client import Configuration
+from kubernetes.stream.ws_client import WSClient
+
 from sandbox.streaming import spdy
 from sandbox.streaming.limits import StreamLimits
-from sandbox.streaming.server import StreamingServer
+from sandbox.streaming.server import ExecParams, StreamingServer
 
 T = TypeVar("T")
 
@@ -182,13 +185,41 @@ class ServerHarness:
             self.loop.close()
 
 
-def running_harness() -> Iterator[ServerHarness]:
-    """Body of each test module's `harness` fixture: a server, always stopped."""
-    started = ServerHarness()
+def running_harness(limits: StreamLimits | None = None) -> Iterator[ServerHarness]:
+    """Body of a `harness` fixture (tests/conftest.py's, or a module's own with other
+    limits): a server, always stopped."""
+    started = ServerHarness(limits=limits)
     try:
         yield started
     finally:
         started.close()
+
+
+def ws_client(url: str, protocol: str | None = None) -> WSClient:
+    """The kubernetes Python client's WebSocket client on `url` (http: ws, https: wss),
+    offering `protocol`, or no subprotocol."""
+    headers = {"sec-websocket-protocol": protocol} if protocol else None
+    config = Configuration()
+    config.verify_ssl = False
+    return WSClient(config, url.replace("http", "ws", 1), headers, capture_all=True,
+                    binary=True)
+
+
+def echo_hello_then_eof(client: WSClient) -> None:
+    """Drives a shell attached over WebSocket: `echo -n hello` comes back on stdout, and the
+    end of stdin ends the shell and the connection."""
+    client.write_stdin(b"echo -n hello\n")
+    client.update(timeout=5)
+    assert client.read_stdout(timeout=5) == b"hello"
+    client.close_channel(0)
+    client.run_forever(timeout=20)
+    assert not client.is_open()
+
+
+def exec_url(harness: ServerHarness, cmd: list[str], **options: bool) -> str:
+    """A single-use URL for an exec of `cmd` in the local backend's container "c1"."""
+    url: str = harness.on_loop(harness.server.get_exec_url, ExecParams("c1", cmd=cmd, **options))
+    return url
 
 
 # ---------------------------------------------------------------------------

@@ -6,40 +6,21 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kubernetes.client import Configuration
-from kubernetes.stream.ws_client import WSClient
 
-from sandbox.streaming.server import AttachParams, ExecParams
+from sandbox.streaming.server import AttachParams
 from tests.test_streaming_support import (
     BASE64_PROTOCOLS,
     ChannelClient,
     ServerHarness,
+    echo_hello_then_eof,
+    exec_url,
     run,
     run_command,
-    running_harness,
+    ws_client,
 )
-
-
-@pytest.fixture
-def harness() -> Iterator[ServerHarness]:
-    yield from running_harness()
-
-
-def ws_client(url: str, protocol: str | None = None) -> WSClient:
-    headers = {"sec-websocket-protocol": protocol} if protocol else None
-    config = Configuration()
-    config.verify_ssl = False
-    return WSClient(config, url.replace("http", "ws", 1), headers, capture_all=True,
-                    binary=True)
-
-
-def exec_url(harness: ServerHarness, cmd: list[str], **options: bool) -> str:
-    url: str = harness.on_loop(harness.server.get_exec_url, ExecParams("c1", cmd, **options))
-    return url
 
 
 @pytest.mark.parametrize("protocol", ["v5.channel.k8s.io", "v4.channel.k8s.io"])
@@ -76,12 +57,7 @@ def test_attach_over_websocket(harness: ServerHarness) -> None:
                                AttachParams("ctr", stdin=True, stdout=True, stderr=True))
     client = ws_client(url)
     try:
-        client.write_stdin(b"echo -n hello\n")
-        client.update(timeout=5)
-        assert client.read_stdout(timeout=5) == b"hello"
-        client.close_channel(0)
-        client.run_forever(timeout=20)
-        assert not client.is_open()
+        echo_hello_then_eof(client)
         assert client.returncode == 0
     finally:
         client.close()
