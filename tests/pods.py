@@ -11,6 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc
+import pytest
+
 from cri_api import api_pb2 as pb
 from tests.cri import CriClient
 from tests.daemon import TIME_SCALE
@@ -100,6 +103,37 @@ def exec_sync(cri: CriClient, ctr_id: str, *cmd: str, timeout: int = 10) -> pb.E
         pb.ExecSyncRequest(container_id=ctr_id, cmd=list(cmd), timeout=timeout)
     )
     return response
+
+
+def exec_url(cri: CriClient, ctr_id: str, cmd: list[str], *, tty: bool = False,
+             stdin: bool = False) -> str:
+    """The streaming URL of an Exec of `cmd` (its output on stdout, and stderr without tty)."""
+    url: str = cri.Exec(pb.ExecRequest(container_id=ctr_id, cmd=cmd, tty=tty, stdin=stdin,
+                                       stdout=True, stderr=not tty)).url
+    return url
+
+
+def attach_url(cri: CriClient, ctr_id: str, *, tty: bool = False) -> str:
+    """The streaming URL of an Attach to the container's stdio (stderr without tty)."""
+    url: str = cri.Attach(pb.AttachRequest(container_id=ctr_id, stdin=True, stdout=True,
+                                           stderr=not tty, tty=tty)).url
+    return url
+
+
+def stdout_of(cri: CriClient, ctr_id: str, *cmd: str) -> str:
+    """What `cmd` printed in the container; it must succeed."""
+    result = exec_sync(cri, ctr_id, *cmd)
+    assert result.exit_code == 0, (cmd, result.stderr)
+    return bytes(result.stdout).decode()
+
+
+def create_error(cri: CriClient, pod_id: str, pod: pb.PodSandboxConfig,
+                 config: pb.ContainerConfig) -> grpc.RpcError:
+    """The error CreateContainer answers `config` with; it must fail."""
+    with pytest.raises(grpc.RpcError) as err:
+        cri.CreateContainer(pb.CreateContainerRequest(
+            pod_sandbox_id=pod_id, config=config, sandbox_config=pod))
+    return err.value
 
 
 def mounts_under(path: Path) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,14 @@ import pytest
 
 from cri_api import api_pb2 as pb
 from tests.cri import CriClient
-from tests.pods import container_config, exec_sync, pod_config, run_pod, start_container
+from tests.pods import (
+    a_pod,
+    container_config,
+    create_error,
+    exec_sync,
+    start_container,
+    stdout_of,
+)
 from tests.support.plugin import TestImages
 
 PAUSE = ["sleep", "1000"]
@@ -45,30 +52,10 @@ def is_mount_point(path: Path) -> bool:
     return subprocess.run(["mountpoint", "-q", str(path)]).returncode == 0
 
 
-@contextmanager
-def privileged_pod(fp: CriClient, tmp_path: Path) -> Iterator[tuple[str, pb.PodSandboxConfig]]:
-    config = pod_config(log_dir=tmp_path / "logs", linux=pb.LinuxPodSandboxConfig(
+def privileged_pod(fp: CriClient, tmp_path: Path) -> AbstractContextManager[
+        tuple[str, pb.PodSandboxConfig]]:
+    return a_pod(fp, tmp_path, linux=pb.LinuxPodSandboxConfig(
         security_context=pb.LinuxSandboxSecurityContext(privileged=True)))
-    pod_id = run_pod(fp, config)
-    try:
-        yield pod_id, config
-    finally:
-        fp.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
-        fp.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
-
-
-def stdout_of(fp: CriClient, ctr_id: str, *cmd: str) -> str:
-    result = exec_sync(fp, ctr_id, *cmd)
-    assert result.exit_code == 0, (cmd, result.stderr)
-    return bytes(result.stdout).decode()
-
-
-def create_error(fp: CriClient, pod_id: str, pod: pb.PodSandboxConfig,
-                 config: pb.ContainerConfig) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as err:
-        fp.CreateContainer(pb.CreateContainerRequest(
-            pod_sandbox_id=pod_id, config=config, sandbox_config=pod))
-    return err.value
 
 
 def details(err: grpc.RpcError) -> str:

@@ -19,24 +19,16 @@ from tests.pods import (
     a_pod,
     container_config,
     container_status,
-    exec_sync,
     start_container,
+    stdout_of,
 )
 from tests.support.plugin import TestImages
 
 PAUSE = ["sleep", "1000"]
 
 
-
-
 def namespaces(mode: int) -> pb.NamespaceOption:
     return pb.NamespaceOption(network=mode, pid=mode, ipc=mode)  # type: ignore[arg-type]
-
-
-def stdout_of(fp: CriClient, ctr_id: str, *cmd: str) -> str:
-    result = exec_sync(fp, ctr_id, *cmd)
-    assert result.exit_code == 0, (cmd, result.stderr)
-    return bytes(result.stdout).decode()
 
 
 @contextmanager

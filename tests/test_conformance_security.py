@@ -22,8 +22,10 @@ from tests.pods import (
 from tests.pods import (
     container_config,
     container_status,
+    create_error,
     exec_sync,
     start_container,
+    stdout_of,
     wait_for,
 )
 from tests.support.images_extra import ExtraImages, push_extra_images
@@ -60,8 +62,6 @@ def profiles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return written
 
 
-
-
 def a_pod(
     fp: CriClient, tmp_path: Path, privileged: bool = False
 ) -> AbstractContextManager[tuple[str, pb.PodSandboxConfig]]:
@@ -72,20 +72,6 @@ def a_pod(
 def secured(image: str, command: list[str] | None = None, **context: Any) -> pb.ContainerConfig:
     return container_config(image, command=command or PAUSE, linux=pb.LinuxContainerConfig(
         security_context=pb.LinuxContainerSecurityContext(**context)))
-
-
-def create_error(fp: CriClient, pod_id: str, pod: pb.PodSandboxConfig,
-                 config: pb.ContainerConfig) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as err:
-        fp.CreateContainer(pb.CreateContainerRequest(
-            pod_sandbox_id=pod_id, config=config, sandbox_config=pod))
-    return err.value
-
-
-def stdout_of(fp: CriClient, ctr_id: str, *cmd: str) -> str:
-    result = exec_sync(fp, ctr_id, *cmd)
-    assert result.exit_code == 0, (cmd, result.stderr)
-    return bytes(result.stdout).decode()
 
 
 def status_field(fp: CriClient, ctr_id: str, name: str) -> str:

@@ -7,6 +7,8 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,18 @@ def security(**fields: Any) -> pb.LinuxContainerConfig:
 
 def pid_mode(mode: int) -> pb.NamespaceOption:
     return pb.NamespaceOption(pid=mode)
+
+
+@contextmanager
+def a_pid_pod(
+    fp: CriClient, tmp_path: Path
+) -> Iterator[tuple[str, pb.PodSandboxConfig, pb.LinuxContainerConfig]]:
+    """A pod with one PID namespace for all its containers (as a_pod), and the containers'
+    config that joins it."""
+    pod_linux = pb.LinuxPodSandboxConfig(security_context=pb.LinuxSandboxSecurityContext(
+        namespace_options=pid_mode(pb.POD)))
+    with a_pod(fp, tmp_path, linux=pod_linux) as (pod_id, pod):
+        yield pod_id, pod, security(namespace_options=pid_mode(pb.POD))
 
 
 def rpc_error(call: Any, *args: Any, **kwargs: Any) -> grpc.RpcError:
@@ -281,10 +295,7 @@ def test_containers_share_net_ipc_uts_not_mounts_or_pids(
 def test_pid_pod_containers_see_each_other(
     fp: CriClient, pulled: TestImages, tmp_path: Path
 ) -> None:
-    pod_linux = pb.LinuxPodSandboxConfig(security_context=pb.LinuxSandboxSecurityContext(
-        namespace_options=pid_mode(pb.POD)))
-    with a_pod(fp, tmp_path, linux=pod_linux) as (pod_id, pod):
-        shared = security(namespace_options=pid_mode(pb.POD))
+    with a_pid_pod(fp, tmp_path) as (pod_id, pod, shared):
         first = start_container(fp, pod_id, pod, container_config(
             pulled.busybox.reference, command=["sleep", "1001"], linux=shared))
         second = start_container(fp, pod_id, pod, container_config(
@@ -559,10 +570,7 @@ def test_bind_mounts(fp: CriClient, pulled: TestImages, tmp_path: Path) -> None:
 def test_pid_pod_exit_leaves_no_orphans(
     fp: CriClient, shared_daemon: Daemon, pulled: TestImages, tmp_path: Path
 ) -> None:
-    pod_linux = pb.LinuxPodSandboxConfig(security_context=pb.LinuxSandboxSecurityContext(
-        namespace_options=pid_mode(pb.POD)))
-    with a_pod(fp, tmp_path, linux=pod_linux) as (pod_id, pod):
-        shared = security(namespace_options=pid_mode(pb.POD))
+    with a_pid_pod(fp, tmp_path) as (pod_id, pod, shared):
         quitter = start_container(fp, pod_id, pod, container_config(
             pulled.busybox.reference, command=["sh", "-c", "sleep 1234 & sleep 0.3"],
             linux=shared))

@@ -89,6 +89,19 @@ def proxy(registry: Registry) -> Iterator[Proxy]:
         thread.join(10)
 
 
+def on_blob(
+    digest: str, answer: Callable[[http.server.BaseHTTPRequestHandler], None]
+) -> Callable[[http.server.BaseHTTPRequestHandler], bool]:
+    """A proxy hook that answers the request for the blob `digest` itself, with `answer`,
+    and passes every other request on."""
+    def hook(handler: http.server.BaseHTTPRequestHandler) -> bool:
+        if not handler.path.endswith(f"/blobs/{digest}"):
+            return False
+        answer(handler)
+        return True
+    return hook
+
+
 def reply(handler: http.server.BaseHTTPRequestHandler, status: int, body: bytes,
           headers: dict[str, str] | None = None) -> None:
     handler.send_response(status)
@@ -200,15 +213,12 @@ def test_tampered_blob_rejected_and_not_stored(
     web = test_images.web
     bad_layer = web.layer_digests[-1]
 
-    def tamper(handler: http.server.BaseHTTPRequestHandler) -> bool:
-        if not handler.path.endswith(f"/blobs/{bad_layer}"):
-            return False
+    def tamper(handler: http.server.BaseHTTPRequestHandler) -> None:
         data = bytearray(web.image.layers[-1].data)
         data[len(data) // 2] ^= 0xFF  # same size, wrong bytes
         reply(handler, 200, bytes(data))
-        return True
 
-    proxy.hook = tamper
+    proxy.hook = on_blob(bad_layer, tamper)
     service = make_service(tmp_path, store)
     with pytest.raises(Internal) as failed:
         pull(service, f"{proxy.host}/{web.repo_path}:latest")
@@ -224,18 +234,15 @@ def test_stalled_pull_is_cancelled(
     web = test_images.web
     slow_layer = web.layer_digests[-1]
 
-    def stall(handler: http.server.BaseHTTPRequestHandler) -> bool:
-        if not handler.path.endswith(f"/blobs/{slow_layer}"):
-            return False
+    def stall(handler: http.server.BaseHTTPRequestHandler) -> None:
         handler.send_response(200)
         handler.send_header("Content-Length", str(len(web.image.layers[-1].data)))
         handler.end_headers()
         handler.wfile.write(web.image.layers[-1].data[:10])
         handler.wfile.flush()
         proxy.release.wait(30)
-        return True
 
-    proxy.hook = stall
+    proxy.hook = on_blob(slow_layer, stall)
     service = make_service(tmp_path, store, pull_progress_timeout_seconds=1)
     with pytest.raises(DeadlineExceeded, match="no progress for 1s"):
         pull(service, f"{proxy.host}/{web.repo_path}:latest")

@@ -4,7 +4,6 @@ and the cAdvisor-named CRI metrics kubelet serves at /metrics/cadvisor."""
 from __future__ import annotations
 
 import dataclasses
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,13 +17,7 @@ from sandbox.metrics import split_address
 from tests.daemon import running_daemon
 from tests.pods import pod_config, remove_all_pods, run_pod
 from tests.support.plugin import TestImages
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+from tests.support.registry import free_port
 
 
 def scrape(url: str) -> str:

@@ -29,6 +29,8 @@ from tests.support.netns import (
     link_names,
     nat_table,
     nc_fetch,
+    new_pod_id,
+    pods_torn_down,
     run_in,
     tcp_fetch,
 )
@@ -48,9 +50,7 @@ class Bridge:
     pods: list[str] = field(default_factory=list)
 
     def pod_id(self) -> str:
-        pod = f"fpt-nn-{self.run}-pod{len(self.pods)}"
-        self.pods.append(pod)
-        return pod
+        return new_pod_id(self.run, "pod", self.pods)
 
 
 @pytest.fixture
@@ -62,15 +62,13 @@ def bridge(run_id: str, tmp_path: Path) -> Iterator[Bridge]:
         name=f"fpt-nn-b{run_id}", subnet=SUBNET, veth_prefix="fpt-nn", hostport_chains=chains
     )
     fixture = Bridge(BridgeNetwork(config, JsonFileLeaseBook(tmp_path / "leases.json")), run_id)
-    try:
+
+    def host_global() -> None:
+        fixture.net.destroy()
+        remove_base_chains(chains)
+
+    with pods_torn_down(fixture.net, fixture.pods, host_global):
         yield fixture
-    finally:
-        try:
-            for pod in fixture.pods:
-                fixture.net.teardown(pod, None)
-        finally:  # host-global pieces go even if a pod teardown failed
-            fixture.net.destroy()
-            remove_base_chains(chains)
     for pod in fixture.pods:
         assert config.host_veth_name(pod) not in link_names()
         assert chains.pod_chain(pod) not in nat_table()

@@ -24,6 +24,8 @@ from tests.support.netns import (
     assert_nothing_named,
     nat_table,
     nc_fetch,
+    new_pod_id,
+    pods_torn_down,
     run_in,
     tcp_fetch,
 )
@@ -66,9 +68,7 @@ class Cni:
     pods: list[str] = field(default_factory=list)
 
     def pod_id(self) -> str:
-        pod = f"fpt-nn-{self.run}-cpod{len(self.pods)}"
-        self.pods.append(pod)
-        return pod
+        return new_pod_id(self.run, "cpod", self.pods)
 
     def write_conf(self, conf: dict[str, object], name: str = "10-test.conflist") -> None:
         (self.conf_dir / name).write_text(json.dumps(conf))
@@ -98,14 +98,8 @@ def cni(run_id: str, tmp_path: Path) -> Iterator[Cni]:
     )
     fixture.write_conf(conflist(run_id, data_dir))
     bridge = f"fpt-nn-k{run_id}"
-    try:
+    with pods_torn_down(fixture.net, fixture.pods, lambda: _delete_link(bridge)):
         yield fixture
-    finally:
-        try:
-            for pod in fixture.pods:
-                fixture.net.teardown(pod, None)
-        finally:  # the bridge goes even if a DEL failed
-            _delete_link(bridge)
     for pod in fixture.pods:
         assert pod not in nat_table()
     assert_nothing_named(run_id)

@@ -219,10 +219,15 @@ def test_host_port_reachable_from_another_netns(
         subprocess.run(["ip", "netns", "del", client_ns], check=True)
 
 
-def test_host_network_pod(fp: CriClient, pulled: TestImages, tmp_path: Path) -> None:
-    config = pod_config(log_dir=tmp_path, linux=pb.LinuxPodSandboxConfig(
+def _pod_config_sharing(log_dir: Path, **modes: pb.NamespaceMode) -> pb.PodSandboxConfig:
+    """A pod's config with these namespace modes (network=pb.NODE, pid=pb.POD...)."""
+    return pod_config(log_dir=log_dir, linux=pb.LinuxPodSandboxConfig(
         security_context=pb.LinuxSandboxSecurityContext(
-            namespace_options=pb.NamespaceOption(network=pb.NODE))))
+            namespace_options=pb.NamespaceOption(**modes))))
+
+
+def test_host_network_pod(fp: CriClient, pulled: TestImages, tmp_path: Path) -> None:
+    config = _pod_config_sharing(tmp_path, network=pb.NODE)
     pod_id = run_pod(fp, config)
     try:
         status = _status(fp, pod_id, verbose=True)
@@ -237,9 +242,7 @@ def test_host_network_pod(fp: CriClient, pulled: TestImages, tmp_path: Path) -> 
 
 
 def test_pid_pod_pause_is_pid_1(fp: CriClient, pulled: TestImages, tmp_path: Path) -> None:
-    config = pod_config(log_dir=tmp_path, linux=pb.LinuxPodSandboxConfig(
-        security_context=pb.LinuxSandboxSecurityContext(
-            namespace_options=pb.NamespaceOption(pid=pb.POD))))
+    config = _pod_config_sharing(tmp_path, pid=pb.POD)
     pod_id = run_pod(fp, config)
     try:
         ctr = start_container(fp, pod_id, config, container_config(

@@ -123,12 +123,17 @@ def test_restart_keeps_containers(
     assert_all_gone(d, cri, {pod_id, ticker, cat, quitter})
 
 
-def test_killed_shim(node: tuple[Daemon, CriClient], test_images: TestImages) -> None:
-    d, cri = node
+def _pod_with_a_sleeper(cri: CriClient, test_images: TestImages) -> tuple[str, str]:
+    """A pod and the id of its one container, which sleeps."""
     config = pod_config()
     pod_id = run_pod(cri, config)
-    ctr = start_container(cri, pod_id, config,
-                          container_config(test_images.busybox.reference, command=["sleep", "1h"]))
+    return pod_id, start_container(cri, pod_id, config, container_config(
+        test_images.busybox.reference, command=["sleep", "1h"]))
+
+
+def test_killed_shim(node: tuple[Daemon, CriClient], test_images: TestImages) -> None:
+    d, cri = node
+    pod_id, ctr = _pod_with_a_sleeper(cri, test_images)
     pid = int(str(_info(cri, ctr)["pid"]))
     shim = int(Path(f"/proc/{pid}/status").read_text().split("PPid:")[1].split()[0])
     assert shim in shim_pids(d)
@@ -156,10 +161,7 @@ def _zombie(pid: int) -> bool:
 
 def test_killed_pause(node: tuple[Daemon, CriClient], test_images: TestImages) -> None:
     d, cri = node
-    config = pod_config()
-    pod_id = run_pod(cri, config)
-    ctr = start_container(cri, pod_id, config,
-                          container_config(test_images.busybox.reference, command=["sleep", "1h"]))
+    pod_id, ctr = _pod_with_a_sleeper(cri, test_images)
     os.kill(int(str(_pod_info(cri, pod_id)["pid"])), signal.SIGKILL)
     wait_for(lambda: pod_state(cri, pod_id) == pb.SANDBOX_NOTREADY, what="NOTREADY")
     cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))

@@ -118,20 +118,20 @@ def test_cli_version_and_help() -> None:
         assert "usage: flatpod" in result.stdout
 
 
-def test_unknown_config_key_is_a_clear_startup_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("command", "text", "key"), [
+    # An unknown key is a clear startup error.
+    ("serve", 'root_dir = "/tmp/x"\n[network]\nbrige = "br0"\n', "network.brige"),
+    # A bad value names its key.
+    ("config", '[network]\nmtu = "big"\n', "network.mtu"),
+])
+def test_a_bad_config_file_names_the_key(
+    tmp_path: Path, command: str, text: str, key: str
+) -> None:
     config = tmp_path / "config.toml"
-    config.write_text('root_dir = "/tmp/x"\n[network]\nbrige = "br0"\n')
-    result = _flatpod("serve", "--config", str(config))
+    config.write_text(text)
+    result = _flatpod(command, "--config", str(config))
     assert result.returncode == 2
-    assert "'network.brige'" in result.stderr
-
-
-def test_bad_value_names_the_key(tmp_path: Path) -> None:
-    config = tmp_path / "config.toml"
-    config.write_text("[network]\nmtu = \"big\"\n")
-    result = _flatpod("config", "--config", str(config))
-    assert result.returncode == 2
-    assert "'network.mtu'" in result.stderr
+    assert f"'{key}'" in result.stderr
 
 
 def test_missing_default_config_means_defaults(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from netns.enter import open_socket_in_netns, run_in_netns
+from netns.network import PodNetwork
 from netns.pin import NETNS_RUN_DIR, create_netns, unpin
 
 BUSYBOX = "/bin/busybox"
@@ -29,6 +30,30 @@ CLIENT_IP = "10.231.1.2"
 
 def token() -> str:
     return secrets.token_hex(3)
+
+
+def new_pod_id(run_id: str, kind: str, pods: list[str]) -> str:
+    """A pod id of this run (`fpt-nn-<run>-<kind><n>`), added to `pods`, which the
+    fixture tears down."""
+    pod = f"fpt-nn-{run_id}-{kind}{len(pods)}"
+    pods.append(pod)
+    return pod
+
+
+@contextlib.contextmanager
+def pods_torn_down(
+    net: PodNetwork, pods: list[str], host_global: Callable[[], None]
+) -> Iterator[None]:
+    """Runs the block, then tears down every one of `pods`, then removes the network's
+    host-global pieces (`host_global`) even if a teardown failed."""
+    try:
+        yield
+    finally:
+        try:
+            for pod in pods:
+                net.teardown(pod, None)
+        finally:
+            host_global()
 
 
 def link_names() -> set[str]:

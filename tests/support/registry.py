@@ -43,7 +43,8 @@ def bcrypt_hash(password: str) -> str:
 
 
 def free_port() -> int:
-    # Racy by nature (the port is free now, not later); start() retries when bind fails.
+    """A TCP port on 127.0.0.1 that nothing listens on now. Racy by nature (the port is
+    free now, not later); the registry's start() retries when bind fails."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
