@@ -82,9 +82,8 @@ class PortForwardRequestLike(Protocol):
 
 
 @dataclass(frozen=True)
-class ExecParams:
+class AttachParams:
     container_id: str
-    cmd: Sequence[str]
     tty: bool = False
     stdin: bool = False
     stdout: bool = True
@@ -92,12 +91,8 @@ class ExecParams:
 
 
 @dataclass(frozen=True)
-class AttachParams:
-    container_id: str
-    tty: bool = False
-    stdin: bool = False
-    stdout: bool = True
-    stderr: bool = True
+class ExecParams(AttachParams):
+    cmd: Sequence[str] = field(kw_only=True)
 
 
 @dataclass(frozen=True)
