@@ -9,10 +9,14 @@ limits and stats have a home, and removed here depth first.
 systemd driver: kubelet's `cgroup_parent` is a slice (`kubepods-burstable-pod<uid>.slice`)
 that kubelet made and owns. The pause and each container are transient scopes in it,
 `<prefix>-<id>.scope`, which runc asks systemd for (`cgroupsPath` = `slice:prefix:id`) and
-which `runc delete` stops. flatpod never makes, writes or removes a slice or a scope: those are
-systemd's (see `systemd_owned`). Every record keeps its cgroup's path below the hierarchy
-root (`PodRecord.cgroup_path`, `ContainerRecord.cgroup_path`), whatever the driver, and
-`cgroup_dir` turns it into a directory.
+which `runc delete` stops. A pod that names no slice (crictl, critest; kubelet always names
+one) gets a slice of its own, `<default slice>-flatpod_<pod id>.slice` (`own_slice`), so that
+its stats have a cgroup that holds exactly the pod: systemd makes it when runc starts the
+pause's scope in it, and flatpod asks systemd to stop it when the pod is removed
+(`stop_slice`). flatpod never makes, writes or removes a slice's or a scope's cgroup itself:
+those are systemd's (see `systemd_owned`). Every record keeps its cgroup's path below the
+hierarchy root (`PodRecord.cgroup_path`, `ContainerRecord.cgroup_path`), whatever the driver,
+and `cgroup_dir` turns it into a directory.
 
 On v1 each controller is its own mount (found in /proc/self/mountinfo; cpu and cpuacct may be
 separate mounts). v1 files are read and written through cgroupspy where it has a controller;
@@ -26,6 +30,7 @@ import enum
 import errno
 import os
 import re
+import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +48,14 @@ SYSTEMD_RUN_DIR = Path("/run/systemd/system")
 DEFAULT_SLICE = "system.slice"
 # Scopes are `flatpod-<id>.scope` (containerd's are `cri-containerd-<id>.scope`).
 SCOPE_PREFIX = "flatpod"
+# A pod without a slice of kubelet's gets `<default slice stem>-flatpod_<pod id>.slice`: an
+# underscore, not a dash, so systemd nests it right below the default slice.
+OWN_SLICE_TAG = "flatpod_"
+# How long `systemctl stop` of a pod's own slice may take: its scopes are stopped by then, so
+# systemd has only the empty slice to stop; the margin is for a node busy with other jobs.
+STOP_SLICE_TIMEOUT_S = 60.0
+# `systemctl stop` of a unit systemd has not loaded (already stopped and collected).
+_SYSTEMCTL_NOT_LOADED = 5
 # How long remove() waits for a cgroup's last tasks to leave (rmdir says EBUSY until then).
 REMOVE_TIMEOUT_S = 5.0
 REMOVE_POLL_S = 0.05
@@ -160,9 +173,9 @@ def systemd_owned(path: str) -> bool:
 @dataclass(frozen=True)
 class Placement:
     """Where a pod's cgroups are. cgroupfs: `slice` is empty and `pod_path` is the pod cgroup
-    flatpod makes. systemd: `slice` is where the scopes go and `pod_path` the pod's own slice
-    on disk (kubelet's), or empty when the pod has none (no cgroup_parent: the scopes go to
-    the default slice, which the pod shares with others)."""
+    flatpod makes. systemd: `slice` is where the scopes go and `pod_path` that slice on disk:
+    kubelet's pod slice, or the pod's own (`own_slice`). Pods made before own slices existed
+    may have the default slice and no `pod_path`: no pod-level cgroup."""
 
     pod_path: str
     slice: str = ""
@@ -183,6 +196,18 @@ class Placement:
             return container_cgroup_path(self.pod_path, container_id)
         return f"{self.slice}:{SCOPE_PREFIX}:{_safe(container_id, 'container id')}"
 
+    def oci_annotations(self) -> dict[str, str]:
+        """What the OCI runtime needs beside `cgroupsPath` to put the process in the scope
+        itself. crun's systemd driver on v2 otherwise makes a `container` cgroup below the
+        scope and puts the process and its limits there (crun(1): `run.oci.systemd.subgroup`,
+        empty for none), where neither flatpod's stats and OOM watch nor kubelet look. runc
+        ignores the annotation."""
+        return {SYSTEMD_SUBGROUP_ANNOTATION: ""} if self.slice else {}
+
+
+# crun's name for the cgroup it makes below a systemd scope (see Placement.oci_annotations).
+SYSTEMD_SUBGROUP_ANNOTATION = "run.oci.systemd.subgroup"
+
 
 def scope_unit(container_id: str) -> str:
     """The transient scope runc's systemd driver makes for `slice:prefix:id`."""
@@ -192,14 +217,46 @@ def scope_unit(container_id: str) -> str:
 def placement(driver: Driver, cgroup_parent: str, default_parent: str, pod_id: str) -> Placement:
     """A new pod's placement. kubelet's cgroup_parent is a path with cgroupfs and a slice
     name with systemd (a path ending in a slice is taken by its last part, as containerd
-    does); `default_parent` stands in when it names none."""
+    does). When it names none, `default_parent` stands in with cgroupfs; with systemd the pod
+    gets its own slice in `default_parent` (`own_slice`)."""
     if driver is Driver.CGROUPFS:
         return Placement(pod_path=pod_cgroup_path(cgroup_parent or default_parent, pod_id))
-    own = os.path.basename(cgroup_parent.rstrip("/"))
-    slice_name = own or default_parent or DEFAULT_SLICE
-    pod_path = expand_slice(own) if own else ""
-    expand_slice(slice_name)  # validates the default too
-    return Placement(pod_path=pod_path, slice=slice_name)
+    kubelets = os.path.basename(cgroup_parent.rstrip("/"))
+    slice_name = kubelets or own_slice(default_parent or DEFAULT_SLICE, pod_id)
+    return Placement(pod_path=expand_slice(slice_name), slice=slice_name)
+
+
+def own_slice(default_slice: str, pod_id: str) -> str:
+    """The slice of a pod that names none, in `default_slice`: `system-flatpod_<id>.slice`.
+
+    Why a slice and not the pod's scopes straight in the default slice (as containerd and
+    CRI-O place them): the pod's CPU, memory, process count and pressure are then read from
+    one cgroup that holds the pod and nothing else, as with kubelet's pod slice; pressure
+    cannot be summed from the scopes'. systemd makes it when the first scope names it.
+    """
+    expand_slice(default_slice)
+    stem = "" if default_slice == "-.slice" else f"{default_slice.removesuffix('.slice')}-"
+    return f"{stem}{OWN_SLICE_TAG}{_safe(pod_id, 'pod id')}.slice"
+
+
+def is_own_slice(slice_name: str, pod_id: str) -> bool:
+    """`slice_name` is the pod's own (`own_slice`), not one of kubelet's."""
+    own = f"{OWN_SLICE_TAG}{pod_id}.slice"
+    return slice_name == own or slice_name.endswith(f"-{own}")
+
+
+def stop_slice(slice_name: str) -> None:
+    """Asks systemd to stop a pod's own slice (and with it the cgroup systemd made for it),
+    once its scopes are stopped. A slice systemd no longer has is fine. Blocking."""
+    expand_slice(slice_name)
+    try:
+        done = subprocess.run(["systemctl", "stop", slice_name], capture_output=True,
+                              text=True, timeout=STOP_SLICE_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise OSError(f"systemctl stop {slice_name}: {err}") from err
+    if done.returncode not in (0, _SYSTEMCTL_NOT_LOADED):
+        raise OSError(f"systemctl stop {slice_name} failed (exit {done.returncode}): "
+                      f"{done.stderr.strip()[:300]}")
 
 
 def check_parent(driver: Driver, parent: str) -> None:

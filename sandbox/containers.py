@@ -270,16 +270,18 @@ def _container_spec(
     config.CopyFrom(ctr.config)
     pod_network_mode = pod.config.linux.security_context.namespace_options.network
     config.linux.security_context.namespace_options.network = pod_network_mode
+    place = pod_placement(pod)
     try:
-        return build_container_spec(
+        spec = build_container_spec(
             pod.config, config, dict(image.config.get("config") or {}),
             rootfs=rootfs, sandbox=sandbox,
-            cgroups_path=pod_placement(pod).oci_cgroups_path(ctr.id),
+            cgroups_path=place.oci_cgroups_path(ctr.id),
             target_pid_ns=target, rootfs_users=UserDb.from_rootfs(rootfs),
             oom_score_adj_floor=rt.oom_score_adj_floor, defaults=spec_defaults(rt.host_cgroups),
         )
     except SpecError as err:
         raise InvalidArgument(str(err)) from err
+    return with_cgroup_annotations(spec, place)
 
 
 def _target_pid_ns(rt: Runtime, pod_id: str, config: pb.ContainerConfig) -> Path | None:
@@ -321,6 +323,15 @@ def shim_of(rt: Runtime, pod_id: str) -> ShimClient:
 def pod_placement(pod: PodRecord) -> cgroups.Placement:
     """Where the pod's cgroups are, by the driver it was made with."""
     return cgroups.Placement(pod_path=pod.cgroup_path, slice=pod.cgroup_slice)
+
+
+def with_cgroup_annotations(spec: dict[str, Any], place: cgroups.Placement) -> dict[str, Any]:
+    """The spec with the annotations its runtime needs for `place` (crun's systemd
+    subgroup): the spec builders know no driver, only the `cgroupsPath` they are given."""
+    annotations = place.oci_annotations()
+    if annotations:
+        spec["annotations"] = {**spec.get("annotations", {}), **annotations}
+    return spec
 
 
 def shim_cgroup_options(

@@ -129,7 +129,8 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
         undo.push_after("shim", shim_task, lambda: _shutdown_shim(rt, pod))
         # 3. The pod's files (hostname, resolv.conf, hosts, /dev/shm), the pod cgroup (with
         # the pod's overhead and resources; cgroupfs driver: with systemd the pod's slice and
-        # its limits are kubelet's, as with containerd) and the pause's bundle, in one hop.
+        # its limits are kubelet's, as with containerd, or the pod's own slice, which systemd
+        # makes with the pause's scope) and the pause's bundle, in one hop.
         userns = pod_userns(config.linux.security_context)  # validated above
         if userns is not None:  # on the loop: see share_state_dirs
             share_state_dirs(rt)  # the record is reserved: its group is in the set
@@ -147,6 +148,8 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
         if place.driver is cgroups.Driver.CGROUPFS:
             hs = rt.host_cgroups.hierarchies
             undo.push("cgroup", lambda: cgroups.remove(pod.cgroup_path, hs))
+        elif cgroups.is_own_slice(place.slice, pod_id):  # made by the pause's scope, if any
+            undo.push("slice", lambda: cgroups.stop_slice(place.slice))
         undo.push("bundle", lambda: shutil.rmtree(bundle, ignore_errors=True))
         made = asyncio.ensure_future(asyncio.to_thread(_make_pod_contents, rt, pod, userns, place))
         undo.push_after("pod files", made, lambda: None)  # the undos above wait for it
@@ -378,18 +381,20 @@ def resolv_conf(dns: pb.DNSConfig) -> str:
 
 def _pause_spec(rt: Runtime, pod: PodRecord, pod_dir: Path) -> dict[str, Any]:
     shm = pod_dir / "shm"
+    place = containers.pod_placement(pod)
     try:
-        return build_pause_spec(
+        spec = build_pause_spec(
             pod.config,
             rootfs=rt.paths.pause_rootfs,
             netns_path=Path(pod.netns_path) if pod.netns_path else None,
-            cgroups_path=containers.pod_placement(pod).oci_cgroups_path(pod.id),
+            cgroups_path=place.oci_cgroups_path(pod.id),
             oom_score_adj_floor=rt.oom_score_adj_floor,
             shm_path=shm if shm.is_dir() else None,
             userns_path=Path(pod.namespaces["user"]) if "user" in pod.namespaces else None,
         )
     except SpecError as err:
         raise InvalidArgument(str(err)) from err
+    return containers.with_cgroup_annotations(spec, place)
 
 
 def _write_bundle(bundle: Path, spec: dict[str, Any]) -> None:
@@ -729,6 +734,8 @@ async def remove_pod_now(rt: Runtime, pod: PodRecord) -> None:
         where.at("cgroup")
         if pod.cgroup_path and containers.pod_placement(pod).driver is cgroups.Driver.CGROUPFS:
             await asyncio.to_thread(cgroups.remove, pod.cgroup_path, rt.host_cgroups.hierarchies)
+        elif cgroups.is_own_slice(pod.cgroup_slice, pod.id):  # kubelet's slice is kubelet's
+            await asyncio.to_thread(cgroups.stop_slice, pod.cgroup_slice)
         where.at("dirs")
         await asyncio.to_thread(shutil.rmtree, pod_dir, True)
         await asyncio.to_thread(shutil.rmtree, rt.paths.bundle_dir(pod.id), True)

@@ -148,8 +148,11 @@ def host_traces(pod_id: str) -> list[str]:
     if any(n.startswith(f"flatpod-{pod_id[:24]}") for n in os.listdir("/run/netns")
            if os.path.isdir("/run/netns")):
         traces.append("netns")
-    for controller in ("memory", "cpu", "pids"):
-        root = Path("/sys/fs/cgroup") / controller
+    roots = [Path("/sys/fs/cgroup") / c for c in ("memory", "cpu", "pids", "unified")]
+    if (Path("/sys/fs/cgroup") / "cgroup.controllers").exists():  # pure v2: one hierarchy
+        roots = [Path("/sys/fs/cgroup")]
+    for root in roots:
+        controller = root.name
         for dirpath, dirnames, _ in os.walk(root):
             if any(pod_id in d for d in dirnames):
                 traces.append(f"cgroup {controller} {dirpath}")

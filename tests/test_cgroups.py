@@ -239,9 +239,25 @@ def test_placement_systemd() -> None:
     # A path ending in the slice is taken by its last part, as containerd does.
     as_path = cgroups.placement(cgroups.Driver.SYSTEMD, place.pod_path, "system.slice", "p1")
     assert as_path == place
-    # No slice of its own (crictl): scopes in the default slice, no pod-level cgroup.
-    shared = cgroups.placement(cgroups.Driver.SYSTEMD, "", "system.slice", "p1")
-    assert (shared.pod_path, shared.slice) == ("", "system.slice")
+    assert not cgroups.is_own_slice(slice_name, "p1")
+    # crun puts the process in the scope itself, as runc does, only with the annotation.
+    assert place.oci_annotations() == {"run.oci.systemd.subgroup": ""}
+    assert cgroups.placement(cgroups.Driver.CGROUPFS, "", "/f", "p1").oci_annotations() == {}
+    # No slice of kubelet's (crictl): a slice of the pod's own in the default slice, nested
+    # by systemd right below it, so the pod has a cgroup of its own for its stats.
+    own = cgroups.placement(cgroups.Driver.SYSTEMD, "", "system.slice", "p1")
+    assert own.slice == "system-flatpod_p1.slice"
+    assert own.pod_path == "/system.slice/system-flatpod_p1.slice"
+    assert own.oci_cgroups_path("c1") == "system-flatpod_p1.slice:flatpod:c1"
+    assert own.container_path("c1") == f"{own.pod_path}/flatpod-c1.scope"
+    assert cgroups.is_own_slice(own.slice, "p1") and not cgroups.is_own_slice(own.slice, "p2")
+    assert not cgroups.is_own_slice("system.slice", "p1")
+    at_root = cgroups.placement(cgroups.Driver.SYSTEMD, "", "-.slice", "p1")
+    assert (at_root.slice, at_root.pod_path) == ("flatpod_p1.slice", "/flatpod_p1.slice")
+    nested = cgroups.placement(cgroups.Driver.SYSTEMD, "", "pods-node.slice", "p1")
+    assert nested.pod_path == "/pods.slice/pods-node.slice/pods-node-flatpod_p1.slice"
+    # A record made before own slices: the default slice, no pod-level cgroup.
+    shared = cgroups.Placement(pod_path="", slice="system.slice")
     assert shared.container_path("c1") == "/system.slice/flatpod-c1.scope"
     for bad_parent in ("/kubepods/pod1", "a--b.slice"):
         with pytest.raises(CgroupError):
