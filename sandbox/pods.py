@@ -881,7 +881,8 @@ async def update_pod_sandbox_resources(
     records them in the pod's config, so status and a restarted daemon see what is applied.
 
     With the systemd driver the pod's slice is kubelet's, which sets its limits itself (the
-    request is a notification, as containerd treats it): recorded, nothing written."""
+    request is a notification, as containerd treats it), or the pod's own, which carries no
+    limits (crictl): recorded, nothing written."""
     pod = rt.registry.visible_pod(req.pod_sandbox_id)
     owned = containers.pod_placement(pod).driver is cgroups.Driver.CGROUPFS
     if pod.state != SANDBOX_READY or (owned and not pod.cgroup_path):

@@ -256,6 +256,10 @@ def test_placement_systemd() -> None:
     assert (at_root.slice, at_root.pod_path) == ("flatpod_p1.slice", "/flatpod_p1.slice")
     nested = cgroups.placement(cgroups.Driver.SYSTEMD, "", "pods-node.slice", "p1")
     assert nested.pod_path == "/pods.slice/pods-node.slice/pods-node-flatpod_p1.slice"
+    # Only a slice is ever asked to stop (systemd's own units are not flatpod's to stop).
+    for not_a_slice in ("flatpod-c1.scope", "system.slice/x", "flatpod.service"):
+        with pytest.raises(CgroupError):
+            cgroups.stop_slice(not_a_slice)
     # A record made before own slices: the default slice, no pod-level cgroup.
     shared = cgroups.Placement(pod_path="", slice="system.slice")
     assert shared.container_path("c1") == "/system.slice/flatpod-c1.scope"
