@@ -65,6 +65,7 @@ class Daemon:
             if self.socket.exists() and self._answers():
                 return
             time.sleep(0.05)
+        self.kill()  # not left serving (or starting) after the test has given up on it
         raise RuntimeError(f"flatpod serve did not answer within {timeout}s:\n{self.log()}")
 
     def _answers(self) -> bool:
@@ -152,8 +153,8 @@ def running_daemon(
         root, state, config_path, base / "flatpod.log", env=dict(env or {}),
         bridge=bridge, subnet=subnet,
     )
-    daemon.start()
-    try:
+    try:  # a daemon that failed to start may have started its zygote and bridge
+        daemon.start()
         yield daemon
     finally:
         daemon.stop()
