@@ -460,7 +460,8 @@ def _restored_request(req: pb.CreateContainerRequest, spec_dump: dict[str, Any],
     return restored
 
 
-def restore_into_own_cgroup(spec: dict[str, Any], layer: Path, cgroup_path: str) -> None:
+async def restore_into_own_cgroup(rt: Runtime, pod: PodRecord, spec: dict[str, Any],
+                                  layer: Path, cgroup_path: str) -> None:
     """Makes CRIU restore the processes into the new container's cgroup (`cgroup_path`, below
     the hierarchy's root), not into the one they had at checkpoint time.
 
@@ -470,7 +471,15 @@ def restore_into_own_cgroup(spec: dict[str, Any], layer: Path, cgroup_path: str)
     with only CRIU in it) then empties when CRIU exits, systemd removes it, and the container
     can be neither stopped ("lstat ...scope: no such file") nor its stray cgroup cleaned up.
     runc 1.2 passes the root on v2 too. Here a CRIU configuration file names it, through the
-    annotation runc reads, with the node's runc.conf kept ahead of it."""
+    annotation runc reads, with the node's runc.conf kept ahead of it. Only for runc: crun
+    gives CRIU the root itself, and refuses the annotation with a CRIU older than 4.2."""
+    handler = rt.handlers.of_pod(pod).name if rt.handlers.is_configured(pod) else None
+    features = await asyncio.to_thread(rt.handlers.features, handler or rt.handlers.default)
+    if features.runc_version:
+        await asyncio.to_thread(_write_restore_criu_config, spec, layer, cgroup_path)
+
+
+def _write_restore_criu_config(spec: dict[str, Any], layer: Path, cgroup_path: str) -> None:
     config = layer / RESTORE_CRIU_CONFIG
     node_settings = RUNC_CRIU_CONFIG.read_text() if RUNC_CRIU_CONFIG.is_file() else ""
     if node_settings and not node_settings.endswith("\n"):
