@@ -120,6 +120,9 @@ def test_pod_mode_maps_ids(fp: CriClient, pulled: TestImages, shared_daemon: Dae
         written = next(shared_daemon.root.glob("containers/*/upper/etc/written"))
         assert (written.stat().st_uid, written.stat().st_gid) == (1000, 1000)
         assert (pod_dir / "hostname").stat().st_uid == 1000
+        # The idmapped layers were attached only while the overlay was mounted.
+        assert not list(shared_daemon.state.glob("containers/*/.rootfs.layers"))
+        assert [m for m in mounts_under(shared_daemon.state) if "/.rootfs.layers/" in m] == []
     assert not pin.exists() and not pod_dir.exists()
 
 
