@@ -77,6 +77,11 @@ CONTAINERD_NAME_ANNOTATIONS = ("io.kubernetes.cri.container-name",
                                "io.kubernetes.cri.sandbox-name",
                                "io.kubernetes.cri.sandbox-namespace")
 CRIO_ANNOTATIONS = "io.kubernetes.cri-o.Annotations"
+# The spec annotation that names the CRIU configuration file runc (and crun) hand to CRIU, and
+# the file runc hands it when no spec names one (its settings outrank runc's RPC options).
+CRIU_CONFIG_ANNOTATION = "org.criu.config"
+RUNC_CRIU_CONFIG = Path("/etc/criu/runc.conf")
+RESTORE_CRIU_CONFIG = "criu-restore.conf"
 
 
 # --- where archives may be -------------------------------------------------------------------
@@ -453,6 +458,34 @@ def _restored_request(req: pb.CreateContainerRequest, spec_dump: dict[str, Any],
             f"{', '.join(missing)}"
         )
     return restored
+
+
+async def restore_into_own_cgroup(rt: Runtime, pod: PodRecord, spec: dict[str, Any],
+                                  layer: Path, cgroup_path: str) -> None:
+    """Makes CRIU restore the processes into the new container's cgroup (`cgroup_path`, below
+    the hierarchy's root), not into the one they had at checkpoint time.
+
+    runc 1.1 tells CRIU the new cgroup (its --cgroup-root) on cgroup v1 only; on v2 CRIU puts
+    the processes back at the checkpointed container's path, making it as a plain directory
+    when it is gone. The new container's own cgroup (the systemd scope that runc asked for
+    with only CRIU in it) then empties when CRIU exits, systemd removes it, and the container
+    can be neither stopped ("lstat ...scope: no such file") nor its stray cgroup cleaned up.
+    runc 1.2 passes the root on v2 too. Here a CRIU configuration file names it, through the
+    annotation runc reads, with the node's runc.conf kept ahead of it. Only for runc: crun
+    gives CRIU the root itself, and refuses the annotation with a CRIU older than 4.2."""
+    handler = rt.handlers.of_pod(pod).name if rt.handlers.is_configured(pod) else None
+    features = await asyncio.to_thread(rt.handlers.features, handler or rt.handlers.default)
+    if features.runc_version:
+        await asyncio.to_thread(_write_restore_criu_config, spec, layer, cgroup_path)
+
+
+def _write_restore_criu_config(spec: dict[str, Any], layer: Path, cgroup_path: str) -> None:
+    config = layer / RESTORE_CRIU_CONFIG
+    node_settings = RUNC_CRIU_CONFIG.read_text() if RUNC_CRIU_CONFIG.is_file() else ""
+    if node_settings and not node_settings.endswith("\n"):
+        node_settings += "\n"
+    config.write_text(f"{node_settings}cgroup-root {cgroup_path}\n")
+    spec.setdefault("annotations", {})[CRIU_CONFIG_ANNOTATION] = str(config)
 
 
 async def unpack_restore(rt: Runtime, restore: Restore, layer: Path) -> None:

@@ -160,6 +160,8 @@ async def _create(
         undo.at("spec")
         ctr.cgroup_path = pod_placement(pod).container_path(ctr.id)
         spec = await asyncio.to_thread(_container_spec, rt, pod, ctr, image, rootfs)
+        if restore is not None:
+            await checkpoint.restore_into_own_cgroup(rt, pod, spec, layer, ctr.cgroup_path)
         user = spec["process"]["user"]
         ctr.uid, ctr.gid = int(user.get("uid", 0)), int(user.get("gid", 0))
         ctr.supplemental_groups = [int(g) for g in user.get("additionalGids", [])]

@@ -22,6 +22,7 @@ from sandbox.records import PodRecord
 from shim.runc import Runc, RuncError
 
 log = logging.getLogger("flatpod.handlers")
+RUNC_VERSION_ANNOTATION = "org.opencontainers.runc.version"
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,15 @@ class Features:
 
     mount_options: frozenset[str] = frozenset()
     namespaces: frozenset[str] = frozenset()
+    runc_version: str = ""  # runc's own annotation; "" for another runtime
 
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> Features:
         linux = doc.get("linux") or {}
+        annotations = doc.get("annotations") or {}
         return cls(mount_options=frozenset(map(str, doc.get("mountOptions") or [])),
-                   namespaces=frozenset(map(str, linux.get("namespaces") or [])))
+                   namespaces=frozenset(map(str, linux.get("namespaces") or [])),
+                   runc_version=str(annotations.get(RUNC_VERSION_ANNOTATION, "")))
 
 
 @dataclass

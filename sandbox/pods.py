@@ -55,6 +55,10 @@ SANDBOX_CREATING = PodState.CREATING
 NETNS_DIR = Path("/run/netns")
 SHM_SIZE = 64 * 1024 * 1024
 PAUSE_STOP_TIMEOUT = 10.0
+# In the dir of a pod with a user namespace: the pause's rootfs, mounted executable. runc
+# bind-mounts a rootfs that is a plain dir with the flags of the mount it lies on, and clears
+# a noexec (Debian's /run has it) only from the host's user namespace, not from a pod's.
+POD_PAUSE_ROOTFS = "pause-rootfs"
 SHIM_EXIT_TIMEOUT = 5.0
 # ListPodSandboxResponse.items
 LIST_PODS_FIELD = pb.ListPodSandboxResponse.DESCRIPTOR.fields_by_name["items"].number
@@ -145,6 +149,7 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
             if userns is not None:
                 pod.namespaces["user"] = str(user_ns)
         undo.push("shm", lambda: mounts.unmount(shm))
+        undo.push("pause rootfs", lambda: mounts.unmount(pod_dir / POD_PAUSE_ROOTFS))
         if place.driver is cgroups.Driver.CGROUPFS:
             hs = rt.host_cgroups.hierarchies
             undo.push("cgroup", lambda: cgroups.remove(pod.cgroup_path, hs))
@@ -220,15 +225,18 @@ def _make_pod_contents(
         _write_pod_files(pod_dir, config, opts.network == pb.NODE)
         if opts.ipc != pb.NODE:
             mounts.mount_tmpfs(pod_dir / "shm", SHM_SIZE)
+        rootfs = rt.paths.pause_rootfs
         if userns is not None:
             _share_with_userns(rt, pod_dir, userns)
+            rootfs = pod_dir / POD_PAUSE_ROOTFS
+            mounts.bind_executable_readonly(rt.paths.pause_rootfs, rootfs)
     with Steps("cgroup"):
         if place.driver is cgroups.Driver.CGROUPFS:
             hs = rt.host_cgroups.hierarchies
             cgroups.create(pod.cgroup_path, pod_resources(config.linux), hs)
         rt.faults.point("run_pod:after_cgroup")
     with Steps("pause bundle"):
-        _write_bundle(rt.paths.bundle_dir(pod.id), _pause_spec(rt, pod, pod_dir))
+        _write_bundle(rt.paths.bundle_dir(pod.id), _pause_spec(rt, pod, pod_dir, rootfs))
         return containers.shim_cgroup_options(pod, pod.id, rt.host_cgroups)
 
 
@@ -379,13 +387,13 @@ def resolv_conf(dns: pb.DNSConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pause_spec(rt: Runtime, pod: PodRecord, pod_dir: Path) -> dict[str, Any]:
+def _pause_spec(rt: Runtime, pod: PodRecord, pod_dir: Path, rootfs: Path) -> dict[str, Any]:
     shm = pod_dir / "shm"
     place = containers.pod_placement(pod)
     try:
         spec = build_pause_spec(
             pod.config,
-            rootfs=rt.paths.pause_rootfs,
+            rootfs=rootfs,
             netns_path=Path(pod.netns_path) if pod.netns_path else None,
             cgroups_path=place.oci_cgroups_path(pod.id),
             oom_score_adj_floor=rt.oom_score_adj_floor,
@@ -731,6 +739,8 @@ async def remove_pod_now(rt: Runtime, pod: PodRecord) -> None:
         await asyncio.to_thread(_unpin_namespaces, pod, pod_dir)  # umount2 blocks
         where.at("shm")
         await asyncio.to_thread(mounts.unmount, pod_dir / "shm")
+        where.at("pause rootfs")
+        await asyncio.to_thread(mounts.unmount, pod_dir / POD_PAUSE_ROOTFS)
         where.at("cgroup")
         if pod.cgroup_path and containers.pod_placement(pod).driver is cgroups.Driver.CGROUPFS:
             await asyncio.to_thread(cgroups.remove, pod.cgroup_path, rt.host_cgroups.hierarchies)

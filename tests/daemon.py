@@ -140,12 +140,13 @@ def write_config(
 
 @contextmanager
 def running_daemon(
-    base: Path, extra_config: str = "", env: dict[str, str] | None = None
+    base: Path, extra_config: str = "", env: dict[str, str] | None = None,
+    state_parent: Path = Path("/run"),
 ) -> Iterator[Daemon]:
     """A daemon in `base`; on exit it is stopped (pods are the caller's to remove first)."""
     # The state dir is short, under /run as on a node: shim sockets live below it, and unix
     # socket paths must fit in 108 bytes (pytest's temp paths do not).
-    root, state = base / "root", Path(tempfile.mkdtemp(prefix="fpt-", dir="/run"))
+    root, state = base / "root", Path(tempfile.mkdtemp(prefix="fpt-", dir=state_parent))
     config_path = base / "config.toml"
     bridge, subnet = test_network()
     write_config(config_path, root, state, extra_config, (bridge, subnet))

@@ -26,7 +26,7 @@ import grpc
 import pytest
 
 from cri_api import api_pb2 as pb
-from sandbox import checkpoint
+from sandbox import cgroups, checkpoint
 from sandbox.config import KUBELET_CHECKPOINT_DIR, ConfigError, load_config
 from sandbox.images.snapshots import LayerLimits, extract_tar
 from sandbox.records import ContainerRecord, PodRecord
@@ -375,6 +375,12 @@ def test_restore_from_an_archive_creates_the_container_then_start_runs_runc_rest
             assert stat.S_ISCHR(motd.st_mode) and motd.st_rdev == 0
             assert (layer / "checkpoint").is_dir()
             assert not list(ckpt_daemon.root.glob("containers/.restore-*"))
+            # CRIU is told to restore into this container's cgroup, not the checkpointed one's.
+            spec = json.loads((ckpt_daemon.state / "containers" / ctr_id / "config.json")
+                              .read_text())
+            criu_config = Path(spec["annotations"]["org.criu.config"])
+            assert criu_config.read_text().splitlines()[-1] == \
+                f"cgroup-root {cgroup_of(ck, ctr_id)[0]}"
             with pytest.raises(grpc.RpcError) as err:
                 ck.StartContainer(pb.StartContainerRequest(container_id=ctr_id))
             code, details = code_and_details(err)
@@ -457,45 +463,108 @@ def log_numbers(path: Path) -> list[int]:
     return values
 
 
-@pytest.mark.skipif(not criu_works(),
-                    reason=f"CRIU cannot work here: {criu_refusal() or f'{CRIU} is missing'}")
-def test_a_restored_counter_continues_from_its_checkpoint(
+def cgroup_of(cri: CriClient, ctr_id: str) -> tuple[str, int]:
+    """The container's cgroup (below the hierarchy's root) and its process, as flatpod says."""
+    info = json.loads(cri.ContainerStatus(
+        pb.ContainerStatusRequest(container_id=ctr_id, verbose=True)).info["info"])
+    return str(info["cgroup"]), int(info["pid"])
+
+
+def cgroup_gone(path: str) -> bool:
+    """No directory left for `path` in any hierarchy (v2's, or v1's controllers)."""
+    return not any((root / path.lstrip("/")).exists()
+                   for root in [cgroups.CGROUP_ROOT, *cgroups.CGROUP_ROOT.iterdir()]
+                   if root.is_dir())
+
+
+@dataclasses.dataclass(frozen=True)
+class CounterCheckpoint:
+    """A counter checkpointed once per module (CRIU is slow where it works: the VM), and
+    what was seen around it."""
+
+    archive: Path
+    image: str  # the archive pushed as an OCI checkpoint image, and pulled
+    before: int  # the last value logged before the checkpoint began
+    at_checkpoint: int  # the last value logged when it was done
+    later: int  # the last value logged a second after
+    state_after: int
+    cgroup: str  # the checkpointed container's cgroup
+    names: frozenset[str]  # the archive's members
+
+
+@pytest.fixture(scope="module")
+def counter_checkpoint(
     ck: CriClient, ckpt_daemon: Daemon, test_images: TestImages, registry: Registry,
-    tmp_path: Path
-) -> None:
+    tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[CounterCheckpoint]:
+    if not criu_works():
+        pytest.skip(f"CRIU cannot work here: {criu_refusal() or f'{CRIU} is missing'}")
+    where = tmp_path_factory.mktemp("checkpointed")
     archive = ckpt_dir(ckpt_daemon) / "counter.tar"
-    with a_pod(ck, tmp_path / "a") as (pod_id, pod):
+    with a_pod(ck, where) as (pod_id, pod):
         ctr_id = create(ck, pod_id, pod, test_images.busybox.reference, command=COUNTER,
                         name="counter")
         ck.StartContainer(pb.StartContainerRequest(container_id=ctr_id))
-        log = tmp_path / "a" / "logs" / "counter.log"
+        cgroup = cgroup_of(ck, ctr_id)[0]
+        log = where / "logs" / "counter.log"
         wait_for(lambda: len(log_numbers(log)) >= 20, 60, "the counter to reach 20")
         before = log_numbers(log)[-1]
         checkpoint_call(ck, ctr_id, str(archive), timeout=300)
         at_checkpoint = log_numbers(log)[-1]
-        # --leave-running: the original keeps counting
         time.sleep(1)
-        assert log_numbers(log)[-1] > at_checkpoint
-        assert container_status(ck, ctr_id).state == pb.CONTAINER_RUNNING
+        later = log_numbers(log)[-1]
+        state_after = container_status(ck, ctr_id).state
     with tarfile.open(archive) as tar:
-        names = set(tar.getnames())
-    assert {"checkpoint", "config.dump", "spec.dump", "rootfs-diff.tar", "dump.log",
-            "stats-dump", "io.kubernetes.cri-o.LogPath"} <= names
-    assert any(n.startswith("checkpoint/pages-") for n in names)
-
+        names = frozenset(tar.getnames())
     reference = checkpoint_image(registry, archive, "counter")
     ck.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=reference)))
-    for source, where in ((str(archive), tmp_path / "b"), (reference, tmp_path / "c")):
-        with a_pod(ck, where) as (pod_id, pod):
-            restored = create(ck, pod_id, pod, source, name="counter")
-            ck.StartContainer(pb.StartContainerRequest(container_id=restored))
-            log = where / "logs" / "counter.log"
-            wait_for(lambda log=log: len(log_numbers(log)) >= 5, 60, f"restored from {source}")
-            first = log_numbers(log)[0]
-            # Its memory came back: it goes on from where the checkpoint caught it (after
-            # `before`, by `at_checkpoint`), not from 0.
-            assert before < first <= at_checkpoint + 1, (before, first, at_checkpoint)
-            assert log_numbers(log) == list(range(first, first + len(log_numbers(log))))
-            assert container_status(ck, restored).state == pb.CONTAINER_RUNNING
-    archive.unlink()
-    ck.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=reference)))
+    try:
+        yield CounterCheckpoint(archive, reference, before, at_checkpoint, later, state_after,
+                                cgroup, names)
+    finally:
+        archive.unlink()
+        ck.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=reference)))
+
+
+def test_checkpointing_leaves_the_counter_running_and_writes_the_archive(
+    counter_checkpoint: CounterCheckpoint
+) -> None:
+    done = counter_checkpoint
+    # --leave-running: the original kept counting
+    assert done.later > done.at_checkpoint and done.state_after == pb.CONTAINER_RUNNING
+    assert {"checkpoint", "config.dump", "spec.dump", "rootfs-diff.tar", "dump.log",
+            "stats-dump", "io.kubernetes.cri-o.LogPath"} <= done.names
+    assert any(n.startswith("checkpoint/pages-") for n in done.names)
+    assert cgroup_gone(done.cgroup)
+
+
+@pytest.mark.parametrize("source", ["archive", "image"])
+def test_a_restored_counter_continues_from_its_checkpoint(
+    ck: CriClient, counter_checkpoint: CounterCheckpoint, tmp_path: Path, source: str
+) -> None:
+    """Restored into a new pod, from the archive's path or from the checkpoint image: it
+    goes on counting in a cgroup of its own, stops, and leaves no cgroup behind."""
+    done = counter_checkpoint
+    image = str(done.archive) if source == "archive" else done.image
+    with a_pod(ck, tmp_path) as (pod_id, pod):
+        restored = create(ck, pod_id, pod, image, name="counter")
+        ck.StartContainer(pb.StartContainerRequest(container_id=restored))
+        log = tmp_path / "logs" / "counter.log"
+        wait_for(lambda: len(log_numbers(log)) >= 5, 60, f"the counter restored from {image}")
+        first = log_numbers(log)[0]
+        # Its memory came back: it goes on from where the checkpoint caught it (after
+        # `before`, by `at_checkpoint`), not from 0.
+        assert done.before < first <= done.at_checkpoint + 1, (done, first)
+        assert log_numbers(log) == list(range(first, first + len(log_numbers(log))))
+        assert container_status(ck, restored).state == pb.CONTAINER_RUNNING
+        # In the new container's own cgroup (CRIU was told; by itself it goes back to the
+        # checkpointed container's), which is still there now that CRIU has left it.
+        cgroup, pid = cgroup_of(ck, restored)
+        assert cgroup != done.cgroup and pid > 0
+        if cgroups.is_unified_only():
+            assert f"0::{cgroup}" in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        ck.StopContainer(pb.StopContainerRequest(container_id=restored, timeout=1))
+        assert container_status(ck, restored).state == pb.CONTAINER_EXITED
+        ck.RemoveContainer(pb.RemoveContainerRequest(container_id=restored))
+        wait_for(lambda: cgroup_gone(cgroup), 60, f"{cgroup} removed")
+    assert cgroup_gone(done.cgroup)

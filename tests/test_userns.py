@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ import grpc
 import pytest
 
 from cri_api import api_pb2 as pb
+from sandbox import mounts
 from sandbox.spec import (
     SandboxPaths,
     SpecDefaults,
@@ -28,8 +30,15 @@ from sandbox.spec import (
 )
 from sandbox.users import UserDb
 from tests.cri import CriClient, status_code
-from tests.daemon import Daemon
-from tests.pods import container_config, container_status, host_traces, pod_config, wait_for
+from tests.daemon import Daemon, running_daemon
+from tests.pods import (
+    container_config,
+    container_status,
+    host_traces,
+    mounts_under,
+    pod_config,
+    wait_for,
+)
 from tests.support.plugin import TestImages
 
 MAPPING = [pb.IDMapping(container_id=0, host_id=1000, length=100000)]  # critest's default
@@ -111,7 +120,43 @@ def test_pod_mode_maps_ids(fp: CriClient, pulled: TestImages, shared_daemon: Dae
         written = next(shared_daemon.root.glob("containers/*/upper/etc/written"))
         assert (written.stat().st_uid, written.stat().st_gid) == (1000, 1000)
         assert (pod_dir / "hostname").stat().st_uid == 1000
+        # The idmapped layers were attached only while the overlay was mounted.
+        assert not list(shared_daemon.state.glob("containers/*/.rootfs.layers"))
+        assert [m for m in mounts_under(shared_daemon.state) if "/.rootfs.layers/" in m] == []
     assert not pin.exists() and not pod_dir.exists()
+
+
+@contextmanager
+def noexec_run() -> Iterator[Path]:
+    """A tmpfs mounted as Debian's initramfs mounts /run (nosuid, nodev, noexec, 0755)."""
+    where = Path(tempfile.mkdtemp(prefix="", dir="/run"))  # short: the state dir goes in
+    try:
+        mounts.mount_tmpfs(where, 16 << 20, mode=0o755)
+        yield where
+    finally:
+        mounts.unmount(where)
+        where.rmdir()
+
+
+def test_pod_mode_with_the_state_dir_on_a_noexec_mount(test_images: TestImages,
+                                                       tmp_path: Path) -> None:
+    """Debian 12's /run is noexec. The pause's rootfs is a plain dir in the state dir: runc
+    bind-mounts it as the pod's root, and from inside a user namespace cannot clear the
+    noexec it inherits ("exec /catatonit: permission denied"). The pod gets a mount of it
+    of its own that allows exec."""
+    with noexec_run() as run, running_daemon(tmp_path, state_parent=run) as daemon:
+        cri = daemon.client()
+        try:
+            cri.PullImage(pb.PullImageRequest(
+                image=pb.ImageSpec(image=test_images.busybox.reference)))
+            pod = userns_pod(tmp_path, userns_options(pb.POD, MAPPING))
+            with running(cri, pod) as pod_id:
+                out = run_to_exit(cri, pod_id, pod, test_images.busybox.reference,
+                                  "id -u; cat /proc/self/uid_map", tmp_path)
+                assert out.split()[:4] == ["0", "0", "1000", "100000"], out
+        finally:
+            cri.close()
+        assert mounts_under(daemon.state) == []
 
 
 def test_exec_joins_the_pod_userns(fp: CriClient, pulled: TestImages, tmp_path: Path) -> None:

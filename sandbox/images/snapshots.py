@@ -525,10 +525,11 @@ def mount_overlay(
     kernel resolves them at mount time, and each costs ~17 bytes of the one-page option string,
     without a chdir that would race with other threads.
 
-    With `idmap` (a pinned user namespace) each lower is a detached idmapped clone of its
-    snapshot (overlayfs takes its own private copy of each layer at mount time, so the clones
-    go away with their fds; detached layers work on this 6.18 kernel, older kernels may refuse
-    them with EINVAL), and the upper and work
+    With `idmap` (a pinned user namespace) each lower is an idmapped clone of its snapshot,
+    attached for the time of mount(2) below `target`'s parent (overlayfs takes its own private
+    copy of each layer then, so the clones are detached again and go away with their fds; a
+    kernel before 6.15 refuses a layer that is not in the mount namespace, "failed to clone
+    lowerpath", EINVAL: Debian 12's 6.1 does), and the upper and work
     dirs are chowned to `owner`: what the container writes is owned by its root on the host,
     and copied-up files keep the owner they have through the idmapped layer."""
     if not lowers_topmost_first:
@@ -541,12 +542,23 @@ def mount_overlay(
         _mount(source, str(target), None, MS_BIND | MS_REMOUNT | MS_RDONLY, None)
         return
     with ExitStack() as stack:
+        attach_dir = target.parent / f".{target.name}.layers"
+        if idmap is not None:  # rmdir, never rmtree: a point still mounted is a snapshot
+            attach_dir.mkdir(mode=0o700, exist_ok=True)
+            stack.callback(attach_dir.rmdir)
+
         def fd_path(path: Path, mapped: bool = False) -> str:
             if mapped and idmap is not None:
                 fd = idmapped_clone(path, idmap)
+                stack.callback(os.close, fd)
+                point = attach_dir / str(fd)
+                point.mkdir()
+                stack.callback(point.rmdir)
+                attach_mount(fd, point)
+                stack.callback(libc.umount2, str(point), MNT_DETACH)
             else:
                 fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            stack.callback(os.close, fd)
+                stack.callback(os.close, fd)
             return f"/proc/self/fd/{fd}"
 
         options = ["lowerdir=" + ":".join(fd_path(p, True) for p in lowers_topmost_first)]
@@ -569,7 +581,9 @@ def mount_overlay(
 # ---- idmapped mounts (runc 1.1.5 cannot make them: flatpod does, before runc sees the paths) --
 
 SYS_OPEN_TREE = 428  # x86_64 and aarch64 share these numbers (new syscalls are unified)
+SYS_MOVE_MOUNT = 429
 SYS_MOUNT_SETATTR = 442
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
 OPEN_TREE_CLONE = 1
 AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
@@ -613,6 +627,15 @@ def idmapped_clone(source: Path, userns: Path, recursive: bool = False) -> int:
         os.close(tree)
         raise
     return tree
+
+
+def attach_mount(tree: int, point: Path) -> None:
+    """Attaches the detached mount `tree` (an open_tree fd) at `point`; the fd then refers to
+    the attached mount."""
+    libc.syscall(
+        SYS_MOVE_MOUNT, ctypes.c_int(tree), b"", ctypes.c_int(AT_FDCWD), str(point).encode(),
+        ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH), what=f"move_mount -> {point}",
+    )
 
 
 def idmap_supported(path: Path, userns: Path) -> bool:
