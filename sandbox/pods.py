@@ -29,6 +29,7 @@ from cri_api import api_pb2 as pb
 from netns.enter import run_in_netns
 from netns.pin import create_netns, ensure_shared_mount_dir, is_pinned, pin_namespace, unpin
 from netns.ports import PortMapping
+from netns.rtnl import loopback_up
 from sandbox import acl, cgroups, containers, mounts, validate
 from sandbox.errors import FailedPrecondition, InvalidArgument, StepFailed, Steps
 from sandbox.exits import delete_runc_state
@@ -497,18 +498,11 @@ def create_userns(userns: PodUserns, user_pin: Path, netns_pin: Path) -> None:
         with _unshared(CLONE_NEWUSER | CLONE_NEWNET, userns) as pid:
             pin_namespace(Path(f"/proc/{pid}/ns/user"), user_pin)
             pin_namespace(Path(f"/proc/{pid}/ns/net"), netns_pin)
-        run_in_netns(netns_pin, _loopback_up)
+        run_in_netns(netns_pin, loopback_up)
     except BaseException:
         unpin(netns_pin)
         unpin(user_pin)
         raise
-
-
-def _loopback_up() -> None:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        ipr.link("set", index=1, state="up")  # lo is ifindex 1 in a fresh netns
 
 
 def _share_with_userns(rt: Runtime, pod_dir: Path, userns: PodUserns) -> None:
