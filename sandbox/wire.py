@@ -41,6 +41,13 @@ def message_field(field_number: int, payload: bytes) -> bytes:
     return tag + varint(len(payload)) + payload
 
 
+def string_map_entry(field_number: int, key: str, value: str) -> bytes:
+    """One entry of a `map<string, string> = field_number` field (a message of key = 1,
+    value = 2), ready to concatenate."""
+    return message_field(field_number, message_field(1, key.encode()) + message_field(
+        2, value.encode()))
+
+
 def int_field(field_number: int, value: int) -> bytes:
     """An int64/int32/enum field of a non-negative `value` (a varint)."""
     return varint(field_number << 3) + varint(value)
