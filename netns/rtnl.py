@@ -195,18 +195,15 @@ class Rtnl:
     def link(self, name: str) -> Link | None:
         """The link named `name`, None if there is none (the kernel looks it up)."""
         body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attr(IFLA_IFNAME, _string(name))
-        try:
-            found = self.request(f"get link {name}", RTM_GETLINK, 0, body)
-        except OSError as exc:
-            if exc.errno == errno.ENODEV:
-                return None
-            raise
-        return _decode_link(found[0]) if found else None
+        return self._get_link(f"get link {name}", body)
 
     def link_by_index(self, index: int) -> Link | None:
         body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, 0, 0)
+        return self._get_link(f"get link {index}", body)
+
+    def _get_link(self, what: str, body: bytes) -> Link | None:
         try:
-            found = self.request(f"get link {index}", RTM_GETLINK, 0, body)
+            found = self.request(what, RTM_GETLINK, 0, body)
         except OSError as exc:
             if exc.errno == errno.ENODEV:
                 return None
