@@ -19,8 +19,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
-
 from cri_api import api_pb2 as pb
 from sandbox import cgroups, checkpoint, validate
 from sandbox.errors import (
@@ -55,7 +53,7 @@ from sandbox.spec import (
     pod_userns,
 )
 from sandbox.users import UserDb, open_to_group
-from sandbox.wire import list_entries, message_field, stream_pages, string_map_entry
+from sandbox.wire import list_entries, message_field, stream_pages, verbose_info_entry
 from shim.client import ExecSyncResult, ProcessState, ShimClient, ShimError, ShimTimeout
 from shim.crilog import open_beneath
 from shim.runc import RuncError
@@ -535,21 +533,11 @@ async def container_status(rt: Runtime, req: pb.ContainerStatusRequest) -> bytes
     if not req.verbose:
         return answer
     if not ctr.verbose_info:
-        ctr.verbose_info = string_map_entry(INFO_FIELD, "info", _verbose_info(ctr))
+        ctr.verbose_info = verbose_info_entry(INFO_FIELD, {
+            "pid": ctr.pid, "sandboxID": ctr.pod_id, "rootfs": ctr.rootfs,
+            "snapshots": ctr.snapshots, "cgroup": ctr.cgroup_path,
+        }, ctr.config)
     return answer + ctr.verbose_info
-
-
-def _verbose_info(ctr: ContainerRecord) -> str:
-    return json.dumps(
-        {
-            "pid": ctr.pid,
-            "sandboxID": ctr.pod_id,
-            "rootfs": ctr.rootfs,
-            "snapshots": ctr.snapshots,
-            "cgroup": ctr.cgroup_path,
-            "config": MessageToDict(ctr.config),
-        }
-    )
 
 
 def status_bytes(rt: Runtime, ctr: ContainerRecord) -> bytes:

@@ -50,7 +50,7 @@ from sandbox.wire import (
     list_entries,
     message_field,
     stream_pages,
-    string_map_entry,
+    verbose_info_entry,
 )
 from shim.client import ShimError
 
@@ -779,7 +779,11 @@ async def pod_sandbox_status(rt: Runtime, req: pb.PodSandboxStatusRequest) -> by
     parts = [message_field(STATUS_FIELD, pod.status_bytes)]
     if req.verbose:
         if not pod.verbose_info:
-            pod.verbose_info = string_map_entry(INFO_FIELD, "info", _verbose_info(pod))
+            pod.verbose_info = verbose_info_entry(INFO_FIELD, {
+                "pid": pod.pause_pid, "netns": pod.netns_path, "namespaces": pod.namespaces,
+                "cgroup": pod.cgroup_path, "network": pod.network_kind,
+                "runtimeHandler": pod.runtime_handler,
+            }, pod.config)
         parts.append(pod.verbose_info)
     parts += [
         message_field(CONTAINER_STATUSES_FIELD, containers.status_bytes(rt, c))
@@ -787,20 +791,6 @@ async def pod_sandbox_status(rt: Runtime, req: pb.PodSandboxStatusRequest) -> by
     ]
     parts.append(int_field(TIMESTAMP_FIELD, time.time_ns()))
     return b"".join(parts)
-
-
-def _verbose_info(pod: PodRecord) -> str:
-    return json.dumps(
-        {
-            "pid": pod.pause_pid,
-            "netns": pod.netns_path,
-            "namespaces": pod.namespaces,
-            "cgroup": pod.cgroup_path,
-            "network": pod.network_kind,
-            "runtimeHandler": pod.runtime_handler,
-            "config": MessageToDict(pod.config),
-        }
-    )
 
 
 def sandbox_status(pod: PodRecord) -> pb.PodSandboxStatus:
