@@ -1,7 +1,7 @@
 """The built-in pod network: a Linux bridge, one veth per pod, host-side NAT.
 
-All link/address/route work goes through netlink (pyroute2), with no `ip` subprocess on the
-path; only the iptables rules (masquerade, host ports) exec a binary.
+All link/address/route work goes through netlink (`netns/rtnl.py`), with no `ip` subprocess on
+the path; only the iptables rules (masquerade, host ports) exec a binary.
 """
 
 from __future__ import annotations
@@ -13,10 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
-from typing import Any
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from netns import ports
 from netns.enter import run_in_netns
@@ -24,6 +20,7 @@ from netns.ipam import LeaseBook, allocate, default_gateway
 from netns.network import NetworkResult
 from netns.pin import is_pinned
 from netns.ports import HostPortChains, PortMapping, check_pod_id
+from netns.rtnl import Rtnl
 
 POD_IFNAME = "eth0"
 _IFNAMSIZ = 15
@@ -71,47 +68,38 @@ def _write_sysctl(path: str, value: str) -> None:
             knob.write(value)
 
 
-def _ignore_errno(exc: NetlinkError, *codes: int) -> None:
-    if exc.code not in codes:
+def _ignore_errno(exc: OSError, *codes: int) -> None:
+    if exc.errno not in codes:
         raise exc
 
 
-def _lookup(ipr: Any, ifname: str) -> int | None:
-    found: list[int] = ipr.link_lookup(ifname=ifname)
-    return found[0] if found else None
-
-
-def _link_kind(ipr: Any, index: int) -> str | None:
-    info = ipr.get_links(index)[0].get("IFLA_LINKINFO")
-    return None if info is None else str(info.get("IFLA_INFO_KIND"))
+def _lookup(rtnl: Rtnl, ifname: str) -> int | None:
+    link = rtnl.link(ifname)
+    return None if link is None else link.index
 
 
 def _configure_pod_side(address: IPv4Interface, gateway: IPv4Address, mtu: int) -> None:
     """Runs inside the pod netns: address eth0, bring links up, route via the bridge."""
-    with IPRoute() as ipr:
-        ipr.link("set", index=1, state="up")
-        index = _lookup(ipr, POD_IFNAME)
+    with Rtnl() as rtnl:
+        rtnl.set_link(1, up=True)
+        index = _lookup(rtnl, POD_IFNAME)
         if index is None:
             raise RuntimeError(f"{POD_IFNAME} did not arrive in the pod namespace")
-        ipr.link("set", index=index, mtu=mtu, state="up")
+        rtnl.set_link(index, mtu=mtu, up=True)
         try:
-            ipr.addr(
-                "add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen
-            )
-        except NetlinkError as exc:
+            rtnl.add_address(index, address.ip, address.network.prefixlen)
+        except OSError as exc:
             _ignore_errno(exc, errno.EEXIST)
         try:
-            ipr.route("add", dst="0.0.0.0/0", gateway=str(gateway), oif=index)
-        except NetlinkError as exc:
+            rtnl.add_default_route(gateway, index)
+        except OSError as exc:
             _ignore_errno(exc, errno.EEXIST)
 
 
 def _pod_side_has(address: str) -> bool:
-    with IPRoute() as ipr:
-        index = _lookup(ipr, POD_IFNAME)
-        if index is None:
-            return False
-        return any(a.get("IFA_ADDRESS") == address for a in ipr.get_addr(index=index))
+    with Rtnl() as rtnl:
+        index = _lookup(rtnl, POD_IFNAME)
+        return index is not None and address in rtnl.addresses(index)
 
 
 class BridgeNetwork:
@@ -128,26 +116,27 @@ class BridgeNetwork:
     def ensure_bridge(self) -> int:
         """Create the bridge if needed, give it the gateway address, bring it up; its index."""
         cfg = self.config
-        with IPRoute() as ipr:
-            index = _lookup(ipr, cfg.name)
-            if index is None:
+        with Rtnl() as rtnl:
+            link = rtnl.link(cfg.name)
+            if link is None:
                 try:
-                    ipr.link("add", ifname=cfg.name, kind="bridge", mtu=cfg.mtu)
-                except NetlinkError as exc:
+                    rtnl.add_bridge(cfg.name, cfg.mtu)
+                except OSError as exc:
                     _ignore_errno(exc, errno.EEXIST)  # a concurrent setup made it first
-                index = _lookup(ipr, cfg.name)
-                if index is None:
+                link = rtnl.link(cfg.name)
+                if link is None:
                     raise RuntimeError(f"bridge {cfg.name} vanished while being created")
-            if _link_kind(ipr, index) != "bridge":
+            if link.kind != "bridge":
                 raise RuntimeError(f"{cfg.name} exists and is not a bridge")
-            gateway = str(cfg.gateway_address)
-            if not any(a.get("IFA_ADDRESS") == gateway for a in ipr.get_addr(index=index)):
+            gateway = cfg.gateway_address
+            if str(gateway) not in rtnl.addresses(link.index):
                 try:
-                    ipr.addr("add", index=index, address=gateway, prefixlen=cfg.network.prefixlen)
-                except NetlinkError as exc:
+                    rtnl.add_address(link.index, gateway, cfg.network.prefixlen)
+                except OSError as exc:
                     _ignore_errno(exc, errno.EEXIST)
-            ipr.link("set", index=index, state="up")
-        return index
+            if not link.up:
+                rtnl.set_link(link.index, up=True)
+        return link.index
 
     def _masquerade_rule(self) -> list[str]:
         subnet = str(self.config.network)
@@ -179,12 +168,12 @@ class BridgeNetwork:
             except ports.IptablesError:
                 break
         self._masquerade_installed = False
-        with IPRoute() as ipr:
-            index = _lookup(ipr, self.config.name)
+        with Rtnl() as rtnl:
+            index = _lookup(rtnl, self.config.name)
             if index is not None:
                 try:
-                    ipr.link("del", index=index)
-                except NetlinkError as exc:
+                    rtnl.delete_link(index)
+                except OSError as exc:
                     _ignore_errno(exc, errno.ENODEV)
 
     # ---- per pod ----------------------------------------------------------------------------
@@ -225,24 +214,19 @@ class BridgeNetwork:
     ) -> None:
         cfg = self.config
         host_name = cfg.host_veth_name(pod_id)
-        with IPRoute() as ipr:
-            stale = _lookup(ipr, host_name)
+        with Rtnl() as rtnl:
+            stale = _lookup(rtnl, host_name)
             if stale is not None:  # a half-done earlier attempt: start over
-                ipr.link("del", index=stale)
+                rtnl.delete_link(stale)
             ns_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                ipr.link(
-                    "add",
-                    ifname=host_name,
-                    kind="veth",
-                    peer={"ifname": POD_IFNAME, "net_ns_fd": ns_fd},
-                )
+                rtnl.add_veth(host_name, POD_IFNAME, ns_fd)
             finally:
                 os.close(ns_fd)
-            host_index = _lookup(ipr, host_name)
+            host_index = _lookup(rtnl, host_name)
             if host_index is None:
                 raise RuntimeError(f"veth {host_name} vanished after creation")
-            ipr.link("set", index=host_index, master=bridge_index, mtu=cfg.mtu, state="up")
+            rtnl.set_link(host_index, master=bridge_index, mtu=cfg.mtu, up=True)
         run_in_netns(
             netns_path, lambda: _configure_pod_side(address, cfg.gateway_address, cfg.mtu)
         )
@@ -250,12 +234,12 @@ class BridgeNetwork:
     def teardown(self, pod_id: str, netns_path: Path | None) -> None:
         """Detach the pod. Deleting the host end removes both ends, netns or not; idempotent."""
         check_pod_id(pod_id)
-        with IPRoute() as ipr:
-            index = _lookup(ipr, self.config.host_veth_name(pod_id))
+        with Rtnl() as rtnl:
+            index = _lookup(rtnl, self.config.host_veth_name(pod_id))
             if index is not None:
                 try:
-                    ipr.link("del", index=index)
-                except NetlinkError as exc:
+                    rtnl.delete_link(index)
+                except OSError as exc:
                     _ignore_errno(exc, errno.ENODEV)
         ports.remove_all_for(pod_id, self.config.hostport_chains)
         self.leases.release(self.config.name, pod_id)
@@ -266,13 +250,10 @@ class BridgeNetwork:
         owned = self.leases.owned_by(cfg.name, pod_id)
         if not owned or not is_pinned(netns_path):
             return False
-        with IPRoute() as ipr:
-            bridge = _lookup(ipr, cfg.name)
-            host = _lookup(ipr, cfg.host_veth_name(pod_id))
-            if bridge is None or host is None:
-                return False
-            link = ipr.get_links(host)[0]
-            if link.get("IFLA_MASTER") != bridge:
+        with Rtnl() as rtnl:
+            bridge = _lookup(rtnl, cfg.name)
+            host = rtnl.link(cfg.host_veth_name(pod_id))
+            if bridge is None or host is None or host.master != bridge:
                 return False
         return run_in_netns(netns_path, lambda: _pod_side_has(owned[0]))
 
@@ -280,6 +261,6 @@ class BridgeNetwork:
         """Ready if the bridge is (or can be made) up and forwarding is on."""
         try:
             self._ensure_host()
-        except (OSError, NetlinkError, RuntimeError, ports.IptablesError) as exc:
+        except (OSError, RuntimeError, ports.IptablesError) as exc:
             return False, f"bridge network {self.config.name} not ready: {exc}"
         return True, ""

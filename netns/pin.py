@@ -17,6 +17,7 @@ from pathlib import Path
 
 from netns import libc
 from netns.enter import run_in_netns
+from netns.rtnl import loopback_up
 
 NETNS_RUN_DIR = Path("/run/netns")
 _NSFS_PROBE = "/proc/self/ns/net"
@@ -66,14 +67,6 @@ def pin_namespace(source: Path, target: Path) -> None:
         raise
 
 
-def _bring_loopback_up() -> None:
-    # ioctl-free and dependency-free: pyroute2 on this thread talks to the new namespace.
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        ipr.link("set", index=1, state="up")  # lo is always ifindex 1 in a fresh netns
-
-
 def _unshare_and_pin(target: Path) -> None:
     libc.unshare(libc.CLONE_NEWNET)
     libc.mount("/proc/thread-self/ns/net", str(target), "none", libc.MS_BIND)
@@ -91,7 +84,7 @@ def create_netns(path: Path) -> None:
     _touch_mount_target(path)
     try:
         run_in_netns(Path(_NSFS_PROBE), lambda: _unshare_and_pin(path))
-        run_in_netns(path, _bring_loopback_up)
+        run_in_netns(path, loopback_up)
     except BaseException:
         unpin(path)
         raise

@@ -19,8 +19,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
-
 from cri_api import api_pb2 as pb
 from sandbox import cgroups, checkpoint, validate
 from sandbox.errors import (
@@ -55,7 +53,7 @@ from sandbox.spec import (
     pod_userns,
 )
 from sandbox.users import UserDb, open_to_group
-from sandbox.wire import list_entries, message_field, stream_pages
+from sandbox.wire import list_entries, message_field, stream_pages, verbose_info_entry
 from shim.client import ExecSyncResult, ProcessState, ShimClient, ShimError, ShimTimeout
 from shim.crilog import open_beneath
 from shim.runc import RuncError
@@ -67,6 +65,7 @@ CONTAINER_CREATING = ContainerState.CREATING
 LIST_CONTAINERS_FIELD = pb.ListContainersResponse.DESCRIPTOR.fields_by_name["containers"].number
 # ContainerStatusResponse.status
 STATUS_FIELD = pb.ContainerStatusResponse.DESCRIPTOR.fields_by_name["status"].number
+INFO_FIELD = pb.ContainerStatusResponse.DESCRIPTOR.fields_by_name["info"].number
 # How long a stop waits for the shim to see the exit after SIGKILL.
 KILL_WAIT = 10.0
 
@@ -539,26 +538,19 @@ async def finish_removal(rt: Runtime, container_id: str, doc: dict[str, Any]) ->
 # --- ContainerStatus and ListContainers -------------------------------------------------------
 
 
-async def container_status(
-    rt: Runtime, req: pb.ContainerStatusRequest
-) -> pb.ContainerStatusResponse | bytes:
-    """Non-verbose (kubelet's), the record's kept status bytes as the whole answer."""
+async def container_status(rt: Runtime, req: pb.ContainerStatusRequest) -> bytes:
+    """The record's kept status bytes, and verbose (critest's, crictl inspect's) its kept
+    info entry (sandbox/wire.py)."""
     ctr = rt.registry.visible_container(req.container_id)
+    answer = message_field(STATUS_FIELD, status_bytes(rt, ctr))
     if not req.verbose:
-        return message_field(STATUS_FIELD, status_bytes(rt, ctr))
-    response = pb.ContainerStatusResponse(status=container_status_message(rt, ctr))
-    if req.verbose:
-        response.info["info"] = json.dumps(
-            {
-                "pid": ctr.pid,
-                "sandboxID": ctr.pod_id,
-                "rootfs": ctr.rootfs,
-                "snapshots": ctr.snapshots,
-                "cgroup": ctr.cgroup_path,
-                "config": MessageToDict(ctr.config),
-            }
-        )
-    return response
+        return answer
+    if not ctr.verbose_info:
+        ctr.verbose_info = verbose_info_entry(INFO_FIELD, {
+            "pid": ctr.pid, "sandboxID": ctr.pod_id, "rootfs": ctr.rootfs,
+            "snapshots": ctr.snapshots, "cgroup": ctr.cgroup_path,
+        }, ctr.config)
+    return answer + ctr.verbose_info
 
 
 def status_bytes(rt: Runtime, ctr: ContainerRecord) -> bytes:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from netns import libc
 from sandbox.config import Config
 from sandbox.errors import FailedPrecondition, InvalidArgument
 from sandbox.records import PodRecord
@@ -36,7 +37,9 @@ class Handler:
         """The driver for this handler's runtime (shim/runc.py: the one door to it);
         `systemd_cgroup` for calls that change a systemd scope (`update`)."""
         extra = [*self.global_args, *(["--systemd-cgroup"] if systemd_cgroup else [])]
-        return Runc(root=str(self.root), binary=self.binary, extra_global_args=extra)
+        # libc's posix_spawn through ctypes: the GIL is released while the child execs.
+        return Runc(root=str(self.root), binary=self.binary, extra_global_args=extra,
+                    posix_spawn=libc.posix_spawn)
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,7 @@ def _runtime_condition(rt: Runtime) -> tuple[bool, str]:
 async def _network_condition(rt: Runtime) -> tuple[bool, str]:
     if rt.network is None:
         return False, "pod network is not initialised"
-    # Netlink calls block, and pyroute2 refuses to run on a thread whose event loop runs.
+    # Netlink calls block: a worker thread, never the event loop.
     ready, reason = await asyncio.to_thread(rt.network.status)
     return bool(ready), str(reason)
 

@@ -29,6 +29,7 @@ from cri_api import api_pb2 as pb
 from netns.enter import run_in_netns
 from netns.pin import create_netns, ensure_shared_mount_dir, is_pinned, pin_namespace, unpin
 from netns.ports import PortMapping
+from netns.rtnl import loopback_up
 from sandbox import acl, cgroups, containers, mounts, validate
 from sandbox.errors import FailedPrecondition, InvalidArgument, StepFailed, Steps
 from sandbox.exits import delete_runc_state
@@ -44,7 +45,13 @@ from sandbox.runtime import Runtime
 from sandbox.spec import IdMap, PodUserns, SpecError, build_pause_spec, pod_userns
 from sandbox.undo import undo_on_failure
 from sandbox.users import open_to_group
-from sandbox.wire import int_field, list_entries, message_field, stream_pages
+from sandbox.wire import (
+    int_field,
+    list_entries,
+    message_field,
+    stream_pages,
+    verbose_info_entry,
+)
 from shim.client import ShimError
 
 log = logging.getLogger("flatpod.pods")
@@ -67,6 +74,7 @@ _STATUS_FIELDS = pb.PodSandboxStatusResponse.DESCRIPTOR.fields_by_name
 STATUS_FIELD = _STATUS_FIELDS["status"].number
 CONTAINER_STATUSES_FIELD = _STATUS_FIELDS["containers_statuses"].number
 TIMESTAMP_FIELD = _STATUS_FIELDS["timestamp"].number
+INFO_FIELD = _STATUS_FIELDS["info"].number
 _PROTOCOLS: dict[int, Literal["tcp", "udp", "sctp"]] = {
     pb.TCP: "tcp", pb.UDP: "udp", pb.SCTP: "sctp"
 }
@@ -510,18 +518,11 @@ def create_userns(userns: PodUserns, user_pin: Path, netns_pin: Path) -> None:
         with _unshared(CLONE_NEWUSER | CLONE_NEWNET, userns) as pid:
             pin_namespace(Path(f"/proc/{pid}/ns/user"), user_pin)
             pin_namespace(Path(f"/proc/{pid}/ns/net"), netns_pin)
-        run_in_netns(netns_pin, _loopback_up)
+        run_in_netns(netns_pin, loopback_up)
     except BaseException:
         unpin(netns_pin)
         unpin(user_pin)
         raise
-
-
-def _loopback_up() -> None:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        ipr.link("set", index=1, state="up")  # lo is ifindex 1 in a fresh netns
 
 
 def _share_with_userns(rt: Runtime, pod_dir: Path, userns: PodUserns) -> None:
@@ -786,41 +787,27 @@ def _name_leftovers(rt: Runtime, pod: PodRecord) -> None:
 # --- PodSandboxStatus and ListPodSandbox ------------------------------------------------------
 
 
-async def pod_sandbox_status(
-    rt: Runtime, req: pb.PodSandboxStatusRequest
-) -> pb.PodSandboxStatusResponse | bytes:
-    """Non-verbose (kubelet's), assembled from the pod's and its containers' kept status
-    bytes and the timestamp (sandbox/wire.py)."""
+async def pod_sandbox_status(rt: Runtime, req: pb.PodSandboxStatusRequest) -> bytes:
+    """Assembled from the pod's and its containers' kept status bytes, the timestamp and,
+    verbose (critest's and crictl inspectp's), the pod's kept info entry (sandbox/wire.py)."""
     pod = rt.registry.visible_pod(req.pod_sandbox_id)
-    if not req.verbose:
-        if not pod.status_bytes:
-            pod.status_bytes = sandbox_status(pod).SerializeToString()
-        parts = [message_field(STATUS_FIELD, pod.status_bytes)]
-        parts += [
-            message_field(CONTAINER_STATUSES_FIELD, containers.status_bytes(rt, c))
-            for c in rt.registry.visible_containers_of(pod.id)
-        ]
-        parts.append(int_field(TIMESTAMP_FIELD, time.time_ns()))
-        return b"".join(parts)
-    response = pb.PodSandboxStatusResponse(status=sandbox_status(pod), timestamp=time.time_ns())
+    if not pod.status_bytes:
+        pod.status_bytes = sandbox_status(pod).SerializeToString()
+    parts = [message_field(STATUS_FIELD, pod.status_bytes)]
     if req.verbose:
-        response.info["info"] = json.dumps(
-            {
-                "pid": pod.pause_pid,
-                "netns": pod.netns_path,
-                "namespaces": pod.namespaces,
-                "cgroup": pod.cgroup_path,
-                "network": pod.network_kind,
+        if not pod.verbose_info:
+            pod.verbose_info = verbose_info_entry(INFO_FIELD, {
+                "pid": pod.pause_pid, "netns": pod.netns_path, "namespaces": pod.namespaces,
+                "cgroup": pod.cgroup_path, "network": pod.network_kind,
                 "runtimeHandler": pod.runtime_handler,
-                "config": MessageToDict(pod.config),
-            }
-        )
-    statuses = [
-        containers.container_status_message(rt, c)
+            }, pod.config)
+        parts.append(pod.verbose_info)
+    parts += [
+        message_field(CONTAINER_STATUSES_FIELD, containers.status_bytes(rt, c))
         for c in rt.registry.visible_containers_of(pod.id)
     ]
-    response.containers_statuses.extend(statuses)
-    return response
+    parts.append(int_field(TIMESTAMP_FIELD, time.time_ns()))
+    return b"".join(parts)
 
 
 def sandbox_status(pod: PodRecord) -> pb.PodSandboxStatus:

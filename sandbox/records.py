@@ -105,6 +105,8 @@ class PodRecord:
     list_entry: bytes = field(default=b"", repr=False, compare=False, metadata=TRANSIENT)
     # Its PodSandboxStatus message, serialized; emptied on every save.
     status_bytes: bytes = field(default=b"", repr=False, compare=False, metadata=TRANSIENT)
+    # The `info` entry of its verbose PodSandboxStatus answer, serialized; emptied on every save.
+    verbose_info: bytes = field(default=b"", repr=False, compare=False, metadata=TRANSIENT)
 
     def __post_init__(self) -> None:
         self.state = PodState(self.state)  # a member, also when given its value
@@ -150,6 +152,8 @@ class ContainerRecord:
     list_entry: bytes = field(default=b"", repr=False, compare=False, metadata=TRANSIENT)
     # Its ContainerStatus message, serialized; emptied on every save.
     status_bytes: bytes = field(default=b"", repr=False, compare=False, metadata=TRANSIENT)
+    # The `info` entry of its verbose ContainerStatus answer, serialized; emptied on every save.
+    verbose_info: bytes = field(default=b"", repr=False, compare=False, metadata=TRANSIENT)
 
     def __post_init__(self) -> None:
         self.state = ContainerState(self.state)
@@ -204,7 +208,7 @@ def _save(
 ) -> None:
     """Stores a changed record. Its cached answers (list entry, status) are emptied, to be
     built again from it when next asked for: a save is the one place that does it."""
-    record.list_entry = record.status_bytes = b""
+    record.list_entry = record.status_bytes = record.verbose_info = b""
     with store.tx() as conn:
         conn.execute(upsert, row)
 

@@ -7,9 +7,11 @@ serialized once (when the record changes) and a list answer is the concatenation
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Protocol, TypeVar
 
+from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 _WIRE_TYPE_LENGTH_DELIMITED = 2
@@ -39,6 +41,21 @@ def message_field(field_number: int, payload: bytes) -> bytes:
     """A message field (or one element of a repeated one) holding the serialized `payload`."""
     tag = varint(field_number << 3 | _WIRE_TYPE_LENGTH_DELIMITED)
     return tag + varint(len(payload)) + payload
+
+
+def string_map_entry(field_number: int, key: str, value: str) -> bytes:
+    """One entry of a `map<string, string> = field_number` field (a message of key = 1,
+    value = 2), ready to concatenate."""
+    return message_field(field_number, message_field(1, key.encode()) + message_field(
+        2, value.encode()))
+
+
+def verbose_info_entry(field_number: int, facts: dict[str, object], config: Message) -> bytes:
+    """The `info` entry of a verbose status answer (PodSandboxStatus, ContainerStatus): the
+    record's facts and its CRI config as one JSON document under the key "info", as
+    containerd answers and crictl inspect prints."""
+    document = json.dumps({**facts, "config": MessageToDict(config)})
+    return string_map_entry(field_number, "info", document)
 
 
 def int_field(field_number: int, value: int) -> bytes:

@@ -18,7 +18,7 @@ import os
 import select
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -31,6 +31,19 @@ READ_SIZE = 65536
 # Python ignores SIGPIPE (and SIGXFSZ); an ignored signal stays ignored across exec, so runc
 # gets them back at their defaults, as subprocess's restore_signals does.
 RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
+
+# posix_spawn(path, argv, env, [(fd, target fd)...], signals to reset): the child's pid.
+PosixSpawn = Callable[[str, Sequence[str], Mapping[str, str], Sequence[tuple[int, int]],
+                       Sequence[int]], int]
+
+
+def os_posix_spawn(path: str, argv: Sequence[str], env: Mapping[str, str],
+                   dup2: Sequence[tuple[int, int]], default_signals: Sequence[int]) -> int:
+    """os.posix_spawn, which holds the GIL until the child has exec'd: right for a shim (one
+    thread); the daemon passes netns.libc.posix_spawn, which releases it."""
+    actions = [(os.POSIX_SPAWN_DUP2, fd, target) for fd, target in dup2]
+    return os.posix_spawn(path, list(argv), env, file_actions=actions,
+                          setsigdef=default_signals)
 
 
 class RuncError(Exception):
@@ -127,6 +140,7 @@ class Runc:
     # zygote-forked shim is given a copy made in the zygote: reading os.environ runs
     # os._Environ's Python code, and decodes every variable, in each shim (~60 KiB of USS).
     environment: Mapping[str, str] | None = None
+    posix_spawn: PosixSpawn = os_posix_spawn
 
     def _argv(self, *args: str) -> list[str]:
         return [self.binary, "--root", self.root, *self.extra_global_args, *args]
@@ -141,7 +155,7 @@ class Runc:
                 read_end, write_end = os.pipe()
                 ours.append(write_end if index == 0 else read_end)
                 theirs.append(read_end if index == 0 else write_end)
-            pid = _spawn(argv, self.environment, *theirs)
+            pid = _spawn(self.posix_spawn, argv, self.environment, *theirs)
             for fd in theirs:
                 os.close(fd)
             theirs.clear()
@@ -164,7 +178,7 @@ class Runc:
                 "--log", log_path, "--log-format", "json", *args]
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         try:
-            pid = _spawn(argv, self.environment, *(fd if fd >= 0 else devnull
+            pid = _spawn(self.posix_spawn, argv, self.environment, *(fd if fd >= 0 else devnull
                                  for fd in (stdio.stdin, stdio.stdout, stdio.stderr)))
             returncode, _output = _wait(pid, self.timeout, [])
             if returncode != 0:
@@ -273,8 +287,8 @@ def _state_from_json(raw: dict[str, Any]) -> RuncState:
                      bundle=str(raw.get("bundle", "")))
 
 
-def _spawn(argv: list[str], environment: Mapping[str, str] | None, stdin: int, stdout: int,
-           stderr: int) -> int:
+def _spawn(posix_spawn: PosixSpawn, argv: list[str], environment: Mapping[str, str] | None,
+           stdin: int, stdout: int, stderr: int) -> int:
     """Start argv with the given fds as its 0, 1, 2 and nothing else: every other fd a
     Python process opens is close-on-exec (PEP 446), so it does not reach runc."""
     duplicates: list[int] = []
@@ -285,10 +299,9 @@ def _spawn(argv: list[str], environment: Mapping[str, str] | None, stdin: int, s
                 fd = os.dup(fd)
                 duplicates.append(fd)
             sources.append(fd)
-        actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(sources)]
         env = os.environ if environment is None else environment
-        return os.posix_spawn(argv[0], argv, env, file_actions=actions,
-                              setsigdef=RESET_SIGNALS)
+        return posix_spawn(argv[0], argv, env, list(zip(sources, range(3), strict=True)),
+                           RESET_SIGNALS)
     finally:
         for fd in duplicates:
             os.close(fd)

@@ -8,6 +8,7 @@ cached whole (sandbox/wire.py, AnswerCache); these tests change records the way 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import TypeVar
@@ -171,3 +172,27 @@ def test_status_answers_from_kept_bytes_follow_every_change(rt: Runtime) -> None
     assert (status.state, status.exit_code, status.reason) == (pb.CONTAINER_EXITED, 3, "Error")
     assert fast.containers_statuses[0] == status
     assert status == _container_status(rt, "c1", True).status
+
+
+def test_verbose_status_answers_from_kept_bytes_follow_every_change(rt: Runtime) -> None:
+    """The verbose answers (critest's, crictl inspect's) are the kept status bytes plus a kept
+    info entry: each equals the message built from the record, and a saved change shows."""
+    pod = _add_pod(rt, "p1")
+    ctr = _add_container(rt, "c1", "p1")
+    for _ in range(2):  # the first builds the kept bytes, the second answers them
+        answer = _statuses(rt, "p1", True)
+        assert answer.status == pods.sandbox_status(pod)
+        assert list(answer.containers_statuses) == [containers.container_status_message(rt, ctr)]
+        assert json.loads(answer.info["info"])["pid"] == 0 and list(answer.info) == ["info"]
+        single = _container_status(rt, "c1", True)
+        assert single.status == containers.container_status_message(rt, ctr)
+        info = json.loads(single.info["info"])
+        assert (info["pid"], info["sandboxID"], info["config"]["metadata"]) == (
+            0, "p1", {"name": "c1"})
+
+    pod.pause_pid, ctr.pid = 4242, 4343
+    save_pod(rt.store, pod)
+    save_container(rt.store, ctr)
+    assert json.loads(_statuses(rt, "p1", True).info["info"])["pid"] == 4242
+    assert json.loads(_container_status(rt, "c1", True).info["info"])["pid"] == 4343
+    assert not _container_status(rt, "c1", False).info

@@ -12,14 +12,14 @@ from pathlib import Path
 
 from benchlib import floor, stats
 from benchlib.bigimage import ensure_pushed
-from benchlib.cri import BUSYBOX, describe
+from benchlib.cri import BUSYBOX, LOOKUP_IMAGE, describe
 from benchlib.runtimes import Containerd, Flatpod, Runtime
 from benchlib.stats import Report
-from benchlib.workloads import MS, Plan, run_at_scale, run_churn, run_latencies
+from benchlib.workloads import MS, Plan, run_at_scale, run_churn, run_latencies, run_lookups
 from shim import ksm
 
-WORKLOADS = ("runpod", "create-start", "stop-remove", "concurrent", "relist", "stats",
-             "memory", "restart", "pull", "churn", "floor")
+WORKLOADS = ("runpod", "create-start", "stop-remove", "concurrent", "lookups", "relist",
+             "stats", "memory", "restart", "pull", "churn", "floor")
 AT_SCALE = {"relist", "stats", "memory", "restart"}
 
 
@@ -102,6 +102,12 @@ def run_workloads(report: Report, runtimes: list[Runtime], plan: Plan, only: set
                 runtime.remember_image(plan.big_image)
     log("latencies")
     run_latencies(report, runtimes, plan, only)
+    if "lookups" in only:
+        log("lookups")
+        for runtime in runtimes:
+            if isinstance(runtime, Containerd):
+                runtime.remember_image(LOOKUP_IMAGE)
+        run_lookups(report, runtimes, plan)
     if "churn" in only:
         log(f"churn: {plan.churn_clients} clients for {plan.churn_seconds:.0f} s each")
         run_churn(report, runtimes, plan)

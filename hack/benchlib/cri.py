@@ -13,6 +13,8 @@ from cri_api import api_pb2 as pb
 from cri_api import api_pb2_grpc as rpc
 
 BUSYBOX = "registry.k8s.io/e2e-test-images/busybox:1.29-2"
+# critest -benchmark's image (public.ecr.aws there), through the same mirror
+LOOKUP_IMAGE = "registry.k8s.io/docker/library/busybox:1.35.0-glibc"
 NAMESPACE = "fpbench"
 CALL_TIMEOUT = 180.0
 

@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 import grpc
 
 from benchlib import procs
-from benchlib.cri import describe, sleeper_config, status_code
+from benchlib.cri import (
+    CALL_TIMEOUT,
+    LOOKUP_IMAGE,
+    describe,
+    sleeper_config,
+    status_code,
+)
 from benchlib.runtimes import Runtime
 from benchlib.stats import Report, Series
 from cri_api import api_pb2 as pb
@@ -128,6 +134,69 @@ def pull_sampler(image: str) -> Sampler:
         runtime.cri.remove_image(image)
         return timed(lambda: runtime.cri.pull(image))
     return sample
+
+
+# ---- lookups, as critest -benchmark times them ------------------------------------------------
+
+
+def status_pod_sampler(runtime: Runtime) -> float:
+    """PodSandboxStatus, verbose, right after the RunPodSandbox that made the pod (critest's
+    PodLifecycle shape); the pod is removed untimed."""
+    pod_id = runtime.run_pod(runtime.new_pod_config())
+    elapsed = timed(lambda: runtime.cri.runtime.PodSandboxStatus(
+        pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True), timeout=CALL_TIMEOUT))
+    runtime.cri.stop_and_remove_pod(pod_id)
+    return elapsed
+
+
+def status_container_sampler(pods: dict[str, tuple[str, pb.PodSandboxConfig]]) -> Sampler:
+    """ContainerStatus, verbose, right after StartContainer (critest's ContainerOps shape),
+    in one long-lived pod per runtime; the container is removed untimed."""
+    def sample(runtime: Runtime) -> float:
+        if runtime.name not in pods:
+            config = runtime.new_pod_config()
+            pods[runtime.name] = (runtime.run_pod(config), config)
+        pod_id, config = pods[runtime.name]
+        ctr_id = runtime.cri.create_and_start(pod_id, config, sleeper_config())
+        elapsed = timed(lambda: runtime.cri.runtime.ContainerStatus(
+            pb.ContainerStatusRequest(container_id=ctr_id, verbose=True), timeout=CALL_TIMEOUT))
+        runtime.cri.kill_and_remove_container(ctr_id)
+        return elapsed
+    return sample
+
+
+def sample_status_image(runtime: Runtime) -> float:
+    """ImageStatus by tag right after the PullImage that brought the image (critest's
+    ImageLifecycle shape); removed before the pull, untimed."""
+    runtime.cri.remove_image(LOOKUP_IMAGE)
+    runtime.cri.pull(LOOKUP_IMAGE)
+    return timed(lambda: runtime.cri.has_image(LOOKUP_IMAGE))
+
+
+def sample_list_images(runtime: Runtime) -> float:
+    return timed(lambda: runtime.cri.images.ListImages(pb.ListImagesRequest(),
+                                                       timeout=CALL_TIMEOUT))
+
+
+def sample_version(runtime: Runtime) -> float:
+    """The gRPC floor: the cheapest answer a runtime has."""
+    return timed(runtime.cri.version)
+
+
+def run_lookups(report: Report, runtimes: list[Runtime], plan: Plan) -> None:
+    alternate(report, "status-pod", "PodSandboxStatus verbose, after RunPodSandbox", "ms",
+              runtimes, plan.runs, status_pod_sampler)
+    reset(runtimes)
+    pods: dict[str, tuple[str, pb.PodSandboxConfig]] = {}
+    alternate(report, "status-ctr", "ContainerStatus verbose, after StartContainer", "ms",
+              runtimes, plan.runs, status_container_sampler(pods))
+    reset(runtimes)
+    alternate(report, "status-image", "ImageStatus by tag, after PullImage", "ms",
+              runtimes, plan.runs, sample_status_image)
+    alternate(report, "list-images", "ListImages", "ms", runtimes, plan.runs * 5,
+              sample_list_images)
+    alternate(report, "version", "Version (the gRPC floor)", "ms", runtimes, plan.runs * 5,
+              sample_version)
 
 
 # ---- relist under churn ------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import re
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from sandbox.images.reference import InvalidReference, is_image_id, parse_reference
@@ -152,10 +153,7 @@ class ImageStore:
         tried in that order, as containerd's CRI does."""
         if is_image_id(ref_or_id):
             return self.get("sha256:" + ref_or_id.removeprefix("sha256:"))
-        try:
-            ref = str(parse_reference(ref_or_id))
-        except InvalidReference:
-            ref = None
+        ref = _normalized(ref_or_id)
         if ref is not None:
             image_id = self._image_of_ref.get(ref)
             if image_id is not None:
@@ -179,6 +177,17 @@ class ImageStore:
             for ref in record.refs if record else ():
                 if self._image_of_ref.get(ref) == image_id:
                     del self._image_of_ref[ref]
+
+
+@lru_cache(maxsize=1024)
+def _normalized(ref: str) -> str | None:
+    """The reference's full form ("busybox" -> "docker.io/library/busybox:latest"), None if it
+    is not one. Memoized (a pure function of the text): kubelet and critest ask ImageStatus
+    by the same few names over and over, and parsing took ~20-45 us of the event loop each."""
+    try:
+        return str(parse_reference(ref))
+    except InvalidReference:
+        return None
 
 
 def _with_refs(record: ImageRecord, refs: Iterable[str]) -> ImageRecord:
