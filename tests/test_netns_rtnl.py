@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from netns.enter import run_in_netns
-from netns.rtnl import Rtnl
+from netns.rtnl import Link, Rtnl
 from tests.support.netns import NetnsFactory
 
 
@@ -28,7 +28,11 @@ def test_a_bridge_and_a_veth_pair_are_made_addressed_routed_and_deleted(
 
     def plumb() -> None:
         with Rtnl() as rtnl:
+            # A link without IFLA_LINKINFO (no kind) and without a master decodes too.
+            assert rtnl.link("lo") == Link(index=1, name="lo", kind=None, master=0, mtu=65536,
+                                           up=True)
             assert rtnl.link("br-t") is None
+            assert rtnl.link_by_index(12345) is None
             rtnl.add_bridge("br-t", 1400)
             bridge = rtnl.link("br-t")
             assert bridge is not None and bridge.kind == "bridge" and bridge.mtu == 1400
@@ -46,7 +50,7 @@ def test_a_bridge_and_a_veth_pair_are_made_addressed_routed_and_deleted(
             finally:
                 os.close(ns_fd)
             veth = rtnl.link("veth-t")
-            assert veth is not None and veth.kind == "veth"
+            assert veth is not None and veth.kind == "veth" and veth.master == 0
             rtnl.set_link(veth.index, master=bridge.index, mtu=1400, up=True)
             assert rtnl.link_by_index(veth.index) == rtnl.link("veth-t")
             joined = rtnl.link("veth-t")
