@@ -189,7 +189,9 @@ node_e2e_shares() {
 }
 
 summary_of() {  # pytest's last line: "== 20 passed, 2 skipped in 100.00s =="
-  if [ -f "$1/node-e2e/summary.txt" ]; then sed '/^PASSED:/,$d' "$1/node-e2e/summary.txt"; return; fi
+  if [ -f "$1/node-e2e/runs/vm/summary.txt" ]; then
+    sed '/^PASSED:/,$d' "$1/node-e2e/runs/vm/summary.txt"; return
+  fi
   [ -f "$1/pytest.log" ] || { echo "no pytest output"; return; }
   tail -n 1 "$1/pytest.log" | sed -e 's/^=* *//' -e 's/ *=*$//'
 }
@@ -248,7 +250,9 @@ main() {
   end wheels
 
   rm -rf "$out"; mkdir -p "$out"
-  begin "boot + run $(wc -l < "$stage/tests.txt") test ids in the VM (accel ${VM_ACCEL:-auto})"
+  local what="$(wc -l < "$stage/tests.txt") test ids"
+  [ ${#node_e2e[@]} -gt 0 ] && what="the node e2e focus '${node_e2e[0]}'"
+  begin "boot + run $what in the VM (accel ${VM_ACCEL:-auto})"
   rc=0
   "$tools/runvm.sh" -i "$img" -A "${VM_ACCEL:-auto}" -m "${VM_MEM:-2048}" -c "${VM_CPUS:-2}" \
     -t "${VM_TIMEOUT:-1800}" "${shares[@]}" \
