@@ -19,6 +19,9 @@
 #   RESOLV_CONF    resolv.conf handed to pods with dnsPolicy Default/ClusterFirst (default /etc/resolv.conf)
 #   READ_ONLY_PORT / KUBELET_PORT / HEALTHZ_PORT   (default 10255 / 10250 / 10248)
 #   CGROUPS_PER_QOS  true|false (default true)
+#   CGROUP_DRIVER  cgroupfs|systemd (default cgroupfs); must be the runtime's (flatpod's is the
+#                  one its RuntimeConfig answers)
+#   FEATURE_GATES  kubelet feature gates, "Name=true,Other=false" (default: none)
 #
 # Runs kubelet in the foreground; Ctrl-C / SIGTERM stops it. On exit the script puts
 # back the host sysctls kubelet changes, unmounts what kubelet mounted under WORK_DIR/root
@@ -53,8 +56,14 @@ READ_ONLY_PORT=${READ_ONLY_PORT:-10255}
 KUBELET_PORT=${KUBELET_PORT:-10250}
 HEALTHZ_PORT=${HEALTHZ_PORT:-10248}
 CGROUPS_PER_QOS=${CGROUPS_PER_QOS:-true}
+CGROUP_DRIVER=${CGROUP_DRIVER:-cgroupfs}
+FEATURE_GATES=${FEATURE_GATES:-}
 NODE_NAME=${NODE_NAME:-$(hostname | tr '[:upper:]' '[:lower:]')}
 
+case "$CGROUP_DRIVER" in
+  cgroupfs|systemd) ;;
+  *) echo "CGROUP_DRIVER must be cgroupfs or systemd, got: $CGROUP_DRIVER" >&2; exit 2 ;;
+esac
 [ -d "$MANIFEST_DIR" ] || { echo "no such manifest dir: $MANIFEST_DIR" >&2; exit 2; }
 command -v "$KUBELET" >/dev/null || { echo "kubelet binary not found: $KUBELET (set KUBELET=/path/to/kubelet)" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || { echo "kubelet needs root (cgroups, mounts)" >&2; exit 2; }
@@ -83,9 +92,11 @@ fileCheckFrequency: 5s
 syncFrequency: 10s
 
 # --- cgroups
-# flatpod/containerd here use cgroupfs (no systemd in the VM); kubelet and runtime must agree.
-cgroupDriver: cgroupfs
-# kubelet creates /kubepods{,/burstable,/besteffort} and puts pod cgroups below
+# kubelet and runtime must agree: cgroupfs where PID 1 is no systemd, systemd (kubeadm's
+# default) where it is.
+cgroupDriver: $CGROUP_DRIVER
+# kubelet creates /kubepods{,/burstable,/besteffort} (systemd: kubepods.slice,
+# kubepods-burstable.slice...) and puts pod cgroups below
 # (CgroupParent in the sandbox config's linux.cgroup_parent). false = pods go wherever
 # the runtime puts them.
 cgroupsPerQOS: $CGROUPS_PER_QOS
@@ -143,6 +154,10 @@ authorization:
 serverTLSBootstrap: false
 rotateCertificates: false
 EOF
+if [ -n "$FEATURE_GATES" ]; then
+  echo "featureGates:" >> "$CONFIG"
+  tr ',' '\n' <<<"$FEATURE_GATES" | sed -n 's/^\([^=]*\)=\(.*\)$/  \1: \2/p' >> "$CONFIG"
+fi
 
 # sysctls kubelet's container manager forces (setupKernelTunables); remember the originals
 SYSCTLS="vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes"
@@ -171,6 +186,12 @@ cleanup() {
   for h in /sys/fs/cgroup/*/ /sys/fs/cgroup/; do
     [ -d "${h}kubepods" ] && find "${h}kubepods" -depth -type d -exec rmdir {} \; 2>/dev/null || true
   done
+  # systemd driver: the QoS slices are systemd's units, and stopping kubepods.slice kills what
+  # still runs below it: only a tree without a process is stopped.
+  if [ "$CGROUP_DRIVER" = systemd ] && [ -d /sys/fs/cgroup/kubepods.slice ] \
+     && [ -z "$(find /sys/fs/cgroup/kubepods.slice -name cgroup.procs -exec cat {} + 2>/dev/null)" ]; then
+    systemctl stop kubepods.slice 2>/dev/null || true
+  fi
   echo "kubelet-standalone: stopped; sysctls restored; pods still in the runtime were left alone" >&2
 }
 trap cleanup EXIT

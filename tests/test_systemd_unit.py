@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,15 +134,14 @@ def installed_unit_text(config: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.fixture(scope="module")
-def unit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Unit]:
-    """The unit installed and started; at the end every pod is removed, the unit stopped and
-    uninstalled, and nothing of it is left running."""
-    base = tmp_path_factory.mktemp("unit")
+@contextmanager
+def installed_unit(base: Path, extra_config: str = "") -> Iterator[Unit]:
+    """The unit installed and started with its files in `base`; at the end every pod is
+    removed, the unit stopped and uninstalled, and nothing of it is left running."""
     state = Path(tempfile.mkdtemp(prefix="fpt-", dir="/run"))
     bridge, subnet = a_test_network()
     config = base / "config.toml"
-    write_config(config, base / "root", state, network=(bridge, subnet))
+    write_config(config, base / "root", state, extra_config, network=(bridge, subnet))
     name = f"flatpod-test-{secrets.token_hex(3)}.service"
     unit_path = RUNTIME_UNIT_DIR / name
     RUNTIME_UNIT_DIR.mkdir(parents=True, exist_ok=True)
@@ -168,6 +168,12 @@ def unit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Unit]:
             shutil.rmtree(state, ignore_errors=True)
             remove_bridge(bridge, subnet)
             remove_cgroup_parent(f"/{state.name}")
+
+
+@pytest.fixture(scope="module")
+def unit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Unit]:
+    with installed_unit(tmp_path_factory.mktemp("unit")) as installed:
+        yield installed
 
 
 @dataclass
