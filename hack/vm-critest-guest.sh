@@ -79,7 +79,7 @@ run_combination() {
   grep -E '^(Ran |FAIL!|SUCCESS!)' "$dir/critest.log" || tail -n 5 "$dir/critest.log"
   # Whatever critest left (it removes its own pods; a failed spec may not), then flatpod.
   crictl --runtime-endpoint "unix://$socket" rmp -fa >/dev/null 2>&1 || true
-  crictl --runtime-endpoint "unix://$socket" pods -q > "$dir/pods-left.txt" 2>&1 || true
+  crictl --runtime-endpoint "unix://$socket" pods -q > "$dir/pods-left.txt" 2>/dev/null || true
   systemctl stop flatpod
   journalctl -u flatpod --since "$since" --no-pager > "$dir/flatpod.log" 2>&1 || true
   return "$rc"

@@ -118,7 +118,7 @@ main() {
     0) echo "$vm_name: PASSED" ;;
     125) echo "$vm_name: FAILED: no result came back from the VM (see $out/console.log)" ;;
     *) echo "$vm_name: FAILED (exit $rc)"
-       cat "$out"/*/summary.txt 2>/dev/null | grep -A3 -i fail | head -60 || true ;;
+       sed -n '/^FAILED:/,/^[=-]\{20,\}$/p' "$out"/*/summary.txt 2>/dev/null | head -80 || true ;;
   esac
   [ "$rc" = 0 ] || exit 1
 }
