@@ -4,28 +4,11 @@
 # Makes the venv from the wheelhouse (no network here), installs flatpod, runs the listed
 # tests; writes pytest.log, junit.xml and phases.txt (seconds per phase) to /job/out.
 set -uo pipefail
+# shellcheck source=hack/vm-guest-lib.sh
+. /mnt/flatpod/src/hack/vm-guest-lib.sh
 
-share=/mnt/flatpod
-out=/job/out
-venv=/opt/flatpod/venv
-phase_start=0
-begin() { phase_start=$(date +%s); echo "== vm-guest: $1"; }
-end() { echo "$1 $(( $(date +%s) - phase_start ))" >> "$out/phases.txt"; }
-
-echo "== vm-guest: pid 1 $(cat /proc/1/comm), $(stat -fc %T /sys/fs/cgroup)," \
-  "kernel $(uname -r), $(python3 --version)"
-echo "controllers: $(cat /sys/fs/cgroup/cgroup.controllers)"
-
-begin venv
-# Every CPU cycle is emulated: no ensurepip (pip runs from its wheel in the wheelhouse) and no
-# byte-compiling of everything installed (Python compiles what the tests import, once).
-python3 -m venv --without-pip "$venv" || exit 1
-pip_wheel=$(ls /mnt/wheels/pip-*.whl | tail -n 1)
-"$venv/bin/python" "$pip_wheel/pip" install -q --no-compile --no-index --find-links /mnt/wheels \
-  -r /mnt/wheels/requirements.txt "$share"/dist/flatpod-*.whl || exit 1
-ln -sf "$venv/bin/flatpod" /usr/local/bin/flatpod
-end venv
-"$venv/bin/flatpod" --version
+describe_guest
+install_flatpod || exit 1
 
 # A kubelet binary from the host (KUBELET=... hack/vm-test.sh), on the guest's own disk.
 if [ -f "$share/kubelet-name" ]; then

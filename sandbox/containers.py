@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cri_api import api_pb2 as pb
-from sandbox import cgroups, checkpoint, validate
+from sandbox import apparmor, cgroups, checkpoint, validate
 from sandbox.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -359,6 +359,7 @@ def spec_defaults(host: cgroups.HostCgroups) -> SpecDefaults:
     return SpecDefaults(
         cgroup_v2=pure_v2,
         hugetlb_available=owner is not None and (owner.version == 1 or pure_v2),
+        apparmor_profiles=apparmor.profiles_file_if_enabled(),
     )
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cri_api import api_pb2 as pb
-from sandbox import cgroups, seccomp, users
+from sandbox import apparmor, cgroups, seccomp, users
 
 OCI_VERSION = "1.0.2-dev"
 DEFAULT_PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -106,6 +106,9 @@ class SpecDefaults:
     # RLIMIT_NOFILE (soft = hard); must not exceed the daemon's hard limit. None: runc's default.
     nofile_limit: int | None = None
     shm_size: int = DEFAULT_SHM_SIZE
+    # Where AppArmor is enabled: the kernel's list of loaded profiles, which a Localhost
+    # profile must be in; None: a node without AppArmor, where none can be applied.
+    apparmor_profiles: Path | None = None
     mountinfo: Path = Path("/proc/self/mountinfo")
     dev_root: Path = Path("/dev")
 
@@ -472,6 +475,15 @@ def seccomp_profile(
     raise SpecError(f"seccomp_profile_path: unknown profile {legacy_path!r}")
 
 
+def _apparmor_profile(
+    profile: pb.SecurityProfile | None, legacy: str, d: SpecDefaults, where: str
+) -> str | None:
+    try:
+        return apparmor.profile_for(profile, legacy, d.apparmor_profiles, where)
+    except apparmor.AppArmorError as err:
+        raise SpecError(str(err)) from err
+
+
 def _localhost(path: str, field_name: str, caps: Sequence[str], arch: str) -> dict[str, Any]:
     if not path.startswith("/"):
         raise SpecError(f"{field_name}: localhost profile {path!r} must be an absolute path")
@@ -776,6 +788,8 @@ def build_pause_spec(
     )
     if profile is not None and not sc.privileged:
         linux["seccomp"] = profile
+    apparmor_profile = None if sc.privileged else _apparmor_profile(
+        sc.apparmor if sc.HasField("apparmor") else None, "", d, "linux.security_context")
 
     spec: dict[str, Any] = {
         "ociVersion": OCI_VERSION,
@@ -793,6 +807,8 @@ def build_pause_spec(
         "mounts": mounts,
         "linux": linux,
     }
+    if apparmor_profile is not None:
+        spec["process"]["apparmorProfile"] = apparmor_profile
     if not host_net and pod.hostname:
         spec["hostname"] = pod.hostname
     return spec
@@ -931,6 +947,9 @@ def build_container_spec(
         )
         if profile is not None:
             linux["seccomp"] = profile
+    apparmor_profile = None if privileged else _apparmor_profile(
+        sc.apparmor if sc.HasField("apparmor") else None, sc.apparmor_profile, defaults,
+        "linux.security_context")
 
     process: dict[str, Any] = {
         "terminal": ctr.tty,
@@ -945,6 +964,8 @@ def build_container_spec(
     rlimits = _rlimits(defaults)
     if rlimits:
         process["rlimits"] = rlimits
+    if apparmor_profile is not None:
+        process["apparmorProfile"] = apparmor_profile
     return {
         "ociVersion": OCI_VERSION,
         "root": {"path": str(rootfs), "readonly": sc.readonly_rootfs},

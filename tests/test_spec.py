@@ -553,6 +553,70 @@ def test_seccomp_variants(tmp_path: Path) -> None:
         build(tmp_path, ctr_config(sc_with(seccomp_profile_path="bogus")))
 
 
+def apparmor_node(tmp_path: Path, *loaded: str) -> SpecDefaults:
+    """Defaults of a node with AppArmor enabled and these profiles loaded, in the kernel's
+    format (`/sys/kernel/security/apparmor/profiles`; the VM's critest run loads real ones)."""
+    listing = tmp_path / "apparmor-profiles"
+    listing.write_text("".join(f"{name} (enforce)\n" for name in loaded))
+    return SpecDefaults(apparmor_profiles=listing)
+
+
+def test_apparmor_localhost_profile_is_applied_when_loaded(tmp_path: Path) -> None:
+    node = apparmor_node(tmp_path, "deny-write", "audit write")
+    local = pb.SecurityProfile(profile_type=pb.SecurityProfile.Localhost,
+                               localhost_ref="localhost/deny-write")
+    s = build(tmp_path, ctr_config(sc_with(apparmor=local)), defaults=node)
+    assert s["process"]["apparmorProfile"] == "deny-write"
+    s = build(tmp_path, ctr_config(sc_with(apparmor_profile="localhost/audit write")),
+              defaults=node)
+    assert s["process"]["apparmorProfile"] == "audit write"
+    # The apparmor field wins over the deprecated string, whatever the string names.
+    s = build(tmp_path, ctr_config(sc_with(apparmor=local, apparmor_profile="localhost/gone")),
+              defaults=node)
+    assert s["process"]["apparmorProfile"] == "deny-write"
+    # A pod-level profile confines the pause as well.
+    pod = pod_config(security_context=pb.LinuxSandboxSecurityContext(apparmor=local))
+    p = spec.build_pause_spec(pod, rootfs=tmp_path, netns_path=Path("/n"), cgroups_path="/x",
+                              defaults=node)
+    assert p["process"]["apparmorProfile"] == "deny-write"
+
+
+def test_apparmor_no_profile_for_default_unconfined_and_privileged(tmp_path: Path) -> None:
+    node = apparmor_node(tmp_path, "deny-write")
+    for sc in (
+        sc_with(),
+        sc_with(apparmor=pb.SecurityProfile(profile_type=pb.SecurityProfile.RuntimeDefault)),
+        sc_with(apparmor=pb.SecurityProfile(profile_type=pb.SecurityProfile.Unconfined),
+                apparmor_profile="localhost/deny-write"),
+        sc_with(apparmor_profile="runtime/default"),
+        sc_with(apparmor_profile="unconfined"),
+    ):
+        assert "apparmorProfile" not in build(tmp_path, ctr_config(sc), defaults=node)["process"]
+    privileged_pod = pod_config(security_context=pb.LinuxSandboxSecurityContext(privileged=True))
+    s = build(tmp_path, ctr_config(sc_with(apparmor_profile="localhost/deny-write",
+                                           privileged=True)), pod=privileged_pod, defaults=node)
+    assert "apparmorProfile" not in s["process"]
+
+
+def test_apparmor_profile_that_cannot_be_applied_is_refused(tmp_path: Path) -> None:
+    node = apparmor_node(tmp_path, "deny-write")
+    gone = pb.SecurityProfile(profile_type=pb.SecurityProfile.Localhost,
+                              localhost_ref="localhost/non-existent-profile")
+    with pytest.raises(SpecError, match="'non-existent-profile' is not loaded"):
+        build(tmp_path, ctr_config(sc_with(apparmor=gone)), defaults=node)
+    with pytest.raises(SpecError, match="'non-existent-profile' is not loaded"):
+        build(tmp_path, ctr_config(sc_with(apparmor_profile="localhost/non-existent-profile")),
+              defaults=node)
+    with pytest.raises(SpecError, match="needs a name"):
+        build(tmp_path, ctr_config(sc_with(apparmor_profile="localhost/")), defaults=node)
+    with pytest.raises(SpecError, match="unknown profile 'bogus'"):
+        build(tmp_path, ctr_config(sc_with(apparmor_profile="bogus")), defaults=node)
+    # A node without AppArmor cannot apply any: refused, never run unconfined.
+    with pytest.raises(SpecError, match="AppArmor is not enabled on this node"):
+        build(tmp_path, ctr_config(sc_with(apparmor_profile="localhost/deny-write")),
+              defaults=SpecDefaults(apparmor_profiles=None))
+
+
 # ---------------------------------------------------------------------------- resources, oom
 
 
