@@ -407,7 +407,7 @@ def _pause_spec(rt: Runtime, pod: PodRecord, pod_dir: Path, rootfs: Path) -> dic
             oom_score_adj_floor=rt.oom_score_adj_floor,
             shm_path=shm if shm.is_dir() else None,
             userns_path=Path(pod.namespaces["user"]) if "user" in pod.namespaces else None,
-            defaults=containers.spec_defaults(),
+            defaults=containers.spec_defaults(rt.host_cgroups),
         )
     except SpecError as err:
         raise InvalidArgument(str(err)) from err
