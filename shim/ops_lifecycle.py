@@ -20,7 +20,9 @@ from shim.state import (
     OpError,
     Restore,
     owns_pid_namespace,
+    parent_oom_events,
     read_oom_kills,
+    read_oom_kills_if_present,
     read_pid,
     receive_console,
 )
@@ -78,6 +80,9 @@ def _run_container(shim: Shim, container: Container, pid_file: str) -> None:
         raise
     container.oom_kills_at_create = read_oom_kills(container.oom_control)
     container.oom_kills_seen = container.oom_kills_at_create
+    if container.systemd_cgroup:
+        container.oom_parent_kills_at_create = read_oom_kills_if_present(
+            parent_oom_events(container.oom_control))
     shim.watch_oom(container)
     shim.containers[container.id] = container
     shim.pids[container.pid] = container

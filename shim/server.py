@@ -33,7 +33,9 @@ from shim.state import (
     Loop,
     Op,
     OpError,
+    parent_oom_events,
     read_oom_kills,
+    read_oom_kills_if_present,
 )
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -381,7 +383,8 @@ class Shim:
         self._on_oom_event()  # a kill notified but not handled yet is read first
         self._unwatch_oom(container)
         kills = max(read_oom_kills(container.oom_control), container.oom_kills_seen)
-        container.oom_killed = kills > container.oom_kills_at_create
+        container.oom_killed = (kills > container.oom_kills_at_create
+                                or _killed_in_a_removed_scope(container, exit_code))
         try:
             _write_exit_file(container.exit_file, container.view())
         except OSError as exc:
@@ -543,3 +546,16 @@ def _errno_of_ctypes() -> int:
     import ctypes
 
     return ctypes.get_errno()
+
+
+def _killed_in_a_removed_scope(container: Container, exit_code: int) -> bool:
+    """A SIGKILLed container whose scope systemd already removed (its count gone with it),
+    while the parent's count of OOM kills went up: the kernel counts a kill before it sends
+    the signal, so the parent's count is up by the time the exit is seen."""
+    at_create = container.oom_parent_kills_at_create
+    if at_create is None or exit_code != 128 + signal.SIGKILL:
+        return False
+    if read_oom_kills_if_present(container.oom_control) is not None:
+        return False  # the scope is still there: its own count was the answer
+    now = read_oom_kills_if_present(parent_oom_events(container.oom_control))
+    return now is not None and now > at_create

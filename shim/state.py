@@ -142,6 +142,8 @@ class Container:
     oom_kills_at_create: int = 0
     oom_kills_seen: int = 0  # the count as last read while the cgroup still existed
     oom_watch: int = -1  # inotify watch descriptor on oom_control (v2 memory.events)
+    # The parent's count at create, where systemd owns the scope (see parent_oom_events).
+    oom_parent_kills_at_create: int | None = None
     systemd_cgroup: bool = False  # runc makes its cgroup as a systemd scope
     kill_all_on_exit: bool = False
     want_stdin: bool = False
@@ -251,8 +253,13 @@ def owns_pid_namespace(bundle: str) -> bool:
 
 
 def read_oom_kills(path: str | None) -> int:
+    return read_oom_kills_if_present(path) or 0
+
+
+def read_oom_kills_if_present(path: str | None) -> int | None:
+    """The `oom_kill` count in `path`; None when the file cannot be read (its cgroup gone)."""
     if path is None:
-        return 0
+        return None
     try:
         with open(path, "rb") as file:
             for line in file:
@@ -260,5 +267,14 @@ def read_oom_kills(path: str | None) -> int:
                 if name == b"oom_kill":
                     return int(value)
     except (OSError, ValueError):
-        pass
+        return None
     return 0
+
+
+def parent_oom_events(path: str | None) -> str | None:
+    """The parent cgroup's memory.events (cgroup v2 only). Its counts include the children's,
+    and it outlives a systemd scope: systemd removes an emptied scope on its own, and under a
+    slow shim that can happen before the exit is handled, taking the scope's count with it."""
+    if path is None or os.path.basename(path) != "memory.events":
+        return None
+    return os.path.join(os.path.dirname(os.path.dirname(path)), "memory.events")
