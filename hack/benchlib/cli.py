@@ -8,6 +8,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from benchlib import floor, stats
@@ -31,8 +32,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=20, help="samples per latency (20)")
     parser.add_argument("--heavy-runs", type=int, default=5,
                         help="samples of the 20-pod burst and of the 100 MB pull (5)")
-    parser.add_argument("--pods", type=int, default=100,
-                        help="pods for relist/stats/memory, 2 containers each (100)")
+    parser.add_argument("--pods", type=pod_counts, default=[100],
+                        help="pods for the at-scale figures, 2 containers each (100); a "
+                        "comma-separated list (50,100,250) measures each size in turn and "
+                        "adds a growth table")
+    parser.add_argument("--no-ksm", action="store_true",
+                        help="memory figures without ksmd only: never start ksmd, skip its "
+                        "settling (up to 300 s)")
     parser.add_argument("--churn-clients", type=int, default=8,
                         help="clients cycling pod lifecycles in the churn workload (8)")
     parser.add_argument("--churn-seconds", type=float, default=60.0,
@@ -50,6 +56,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
     args.only = only
     return args
+
+
+def pod_counts(text: str) -> list[int]:
+    try:
+        counts = [int(n) for n in text.split(",") if n]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--pods: not a list of numbers: {text!r}") from None
+    if not counts or any(n < 1 for n in counts):
+        raise argparse.ArgumentTypeError(f"--pods: give pod counts of at least 1: {text!r}")
+    return counts
 
 
 def log(message: str) -> None:
@@ -93,7 +109,8 @@ def run_floor(report: Report, runs: int) -> None:
         series.error = describe(err)
 
 
-def run_workloads(report: Report, runtimes: list[Runtime], plan: Plan, only: set[str]) -> None:
+def run_workloads(report: Report, runtimes: list[Runtime], plan: Plan, only: set[str],
+                  pod_sizes: list[int]) -> None:
     if "pull" in only:
         log("pushing the big image (once)")
         plan.big_image = ensure_pushed()
@@ -112,8 +129,9 @@ def run_workloads(report: Report, runtimes: list[Runtime], plan: Plan, only: set
         log(f"churn: {plan.churn_clients} clients for {plan.churn_seconds:.0f} s each")
         run_churn(report, runtimes, plan)
     if only & AT_SCALE:
-        log(f"at scale: {plan.pods} pods")
-        run_at_scale(report, runtimes, plan, only)
+        for pods in pod_sizes:
+            log(f"at scale: {pods} pods")
+            run_at_scale(report, runtimes, replace(plan, pods=pods), only)
     if "floor" in only:
         log("runc floor")
         run_floor(report, plan.runs)
@@ -124,6 +142,9 @@ def print_report(report: Report, runtimes: list[Runtime]) -> None:
     floor_fig = next((f for f in report.figures if f.key == "floor"), None)
     figures = [f for f in report.figures if f.key != "floor"]
     print(stats.format_table(Report(figures=figures), names))
+    if len(report.meta["pods"]) > 1:
+        print()
+        print(stats.format_growth(report, names, report.meta["pods"]))
     if floor_fig is not None:
         s = floor_fig.of("runc")
         if s.samples:
@@ -145,8 +166,9 @@ def main(argv: list[str]) -> int:
         runtimes.append(Flatpod(work))
     if args.containerd:
         runtimes.append(Containerd(work))
-    plan = Plan(runs=args.runs, heavy_runs=args.heavy_runs, pods=args.pods,
-                churn_clients=args.churn_clients, churn_seconds=args.churn_seconds)
+    plan = Plan(runs=args.runs, heavy_runs=args.heavy_runs, pods=args.pods[0],
+                churn_clients=args.churn_clients, churn_seconds=args.churn_seconds,
+                page_merging=not args.no_ksm)
     report = Report(meta={"runs": args.runs, "heavy_runs": args.heavy_runs, "pods": args.pods,
                           "only": sorted(args.only), "load_start": os.getloadavg()[0],
                           "nproc": os.cpu_count()})
@@ -155,7 +177,7 @@ def main(argv: list[str]) -> int:
     ksmd_before = ksm.ksmd_state()
     try:
         start_all(runtimes)
-        run_workloads(report, runtimes, plan, args.only)
+        run_workloads(report, runtimes, plan, args.only, args.pods)
     except (Exception, KeyboardInterrupt) as err:
         report.notes.append(f"ABORTED: {describe(err)}")
     finally:

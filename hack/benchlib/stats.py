@@ -119,3 +119,49 @@ def format_errors(report: Report) -> list[str]:
             if series.error is not None:
                 out.append(f"{fig.title} [{name}]: {series.error}")
     return out
+
+
+def format_growth(report: Report, runtimes: list[str], sizes: list[int]) -> str:
+    """The at-scale figures (keys `name@pods`) as one row per figure and runtime, with a
+    column of medians per pod count, the growth from the first size to the last, and, for
+    two runtimes, a ratio row (first / second) per figure."""
+    families: dict[str, Figure] = {}
+    by_key = {f.key: f for f in report.figures}
+    for fig in report.figures:
+        if "@" in fig.key:
+            families.setdefault(fig.key.split("@")[0], fig)
+    header = ["at scale (median)", "unit", *[f"{n} pods" for n in sizes],
+              f"x{sizes[-1]}/{sizes[0]}"]
+    rows = [header]
+    for family, first in families.items():
+        per_size = [by_key.get(f"{family}@{n}") for n in sizes]
+        medians: dict[str, list[float | None]] = {}
+        for name in runtimes:
+            medians[name] = [_median_of(f, name) for f in per_size]
+            rows.append([f"{family} [{name}]", first.unit,
+                         *[_num(m) for m in medians[name]], _growth(medians[name])])
+        if len(runtimes) == 2:
+            a, b = medians[runtimes[0]], medians[runtimes[1]]
+            ratios = [x / y if x is not None and y else None for x, y in zip(a, b, strict=True)]
+            rows.append([f"{family} {runtimes[0][:2]}/{runtimes[1][:4]}", "",
+                         *[f"{r:.2f}" if r is not None else "-" for r in ratios], ""])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in
+                                                  zip(r[1:], widths[1:], strict=True)])
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _median_of(fig: Figure | None, runtime: str) -> float | None:
+    series = fig.series.get(runtime) if fig is not None else None
+    if series is None or series.unsupported:
+        return None
+    return series.median()
+
+
+def _growth(medians: list[float | None]) -> str:
+    first, last = medians[0], medians[-1]
+    if first is None or last is None or first == 0:
+        return "-"
+    return f"{last / first:.2f}"

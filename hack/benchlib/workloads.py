@@ -33,6 +33,11 @@ KSM_SETTLE_LIMIT_S = 300.0
 Sampler = Callable[[Runtime], float]
 
 
+def at_scale(key: str, pods: int) -> str:
+    """The key of an at-scale figure: one per pod count (`--pods 50,100,250`)."""
+    return f"{key}@{pods}"
+
+
 @dataclass
 class Plan:
     runs: int  # samples of each latency
@@ -44,6 +49,7 @@ class Plan:
     big_image: str = ""
     churn_clients: int = 8
     churn_seconds: float = 60.0
+    page_merging: bool = True  # also measure the shims once ksmd has merged them
     load: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -310,23 +316,27 @@ def settle_page_merging(report: Report) -> None:
         f"figures, using {100 * cpu / elapsed:.1f}% of one CPU meanwhile")
 
 
-def measure_memory_both_ways(report: Report, runtimes: list[Runtime], pods: int) -> None:
+def measure_memory_both_ways(report: Report, runtimes: list[Runtime], plan: Plan) -> None:
     """Shim memory as flatpod leaves it by default (ksmd is the operator's: stopped here, the
-    shims' pages stay unmerged), then with ksmd started by the bench and settled; main()
-    stops ksmd again if it was stopped before."""
+    shims' pages stay unmerged), then with ksmd started by the bench and settled (unless
+    `--no-ksm`); main() stops ksmd again if it was stopped before."""
     if ksm.ksmd_state() == "0":
         for runtime in runtimes:
-            measure_shims(report, runtime, runtime.pauses_and_shims(), "-no-ksmd",
+            measure_shims(report, runtime, runtime.pauses_and_shims(), plan.pods, "-no-ksmd",
                           " without ksmd")
+        if not plan.page_merging:
+            for runtime in runtimes:
+                measure_helpers(report, runtime, plan.pods)
+            return
         ksm.set_ksmd_state("1")
     elif ksm.ksmd_state() == "1":
         report.notes.append("ksmd was already running: no figures for shims without merging")
     settle_page_merging(report)
     for runtime in runtimes:
-        measure_memory(report, runtime, pods)
+        measure_memory(report, runtime, plan.pods)
 
 
-def measure_shims(report: Report, runtime: Runtime, pairs: list[tuple[int, int]],
+def measure_shims(report: Report, runtime: Runtime, pairs: list[tuple[int, int]], pods: int,
                   key_suffix: str = "", title_suffix: str = "") -> None:
     """USS and PSS per pod of the shims and pauses in `pairs` ((pause, shim) pids)."""
     figures = {
@@ -334,7 +344,8 @@ def measure_shims(report: Report, runtime: Runtime, pairs: list[tuple[int, int]]
         "pause-uss": ("pause USS per pod", 0), "pause-pss": ("pause PSS per pod", 1),
     }
     for key, (title, index) in figures.items():
-        series = report.figure(key + key_suffix, title + title_suffix, "MiB").of(runtime.name)
+        series = report.figure(at_scale(key + key_suffix, pods),
+                               f"{title} at {pods} pods{title_suffix}", "MiB").of(runtime.name)
         for pause, shim in pairs:
             pid = shim if key.startswith("shim") else pause
             try:
@@ -344,8 +355,13 @@ def measure_shims(report: Report, runtime: Runtime, pairs: list[tuple[int, int]]
 
 
 def measure_memory(report: Report, runtime: Runtime, pods: int) -> None:
+    measure_shims(report, runtime, runtime.pauses_and_shims(), pods)
+    measure_helpers(report, runtime, pods)
+
+
+def measure_helpers(report: Report, runtime: Runtime, pods: int) -> None:
+    """Notes the helpers' memory (flatpod's zygote) and how many shims were found."""
     pairs = runtime.pauses_and_shims()
-    measure_shims(report, runtime, pairs)
     table = procs.snapshot()
     for role, pid in runtime.describe_processes(table, {s for _, s in pairs}).items():
         uss, pss = procs.uss_pss_mib(pid)
@@ -358,8 +374,8 @@ def measure_memory(report: Report, runtime: Runtime, pods: int) -> None:
 def measure_restart(report: Report, runtime: Runtime, plan: Plan) -> None:
     """The daemon restarted with every pod running: seconds to its first answered RPC, then
     checks that every pod and container came back as it was (ready, running)."""
-    series = report.figure("restart", f"restart to first RPC at {plan.pods} pods, all "
-                           "recovered", "s").of(runtime.name)
+    series = report.figure(at_scale("restart", plan.pods), f"restart to first RPC at "
+                           f"{plan.pods} pods, all recovered", "s").of(runtime.name)
     try:
         elapsed = runtime.restart()
     except Exception as err:
@@ -380,7 +396,7 @@ def measure_restart(report: Report, runtime: Runtime, plan: Plan) -> None:
 def measure_daemon_rss(report: Report, runtime: Runtime, pods: int) -> None:
     daemon = runtime.daemon_pid()
     title = f"daemon RSS at {pods} pods"
-    report.figure("daemon-rss", title, "MiB").of(runtime.name).samples.append(
+    report.figure(at_scale("daemon-rss", pods), title, "MiB").of(runtime.name).samples.append(
         procs.rss_mib(daemon) if daemon and os.path.exists(f"/proc/{daemon}") else 0.0)
 
 
@@ -389,25 +405,26 @@ def run_at_scale(report: Report, runtimes: list[Runtime], plan: Plan, only: set[
     scale = f"{plan.pods} pods + {n_ctr} ctrs"
     live = []
     for runtime in runtimes:
-        series = report.figure("scale-up", f"scale-up {scale} ({plan.setup_threads} thr)",
-                               "s").of(runtime.name)
+        series = report.figure(at_scale("scale-up", plan.pods),
+                               f"scale-up {scale} ({plan.setup_threads} thr)", "s").of(runtime.name)
         _take(series, runtime, lambda r: scale_up(r, plan), 1.0)
         if series.error is None:
             live.append(runtime)
     if "relist" in only:
-        alternate(report, "relist", f"ListPodSandbox+ListContainers at {scale}", "ms",
-                  live, plan.runs, sample_relist)
+        alternate(report, at_scale("relist", plan.pods),
+                  f"ListPodSandbox+ListContainers at {scale}", "ms", live, plan.runs, sample_relist)
     if "stats" in only:
-        alternate(report, "stats", f"ListContainerStats at {n_ctr} ctrs", "ms",
+        alternate(report, at_scale("stats", plan.pods), f"ListContainerStats at {n_ctr} ctrs", "ms",
                   live, plan.runs, sample_stats)
     for runtime in live:  # one sample each, with every pod up (cheap: always)
         measure_daemon_rss(report, runtime, plan.pods)
     if "memory" in only:
-        measure_memory_both_ways(report, live, plan.pods)
+        measure_memory_both_ways(report, live, plan)
     if "restart" in only:
         for runtime in live:
             measure_restart(report, runtime, plan)
+    down = report.figure(at_scale("scale-down", plan.pods),
+                         f"scale-down {scale} ({plan.setup_threads} thr)", "s")
     for runtime in runtimes:
-        series = report.figure("scale-down", f"scale-down {scale} ({plan.setup_threads} thr)",
-                               "s").of(runtime.name)
+        series = down.of(runtime.name)
         _take(series, runtime, lambda r: timed(r.remove_bench_pods), 1.0)
