@@ -231,8 +231,10 @@ class BridgeNetwork:
             netns_path, lambda: _configure_pod_side(address, cfg.gateway_address, cfg.mtu)
         )
 
-    def teardown(self, pod_id: str, netns_path: Path | None) -> None:
-        """Detach the pod. Deleting the host end removes both ends, netns or not; idempotent."""
+    def teardown(self, pod_id: str, netns_path: Path | None, host_ports: bool = True) -> None:
+        """Detach the pod. Deleting the host end removes both ends, netns or not; idempotent.
+        `host_ports` False: the pod was set up without port mappings, so it has no host-port
+        rules, and the nat table (an iptables exec) is not looked at."""
         check_pod_id(pod_id)
         with Rtnl() as rtnl:
             index = _lookup(rtnl, self.config.host_veth_name(pod_id))
@@ -241,7 +243,8 @@ class BridgeNetwork:
                     rtnl.delete_link(index)
                 except OSError as exc:
                     _ignore_errno(exc, errno.ENODEV)
-        ports.remove_all_for(pod_id, self.config.hostport_chains)
+        if host_ports:
+            ports.remove_all_for(pod_id, self.config.hostport_chains)
         self.leases.release(self.config.name, pod_id)
 
     def check(self, pod_id: str, netns_path: Path) -> bool:

@@ -270,8 +270,9 @@ class CniNetwork:
             return config, record, path
         return None
 
-    def teardown(self, pod_id: str, netns_path: Path | None) -> None:
-        """Run DEL in reverse order with the cached config; idempotent and netns-tolerant."""
+    def teardown(self, pod_id: str, netns_path: Path | None, host_ports: bool = True) -> None:
+        """Run DEL in reverse order with the cached config; idempotent and netns-tolerant.
+        (`host_ports`: the plugins' DEL cleans what they made; taken for the bridge's sake.)"""
         check_pod_id(pod_id)
         cached = self._cached(pod_id)
         if cached is None:

@@ -35,8 +35,9 @@ class PodNetwork(Protocol):
         """Give the pod's netns an interface, an address, routes and its host ports."""
         ...
 
-    def teardown(self, pod_id: str, netns_path: Path | None) -> None:
-        """Undo setup; works when the netns is already gone and when nothing is left to undo."""
+    def teardown(self, pod_id: str, netns_path: Path | None, host_ports: bool = True) -> None:
+        """Undo setup; works when the netns is already gone and when nothing is left to undo.
+        `host_ports` False: setup was given no port mappings (nothing to look for)."""
         ...
 
     def status(self) -> tuple[bool, str]:

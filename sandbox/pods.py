@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -610,18 +610,18 @@ async def stop_pod_sandbox(
 
 
 async def stop_pod(rt: Runtime, pod: PodRecord) -> None:
-    """Stops the pod's containers and its pause, and takes down its network. Idempotent."""
+    """Stops the pod's containers and its pause, and takes down its network. Idempotent.
+
+    The containers are killed side by side, then the pause is killed while the network is
+    taken down: each step waits on a shim or on runc, so a pod's stop is as long as its
+    slowest container, not their sum (scale-down, hack/bench --pods)."""
     with Steps(f"stop pod {pod.id}") as where:
         where.at("containers")
-        for ctr in rt.containers_of(pod.id):
-            await containers.stop_container_now(rt, ctr, timeout=0)
+        await _all_of(containers.stop_container_now(rt, ctr, timeout=0)
+                      for ctr in rt.containers_of(pod.id))
         rt.faults.point("stop_pod:after_containers")
-        where.at("pause")
-        await _stop_pause(rt, pod)
-        rt.faults.point("stop_pod:after_pause")
-        where.at("network")
-        await _teardown_network(rt, pod)
-        rt.faults.point("stop_pod:after_network")
+        where.at("pause and network")
+        await _all_of((_stop_pause(rt, pod), _teardown_network(rt, pod)))
         where.at("netns")
         if pod.netns_path:
             await asyncio.to_thread(unpin, Path(pod.netns_path))
@@ -632,6 +632,11 @@ async def stop_pod(rt: Runtime, pod: PodRecord) -> None:
 
 
 async def _stop_pause(rt: Runtime, pod: PodRecord) -> None:
+    await _kill_pause(rt, pod)
+    rt.faults.point("stop_pod:after_pause")
+
+
+async def _kill_pause(rt: Runtime, pod: PodRecord) -> None:
     shim = rt.shims.get(pod.id)
     if shim is not None:
         try:
@@ -644,12 +649,25 @@ async def _stop_pause(rt: Runtime, pod: PodRecord) -> None:
     await delete_runc_state(rt, pod.id)
 
 
+async def _all_of(steps: Iterable[Awaitable[None]]) -> None:
+    """Runs the steps side by side and waits for every one, also when one fails (none is
+    left running behind the pod's lock); then raises the first failure."""
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
 async def _teardown_network(rt: Runtime, pod: PodRecord) -> None:
     if pod.network_kind or pod.netns_path:
         netns = Path(pod.netns_path) if pod.netns_path else None
+        # Host-port rules exist only for the port mappings of the pod's config (it never
+        # changes): a pod without any needs no look at the nat table.
         await asyncio.to_thread(
-            rt.network.teardown, pod.id, netns if netns and netns.exists() else None
+            rt.network.teardown, pod.id, netns if netns and netns.exists() else None,
+            host_ports=bool(port_mappings(pod.config)),
         )
+    rt.faults.point("stop_pod:after_network")
 
 
 async def _shutdown_shim(rt: Runtime, pod: PodRecord) -> None:
@@ -730,27 +748,15 @@ async def remove_pod_now(rt: Runtime, pod: PodRecord) -> None:
         where.at("stop")
         await stop_pod(rt, pod)
         where.at("containers")
-        for ctr in rt.containers_of(pod.id):
-            await containers.remove_container_now(rt, ctr)
+        await _all_of(containers.remove_container_now(rt, ctr)
+                      for ctr in rt.containers_of(pod.id))
         await rt.removals.of_pod(pod.id)  # containers removed before, cleaned after the answer
         where.at("shim")
         await _shutdown_shim(rt, pod)
         rt.faults.point("remove_pod:midway")
-        where.at("namespaces")
-        pod_dir = rt.paths.pod_dir(pod.id)
-        await asyncio.to_thread(_unpin_namespaces, pod, pod_dir)  # umount2 blocks
-        where.at("shm")
-        await asyncio.to_thread(mounts.unmount, pod_dir / "shm")
-        where.at("pause rootfs")
-        await asyncio.to_thread(mounts.unmount, pod_dir / POD_PAUSE_ROOTFS)
-        where.at("cgroup")
-        if pod.cgroup_path and containers.pod_placement(pod).driver is cgroups.Driver.CGROUPFS:
-            await asyncio.to_thread(cgroups.remove, pod.cgroup_path, rt.host_cgroups.hierarchies)
-        elif cgroups.is_own_slice(pod.cgroup_slice, pod.id):  # kubelet's slice is kubelet's
-            await asyncio.to_thread(cgroups.stop_slice, pod.cgroup_slice)
-        where.at("dirs")
-        await asyncio.to_thread(shutil.rmtree, pod_dir, True)
-        await asyncio.to_thread(shutil.rmtree, rt.paths.bundle_dir(pod.id), True)
+        # One thread hop for the host's traces (umount2 blocks): one event-loop wakeup,
+        # where a hop per step woke it six times per pod.
+        await asyncio.to_thread(_remove_host_traces, rt, pod, where)
         where.at("record")
         rt.registry.forget(pod)
         if pod.cleanup_error:  # its RunPodSandbox's journal entry was kept (see _keep)
@@ -769,6 +775,25 @@ async def remove_leftover(rt: Runtime, pod: PodRecord) -> None:
         if rt.shims.get(pod.id) is None:
             await rt.shims.reconnect(pod.id, rt.paths.pod_dir(pod.id))
         await remove_pod_now(rt, pod)
+
+
+def _remove_host_traces(rt: Runtime, pod: PodRecord, where: Steps) -> None:
+    """The pod's namespace pins, mounts, cgroup and dirs (blocking), in that order."""
+    where.at("namespaces")
+    pod_dir = rt.paths.pod_dir(pod.id)
+    _unpin_namespaces(pod, pod_dir)
+    where.at("shm")
+    mounts.unmount(pod_dir / "shm")
+    where.at("pause rootfs")
+    mounts.unmount(pod_dir / POD_PAUSE_ROOTFS)
+    where.at("cgroup")
+    if pod.cgroup_path and containers.pod_placement(pod).driver is cgroups.Driver.CGROUPFS:
+        cgroups.remove(pod.cgroup_path, rt.host_cgroups.hierarchies)
+    elif cgroups.is_own_slice(pod.cgroup_slice, pod.id):  # kubelet's slice is kubelet's
+        cgroups.stop_slice(pod.cgroup_slice)
+    where.at("dirs")
+    shutil.rmtree(pod_dir, True)
+    shutil.rmtree(rt.paths.bundle_dir(pod.id), True)
 
 
 def _name_leftovers(rt: Runtime, pod: PodRecord) -> None:

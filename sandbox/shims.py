@@ -24,8 +24,9 @@ from shim.client import (
     ProcessState,
     ShimClient,
     ShimError,
+    ShimState,
+    Subscription,
     ZygoteUnavailable,
-    connect,
     spawn_shim,
     start_zygote,
     zygote_call,
@@ -41,6 +42,8 @@ ZYGOTE_PING_TIMEOUT = 10.0
 # Starting the zygote preloads and warms up the shim's code before it detaches: a second here,
 # but tens of seconds on a slow or emulated CPU. Only a hung start should fail.
 ZYGOTE_START_TIMEOUT = 120.0
+# A shim that outlived the daemon answers at once; one that takes longer is reported gone.
+RECONNECT_TIMEOUT = 5.0
 
 
 def rfc3339_to_ns(stamp: str | None) -> int:
@@ -120,29 +123,44 @@ class ShimRegistry:
             log_level=self.log_level, zygote_socket=zygote,
         )
 
-    async def reconnect(self, pod_id: str, pod_dir: Path) -> ShimClient | None:
-        """After a daemon restart: the shim of a pod, if it is still alive."""
+    async def reconnect(self, pod_id: str, pod_dir: Path
+                        ) -> tuple[ShimClient, ShimState] | None:
+        """After a daemon restart: the shim of a pod, if it is still alive, and its view of
+        every process it holds. The exit events are subscribed to before the view is taken,
+        so an exit falls in one or the other (or both: applying an exit is idempotent)."""
         if not (pod_dir / "shim.sock").exists():
             return None
+        client = ShimClient(str(pod_dir), timeout=RECONNECT_TIMEOUT)
         try:
-            client = await connect(str(pod_dir), timeout=5)
+            subscription = await client.subscribe()
         except (ShimError, OSError) as err:
             log.warning("shim of pod %s does not answer: %s", pod_id, err)
             return None
-        self._adopt(pod_id, client)
-        return client
+        try:
+            view = await client.shim_state()
+        except (ShimError, OSError) as err:
+            subscription.writer.close()
+            log.warning("shim of pod %s does not answer: %s", pod_id, err)
+            return None
+        self._adopt(pod_id, client, subscription)
+        return client, view
 
     def get(self, pod_id: str) -> ShimClient | None:
         return self.clients.get(pod_id)
 
-    def _adopt(self, pod_id: str, client: ShimClient) -> None:
+    def _adopt(self, pod_id: str, client: ShimClient,
+               subscription: Subscription | None = None) -> None:
         self.clients[pod_id] = client
-        self.followers[pod_id] = asyncio.create_task(self._follow(pod_id, client))
+        task = asyncio.create_task(self._follow(pod_id, client, subscription))
+        if subscription is not None:  # also if the task is cancelled before it ever ran
+            task.add_done_callback(lambda _: subscription.writer.close())
+        self.followers[pod_id] = task
 
-    async def _follow(self, pod_id: str, client: ShimClient) -> None:
+    async def _follow(self, pod_id: str, client: ShimClient,
+                      subscription: Subscription | None) -> None:
         """Feeds exit events to the daemon until the shim goes away."""
         try:
-            async for event in client.events():
+            async for event in client.events(subscription):
                 if event.get("event") == "exit" and "exec_id" not in event:
                     try:
                         await self.on_exit(pod_id, ProcessState.from_message("exit", event))

@@ -96,6 +96,20 @@ class ShimState:
     pod_id: str
     containers: list[ProcessState]
 
+    def of(self, container_id: str) -> ProcessState | None:
+        """The process of one container (or of the pause: the pod id); None when the shim
+        holds no such container, as `state` with that id would answer an error."""
+        return next((c for c in self.containers if c.container_id == container_id), None)
+
+
+@dataclass
+class Subscription:
+    """An open event stream of a shim: exits from the moment the shim answered the
+    subscribe on, until the stream is read (ShimClient.events) or closed."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
 
 @dataclass
 class ExecHandle:
@@ -371,20 +385,30 @@ class ShimClient:
         return AttachStream(reader, writer, tty=bool(reply.get("tty")),
                             has_stdin=bool(reply.get("stdin")))
 
-    async def events(self) -> AsyncIterator[dict[str, Any]]:
-        """Event lines ({"event": "exit", ...}) until the shim goes away. Subscribe
-        before relying on events, then ask state: exits before the subscription are
-        only visible through state."""
+    async def subscribe(self) -> Subscription:
+        """Opens the event stream; exits after this returns reach it. Subscribe, then ask
+        state: exits before the subscription are only visible through state."""
         reader, writer = await self._open("subscribe", self.timeout)
         try:
             await self._exchange("subscribe", {}, self.timeout, reader, writer)
+        except BaseException:
+            writer.close()
+            raise
+        return Subscription(reader, writer)
+
+    async def events(self, subscription: Subscription | None = None
+                     ) -> AsyncIterator[dict[str, Any]]:
+        """Event lines ({"event": "exit", ...}) until the shim goes away, from
+        `subscription` (else from a new one)."""
+        sub = subscription if subscription is not None else await self.subscribe()
+        try:
             while True:
-                line = await reader.readline()
+                line = await sub.reader.readline()
                 if not line:
                     return
                 yield protocol.decode_message(line)
         finally:
-            writer.close()
+            sub.writer.close()
 
     async def shutdown(self) -> None:
         await self.call("shutdown")
