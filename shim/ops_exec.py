@@ -40,6 +40,7 @@ def exec_(shim: Shim, conn: Connection, request: dict[str, Any]) -> None:
     exec_id = str(request.get("exec_id") or shim.next_name(f"{os.getpid()}-exec"))
     if exec_id in shim.execs:
         raise OpError(f"exec {exec_id} already exists")
+    container.all_killed = False  # a process joins after any kill --all
     name = shim.next_name("e")
     process_path = os.path.join(shim.state_dir, name + ".json")
     pid_file = os.path.join(shim.state_dir, name + ".pid")

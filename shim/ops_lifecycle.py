@@ -162,10 +162,29 @@ def signal_(shim: Shim, conn: Connection, request: dict[str, Any]) -> dict[str, 
         container.restore = None
         shim.container_exited(container, 128 + int(signal.SIGKILL))
         return container.view()
-    if container.status != "exited":
-        shim.runc.kill(container.id, request.get("signal", "TERM"),
-                       all=bool(request.get("all")))
+    if container.status == "exited":
+        return container.view()
+    signum, everything = request.get("signal", "TERM"), bool(request.get("all"))
+    if _init_signal_suffices(container, signum, everything):
+        os.kill(container.pid, signum)
+        return container.view()
+    shim.runc.kill(container.id, signum, all=everything)
+    if everything and signum in (int(signal.SIGKILL), "KILL", "SIGKILL"):
+        container.all_killed = True
     return container.view()
+
+
+def _init_signal_suffices(container: Container, signum: object, everything: bool) -> bool:
+    """Whether signalling the container's init ourselves does what `runc kill` would: without
+    --all runc signals the init alone; with --all and SIGKILL, the init of a container
+    with its own PID namespace takes every process in it down (the kernel kills a PID
+    namespace whose init dies). The init is our child until we reap it, so its pid cannot
+    have been reused while the container runs. Each runc exec saved is ~15 ms of CPU that
+    grows with the host's mount table (runc reads /proc/self/mountinfo): a node's
+    scale-down was half runc (perf)."""
+    if container.status != "running" or container.pid <= 0 or type(signum) is not int:
+        return False
+    return not everything or (signum == int(signal.SIGKILL) and not container.kill_all_on_exit)
 
 
 def state(shim: Shim, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:

@@ -367,7 +367,7 @@ class Shim:
                 self.logger.log("debug", f"reaped unknown pid {pid} ({exit_code})")
 
     def container_exited(self, container: Container, exit_code: int) -> None:
-        if container.kill_all_on_exit:
+        if container.kill_all_on_exit and not container.all_killed:
             self._kill_leftovers(container)
         # Whatever the container wrote before it died belongs in its log before the exit.
         for fd in list(container.outputs):

@@ -146,6 +146,9 @@ class Container:
     oom_parent_kills_at_create: int | None = None
     systemd_cgroup: bool = False  # runc makes its cgroup as a systemd scope
     kill_all_on_exit: bool = False
+    # Everything in its cgroup was SIGKILLed (runc kill --all) and nothing joined it since
+    # (an exec resets it): its exit needs no second kill of what it left.
+    all_killed: bool = False
     want_stdin: bool = False
     restore: Restore | None = None  # start restores it from a checkpoint (no runc create)
     status: str = "created"
