@@ -29,7 +29,14 @@ from sandbox.errors import (
     Steps,
     describe,
 )
-from sandbox.exits import apply_exit, delete_runc_state, forget_runc_state, publish, record_exit
+from sandbox.exits import (
+    apply_exit,
+    delete_runc_state,
+    forget_runc_state,
+    publish,
+    record_exit,
+    runc_state_held,
+)
 from sandbox.handlers import Handler
 from sandbox.mounts import unmount
 from sandbox.records import (
@@ -512,7 +519,8 @@ async def _clean_up(rt: Runtime, leftovers: Leftovers) -> None:
     thread hop for all of it, so the event loop is woken once."""
     rt.faults.point("remove_container:before_cleanup")
     handler = rt.handlers.of_pod(rt.pods.get(leftovers.pod_id))
-    await asyncio.to_thread(_clean_host, rt, handler, leftovers)
+    async with runc_state_held(rt, leftovers.container_id):
+        await asyncio.to_thread(_clean_host, rt, handler, leftovers)
 
 
 def _clean_host(rt: Runtime, handler: Handler, leftovers: Leftovers) -> None:
