@@ -588,3 +588,32 @@ def test_pid_pod_exit_leaves_no_orphans(
         # Wherever they were, the orphaned sleeps are gone from the host.
         wait_for(lambda: not host_commands_with(b"sleep 1234", b"sleep 1235"), timeout=5,
                  what="the orphaned sleeps to be killed")
+
+
+@pytest.mark.parametrize("pid", [pb.CONTAINER, pb.POD], ids=["own-pid-ns", "pod-pid-ns"])
+def test_stop_now_kills_every_process_of_the_container(
+    fp: CriClient, pulled: TestImages, tmp_path: Path, pid: int
+) -> None:
+    """StopContainer with timeout 0 is SIGKILL to everything in the container. The shim
+    signals the init itself where that takes everything down (its own PID namespace: the
+    kernel has killed the namespace before its init can be reaped, so nothing is left when
+    the stop answers) and uses runc kill --all where it would not (the pod's namespace,
+    whose init is the pause), then skips the leftovers kill at exit."""
+    pod_linux = pb.LinuxPodSandboxConfig(security_context=pb.LinuxSandboxSecurityContext(
+        namespace_options=pid_mode(pid)))
+    with a_pod(fp, tmp_path, linux=pod_linux) as (pod_id, pod):
+        ctr = start_container(fp, pod_id, pod, container_config(
+            pulled.busybox.reference, command=["sh", "-c", "sleep 1238 & sleep 1239 & wait"],
+            linux=security(namespace_options=pid_mode(pid))))
+        cgroup = verbose_info(fp, ctr)["cgroup"]
+        sleeps = (b"sleep 1238", b"sleep 1239")
+        wait_for(lambda: len([c for c in host_commands_with(*sleeps)
+                              if c.startswith(b"sleep")]) == 2, what="both sleeps to run")
+        stop(fp, ctr, 0)
+        if pid == pb.CONTAINER:
+            assert not host_commands_with(*sleeps)
+        assert exited(fp, ctr).exit_code == 137
+        # Bounded generously: a SIGKILLed process is gone once the kernel has torn it down.
+        wait_for(lambda: not processes_in_cgroup(cgroup), timeout=5,
+                 what="no process left in the container's cgroup")
+        assert not host_commands_with(*sleeps)
