@@ -61,6 +61,7 @@ def test_values_and_nested_tables(tmp_path: Path) -> None:
         ("metrics_address = \"[::1:9110\"", "'metrics_address'"),
         ("metrics_address = \":70000\"", "'metrics_address'"),
         ("runtime_path = \"runc\"", "'runtime_path'"),
+        ("event_loop = \"trio\"", "'event_loop' must be one of asyncio, uvloop"),
         ("default_runtime = \"crun\"", "'default_runtime' names 'crun'.*runc"),
         ("runtimes = 1", "'runtimes'"),
         ("[runtimes]\ncrun = 1", "'runtimes.crun'"),

@@ -1,0 +1,82 @@
+"""The daemon on either event loop (config key `event_loop`), and what its children inherit.
+
+uvloop's subprocesses, unlike the standard library's, close no fd in the child: the zygote
+(and a shim started without it) must close what it did not mean to keep, or it holds the
+daemon's end of its stderr pipe and the daemon's wait for it to detach never ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from cri_api import api_pb2 as pb
+from shim.client import start_zygote, zygote_call
+from tests.daemon import TIME_SCALE, running_daemon
+from tests.pods import a_pod
+
+LOOPS = [pytest.param(asyncio.new_event_loop, id="asyncio"),
+         pytest.param(uvloop.new_event_loop, id="uvloop")]
+
+
+def _fds_above_stdio(pid: int) -> dict[int, str]:
+    fd_dir = Path(f"/proc/{pid}/fd")
+    return {int(fd.name): os.readlink(fd) for fd in fd_dir.iterdir() if int(fd.name) > 2}
+
+
+async def _start_and_inspect(socket_path: str) -> dict[int, str]:
+    """The zygote's fds above stdio once it has closed the connection of our ping."""
+    await start_zygote(socket_path, timeout=30 * TIME_SCALE)
+    pid = int((await zygote_call(socket_path, "ping", timeout=30 * TIME_SCALE))["pid"])
+    try:
+        deadline = time.monotonic() + 10 * TIME_SCALE  # generous: a loaded 2-core machine
+        while len(fds := _fds_above_stdio(pid)) > 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return fds
+    finally:
+        await zygote_call(socket_path, "stop", timeout=30 * TIME_SCALE)
+
+
+@pytest.mark.parametrize("new_loop", LOOPS)
+def test_a_zygote_keeps_only_its_listener(
+        new_loop: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    """Started from either loop while this process holds an inheritable fd (as a daemon may,
+    from its own parent), the zygote detaches in time and keeps stdio and its listener."""
+    state = tempfile.mkdtemp(prefix="fpt-loop-", dir="/run")  # a short unix socket path
+    stray = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(stray, True)
+    try:
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            fds = runner.run(_start_and_inspect(os.path.join(state, "zygote.sock")))
+    finally:
+        os.close(stray)
+        shutil.rmtree(state)
+    assert len(fds) == 1 and next(iter(fds.values())).startswith("socket:"), fds
+
+
+def test_the_daemon_serves_pods_on_uvloop(tmp_path: Path) -> None:
+    """`event_loop = "uvloop"`: the daemon runs on libuv (its module is mapped), starts the
+    zygote, runs a pod (netlink, runc, shim calls, pidfd waits) and stops; the zygote and
+    the pod's shim hold no fd of the daemon's."""
+    with running_daemon(tmp_path, extra_config='event_loop = "uvloop"') as daemon:
+        assert daemon.process is not None
+        maps = Path(f"/proc/{daemon.process.pid}/maps").read_text()
+        assert "/uvloop/loop." in maps
+        zygote_pid = int((daemon.state / "zygote.pid").read_text())
+        assert len(_fds_above_stdio(zygote_pid)) == 1
+        cri = daemon.client()
+        try:
+            with a_pod(cri, tmp_path) as (pod_id, _config):
+                status = cri.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id))
+                assert status.status.state == pb.SANDBOX_READY
+                assert status.status.network.ip
+        finally:
+            cri.close()
