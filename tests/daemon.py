@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import secrets
@@ -30,6 +31,15 @@ START_TIMEOUT = 20.0 * TIME_SCALE
 # The event loop of every test daemon ("asyncio" or "uvloop"; empty: the config's default), so
 # that the suite can run against either: FLATPOD_TEST_EVENT_LOOP=uvloop pytest ...
 EVENT_LOOP = os.environ.get("FLATPOD_TEST_EVENT_LOOP", "")
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A loop of that kind, for tests that run daemon code in-process (the streaming server)."""
+    if EVENT_LOOP == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 @dataclass

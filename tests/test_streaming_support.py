@@ -23,6 +23,7 @@ from kubernetes.stream.ws_client import WSClient
 from sandbox.streaming import spdy
 from sandbox.streaming.limits import StreamLimits
 from sandbox.streaming.server import ExecParams, StreamingServer
+from tests.daemon import new_event_loop
 
 T = TypeVar("T")
 
@@ -158,7 +159,7 @@ class ServerHarness:
     def __init__(self, tls: tuple[str, str] | None = None, token_ttl: float = 60.0,
                  stream_creation_timeout: float = 30.0,
                  limits: StreamLimits | None = None) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()  # FLATPOD_TEST_EVENT_LOOP's, as the daemon's
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.backend = LocalProcessBackend()
