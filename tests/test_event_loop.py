@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pty
 import shutil
 import tempfile
 import time
+import tty
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import pytest
 import uvloop
 
 from cri_api import api_pb2 as pb
+from sandbox.exec import pty_writer
 from shim.client import start_zygote, zygote_call
 from tests.daemon import TIME_SCALE, running_daemon
 from tests.pods import a_pod
@@ -80,3 +83,41 @@ def test_the_daemon_serves_pods_on_uvloop(tmp_path: Path) -> None:
                 assert status.status.network.ip
         finally:
             cri.close()
+
+
+async def _through_a_pty(master: int, slave: int, data: bytes) -> bytes:
+    writer = pty_writer(os.dup(master))
+    writer.write(data)
+    drained = asyncio.create_task(writer.drain())
+    await asyncio.sleep(0.1)
+    # Nobody reads the terminal: what it cannot hold waits, and so does the writer.
+    assert writer.transport.get_write_buffer_size() > 0
+    assert not drained.done()
+    received = bytearray()
+    deadline = time.monotonic() + 30 * TIME_SCALE
+    while len(received) < len(data) and time.monotonic() < deadline:
+        try:
+            received += os.read(slave, 65536)
+        except BlockingIOError:
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(drained, 30 * TIME_SCALE)
+    writer.close()
+    await asyncio.sleep(0)  # its fd closes on the next turn of the loop
+    return bytes(received)
+
+
+@pytest.mark.parametrize("new_loop", LOOPS)
+def test_terminal_input_waits_for_the_terminal_and_arrives_whole(
+        new_loop: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    """An exec's tty stdin (sandbox/exec.py's pty_writer), on either loop: more than the
+    terminal holds is kept until the process reads it, with the writer paused meanwhile."""
+    master, slave = pty.openpty()
+    try:
+        tty.setraw(slave)  # bytes pass as they are: no echo, no line editing
+        os.set_blocking(slave, False)
+        data = bytes(range(256)) * 1024  # 256 KiB: several times what a terminal buffers
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            assert runner.run(_through_a_pty(master, slave, data)) == data
+    finally:
+        os.close(master)
+        os.close(slave)
