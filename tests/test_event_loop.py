@@ -22,7 +22,7 @@ import uvloop
 
 from cri_api import api_pb2 as pb
 from sandbox.exec import pty_writer
-from shim.client import start_zygote, zygote_call
+from shim.client import spawn_shim, start_zygote, zygote_call
 from tests.daemon import TIME_SCALE, running_daemon
 from tests.pods import a_pod
 
@@ -31,8 +31,14 @@ LOOPS = [pytest.param(asyncio.new_event_loop, id="asyncio"),
 
 
 def _fds_above_stdio(pid: int) -> dict[int, str]:
-    fd_dir = Path(f"/proc/{pid}/fd")
-    return {int(fd.name): os.readlink(fd) for fd in fd_dir.iterdir() if int(fd.name) > 2}
+    found = {}
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if int(fd.name) > 2:
+                found[int(fd.name)] = os.readlink(fd)
+        except FileNotFoundError:  # closed meanwhile (a connection just answered)
+            pass
+    return found
 
 
 async def _start_and_inspect(socket_path: str) -> dict[int, str]:
@@ -63,6 +69,33 @@ def test_a_zygote_keeps_only_its_listener(
         os.close(stray)
         shutil.rmtree(state)
     assert len(fds) == 1 and next(iter(fds.values())).startswith("socket:"), fds
+
+
+async def _spawn_and_inspect(shim_dir: str) -> dict[int, str]:
+    """A shim started without the zygote (`python -m shim`, the daemon's fallback)."""
+    client = await spawn_shim("fd-test", shim_dir, os.path.join(shim_dir, "runc"),
+                              timeout=30 * TIME_SCALE)
+    try:
+        return _fds_above_stdio((await client.shim_state()).pid)
+    finally:
+        await client.shutdown()
+
+
+@pytest.mark.parametrize("new_loop", LOOPS)
+def test_a_fresh_shim_keeps_only_its_own_fds(
+        new_loop: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    """Its listener, its epoll and the connection it answers: no /dev/null, pipe or fd of
+    this process's."""
+    shim_dir = tempfile.mkdtemp(prefix="fpt-loop-", dir="/run")
+    stray = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(stray, True)
+    try:
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            fds = runner.run(_spawn_and_inspect(shim_dir))
+    finally:
+        os.close(stray)
+        shutil.rmtree(shim_dir)
+    assert all(target.startswith(("socket:", "anon_inode:")) for target in fds.values()), fds
 
 
 def test_the_daemon_serves_pods_on_uvloop(tmp_path: Path) -> None:
