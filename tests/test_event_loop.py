@@ -1,4 +1,5 @@
-"""The daemon on either event loop (config key `event_loop`), and what its children inherit.
+"""The daemon on either event loop (config key `event_loop`, uvloop by default), and what its
+children inherit.
 
 uvloop's subprocesses, unlike the standard library's, close no fd in the child: the zygote
 (and a shim started without it) must close what it did not mean to keep, or it holds the
@@ -98,14 +99,15 @@ def test_a_fresh_shim_keeps_only_its_own_fds(
     assert all(target.startswith(("socket:", "anon_inode:")) for target in fds.values()), fds
 
 
-def test_the_daemon_serves_pods_on_uvloop(tmp_path: Path) -> None:
-    """`event_loop = "uvloop"`: the daemon runs on libuv (its module is mapped), starts the
-    zygote, runs a pod (netlink, runc, shim calls, pidfd waits) and stops; the zygote and
-    the pod's shim hold no fd of the daemon's."""
-    with running_daemon(tmp_path, extra_config='event_loop = "uvloop"') as daemon:
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+def test_the_daemon_serves_pods_on_either_loop(tmp_path: Path, event_loop: str) -> None:
+    """`event_loop`: the daemon runs on that loop (libuv's module is mapped or not), starts
+    the zygote, runs a pod (netlink, runc, shim calls, pidfd waits) and stops; the zygote
+    holds no fd of the daemon's."""
+    with running_daemon(tmp_path, extra_config=f'event_loop = "{event_loop}"') as daemon:
         assert daemon.process is not None
         maps = Path(f"/proc/{daemon.process.pid}/maps").read_text()
-        assert "/uvloop/loop." in maps
+        assert ("/uvloop/loop." in maps) == (event_loop == "uvloop")
         zygote_pid = int((daemon.state / "zygote.pid").read_text())
         assert len(_fds_above_stdio(zygote_pid)) == 1
         cri = daemon.client()
