@@ -95,6 +95,7 @@ def posix_spawn(path: str, argv: Sequence[str], env: Mapping[str, str],
             for fd, target in dup2:
                 _check_code(libc.posix_spawn_file_actions_adddup2(actions, fd, target),
                             "posix_spawn_file_actions_adddup2")
+            _close_the_rest(libc, actions, max((t for _, t in dup2), default=2) + 1)
             signals = ctypes.create_string_buffer(_SIGSET_BYTES)
             libc.sigemptyset(signals)
             for signum in default_signals:
@@ -114,6 +115,17 @@ def posix_spawn(path: str, argv: Sequence[str], env: Mapping[str, str],
             libc.posix_spawnattr_destroy(attr)
     finally:
         libc.posix_spawn_file_actions_destroy(actions)
+
+
+def _close_the_rest(libc: ctypes.CDLL, actions: ctypes.Array[ctypes.c_char],
+                    first: int) -> None:
+    """The child keeps only the fds below `first`: those `dup2` placed. Every fd flatpod
+    opens is close-on-exec, but one its own parent passed it inheritable is not, nor one
+    that uvloop's subprocess spawn makes inheritable for an instant while a worker thread
+    spawns runc. glibc before 2.34 has no closefrom action: the child then inherits those."""
+    if hasattr(libc, "posix_spawn_file_actions_addclosefrom_np"):
+        _check_code(libc.posix_spawn_file_actions_addclosefrom_np(actions, first),
+                    "posix_spawn_file_actions_addclosefrom_np")
 
 
 def _check_code(code: int, what: str, path: str | None = None) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -108,9 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(json.loads(config.to_json()), indent=2))
         return 0
     setup_logging(config.log_level)
-    from sandbox.daemon import serve  # heavy imports (grpc) only for the daemon
+    from sandbox.daemon import run  # heavy imports (grpc) only for the daemon
 
-    asyncio.run(serve(config))
+    try:
+        run(config)
+    except ConfigError as err:
+        print(f"flatpod: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

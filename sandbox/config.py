@@ -133,6 +133,9 @@ class Config:
     # the administrator (marking costs nothing while ksmd is stopped); "on" also starts ksmd
     # if it is stopped; "off" does neither.
     shim_page_merging: str = "advise"
+    # The daemon's event loop: "uvloop" (libuv's, the uvloop package) or "asyncio" (the
+    # standard library's). ARCHITECTURE.md, "Inside flatpod serve", has what each measured.
+    event_loop: str = "uvloop"
     # Empty: no Prometheus endpoint. Otherwise "host:port".
     metrics_address: str = ""
     # CheckpointContainer writes archives, and CreateContainer restores them, only inside
@@ -187,6 +190,7 @@ _HANDLER_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _STATE_DIR_ENTRIES = ("pods", "containers", "pause-rootfs")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _PAGE_MERGING = ("on", "advise", "off")
+_EVENT_LOOPS = ("uvloop", "asyncio")
 _CGROUP_DRIVERS = tuple(d.value for d in cgroups.Driver)
 # <state_dir>/pods/<64-hex pod id>/shim.sock must fit in sockaddr_un's 108 bytes.
 MAX_STATE_DIR_LEN = 107 - len("/pods/") - 64 - len("/shim.sock")
@@ -320,6 +324,8 @@ def _validate(config: Config) -> None:
         raise ConfigError(
             f"config key 'shim_page_merging' must be one of {', '.join(_PAGE_MERGING)}"
         )
+    if config.event_loop not in _EVENT_LOOPS:
+        raise ConfigError(f"config key 'event_loop' must be one of {', '.join(_EVENT_LOOPS)}")
     if config.max_log_line_size < 256:
         raise ConfigError("config key 'max_log_line_size' must be at least 256")
     if config.images.pull_progress_timeout_seconds < 1:

@@ -13,14 +13,14 @@ import os
 import signal
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from netns.bridge import BridgeConfig, BridgeNetwork
 from netns.cni import CniNetwork
 from sandbox import checkpoint, containers, events, exec, exits, info, pods, recovery, stats
-from sandbox.config import Config
+from sandbox.config import Config, ConfigError
 from sandbox.faults import Faults
 from sandbox.images.service import ImageService
 from sandbox.metrics import MetricsEndpoint
@@ -170,6 +170,25 @@ def bind_socket_path(path: Path) -> None:
             raise SystemExit(f"flatpod: {path} exists and is not a socket; refusing to replace it")
     except FileNotFoundError:
         pass
+
+
+def event_loop_factory(config: Config) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The loop `event_loop` names (ARCHITECTURE.md, "Inside flatpod serve", says why each)."""
+    if config.event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError as err:
+            raise ConfigError(
+                "config key 'event_loop' is \"uvloop\", but the uvloop package is not installed"
+            ) from err
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
+def run(config: Config) -> None:
+    """Serves until SIGTERM or SIGINT, on the configured event loop."""
+    with asyncio.Runner(loop_factory=event_loop_factory(config)) as runner:
+        runner.run(serve(config))
 
 
 async def serve(config: Config) -> None:

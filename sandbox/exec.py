@@ -51,6 +51,9 @@ FORWARD_READ_AHEAD = 32 * 1024
 # Attach output queued ahead of the client, per stream; past it we stop reading the shim's
 # attach socket, and the shim drops an attacher 4 MiB behind (shim/server.py).
 ATTACH_READ_AHEAD = 256 * 1024
+# Terminal input held for a process that does not read it; past it the client's stdin
+# waits (the default high-water mark of asyncio's own write transports).
+PTY_INPUT_HIGH_WATER = 64 * 1024
 
 
 # --- the RPCs --------------------------------------------------------------------------------
@@ -178,6 +181,92 @@ async def _writer_for(fd: int) -> asyncio.StreamWriter:
     return asyncio.StreamWriter(transport, protocol, None, loop)
 
 
+class _PtyInput(asyncio.WriteTransport):
+    """A pty master's input side: os.write, and the loop's add_writer while the terminal's
+    buffer is full. Not loop.connect_write_pipe: uvloop's pipe transport also reads its fd
+    (to learn that the far end closed), and on a pty master, one open file both ways, it
+    took the terminal's output away from the session's reader."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int,
+                 protocol: asyncio.streams.FlowControlMixin) -> None:
+        super().__init__()
+        self._loop, self._fd, self._protocol = loop, fd, protocol
+        self._buffer = bytearray()
+        self._closing = self._paused = False
+        os.set_blocking(fd, False)
+        protocol.connection_made(self)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or not data:
+            return
+        if not self._buffer:
+            try:
+                sent = os.write(self._fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._abort(exc)
+                return
+            if sent == len(data):
+                return
+            self._loop.add_writer(self._fd, self._on_writable)
+            data = memoryview(data)[sent:]
+        self._buffer += data
+        if not self._paused and len(self._buffer) > PTY_INPUT_HIGH_WATER:
+            self._paused = True
+            self._protocol.pause_writing()
+
+    def _on_writable(self) -> None:
+        try:
+            del self._buffer[:os.write(self._fd, self._buffer)]
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._abort(exc)
+            return
+        if self._paused and len(self._buffer) <= PTY_INPUT_HIGH_WATER // 4:
+            self._paused = False
+            self._protocol.resume_writing()
+        if not self._buffer:
+            self._loop.remove_writer(self._fd)
+            if self._closing:
+                self._finish(None)
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._buffer)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            if not self._buffer:
+                self._loop.call_soon(self._finish, None)
+
+    def abort(self) -> None:
+        self._abort(None)
+
+    def _abort(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._buffer.clear()
+        self._loop.remove_writer(self._fd)
+        self._loop.call_soon(self._finish, exc)
+
+    def _finish(self, exc: Exception | None) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            self._protocol.connection_lost(exc)
+
+
+def pty_writer(fd: int) -> asyncio.StreamWriter:
+    """A StreamWriter to a pty master (fd: its own copy, closed with the writer)."""
+    loop = asyncio.get_running_loop()
+    protocol = asyncio.streams.FlowControlMixin(loop)
+    return asyncio.StreamWriter(_PtyInput(loop, fd, protocol), protocol, None, loop)
+
+
 @dataclass
 class ExecSession:
     """An exec started by the shim; we hold its stdio fds (or its pty master)."""
@@ -200,7 +289,7 @@ class ExecSession:
             self.pty_peer = fcntl.ioctl(h.pty, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
             # One fd both ways: the reader and the writer each get their own copy.
             self.stdout = await _reader_for(os.dup(h.pty))
-            self.stdin = await _writer_for(os.dup(h.pty))
+            self.stdin = pty_writer(os.dup(h.pty))
             return
         if h.stdin is not None:
             self.stdin = await _writer_for(h.stdin)

@@ -19,6 +19,8 @@ from shim.server import LOG_LEVELS, Logger, Shim, set_child_subreaper
 
 SOCKET_NAME = "shim.sock"
 LOG_NAME = "shim.log"
+# Above any fd number (the kernel caps fs.nr_open at 2^30).
+MAX_FD = 1 << 30
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -63,14 +65,27 @@ def _replace_stale_socket(path: str) -> None:
         probe.close()
 
 
-def detach(log_path: str) -> None:
-    """Double fork into a new session; stdio to /dev/null and the shim log."""
+def detach(log_path: str, listener: socket.socket) -> None:
+    """Double fork into a new session; stdio to /dev/null and the shim log; of the other
+    fds only the listener stays open."""
     if os.fork() > 0:
         os._exit(0)
     os.setsid()
     if os.fork() > 0:
         os._exit(0)
     redirect_stdio(log_path)
+    close_inherited_fds(listener.fileno())
+
+
+def close_inherited_fds(keep: int) -> None:
+    """Closes every fd above stdio but `keep`. Whoever started this process may have passed
+    more: uvloop's subprocesses (unlike the standard library's, which close every other fd)
+    keep the original fds of their stdio pipes and /dev/null, and any inheritable fd of the
+    daemon's own parent. A detached process would hold them for its life, and the daemon,
+    which waits for the end of the stderr pipe to know the process has detached, for ever.
+    One close_range(2) call."""
+    os.closerange(3, keep)
+    os.closerange(keep + 1, MAX_FD)
 
 
 def redirect_stdio(log_path: str) -> None:
@@ -103,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(args.dir, mode=0o700, exist_ok=True)
     listener = bind_listener(os.path.join(args.dir, SOCKET_NAME))
     if not args.foreground:
-        detach(os.path.join(args.dir, LOG_NAME))
+        detach(os.path.join(args.dir, LOG_NAME), listener)
     serve(args, listener)
     sys.exit(0)
 

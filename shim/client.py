@@ -506,7 +506,9 @@ async def _run_detaching(op: str, argv: list[str], timeout: float) -> None:
     try:
         _out, err = await asyncio.wait_for(process.communicate(), timeout)
     except TimeoutError as exc:
-        process.kill()
+        # It may have exited with a detached child holding the pipe open: nothing to kill.
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
         await process.wait()
         raise ShimTimeout(op, f"{argv[2]} did not detach in {timeout}s") from exc
     if process.returncode != 0:

@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     # Listening before detaching: when this command exits 0 the zygote is ready.
     listener = shim_main.bind_listener(args.socket)
     if not args.foreground:
-        shim_main.detach(args.log)
+        shim_main.detach(args.log, listener)
     serve_zygote(listener, args.merge_pages)
     sys.exit(0)
 

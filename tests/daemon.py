@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import secrets
@@ -27,6 +28,18 @@ REPO = Path(__file__).resolve().parent.parent
 # under an emulated CPU, where a Python daemon alone takes tens of seconds to start.
 TIME_SCALE = float(os.environ.get("FLATPOD_TEST_TIME_SCALE", "1"))
 START_TIMEOUT = 20.0 * TIME_SCALE
+# The event loop of every test daemon ("asyncio" or "uvloop"; empty: the config's default), so
+# that the suite can run against either: FLATPOD_TEST_EVENT_LOOP=uvloop pytest ...
+EVENT_LOOP = os.environ.get("FLATPOD_TEST_EVENT_LOOP", "")
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A loop of that kind, for tests that run daemon code in-process (the streaming server)."""
+    if EVENT_LOOP == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 @dataclass
@@ -127,6 +140,7 @@ def write_config(
         + ('shim_page_merging = "advise"\n' if "shim_page_merging" not in extra else "")
         + (f'default_cgroup_parent = "{cgroup_parent}"\n'
            if "default_cgroup_parent" not in extra and own_parent else "")
+        + (f'event_loop = "{EVENT_LOOP}"\n' if EVENT_LOOP and "event_loop" not in extra else "")
         + f"{extra}\n"
     )
     if "[network]" not in extra:

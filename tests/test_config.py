@@ -17,6 +17,7 @@ def test_defaults() -> None:
     assert str(config.socket_path) == "/run/flatpod/flatpod.sock"
     # ksmd is a host-wide setting: by default flatpod only marks shim pages mergeable.
     assert config.shim_page_merging == "advise"
+    assert config.event_loop == "uvloop"
 
 
 def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
@@ -61,6 +62,7 @@ def test_values_and_nested_tables(tmp_path: Path) -> None:
         ("metrics_address = \"[::1:9110\"", "'metrics_address'"),
         ("metrics_address = \":70000\"", "'metrics_address'"),
         ("runtime_path = \"runc\"", "'runtime_path'"),
+        ("event_loop = \"trio\"", "'event_loop' must be one of uvloop, asyncio"),
         ("default_runtime = \"crun\"", "'default_runtime' names 'crun'.*runc"),
         ("runtimes = 1", "'runtimes'"),
         ("[runtimes]\ncrun = 1", "'runtimes.crun'"),

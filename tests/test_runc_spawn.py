@@ -50,6 +50,29 @@ def test_the_child_gets_its_fds_env_and_default_signals(spawn: PosixSpawn) -> No
     assert err == "oops\n"
 
 
+def _fds_of_a_child(spawn: PosixSpawn) -> set[int]:
+    out_read, out_write = os.pipe()
+    try:
+        pid = spawn("/bin/ls", ["ls", "/proc/self/fd"], {}, [(out_write, 1)], RESET_SIGNALS)
+        os.close(out_write)
+        os.waitpid(pid, 0)
+        return {int(name) for name in os.read(out_read, 65536).split()}
+    finally:
+        os.close(out_read)
+
+
+def test_the_daemons_spawn_passes_only_the_fds_it_places() -> None:
+    """An inheritable fd of the daemon's (its own parent's, or one uvloop's subprocess spawn
+    holds inheritable for an instant) never reaches runc."""
+    stray = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(stray, True)
+    try:
+        assert stray in _fds_of_a_child(os_posix_spawn)  # what a plain posix_spawn passes
+        assert stray not in _fds_of_a_child(libc.posix_spawn)
+    finally:
+        os.close(stray)
+
+
 def test_a_missing_binary_fails_with_its_errno() -> None:
     with pytest.raises(OSError) as failed:
         libc.posix_spawn("/nonexistent/runc", ["runc"], {}, [], RESET_SIGNALS)

@@ -20,9 +20,11 @@ from typing import Any, TypeVar
 from kubernetes.client import Configuration
 from kubernetes.stream.ws_client import WSClient
 
+from sandbox.exec import pty_writer
 from sandbox.streaming import spdy
 from sandbox.streaming.limits import StreamLimits
 from sandbox.streaming.server import ExecParams, StreamingServer
+from tests.daemon import new_event_loop
 
 T = TypeVar("T")
 
@@ -77,11 +79,7 @@ async def _pty_streams(master: int) -> tuple[asyncio.StreamReader, asyncio.Strea
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
                                  os.fdopen(master, "rb", buffering=0))
-    write_fd = os.dup(master)
-    transport, protocol = await loop.connect_write_pipe(
-        asyncio.streams.FlowControlMixin, os.fdopen(write_fd, "wb", buffering=0))
-    writer = asyncio.StreamWriter(transport, protocol, None, loop)
-    return reader, writer
+    return reader, pty_writer(os.dup(master))  # as flatpod's own exec sessions
 
 
 @dataclass
@@ -116,9 +114,12 @@ class LocalProcessBackend:
                      stderr: bool) -> LocalProcess:
         pipe, devnull = asyncio.subprocess.PIPE, asyncio.subprocess.DEVNULL
         if not tty:
-            process = await asyncio.create_subprocess_exec(
-                *cmd, stdin=pipe if stdin else devnull, stdout=pipe if stdout else devnull,
-                stderr=pipe if stderr else devnull, start_new_session=True)
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    *cmd, stdin=pipe if stdin else devnull, stdout=pipe if stdout else devnull,
+                    stderr=pipe if stderr else devnull, start_new_session=True)
+            except FileNotFoundError as exc:  # uvloop's leaves the program out: as asyncio's
+                raise FileNotFoundError(exc.errno, exc.strerror, cmd[0]) from exc
             started = LocalProcess(process, process.stdin, process.stdout, process.stderr,
                                    None)
         else:
@@ -158,7 +159,7 @@ class ServerHarness:
     def __init__(self, tls: tuple[str, str] | None = None, token_ttl: float = 60.0,
                  stream_creation_timeout: float = 30.0,
                  limits: StreamLimits | None = None) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()  # FLATPOD_TEST_EVENT_LOOP's, as the daemon's
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.backend = LocalProcessBackend()

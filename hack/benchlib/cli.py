@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -29,6 +30,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--flatpod", action="store_true", help="measure flatpod (from this repo)")
     parser.add_argument("--containerd", action="store_true",
                         help="measure containerd (../shared/conformance/containerd.sh)")
+    parser.add_argument("--event-loops", default="",
+                        help="flatpod's event_loop: one (asyncio or uvloop), or both "
+                        "comma-separated for an A/B of two flatpods in the same run")
     parser.add_argument("--runs", type=int, default=20, help="samples per latency (20)")
     parser.add_argument("--heavy-runs", type=int, default=5,
                         help="samples of the 20-pod burst and of the 100 MB pull (5)")
@@ -55,6 +59,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
     args.only = only
+    args.event_loops = [loop for loop in args.event_loops.split(",") if loop] or [""]
+    if not set(args.event_loops) <= {"asyncio", "uvloop", ""}:
+        parser.error(f"--event-loops: asyncio or uvloop, got {args.event_loops}")
     return args
 
 
@@ -163,7 +170,9 @@ def main(argv: list[str]) -> int:
     work = Path(tempfile.mkdtemp(prefix="fpbench-", dir="/var/tmp"))
     runtimes: list[Runtime] = []
     if args.flatpod:
-        runtimes.append(Flatpod(work))
+        first_slot = secrets.randbelow(4)
+        runtimes += [Flatpod(work, loop, first_slot + i)
+                     for i, loop in enumerate(args.event_loops)]
     if args.containerd:
         runtimes.append(Containerd(work))
     plan = Plan(runs=args.runs, heavy_runs=args.heavy_runs, pods=args.pods[0],

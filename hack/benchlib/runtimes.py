@@ -164,17 +164,23 @@ class Runtime:
 
 class Flatpod(Runtime):
     name = "flatpod"
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, event_loop: str = "", slot: int | None = None) -> None:
+        """event_loop: the config's `event_loop` ("": its default); two instances in one run
+        (an A/B of the loops) are named by it and get different slots (subnets)."""
         # Names of this run's own: benches of other checkouts may run at the same time on a
         # shared machine, and one's cleanup must not take another's bridge or cgroups.
         run = secrets.token_hex(3)
+        self.event_loop = event_loop
+        if event_loop:
+            self.name = f"flatpod-{event_loop}"
         self.cgroup_parent = f"/fpbench-flatpod-{run}"
         self.bridge = f"fpb{run}"
-        self.subnet = f"10.242.{64 * secrets.randbelow(4)}.0/18"
+        self.subnet = f"10.242.{64 * (secrets.randbelow(4) if slot is None else slot % 4)}.0/18"
         super().__init__(work)
-        self.root = work / "flatpod-root"
+        self.root = work / f"{self.name}-root"
         self.state = Path()
-        self.log_path = work / "flatpod.log"
+        self.log_path = work / f"{self.name}.log"
+        self.config_path = work / f"{self.name}.toml"
         self.process: subprocess.Popen[bytes] | None = None
 
     def _config_text(self) -> str:
@@ -184,7 +190,8 @@ class Flatpod(Runtime):
             f'root_dir = "{self.root}"\n'
             f'state_dir = "{self.state}"\n'
             f'default_cgroup_parent = "{self.cgroup_parent}"\n'
-            "[network]\n"
+            + (f'event_loop = "{self.event_loop}"\n' if self.event_loop else "")
+            + "[network]\n"
             f'bridge = "{self.bridge}"\n'
             f'subnet = "{self.subnet}"\n'
             "masquerade = false\n"
@@ -197,7 +204,7 @@ class Flatpod(Runtime):
         # Short, under /run as on a node: shim sockets below it must fit in sockaddr_un.
         self.state = Path(tempfile.mkdtemp(prefix="fpb-", dir="/run"))
         self.socket = self.state / "flatpod.sock"
-        (self.work / "flatpod.toml").write_text(self._config_text())
+        self.config_path.write_text(self._config_text())
         self._spawn()
 
     def restart(self) -> float:
@@ -213,11 +220,10 @@ class Flatpod(Runtime):
         return time.monotonic() - started
 
     def _spawn(self) -> None:
-        config = self.work / "flatpod.toml"
         env = dict(os.environ, PYTHONPATH=str(REPO))
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "sandbox", "serve", "--config", str(config)],
+                [sys.executable, "-m", "sandbox", "serve", "--config", str(self.config_path)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=REPO, env=env, start_new_session=True,
             )

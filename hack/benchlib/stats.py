@@ -92,15 +92,14 @@ def format_table(report: Report, runtimes: list[str]) -> str:
     header = ["workload", "unit"]
     for name in runtimes:
         header += [f"{name} med", "p90", "p95"]
-    if len(runtimes) == 2:
-        header.append(f"{runtimes[0][:2]}/{runtimes[1][:4]}")
+    pairs = _ratio_pairs(runtimes)
+    header += [label for label, _a, _b in pairs]
     rows = [header]
     for fig in report.figures:
         row = [fig.title, fig.unit]
         for name in runtimes:
             row += list(_cell(fig.series.get(name)))
-        if len(runtimes) == 2:
-            row.append(_ratio(fig.series.get(runtimes[0]), fig.series.get(runtimes[1])))
+        row += [_ratio(fig.series.get(a), fig.series.get(b)) for _label, a, b in pairs]
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = []
@@ -110,6 +109,24 @@ def format_table(report: Report, runtimes: list[str]) -> str:
         lines.append("  ".join(cells))
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
+
+
+def _ratio_pairs(runtimes: list[str]) -> list[tuple[str, str, str]]:
+    """(column label, numerator, denominator): each runtime against the last one; with two
+    flatpods (an A/B of event loops) and containerd, also the two flatpods' own ratio."""
+    if len(runtimes) < 2:
+        return []
+    if len(runtimes) == 2 and not any("-" in name for name in runtimes):
+        return [(f"{runtimes[0][:2]}/{runtimes[1][:4]}", runtimes[0], runtimes[1])]
+
+    def short(name: str) -> str:
+        return name.removeprefix("flatpod-")[:4]
+
+    last = runtimes[-1]
+    pairs = [(f"{short(name)}/{short(last)}", name, last) for name in runtimes[:-1]]
+    if len(runtimes) == 3:
+        pairs.append((f"{short(runtimes[1])}/{short(runtimes[0])}", runtimes[1], runtimes[0]))
+    return pairs
 
 
 def format_errors(report: Report) -> list[str]:
