@@ -64,7 +64,7 @@ async def recover(rt: Runtime) -> None:
 
 async def _recover_pod(rt: Runtime, pod: PodRecord) -> None:
     """Reconnects the pod's shim and asks it (or the exit files) about its processes: one
-    `state` answer holds them all (one call per container took 2-4x the time at 250 pods)."""
+    `state` answer holds them all (a call per process made four round trips per pod)."""
     if not rt.handlers.is_configured(pod):
         log.warning(
             "pod %s: its runtime handler %r is no longer configured; its shim keeps the "
