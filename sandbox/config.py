@@ -145,6 +145,10 @@ class Config:
     checkpoint_dir: str = ""
     # The CRIU binary runc runs to checkpoint and restore (runc's --criu).
     criu_path: str = "/usr/sbin/criu"
+    # Lifecycle RPCs (run/stop/remove pod, create/start/stop/remove container) running at
+    # once; more wait their turn, so that kubelet's relist never queues behind a dozen of
+    # them on the event loop (sandbox/slots.py). 0: the CPUs flatpod may use, at least 2.
+    max_concurrent_lifecycle_calls: int = 0
     network: NetworkConfig = field(default_factory=NetworkConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
@@ -333,6 +337,9 @@ def _validate(config: Config) -> None:
     for key in ("max_layer_bytes", "max_layer_entries"):
         if getattr(config.images, key) < 1:
             raise ConfigError(f"config key 'images.{key}' must be positive")
+    if config.max_concurrent_lifecycle_calls < 0:
+        raise ConfigError("config key 'max_concurrent_lifecycle_calls' must be 0 (the CPU "
+                          "count) or positive")
     if config.images.max_concurrent_downloads < 1:
         raise ConfigError("config key 'images.max_concurrent_downloads' must be positive")
     for key in ("root_dir", "state_dir", "runtime_path", "criu_path"):

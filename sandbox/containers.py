@@ -404,6 +404,7 @@ async def start_container(rt: Runtime, req: pb.StartContainerRequest) -> pb.Star
             state = RUNNING if ctr.state == CREATED else ctr.state
             rt.registry.transition(ctr, state, **changes)
     publish(rt, ctr, pb.CONTAINER_STARTED_EVENT)
+    asyncio.get_running_loop().call_soon(keep_status, rt, ctr)
     return pb.StartContainerResponse()
 
 
@@ -554,12 +555,26 @@ async def container_status(rt: Runtime, req: pb.ContainerStatusRequest) -> bytes
     answer = message_field(STATUS_FIELD, status_bytes(rt, ctr))
     if not req.verbose:
         return answer
+    return answer + verbose_info(ctr)
+
+
+def verbose_info(ctr: ContainerRecord) -> bytes:
+    """The verbose answer's `info` entry, built once per change of the record (a save
+    empties it too)."""
     if not ctr.verbose_info:
         ctr.verbose_info = verbose_info_entry(INFO_FIELD, {
             "pid": ctr.pid, "sandboxID": ctr.pod_id, "rootfs": ctr.rootfs,
             "snapshots": ctr.snapshots, "cgroup": ctr.cgroup_path,
         }, ctr.config)
-    return answer + ctr.verbose_info
+    return ctr.verbose_info
+
+
+def keep_status(rt: Runtime, ctr: ContainerRecord) -> None:
+    """Builds the status answer's parts ahead of the lookup (kubelet and critest ask
+    ContainerStatus right after StartContainer): building them took the first lookup from
+    ~0.85 to ~1.4 ms. Called soon after the call returns, so its answer does not wait."""
+    status_bytes(rt, ctr)
+    verbose_info(ctr)
 
 
 def status_bytes(rt: Runtime, ctr: ContainerRecord) -> bytes:

@@ -27,6 +27,7 @@ from sandbox.metrics import MetricsEndpoint
 from sandbox.runtime import Paths, Runtime
 from sandbox.server import Handler, build_server
 from sandbox.shims import ShimRegistry
+from sandbox.slots import LifecycleSlots, waits_for_exit
 from sandbox.store import Store
 from sandbox.streaming.server import StreamingServer
 from shim.client import ProcessState
@@ -34,26 +35,29 @@ from shim.client import ProcessState
 log = logging.getLogger("flatpod.daemon")
 
 
-def rpc_handlers() -> Mapping[str, Handler]:
-    """Every RPC flatpod implements, by "Service/Method"; the rest answer UNIMPLEMENTED."""
+def rpc_handlers(slots: LifecycleSlots) -> Mapping[str, Handler]:
+    """Every RPC flatpod implements, by "Service/Method"; the rest answer UNIMPLEMENTED.
+    The lifecycle calls run at most `slots.limit` at a time (sandbox/slots.py)."""
     # The stats RPCs share their samples (and the previous one, for cpu rates): one per server.
     st = stats.Stats()
     checkpoints = checkpoint.Checkpoints()  # holds what `criu check` said, asked once
+    bounded = slots.bounded
     return {
         "RuntimeService/Version": info.version,
         "RuntimeService/Status": info.status,
         "RuntimeService/RuntimeConfig": info.runtime_config,
         "RuntimeService/UpdateRuntimeConfig": info.update_runtime_config,
-        "RuntimeService/RunPodSandbox": pods.run_pod_sandbox,
-        "RuntimeService/StopPodSandbox": pods.stop_pod_sandbox,
-        "RuntimeService/RemovePodSandbox": pods.remove_pod_sandbox,
+        "RuntimeService/RunPodSandbox": bounded(pods.run_pod_sandbox),
+        "RuntimeService/StopPodSandbox": bounded(pods.stop_pod_sandbox),
+        "RuntimeService/RemovePodSandbox": bounded(pods.remove_pod_sandbox),
         "RuntimeService/PodSandboxStatus": pods.pod_sandbox_status,
         "RuntimeService/ListPodSandbox": pods.list_pod_sandbox,
         "RuntimeService/StreamPodSandboxes": pods.stream_pod_sandboxes,
-        "RuntimeService/CreateContainer": containers.create_container,
-        "RuntimeService/StartContainer": containers.start_container,
-        "RuntimeService/StopContainer": containers.stop_container,
-        "RuntimeService/RemoveContainer": containers.remove_container,
+        "RuntimeService/CreateContainer": bounded(containers.create_container),
+        "RuntimeService/StartContainer": bounded(containers.start_container),
+        "RuntimeService/StopContainer": bounded(containers.stop_container,
+                                                 unbounded_if=waits_for_exit),
+        "RuntimeService/RemoveContainer": bounded(containers.remove_container),
         "RuntimeService/ContainerStatus": containers.container_status,
         "RuntimeService/ListContainers": containers.list_containers,
         "RuntimeService/StreamContainers": containers.stream_containers,
@@ -199,7 +203,8 @@ async def serve(config: Config) -> None:
     rt.streaming = streaming_server(rt)
     await rt.streaming.start()
     metrics = MetricsEndpoint.for_runtime(rt) if config.metrics_address else None
-    server = build_server(rt, rpc_handlers(), metrics.observe if metrics else None)
+    slots = LifecycleSlots(config.max_concurrent_lifecycle_calls)
+    server = build_server(rt, rpc_handlers(slots), metrics.observe if metrics else None)
     socket_path = config.socket_path
     bind_socket_path(socket_path)
     server.add_insecure_port(f"unix://{socket_path}")

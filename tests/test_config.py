@@ -50,6 +50,7 @@ def test_values_and_nested_tables(tmp_path: Path) -> None:
         ("[streaming]\ntls_cert = \"/x\"", "'streaming.tls_cert'"),
         ("log_level = \"loud\"", "'log_level'"),
         ("shim_page_merging = \"yes\"", "'shim_page_merging'"),
+        ("max_concurrent_lifecycle_calls = -1", "'max_concurrent_lifecycle_calls'"),
         ("network = 3", "'network'"),
         ("root_dir = \"relative\"", "'root_dir'"),
         ("[images]\nmirrors = {a = 1}", "'images.mirrors'"),

@@ -305,3 +305,16 @@ def test_kept_records_follow_a_moved_tag_and_match_the_database(
     assert status(service, moving).image.id == ""
     assert service.images.resolve(moving) is None
     assert [r.id for r in ImageStore(service.images.store).list()] == [busybox.config_digest]
+
+
+def test_a_pull_keeps_the_entry_image_status_answers(
+    service: ImageService, test_images: TestImages
+) -> None:
+    """kubelet asks ImageStatus right after PullImage: the pull has already serialized the
+    answer's entry (for the record as saved, with its references), so the lookup sends it."""
+    image_id = pull(service, test_images.busybox.reference)
+    saved = service.images.get(image_id)
+    kept = service._entries.get(image_id)
+    assert saved is not None and kept is not None and kept[0] is saved
+    req = pb.ImageStatusRequest(image=pb.ImageSpec(image=test_images.busybox.reference))
+    assert asyncio.run(service.ImageStatus(req)) is kept[1]

@@ -4,7 +4,10 @@ round, so that load drift on a shared machine hits both runtimes alike."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +23,7 @@ from benchlib.cri import (
     sleeper_config,
     status_code,
 )
-from benchlib.runtimes import Runtime
+from benchlib.runtimes import REPO, Runtime
 from benchlib.stats import Report, Series
 from cri_api import api_pb2 as pb
 from shim import ksm
@@ -31,6 +34,9 @@ MS = 1000.0
 KSM_SETTLE_PASSES = 4
 KSM_SETTLE_LIMIT_S = 300.0
 Sampler = Callable[[Runtime], float]
+HACK = REPO / "hack"
+RELIST_INTERVAL_S = 1.0  # as kubelet's PLEG relists
+RELIST_PROBER_GRACE_S = 120.0  # after the clients stop: one relist, however slow
 
 
 def at_scale(key: str, pods: int) -> str:
@@ -212,7 +218,9 @@ def churn(report: Report, runtime: Runtime, plan: Plan) -> None:
     """`plan.churn_clients` clients cycle whole pod lifecycles (run, create+start, stop,
     remove) for `plan.churn_seconds` while kubelet's relist pair runs once a second: the
     lifecycles per second, and each relist's latency (its p95 is the figure to watch: one
-    event loop busy with lifecycle work makes the relist wait behind it)."""
+    event loop busy with lifecycle work makes the relist wait behind it). The relist is
+    timed by a process of its own (benchlib/relistprobe.py), not by a thread beside the
+    clients, whose GIL it would wait for."""
     stop_at = time.monotonic() + plan.churn_seconds
     done: list[int] = []
 
@@ -228,17 +236,40 @@ def churn(report: Report, runtime: Runtime, plan: Plan) -> None:
 
     relist = report.figure("churn-relist", f"relist under churn ({plan.churn_clients} clients "
                            "cycling pods), each relist", "ms").of(runtime.name)
+    prober = start_relist_prober(runtime, plan.churn_seconds)
     started = time.monotonic()
-    with ThreadPoolExecutor(plan.churn_clients) as pool:
-        cyclers = [pool.submit(cycle, i) for i in range(plan.churn_clients)]
-        while time.monotonic() < stop_at:
-            relist.samples.append(sample_relist(runtime) * MS)
-            time.sleep(1.0)
-        for cycler in cyclers:
-            cycler.result()
+    try:
+        with ThreadPoolExecutor(plan.churn_clients) as pool:
+            cyclers = [pool.submit(cycle, i) for i in range(plan.churn_clients)]
+            for cycler in cyclers:
+                cycler.result()
+    finally:
+        relist.samples += relist_samples(prober)
     rate = sum(done) / (time.monotonic() - started)
     report.figure("churn-rate", "pod lifecycles completed per second under churn (higher is "
                   "better)", "/s").of(runtime.name).samples.append(rate)
+
+
+def start_relist_prober(runtime: Runtime, seconds: float) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join((str(HACK), str(REPO))))
+    return subprocess.Popen(
+        [sys.executable, "-m", "benchlib.relistprobe", str(runtime.socket), str(seconds),
+         str(RELIST_INTERVAL_S)],
+        stdout=subprocess.PIPE, text=True, env=env)
+
+
+def relist_samples(prober: subprocess.Popen[str]) -> list[float]:
+    """The prober's samples (ms), once it has finished; an error naming its exit status."""
+    try:
+        out, _ = prober.communicate(timeout=RELIST_PROBER_GRACE_S)
+    except subprocess.TimeoutExpired:
+        prober.kill()
+        prober.wait()
+        raise
+    if prober.returncode != 0:
+        raise RuntimeError(f"relist prober exited with status {prober.returncode}")
+    samples: list[float] = json.loads(out)
+    return samples
 
 
 def run_churn(report: Report, runtimes: list[Runtime], plan: Plan) -> None:
