@@ -10,7 +10,7 @@ import pytest
 
 from cri_api import api_pb2 as pb
 from sandbox.daemon import rpc_handlers
-from sandbox.slots import LifecycleSlots, waits_for_exit
+from sandbox.slots import LifecycleSlots, _Lease, waits_for_exit
 
 LIFECYCLE_RPCS = ("RunPodSandbox", "StopPodSandbox", "RemovePodSandbox", "CreateContainer",
                   "StartContainer", "StopContainer", "RemoveContainer")
@@ -116,3 +116,38 @@ def test_the_daemon_bounds_every_lifecycle_rpc(rpc: str) -> None:
 def test_lookups_and_exec_are_not_bounded(rpc: str) -> None:
     handler = rpc_handlers(LifecycleSlots(2))[f"RuntimeService/{rpc}"]
     assert not hasattr(handler, "__wrapped__"), f"{rpc} waits for a lifecycle slot"
+
+
+
+def test_a_call_past_its_lease_lets_the_next_one_run() -> None:
+    """A stuck call (a hung CNI plugin) does not hold the node's other pods behind it."""
+    async def started(calls: Calls, name: str) -> None:
+        while name not in calls.started:
+            await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        calls = Calls()
+        bounded = LifecycleSlots(1, lease=0.05).bounded(calls.handler)
+        stuck = asyncio.create_task(bounded(None, stop_request("stuck")))
+        nxt = asyncio.create_task(bounded(None, stop_request("next")))
+        await asyncio.wait_for(started(calls, "next"), timeout=30)
+        calls.finish("next")
+        calls.finish("stuck")
+        assert await asyncio.gather(stuck, nxt) == [b"stuck", b"next"]
+
+    asyncio.run(scenario())
+
+
+def test_a_lease_gives_its_slot_back_once() -> None:
+    """The lease's end and the call's end both give the slot back: only the first counts,
+    or the bound would grow by one per slow call."""
+    async def scenario() -> None:
+        free = asyncio.Semaphore(1)
+        await free.acquire()
+        lease = _Lease(free)
+        lease.give_back()  # the lease ended
+        lease.give_back()  # then the call did
+        await free.acquire()
+        assert free.locked()
+
+    asyncio.run(scenario())
