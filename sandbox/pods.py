@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -88,7 +89,31 @@ def sandbox_name(meta: pb.PodSandboxMetadata) -> str:
 # --- RunPodSandbox ---------------------------------------------------------------------------
 
 
+@dataclass
+class StepClock:
+    """When each step of one RunPodSandbox ended, in ms from the request's start: logged at
+    debug level (`flatpod serve --log-level debug`) to show what the call waits for. Off, a
+    mark is one attribute test."""
+
+    on: bool
+    start: float = field(default_factory=time.perf_counter)
+    marks: list[tuple[str, float]] = field(default_factory=list)
+
+    def mark(self, step: str) -> None:
+        if self.on:
+            self.marks.append((step, time.perf_counter()))
+
+    def mark_done(self, step: str, task: asyncio.Future[Any]) -> None:
+        """Marks `step` when a branch that runs at once ends."""
+        if self.on:
+            task.add_done_callback(lambda _task: self.mark(step))
+
+    def report(self) -> str:
+        return " ".join(f"{step}={(at - self.start) * 1000:.1f}" for step, at in self.marks)
+
+
 async def run_pod_sandbox(rt: Runtime, req: pb.RunPodSandboxRequest) -> pb.RunPodSandboxResponse:
+    clock = StepClock(log.isEnabledFor(logging.DEBUG))
     validate_sandbox_config(req.config)
     try:
         cgroups.check_parent(rt.config.driver, req.config.linux.cgroup_parent)
@@ -96,18 +121,23 @@ async def run_pod_sandbox(rt: Runtime, req: pb.RunPodSandboxRequest) -> pb.RunPo
         raise InvalidArgument(f"linux.cgroup_parent: {err}") from err
     rt.handlers.for_request(req.runtime_handler)
     name = sandbox_name(req.config.metadata)
-    pod_id = await _join_or_start(rt, name, req)
+    clock.mark("validated")
+    pod_id = await _join_or_start(rt, name, req, clock)
     return pb.RunPodSandboxResponse(pod_sandbox_id=pod_id)
 
 
-async def _join_or_start(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> str:
+async def _join_or_start(
+    rt: Runtime, name: str, req: pb.RunPodSandboxRequest, clock: StepClock
+) -> str:
     return await rt.registry.create_once(
-        "pod sandbox", name, lambda: _create_pod(rt, name, req),
+        "pod sandbox", name, lambda: _create_pod(rt, name, req, clock),
         lambda pod_id: remove_leftover(rt, rt.registry.pod(pod_id)),
     )
 
 
-async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> str:
+async def _create_pod(
+    rt: Runtime, name: str, req: pb.RunPodSandboxRequest, clock: StepClock
+) -> str:
     config = req.config
     pod_id = uuid.uuid4().hex + uuid.uuid4().hex  # 64 hex digits, as kubelet expects ids
     host_net = config.linux.security_context.namespace_options.network == pb.NODE
@@ -123,6 +153,7 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
     rt.registry.reserve(pod)
     rt.store.begin_operation(f"run_pod:{pod_id}", "run_pod", pod_id, {})
     rt.faults.point("run_pod:after_reserve")
+    clock.mark("reserved")
     async with rt.locks.hold(pod_id), undo_on_failure(f"run pod {pod_id}", rt.faults) as undo:
         undo.settle(forget=lambda: _forget(rt, pod), keep=lambda left: _keep(rt, pod, left))
         # Each branch below is one worker-thread hop (a hop costs a thread's and the loop's
@@ -139,6 +170,7 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
             rt.shims.spawn(pod_id, pod_dir, rt.handlers.of_pod(pod))
         )
         undo.push_after("shim", shim_task, lambda: _shutdown_shim(rt, pod))
+        clock.mark_done("shim", shim_task)
         # 3. The pod's files (hostname, resolv.conf, hosts, /dev/shm), the pod cgroup (with
         # the pod's overhead and resources; cgroupfs driver: with systemd the pod's slice and
         # its limits are kubelet's, as with containerd, or the pod's own slice, which systemd
@@ -166,6 +198,7 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
         undo.push("bundle", lambda: shutil.rmtree(bundle, ignore_errors=True))
         made = asyncio.ensure_future(asyncio.to_thread(_make_pod_contents, rt, pod, userns, place))
         undo.push_after("pod files", made, lambda: None)  # the undos above wait for it
+        clock.mark_done("bundle", made)
         # 4. At the same time, the network namespace, pinned (made inside the pod's user
         # namespace, if it has one, which is pinned first); then the network in it (veth,
         # IPAM, routes, host ports) is set up while the pause starts: only the netns must
@@ -179,35 +212,40 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
             undo.push("netns", lambda: unpin(netns))
             await asyncio.to_thread(_make_netns, netns, userns, user_ns)
             rt.faults.point("run_pod:after_netns")
+            clock.mark("netns")
             network = asyncio.ensure_future(_in_step("network", _setup_network(rt, pod, netns)))
             undo.push_after("network", network, lambda: _teardown_network(rt, pod))
+            clock.mark_done("network", network)
         undo.at("pod files")
         oom_file, systemd = await made
-        # 5. The pod's shim runs the pause: runc create + runc start.
+        # 5. The pod's shim runs the pause: `runc run --detach`, create and start in one runc
+        # process (nothing needs the pause between the two).
         undo.at("shim")
         shim = await shim_task
         rt.faults.point("run_pod:after_shim")
         undo.at("pause")
         undo.push("pause", lambda: delete_runc_state(rt, pod_id))
-        pod.pause_pid = await shim.create(pod_id, str(bundle), exit_file=str(bundle / "exit"),
-                                          oom_file=oom_file, systemd_cgroup=systemd)
-        # 6. Pin the pause's namespaces: containers join these files, never /proc/<pid>/ns.
-        # After `runc create` its init already waits inside them, so they are pinned while
-        # `runc start` runs.
-        pins = asyncio.ensure_future(asyncio.to_thread(_pin_namespaces, pod, pod_dir))
-        undo.push_after("pins", pins, lambda: _unpin_namespaces(pod, pod_dir))
-        await shim.start(pod_id)
+        pod.pause_pid = await shim.run(pod_id, str(bundle), exit_file=str(bundle / "exit"),
+                                       oom_file=oom_file, systemd_cgroup=systemd)
         rt.faults.point("run_pod:after_pause_start")
+        clock.mark("started")
+        # 6. Pin the pause's namespaces: containers join these files, never /proc/<pid>/ns.
+        # On the loop: a few bind mounts on tmpfs cost less than a thread's round trip.
         undo.at("pins")
-        pod.namespaces = await pins
+        undo.push("pins", lambda: _unpin_namespaces(pod, pod_dir))
+        pod.namespaces = _pin_namespaces(pod, pod_dir)
         rt.faults.point("run_pod:after_pins")
+        clock.mark("pinned")
         # 7. Ready, once the network is.
         if network is not None:
             await network
         undo.at("ready")
         rt.registry.transition(pod, SANDBOX_READY)
         rt.store.end_operation(f"run_pod:{pod_id}")
+    clock.mark("ready")
     log.info("pod %s (%s) ready, ip %s", pod_id[:12], name, pod.ip or "host")
+    if clock.on:
+        log.debug("pod %s steps, ms: %s", pod_id[:12], clock.report())
     return pod_id
 
 
@@ -619,12 +657,7 @@ async def stop_pod(rt: Runtime, pod: PodRecord) -> None:
         where.at("pause")
         await _stop_pause(rt, pod)
         rt.faults.point("stop_pod:after_pause")
-        where.at("network")
-        await _teardown_network(rt, pod)
-        rt.faults.point("stop_pod:after_network")
-        where.at("netns")
-        if pod.netns_path:
-            await asyncio.to_thread(unpin, Path(pod.netns_path))
+        await asyncio.to_thread(_take_down_network, rt, pod, where)
         where.at("record")
         if pod.state != SANDBOX_NOTREADY:
             rt.registry.transition(pod, SANDBOX_NOTREADY)
@@ -644,12 +677,24 @@ async def _stop_pause(rt: Runtime, pod: PodRecord) -> None:
     await delete_runc_state(rt, pod.id)
 
 
-async def _teardown_network(rt: Runtime, pod: PodRecord) -> None:
+def _take_down_network(rt: Runtime, pod: PodRecord, where: Steps) -> None:
+    """The pod's network, then its netns: one worker-thread hop for both."""
+    where.at("network")
+    _teardown_network_now(rt, pod)
+    rt.faults.point("stop_pod:after_network")
+    where.at("netns")
+    if pod.netns_path:
+        unpin(Path(pod.netns_path))
+
+
+def _teardown_network_now(rt: Runtime, pod: PodRecord) -> None:
     if pod.network_kind or pod.netns_path:
         netns = Path(pod.netns_path) if pod.netns_path else None
-        await asyncio.to_thread(
-            rt.network.teardown, pod.id, netns if netns and netns.exists() else None
-        )
+        rt.network.teardown(pod.id, netns if netns and netns.exists() else None)
+
+
+async def _teardown_network(rt: Runtime, pod: PodRecord) -> None:
+    await asyncio.to_thread(_teardown_network_now, rt, pod)
 
 
 async def _shutdown_shim(rt: Runtime, pod: PodRecord) -> None:
@@ -736,27 +781,33 @@ async def remove_pod_now(rt: Runtime, pod: PodRecord) -> None:
         where.at("shim")
         await _shutdown_shim(rt, pod)
         rt.faults.point("remove_pod:midway")
-        where.at("namespaces")
-        pod_dir = rt.paths.pod_dir(pod.id)
-        await asyncio.to_thread(_unpin_namespaces, pod, pod_dir)  # umount2 blocks
-        where.at("shm")
-        await asyncio.to_thread(mounts.unmount, pod_dir / "shm")
-        where.at("pause rootfs")
-        await asyncio.to_thread(mounts.unmount, pod_dir / POD_PAUSE_ROOTFS)
-        where.at("cgroup")
-        if pod.cgroup_path and containers.pod_placement(pod).driver is cgroups.Driver.CGROUPFS:
-            await asyncio.to_thread(cgroups.remove, pod.cgroup_path, rt.host_cgroups.hierarchies)
-        elif cgroups.is_own_slice(pod.cgroup_slice, pod.id):  # kubelet's slice is kubelet's
-            await asyncio.to_thread(cgroups.stop_slice, pod.cgroup_slice)
-        where.at("dirs")
-        await asyncio.to_thread(shutil.rmtree, pod_dir, True)
-        await asyncio.to_thread(shutil.rmtree, rt.paths.bundle_dir(pod.id), True)
+        await asyncio.to_thread(_remove_host_traces, rt, pod, where)  # umount2 blocks
         where.at("record")
         rt.registry.forget(pod)
         if pod.cleanup_error:  # its RunPodSandbox's journal entry was kept (see _keep)
             rt.store.end_operation(f"run_pod:{pod.id}")
         _unshare_state_dirs(rt, pod)
     log.info("pod %s removed", pod.short)
+
+
+def _remove_host_traces(rt: Runtime, pod: PodRecord, where: Steps) -> None:
+    """The pod's pinned namespaces, mounts, cgroup and dirs: one worker-thread hop for all
+    (a hop costs a thread's and the loop's wakeups, milliseconds on a loaded node)."""
+    where.at("namespaces")
+    pod_dir = rt.paths.pod_dir(pod.id)
+    _unpin_namespaces(pod, pod_dir)
+    where.at("shm")
+    mounts.unmount(pod_dir / "shm")
+    where.at("pause rootfs")
+    mounts.unmount(pod_dir / POD_PAUSE_ROOTFS)
+    where.at("cgroup")
+    if pod.cgroup_path and containers.pod_placement(pod).driver is cgroups.Driver.CGROUPFS:
+        cgroups.remove(pod.cgroup_path, rt.host_cgroups.hierarchies)
+    elif cgroups.is_own_slice(pod.cgroup_slice, pod.id):  # kubelet's slice is kubelet's
+        cgroups.stop_slice(pod.cgroup_slice)
+    where.at("dirs")
+    shutil.rmtree(pod_dir, True)
+    shutil.rmtree(rt.paths.bundle_dir(pod.id), True)
 
 
 async def remove_leftover(rt: Runtime, pod: PodRecord) -> None:
