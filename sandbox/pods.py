@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -651,13 +651,14 @@ async def stop_pod(rt: Runtime, pod: PodRecord) -> None:
     """Stops the pod's containers and its pause, and takes down its network. Idempotent."""
     with Steps(f"stop pod {pod.id}") as where:
         where.at("containers")
-        for ctr in rt.containers_of(pod.id):
-            await containers.stop_container_now(rt, ctr, timeout=0)
+        await _all_of([containers.stop_container_now(rt, ctr, timeout=0)
+                       for ctr in rt.containers_of(pod.id)])
         rt.faults.point("stop_pod:after_containers")
-        where.at("pause")
-        await _stop_pause(rt, pod)
-        rt.faults.point("stop_pod:after_pause")
-        await asyncio.to_thread(_take_down_network, rt, pod, where)
+        # The pause and the network at once: the network's teardown needs only the pinned
+        # netns, not the pause gone (each is a worker thread's or a process's wait).
+        where.at("pause, network")
+        await _all_of([_in_step("pause", _stop_pause(rt, pod)),
+                       asyncio.to_thread(_take_down_network, rt, pod)])
         where.at("record")
         if pod.state != SANDBOX_NOTREADY:
             rt.registry.transition(pod, SANDBOX_NOTREADY)
@@ -668,23 +669,32 @@ async def _stop_pause(rt: Runtime, pod: PodRecord) -> None:
     shim = rt.shims.get(pod.id)
     if shim is not None:
         try:
-            view = await shim.state(pod.id)
+            # An exited pause is not signalled: the answer says so, and nothing is waited for.
+            view = await shim.signal(pod.id, signal.SIGKILL)
             if not view.exited:
-                await shim.signal(pod.id, signal.SIGKILL)
                 await shim.wait(pod.id, timeout=PAUSE_STOP_TIMEOUT)
         except (ShimError, OSError) as err:
             log.info("pause of pod %s: %s", pod.short, err)
     await delete_runc_state(rt, pod.id)
+    rt.faults.point("stop_pod:after_pause")
 
 
-def _take_down_network(rt: Runtime, pod: PodRecord, where: Steps) -> None:
+def _take_down_network(rt: Runtime, pod: PodRecord) -> None:
     """The pod's network, then its netns: one worker-thread hop for both."""
-    where.at("network")
-    _teardown_network_now(rt, pod)
+    with Steps("network"):
+        _teardown_network_now(rt, pod)
     rt.faults.point("stop_pod:after_network")
-    where.at("netns")
-    if pod.netns_path:
-        unpin(Path(pod.netns_path))
+    with Steps("netns"):
+        if pod.netns_path:
+            unpin(Path(pod.netns_path))
+
+
+async def _all_of(steps: Sequence[Awaitable[object]]) -> None:
+    """Runs `steps` at once and waits for all of them, whatever their outcome (none is left
+    running behind the request's answer); then raises the first one's error, if any."""
+    for outcome in await asyncio.gather(*steps, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 def _teardown_network_now(rt: Runtime, pod: PodRecord) -> None:

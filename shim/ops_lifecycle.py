@@ -3,6 +3,7 @@ start, signal, state, wait, subscribe and shutdown."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Mapping
@@ -29,6 +30,10 @@ from shim.state import (
 
 if TYPE_CHECKING:
     from shim.server import Connection, Shim
+
+SIGKILL = int(signal.SIGKILL)
+# How a signal request names SIGKILL (the daemon sends numbers; runc takes names too).
+SIGKILL_NAMES = frozenset({SIGKILL, "KILL", "SIGKILL", str(SIGKILL)})
 
 
 def create(shim: Shim, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
@@ -174,8 +179,15 @@ def signal_(shim: Shim, conn: Connection, request: dict[str, Any]) -> dict[str, 
         shim.container_exited(container, 128 + int(signal.SIGKILL))
         return container.view()
     if container.status != "exited":
-        shim.runc.kill(container.id, request.get("signal", "TERM"),
-                       all=bool(request.get("all")))
+        sent = request.get("signal", "TERM")
+        if sent in SIGKILL_NAMES and container.pid > 0 and not container.kill_all_on_exit:
+            # The init of a PID namespace of its own, whose death kills everything in it: one
+            # kill(2), not a runc process. Not yet reaped (the shim reaps it), so this pid
+            # cannot have been reused.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(container.pid, SIGKILL)
+        else:
+            shim.runc.kill(container.id, sent, all=bool(request.get("all")))
     return container.view()
 
 
