@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from sandbox.records import (
     cri_pod_state,
 )
 from sandbox.runtime import Runtime
+from sandbox.shims import new_pod_id, shut_down
 from sandbox.spec import IdMap, PodUserns, SpecError, build_pause_spec, pod_userns
 from sandbox.undo import undo_on_failure
 from sandbox.users import open_to_group
@@ -53,7 +53,7 @@ from sandbox.wire import (
     stream_pages,
     verbose_info_entry,
 )
-from shim.client import ShimError
+from shim.client import ShimClient, ShimError
 
 log = logging.getLogger("flatpod.pods")
 T = TypeVar("T")
@@ -67,7 +67,6 @@ PAUSE_STOP_TIMEOUT = 10.0
 # bind-mounts a rootfs that is a plain dir with the flags of the mount it lies on, and clears
 # a noexec (Debian's /run has it) only from the host's user namespace, not from a pod's.
 POD_PAUSE_ROOTFS = "pause-rootfs"
-SHIM_EXIT_TIMEOUT = 5.0
 # ListPodSandboxResponse.items
 LIST_PODS_FIELD = pb.ListPodSandboxResponse.DESCRIPTOR.fields_by_name["items"].number
 # PodSandboxStatusResponse's fields, for its answer assembled from kept bytes
@@ -139,7 +138,11 @@ async def _create_pod(
     rt: Runtime, name: str, req: pb.RunPodSandboxRequest, clock: StepClock
 ) -> str:
     config = req.config
-    pod_id = uuid.uuid4().hex + uuid.uuid4().hex  # 64 hex digits, as kubelet expects ids
+    handler = rt.handlers.for_request(req.runtime_handler)
+    # A spare shim forked after the last RunPodSandbox (sandbox/shims.py) gives the pod its
+    # id and dir, made with it. Taken from here to claim_spare without an await between.
+    spare = rt.shims.spare_for(handler)
+    pod_id = spare.pod_id if spare is not None else new_pod_id()
     host_net = config.linux.security_context.namespace_options.network == pb.NODE
     pod = PodRecord(
         id=pod_id,
@@ -152,6 +155,7 @@ async def _create_pod(
     # 1. Reserve the name and journal the operation before touching the host.
     rt.registry.reserve(pod)
     rt.store.begin_operation(f"run_pod:{pod_id}", "run_pod", pod_id, {})
+    claimed = rt.shims.claim_spare(spare) if spare is not None else None
     rt.faults.point("run_pod:after_reserve")
     clock.mark("reserved")
     async with rt.locks.hold(pod_id), undo_on_failure(f"run pod {pod_id}", rt.faults) as undo:
@@ -165,10 +169,13 @@ async def _create_pod(
         undo.at("pod dir")
         pod_dir = rt.paths.pod_dir(pod_id)
         undo.push("pod dir", lambda: shutil.rmtree(pod_dir, ignore_errors=True))
-        _make_pod_dir(pod_dir)  # two mkdirs on tmpfs: not worth a thread's round trip
-        shim_task = asyncio.ensure_future(
-            rt.shims.spawn(pod_id, pod_dir, rt.handlers.of_pod(pod))
-        )
+        shim_task: asyncio.Future[ShimClient]
+        if claimed is None:
+            _make_pod_dir(pod_dir)  # two mkdirs on tmpfs: not worth a thread's round trip
+            shim_task = asyncio.ensure_future(rt.shims.spawn(pod_id, pod_dir, handler))
+        else:
+            shim_task = asyncio.get_running_loop().create_future()
+            shim_task.set_result(claimed)
         undo.push_after("shim", shim_task, lambda: _shutdown_shim(rt, pod))
         clock.mark_done("shim", shim_task)
         # 3. The pod's files (hostname, resolv.conf, hosts, /dev/shm), the pod cgroup (with
@@ -196,7 +203,8 @@ async def _create_pod(
         elif cgroups.is_own_slice(place.slice, pod_id):  # made by the pause's scope, if any
             undo.push("slice", lambda: cgroups.stop_slice(place.slice))
         undo.push("bundle", lambda: shutil.rmtree(bundle, ignore_errors=True))
-        made = asyncio.ensure_future(asyncio.to_thread(_make_pod_contents, rt, pod, userns, place))
+        made = asyncio.ensure_future(asyncio.to_thread(
+            _make_pod_contents, rt, pod, userns, place, clock))
         undo.push_after("pod files", made, lambda: None)  # the undos above wait for it
         clock.mark_done("bundle", made)
         # 4. At the same time, the network namespace, pinned (made inside the pod's user
@@ -243,6 +251,8 @@ async def _create_pod(
         rt.registry.transition(pod, SANDBOX_READY)
         rt.store.end_operation(f"run_pod:{pod_id}")
     clock.mark("ready")
+    # The next pod's shim, forked now that this one is answered (sandbox/shims.py).
+    rt.shims.fork_spare(handler, _make_pod_dir)
     log.info("pod %s (%s) ready, ip %s", pod_id[:12], name, pod.ip or "host")
     if clock.on:
         log.debug("pod %s steps, ms: %s", pod_id[:12], clock.report())
@@ -259,7 +269,8 @@ async def _in_step(step: str, work: Awaitable[T]) -> T:
 
 
 def _make_pod_contents(
-    rt: Runtime, pod: PodRecord, userns: PodUserns | None, place: cgroups.Placement
+    rt: Runtime, pod: PodRecord, userns: PodUserns | None, place: cgroups.Placement,
+    clock: StepClock,
 ) -> tuple[str | None, bool]:
     """hostname, resolv.conf, hosts and the /dev/shm tmpfs in the pod's dir; the pod cgroup
     (cgroupfs); the pause's bundle. Returns what the shim needs of the pause's cgroup. A
@@ -276,11 +287,13 @@ def _make_pod_contents(
             _share_with_userns(rt, pod_dir, userns)
             rootfs = pod_dir / POD_PAUSE_ROOTFS
             mounts.bind_executable_readonly(rt.paths.pause_rootfs, rootfs)
+    clock.mark("files")
     with Steps("cgroup"):
         if place.driver is cgroups.Driver.CGROUPFS:
             hs = rt.host_cgroups.hierarchies
             cgroups.create(pod.cgroup_path, pod_resources(config.linux), hs)
         rt.faults.point("run_pod:after_cgroup")
+    clock.mark("cgroup")
     with Steps("pause bundle"):
         _write_bundle(rt.paths.bundle_dir(pod.id), _pause_spec(rt, pod, pod_dir, rootfs))
         return containers.shim_cgroup_options(pod, pod.id, rt.host_cgroups)
@@ -711,55 +724,8 @@ async def _shutdown_shim(rt: Runtime, pod: PodRecord) -> None:
     """Asks the shim to exit (its processes are gone by now) and waits until it has."""
     shim = rt.shims.get(pod.id)
     await rt.shims.forget(pod.id)
-    if shim is None:
-        return
-    try:
-        shim_pid = (await shim.shim_state()).pid
-        # Held from while it answers: no reused pid can be waited for or killed.
-        pidfd = _pidfd(shim_pid)
-    except (ShimError, OSError) as err:
-        log.info("shim of pod %s: %s", pod.short, err)
-        return
-    if pidfd is None:
-        return
-    try:
-        await shim.shutdown()
-        if not await _exited(pidfd, SHIM_EXIT_TIMEOUT):
-            log.warning("shim of pod %s (pid %d) did not exit; killing it", pod.short, shim_pid)
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    except (ShimError, OSError) as err:
-        log.info("shim of pod %s: %s", pod.short, err)
-    finally:
-        os.close(pidfd)
-
-
-def _pidfd(pid: int) -> int | None:
-    """A pidfd of `pid`; None when there is no such process (any more)."""
-    if not pid:
-        return None
-    try:
-        return os.pidfd_open(pid)
-    except ProcessLookupError:
-        return None
-
-
-async def _exited(pidfd: int, timeout: float) -> bool:
-    """Waits until the process exits (its pidfd turns readable; one event-loop wakeup where
-    polling /proc took one every 10 ms); False if it still runs after `timeout`."""
-    loop = asyncio.get_running_loop()
-    gone: asyncio.Future[None] = loop.create_future()
-    def readable() -> None:
-        if not gone.done():
-            gone.set_result(None)
-
-    loop.add_reader(pidfd, readable)
-    try:
-        await asyncio.wait_for(gone, timeout)
-        return True
-    except TimeoutError:
-        return False
-    finally:
-        loop.remove_reader(pidfd)
+    if shim is not None:
+        await shut_down(shim, f"shim of pod {pod.short}")
 
 
 # --- RemovePodSandbox ------------------------------------------------------------------------

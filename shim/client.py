@@ -180,9 +180,11 @@ class ShimClient:
 
     async def _open(self, op: str, timeout: float
                     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        # asyncio.timeout, not wait_for: 3.11's wait_for loses a cancellation that comes as
+        # the connection is made, and a follower cancelled then would read events for ever.
         try:
-            return await asyncio.wait_for(
-                asyncio.open_unix_connection(self.socket_path, limit=STREAM_LIMIT), timeout)
+            async with asyncio.timeout(timeout):
+                return await asyncio.open_unix_connection(self.socket_path, limit=STREAM_LIMIT)
         except TimeoutError as exc:
             raise ShimTimeout(op, f"cannot connect to {self.socket_path}: {exc!r}") from exc
         except OSError as exc:
@@ -194,7 +196,8 @@ class ShimClient:
         try:
             writer.write(protocol.encode_message(self._request(op, args)))
             await writer.drain()
-            line = await asyncio.wait_for(reader.readline(), timeout)
+            async with asyncio.timeout(timeout):  # see _open: not wait_for
+                line = await reader.readline()
         except TimeoutError as exc:
             raise ShimTimeout(op, f"no reply within {timeout}s") from exc
         except OSError as exc:
