@@ -179,18 +179,26 @@ class ShimRegistry:
 
     def fork_spare(self, handler: Handler, make_pod_dir: Callable[[Path], None]) -> None:
         """Forks a spare shim for the next pod of `handler`, in the background, unless one
-        is kept or being forked (or no pods dir was given)."""
-        if self.pods_dir is None or self.zygote_socket is None:
+        is kept or being forked (or no pods dir was given). A spare of another handler is
+        replaced: the last pod's handler is the likeliest next."""
+        if self.pods_dir is None or self.zygote_socket is None or self.forking_spare is not None:
             return
-        if self.spare is not None or self.forking_spare is not None:
+        replaced = self.spare
+        if replaced is not None and replaced.handler == handler:
             return
-        self.forking_spare = asyncio.create_task(self._fork_spare(handler, make_pod_dir))
+        self.spare = None
+        self.forking_spare = asyncio.create_task(
+            self._fork_spare(handler, make_pod_dir, replaced))
 
-    async def _fork_spare(self, handler: Handler, make_pod_dir: Callable[[Path], None]) -> None:
+    async def _fork_spare(self, handler: Handler, make_pod_dir: Callable[[Path], None],
+                          replaced: SpareShim | None) -> None:
         assert self.pods_dir is not None
         pod_id = new_pod_id()
         pod_dir = self.pods_dir / pod_id
         try:
+            if replaced is not None:
+                os.close(replaced.pidfd)
+                await _stop_spare_dir(replaced.pod_dir)
             make_pod_dir(pod_dir)
             (pod_dir / SPARE_MARKER).write_text("0\n")  # before the fork: never unmarked
             client = await self._spawn(pod_id, pod_dir, handler, str(self.zygote_socket))
