@@ -5,30 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from cri_api import api_pb2 as pb
 from sandbox.shims import SPARE_MARKER
+from tests import test_recovery
 from tests.cri import CriClient
-from tests.daemon import Daemon, running_daemon
-from tests.pods import pod_config, pod_state, remove_all_pods, run_pod, wait_for
+from tests.daemon import Daemon
+from tests.pods import pod_config, pod_state, run_pod, wait_for
 from tests.test_faults import assert_all_gone, shim_pids, spare_shims
 
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[tuple[Daemon, CriClient]]:
-    with running_daemon(tmp_path) as d:
-        cri = d.client()
-        try:
-            yield d, cri
-        finally:
-            if d.process is None:
-                d.start()
-            remove_all_pods(cri)
-            cri.close()
+node = test_recovery.node  # the fixture: a daemon of its own, its pods removed after
 
 
 def _spare(d: Daemon) -> tuple[Path, int]:
