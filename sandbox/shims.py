@@ -173,7 +173,8 @@ class ShimRegistry:
         """The spare's dir and shim are its pod's from now on (its record is reserved)."""
         self.spare = None
         os.close(spare.pidfd)
-        (spare.pod_dir / SPARE_MARKER).unlink()
+        # Between the pod's reservation and its undo's set-up: nothing here may raise.
+        (spare.pod_dir / SPARE_MARKER).unlink(missing_ok=True)
         self._adopt(spare.pod_id, spare.client)
         return spare.client
 
