@@ -70,6 +70,7 @@ def pin_namespace(source: Path, target: Path) -> None:
 def _unshare_and_pin(target: Path) -> None:
     libc.unshare(libc.CLONE_NEWNET)
     libc.mount("/proc/thread-self/ns/net", str(target), "none", libc.MS_BIND)
+    loopback_up()  # this thread is in the new namespace: no second thread to enter it
 
 
 def create_netns(path: Path) -> None:
@@ -84,7 +85,6 @@ def create_netns(path: Path) -> None:
     _touch_mount_target(path)
     try:
         run_in_netns(Path(_NSFS_PROBE), lambda: _unshare_and_pin(path))
-        run_in_netns(path, loopback_up)
     except BaseException:
         unpin(path)
         raise

@@ -156,6 +156,7 @@ def open_runtime(config: Config) -> Runtime:
         log_level=config.log_level, on_exit=on_exit,
         on_lost=lambda pod_id: exits.on_shim_lost(rt, pod_id),
         zygote_socket=paths.state / "zygote.sock", page_merging=config.shim_page_merging,
+        pods_dir=paths.pods,
     )
     pods.ensure_pause_rootfs(rt)
     return rt

@@ -17,9 +17,9 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -42,6 +42,7 @@ from sandbox.records import (
     cri_pod_state,
 )
 from sandbox.runtime import Runtime
+from sandbox.shims import new_pod_id, shut_down
 from sandbox.spec import IdMap, PodUserns, SpecError, build_pause_spec, pod_userns
 from sandbox.undo import undo_on_failure
 from sandbox.users import open_to_group
@@ -52,7 +53,7 @@ from sandbox.wire import (
     stream_pages,
     verbose_info_entry,
 )
-from shim.client import ShimError
+from shim.client import ShimClient, ShimError
 
 log = logging.getLogger("flatpod.pods")
 T = TypeVar("T")
@@ -66,7 +67,6 @@ PAUSE_STOP_TIMEOUT = 10.0
 # bind-mounts a rootfs that is a plain dir with the flags of the mount it lies on, and clears
 # a noexec (Debian's /run has it) only from the host's user namespace, not from a pod's.
 POD_PAUSE_ROOTFS = "pause-rootfs"
-SHIM_EXIT_TIMEOUT = 5.0
 # ListPodSandboxResponse.items
 LIST_PODS_FIELD = pb.ListPodSandboxResponse.DESCRIPTOR.fields_by_name["items"].number
 # PodSandboxStatusResponse's fields, for its answer assembled from kept bytes
@@ -88,7 +88,31 @@ def sandbox_name(meta: pb.PodSandboxMetadata) -> str:
 # --- RunPodSandbox ---------------------------------------------------------------------------
 
 
+@dataclass
+class StepClock:
+    """When each step of one RunPodSandbox ended, in ms from the request's start: logged at
+    debug level (`flatpod serve --log-level debug`) to show what the call waits for. Off, a
+    mark is one attribute test."""
+
+    on: bool
+    start: float = field(default_factory=time.perf_counter)
+    marks: list[tuple[str, float]] = field(default_factory=list)
+
+    def mark(self, step: str) -> None:
+        if self.on:
+            self.marks.append((step, time.perf_counter()))
+
+    def mark_done(self, step: str, task: asyncio.Future[Any]) -> None:
+        """Marks `step` when a branch that runs at once ends."""
+        if self.on:
+            task.add_done_callback(lambda _task: self.mark(step))
+
+    def report(self) -> str:
+        return " ".join(f"{step}={(at - self.start) * 1000:.1f}" for step, at in self.marks)
+
+
 async def run_pod_sandbox(rt: Runtime, req: pb.RunPodSandboxRequest) -> pb.RunPodSandboxResponse:
+    clock = StepClock(log.isEnabledFor(logging.DEBUG))
     validate_sandbox_config(req.config)
     try:
         cgroups.check_parent(rt.config.driver, req.config.linux.cgroup_parent)
@@ -96,20 +120,29 @@ async def run_pod_sandbox(rt: Runtime, req: pb.RunPodSandboxRequest) -> pb.RunPo
         raise InvalidArgument(f"linux.cgroup_parent: {err}") from err
     rt.handlers.for_request(req.runtime_handler)
     name = sandbox_name(req.config.metadata)
-    pod_id = await _join_or_start(rt, name, req)
+    clock.mark("validated")
+    pod_id = await _join_or_start(rt, name, req, clock)
     return pb.RunPodSandboxResponse(pod_sandbox_id=pod_id)
 
 
-async def _join_or_start(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> str:
+async def _join_or_start(
+    rt: Runtime, name: str, req: pb.RunPodSandboxRequest, clock: StepClock
+) -> str:
     return await rt.registry.create_once(
-        "pod sandbox", name, lambda: _create_pod(rt, name, req),
+        "pod sandbox", name, lambda: _create_pod(rt, name, req, clock),
         lambda pod_id: remove_leftover(rt, rt.registry.pod(pod_id)),
     )
 
 
-async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> str:
+async def _create_pod(
+    rt: Runtime, name: str, req: pb.RunPodSandboxRequest, clock: StepClock
+) -> str:
     config = req.config
-    pod_id = uuid.uuid4().hex + uuid.uuid4().hex  # 64 hex digits, as kubelet expects ids
+    handler = rt.handlers.for_request(req.runtime_handler)
+    # A spare shim forked after the last RunPodSandbox (sandbox/shims.py) gives the pod its
+    # id and dir, made with it. Taken from here to claim_spare without an await between.
+    spare = rt.shims.spare_for(handler)
+    pod_id = spare.pod_id if spare is not None else new_pod_id()
     host_net = config.linux.security_context.namespace_options.network == pb.NODE
     pod = PodRecord(
         id=pod_id,
@@ -122,7 +155,9 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
     # 1. Reserve the name and journal the operation before touching the host.
     rt.registry.reserve(pod)
     rt.store.begin_operation(f"run_pod:{pod_id}", "run_pod", pod_id, {})
+    claimed = rt.shims.claim_spare(spare) if spare is not None else None
     rt.faults.point("run_pod:after_reserve")
+    clock.mark("reserved")
     async with rt.locks.hold(pod_id), undo_on_failure(f"run pod {pod_id}", rt.faults) as undo:
         undo.settle(forget=lambda: _forget(rt, pod), keep=lambda left: _keep(rt, pod, left))
         # Each branch below is one worker-thread hop (a hop costs a thread's and the loop's
@@ -134,11 +169,15 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
         undo.at("pod dir")
         pod_dir = rt.paths.pod_dir(pod_id)
         undo.push("pod dir", lambda: shutil.rmtree(pod_dir, ignore_errors=True))
-        _make_pod_dir(pod_dir)  # two mkdirs on tmpfs: not worth a thread's round trip
-        shim_task = asyncio.ensure_future(
-            rt.shims.spawn(pod_id, pod_dir, rt.handlers.of_pod(pod))
-        )
+        shim_task: asyncio.Future[ShimClient]
+        if claimed is None:
+            _make_pod_dir(pod_dir)  # two mkdirs on tmpfs: not worth a thread's round trip
+            shim_task = asyncio.ensure_future(rt.shims.spawn(pod_id, pod_dir, handler))
+        else:
+            shim_task = asyncio.get_running_loop().create_future()
+            shim_task.set_result(claimed)
         undo.push_after("shim", shim_task, lambda: _shutdown_shim(rt, pod))
+        clock.mark_done("shim", shim_task)
         # 3. The pod's files (hostname, resolv.conf, hosts, /dev/shm), the pod cgroup (with
         # the pod's overhead and resources; cgroupfs driver: with systemd the pod's slice and
         # its limits are kubelet's, as with containerd, or the pod's own slice, which systemd
@@ -164,8 +203,10 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
         elif cgroups.is_own_slice(place.slice, pod_id):  # made by the pause's scope, if any
             undo.push("slice", lambda: cgroups.stop_slice(place.slice))
         undo.push("bundle", lambda: shutil.rmtree(bundle, ignore_errors=True))
-        made = asyncio.ensure_future(asyncio.to_thread(_make_pod_contents, rt, pod, userns, place))
+        made = asyncio.ensure_future(asyncio.to_thread(
+            _make_pod_contents, rt, pod, userns, place, clock))
         undo.push_after("pod files", made, lambda: None)  # the undos above wait for it
+        clock.mark_done("bundle", made)
         # 4. At the same time, the network namespace, pinned (made inside the pod's user
         # namespace, if it has one, which is pinned first); then the network in it (veth,
         # IPAM, routes, host ports) is set up while the pause starts: only the netns must
@@ -179,35 +220,42 @@ async def _create_pod(rt: Runtime, name: str, req: pb.RunPodSandboxRequest) -> s
             undo.push("netns", lambda: unpin(netns))
             await asyncio.to_thread(_make_netns, netns, userns, user_ns)
             rt.faults.point("run_pod:after_netns")
+            clock.mark("netns")
             network = asyncio.ensure_future(_in_step("network", _setup_network(rt, pod, netns)))
             undo.push_after("network", network, lambda: _teardown_network(rt, pod))
+            clock.mark_done("network", network)
         undo.at("pod files")
         oom_file, systemd = await made
-        # 5. The pod's shim runs the pause: runc create + runc start.
+        # 5. The pod's shim runs the pause: `runc run --detach`, create and start in one runc
+        # process (nothing needs the pause between the two).
         undo.at("shim")
         shim = await shim_task
         rt.faults.point("run_pod:after_shim")
         undo.at("pause")
         undo.push("pause", lambda: delete_runc_state(rt, pod_id))
-        pod.pause_pid = await shim.create(pod_id, str(bundle), exit_file=str(bundle / "exit"),
-                                          oom_file=oom_file, systemd_cgroup=systemd)
-        # 6. Pin the pause's namespaces: containers join these files, never /proc/<pid>/ns.
-        # After `runc create` its init already waits inside them, so they are pinned while
-        # `runc start` runs.
-        pins = asyncio.ensure_future(asyncio.to_thread(_pin_namespaces, pod, pod_dir))
-        undo.push_after("pins", pins, lambda: _unpin_namespaces(pod, pod_dir))
-        await shim.start(pod_id)
+        pod.pause_pid = await shim.run(pod_id, str(bundle), exit_file=str(bundle / "exit"),
+                                       oom_file=oom_file, systemd_cgroup=systemd)
         rt.faults.point("run_pod:after_pause_start")
+        clock.mark("started")
+        # 6. Pin the pause's namespaces: containers join these files, never /proc/<pid>/ns.
+        # On the loop: a few bind mounts on tmpfs cost less than a thread's round trip.
         undo.at("pins")
-        pod.namespaces = await pins
+        undo.push("pins", lambda: _unpin_namespaces(pod, pod_dir))
+        pod.namespaces = _pin_namespaces(pod, pod_dir)
         rt.faults.point("run_pod:after_pins")
+        clock.mark("pinned")
         # 7. Ready, once the network is.
         if network is not None:
             await network
         undo.at("ready")
         rt.registry.transition(pod, SANDBOX_READY)
         rt.store.end_operation(f"run_pod:{pod_id}")
+    clock.mark("ready")
+    # The next pod's shim, forked now that this one is answered (sandbox/shims.py).
+    rt.shims.fork_spare(handler, _make_pod_dir)
     log.info("pod %s (%s) ready, ip %s", pod_id[:12], name, pod.ip or "host")
+    if clock.on:
+        log.debug("pod %s steps, ms: %s", pod_id[:12], clock.report())
     return pod_id
 
 
@@ -221,7 +269,8 @@ async def _in_step(step: str, work: Awaitable[T]) -> T:
 
 
 def _make_pod_contents(
-    rt: Runtime, pod: PodRecord, userns: PodUserns | None, place: cgroups.Placement
+    rt: Runtime, pod: PodRecord, userns: PodUserns | None, place: cgroups.Placement,
+    clock: StepClock,
 ) -> tuple[str | None, bool]:
     """hostname, resolv.conf, hosts and the /dev/shm tmpfs in the pod's dir; the pod cgroup
     (cgroupfs); the pause's bundle. Returns what the shim needs of the pause's cgroup. A
@@ -238,11 +287,13 @@ def _make_pod_contents(
             _share_with_userns(rt, pod_dir, userns)
             rootfs = pod_dir / POD_PAUSE_ROOTFS
             mounts.bind_executable_readonly(rt.paths.pause_rootfs, rootfs)
+    clock.mark("files")
     with Steps("cgroup"):
         if place.driver is cgroups.Driver.CGROUPFS:
             hs = rt.host_cgroups.hierarchies
             cgroups.create(pod.cgroup_path, pod_resources(config.linux), hs)
         rt.faults.point("run_pod:after_cgroup")
+    clock.mark("cgroup")
     with Steps("pause bundle"):
         _write_bundle(rt.paths.bundle_dir(pod.id), _pause_spec(rt, pod, pod_dir, rootfs))
         return containers.shim_cgroup_options(pod, pod.id, rt.host_cgroups)
@@ -617,14 +668,14 @@ async def stop_pod(rt: Runtime, pod: PodRecord) -> None:
     slowest container, not their sum (scale-down, hack/bench --pods)."""
     with Steps(f"stop pod {pod.id}") as where:
         where.at("containers")
-        await _all_of(containers.stop_container_now(rt, ctr, timeout=0)
-                      for ctr in rt.containers_of(pod.id))
+        await _all_of([containers.stop_container_now(rt, ctr, timeout=0)
+                       for ctr in rt.containers_of(pod.id)])
         rt.faults.point("stop_pod:after_containers")
-        where.at("pause and network")
-        await _all_of((_stop_pause(rt, pod), _teardown_network(rt, pod)))
-        where.at("netns")
-        if pod.netns_path:
-            await asyncio.to_thread(unpin, Path(pod.netns_path))
+        # The pause and the network at once: the network's teardown needs only the pinned
+        # netns, not the pause gone (each is a worker thread's or a process's wait).
+        where.at("pause, network")
+        await _all_of([_in_step("pause", _stop_pause(rt, pod)),
+                       asyncio.to_thread(_take_down_network, rt, pod)])
         where.at("record")
         if pod.state != SANDBOX_NOTREADY:
             rt.registry.transition(pod, SANDBOX_NOTREADY)
@@ -640,89 +691,53 @@ async def _kill_pause(rt: Runtime, pod: PodRecord) -> None:
     shim = rt.shims.get(pod.id)
     if shim is not None:
         try:
-            view = await shim.state(pod.id)
+            # An exited pause is not signalled: the answer says so, and nothing is waited for.
+            view = await shim.signal(pod.id, signal.SIGKILL)
             if not view.exited:
-                await shim.signal(pod.id, signal.SIGKILL)
                 await shim.wait(pod.id, timeout=PAUSE_STOP_TIMEOUT)
         except (ShimError, OSError) as err:
             log.info("pause of pod %s: %s", pod.short, err)
     await delete_runc_state(rt, pod.id)
+    rt.faults.point("stop_pod:after_pause")
 
 
-async def _all_of(steps: Iterable[Awaitable[None]]) -> None:
-    """Runs the steps side by side and waits for every one, also when one fails (none is
-    left running behind the pod's lock); then raises the first failure."""
-    results = await asyncio.gather(*steps, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
+def _take_down_network(rt: Runtime, pod: PodRecord) -> None:
+    """The pod's network, then its netns: one worker-thread hop for both."""
+    with Steps("network"):
+        _teardown_network_now(rt, pod)
+    rt.faults.point("stop_pod:after_network")
+    with Steps("netns"):
+        if pod.netns_path:
+            unpin(Path(pod.netns_path))
 
 
-async def _teardown_network(rt: Runtime, pod: PodRecord) -> None:
+async def _all_of(steps: Sequence[Awaitable[object]]) -> None:
+    """Runs `steps` at once and waits for all of them, whatever their outcome (none is left
+    running behind the request's answer); then raises the first one's error, if any."""
+    for outcome in await asyncio.gather(*steps, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            raise outcome
+
+
+def _teardown_network_now(rt: Runtime, pod: PodRecord) -> None:
     if pod.network_kind or pod.netns_path:
         netns = Path(pod.netns_path) if pod.netns_path else None
         # Host-port rules exist only for the port mappings of the pod's config (it never
         # changes): a pod without any needs no look at the nat table.
-        await asyncio.to_thread(
-            rt.network.teardown, pod.id, netns if netns and netns.exists() else None,
-            host_ports=bool(port_mappings(pod.config)),
-        )
-    rt.faults.point("stop_pod:after_network")
+        rt.network.teardown(pod.id, netns if netns and netns.exists() else None,
+                            host_ports=bool(port_mappings(pod.config)))
+
+
+async def _teardown_network(rt: Runtime, pod: PodRecord) -> None:
+    await asyncio.to_thread(_teardown_network_now, rt, pod)
 
 
 async def _shutdown_shim(rt: Runtime, pod: PodRecord) -> None:
     """Asks the shim to exit (its processes are gone by now) and waits until it has."""
     shim = rt.shims.get(pod.id)
     await rt.shims.forget(pod.id)
-    if shim is None:
-        return
-    try:
-        shim_pid = (await shim.shim_state()).pid
-        # Held from while it answers: no reused pid can be waited for or killed.
-        pidfd = _pidfd(shim_pid)
-    except (ShimError, OSError) as err:
-        log.info("shim of pod %s: %s", pod.short, err)
-        return
-    if pidfd is None:
-        return
-    try:
-        await shim.shutdown()
-        if not await _exited(pidfd, SHIM_EXIT_TIMEOUT):
-            log.warning("shim of pod %s (pid %d) did not exit; killing it", pod.short, shim_pid)
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    except (ShimError, OSError) as err:
-        log.info("shim of pod %s: %s", pod.short, err)
-    finally:
-        os.close(pidfd)
-
-
-def _pidfd(pid: int) -> int | None:
-    """A pidfd of `pid`; None when there is no such process (any more)."""
-    if not pid:
-        return None
-    try:
-        return os.pidfd_open(pid)
-    except ProcessLookupError:
-        return None
-
-
-async def _exited(pidfd: int, timeout: float) -> bool:
-    """Waits until the process exits (its pidfd turns readable; one event-loop wakeup where
-    polling /proc took one every 10 ms); False if it still runs after `timeout`."""
-    loop = asyncio.get_running_loop()
-    gone: asyncio.Future[None] = loop.create_future()
-    def readable() -> None:
-        if not gone.done():
-            gone.set_result(None)
-
-    loop.add_reader(pidfd, readable)
-    try:
-        await asyncio.wait_for(gone, timeout)
-        return True
-    except TimeoutError:
-        return False
-    finally:
-        loop.remove_reader(pidfd)
+    if shim is not None:
+        await shut_down(shim, f"shim of pod {pod.short}")
 
 
 # --- RemovePodSandbox ------------------------------------------------------------------------
@@ -748,8 +763,8 @@ async def remove_pod_now(rt: Runtime, pod: PodRecord) -> None:
         where.at("stop")
         await stop_pod(rt, pod)
         where.at("containers")
-        await _all_of(containers.remove_container_now(rt, ctr)
-                      for ctr in rt.containers_of(pod.id))
+        await _all_of([containers.remove_container_now(rt, ctr)
+                       for ctr in rt.containers_of(pod.id)])
         await rt.removals.of_pod(pod.id)  # containers removed before, cleaned after the answer
         where.at("shim")
         await _shutdown_shim(rt, pod)
@@ -765,20 +780,9 @@ async def remove_pod_now(rt: Runtime, pod: PodRecord) -> None:
     log.info("pod %s removed", pod.short)
 
 
-async def remove_leftover(rt: Runtime, pod: PodRecord) -> None:
-    """Removes a pod whose creation did not finish: interrupted by a crash (recovery), or
-    failed with an undo that failed too (its cleanup_error is set; a removal, a retry with
-    its name, or recovery). Its record may not name all it made, so every name derivable
-    from its id is tried; removal is idempotent."""
-    async with rt.locks.hold(pod.id):
-        _name_leftovers(rt, pod)
-        if rt.shims.get(pod.id) is None:
-            await rt.shims.reconnect(pod.id, rt.paths.pod_dir(pod.id))
-        await remove_pod_now(rt, pod)
-
-
 def _remove_host_traces(rt: Runtime, pod: PodRecord, where: Steps) -> None:
-    """The pod's namespace pins, mounts, cgroup and dirs (blocking), in that order."""
+    """The pod's pinned namespaces, mounts, cgroup and dirs: one worker-thread hop for all
+    (a hop costs a thread's and the loop's wakeups, milliseconds on a loaded node)."""
     where.at("namespaces")
     pod_dir = rt.paths.pod_dir(pod.id)
     _unpin_namespaces(pod, pod_dir)
@@ -794,6 +798,18 @@ def _remove_host_traces(rt: Runtime, pod: PodRecord, where: Steps) -> None:
     where.at("dirs")
     shutil.rmtree(pod_dir, True)
     shutil.rmtree(rt.paths.bundle_dir(pod.id), True)
+
+
+async def remove_leftover(rt: Runtime, pod: PodRecord) -> None:
+    """Removes a pod whose creation did not finish: interrupted by a crash (recovery), or
+    failed with an undo that failed too (its cleanup_error is set; a removal, a retry with
+    its name, or recovery). Its record may not name all it made, so every name derivable
+    from its id is tried; removal is idempotent."""
+    async with rt.locks.hold(pod.id):
+        _name_leftovers(rt, pod)
+        if rt.shims.get(pod.id) is None:
+            await rt.shims.reconnect(pod.id, rt.paths.pod_dir(pod.id))
+        await remove_pod_now(rt, pod)
 
 
 def _name_leftovers(rt: Runtime, pod: PodRecord) -> None:

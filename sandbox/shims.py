@@ -11,8 +11,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
+import shutil
 import signal
 import sys
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -44,6 +47,30 @@ ZYGOTE_PING_TIMEOUT = 10.0
 ZYGOTE_START_TIMEOUT = 120.0
 # A shim that outlived the daemon answers at once; one that takes longer is reported gone.
 RECONNECT_TIMEOUT = 5.0
+SHIM_EXIT_TIMEOUT = 5.0
+FOLLOWER_CANCEL_WAIT = 1.0
+# In the dir of a spare shim's pod-to-be (see ShimRegistry.spare): the shim's pid. A pod that
+# takes the dir removes it; startup stops the spare shims of the dirs that still have it.
+SPARE_MARKER = "spare"
+
+
+def new_pod_id() -> str:
+    return uuid.uuid4().hex + uuid.uuid4().hex  # 64 hex digits, as kubelet expects ids
+
+
+@dataclass(frozen=True)
+class SpareShim:
+    """A shim forked ahead of demand for the next pod of `handler`: that pod takes its id and
+    dir (made with the shim), so RunPodSandbox waits for no fork."""
+
+    pod_id: str
+    pod_dir: Path
+    handler: Handler
+    client: ShimClient
+    pidfd: int  # readable once the shim has exited
+
+    def alive(self) -> bool:
+        return not select.select([self.pidfd], [], [], 0)[0]
 
 
 def rfc3339_to_ns(stamp: str | None) -> int:
@@ -76,6 +103,13 @@ class ShimRegistry:
     page_merging: str = "off"
     clients: dict[str, ShimClient] = field(default_factory=dict)
     followers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    # Where pod dirs are; with it, one spare shim is kept, forked after each RunPodSandbox
+    # (see SpareShim); None: none is.
+    pods_dir: Path | None = None
+    spare: SpareShim | None = None
+    forking_spare: asyncio.Task[None] | None = None
+    # The spares a killed daemon left are stopped once, at the first start.
+    left_spares_stopped: bool = False
 
     async def start(self) -> None:
         """Reuses the zygote that outlived a killed daemon, or starts one.
@@ -85,6 +119,7 @@ class ShimRegistry:
         """
         if self.zygote_socket is None:
             return
+        await self._stop_left_spares()
         if self.page_merging == "on":  # also when a running zygote is reused
             _start_ksmd()
         socket_path, pid_file = str(self.zygote_socket), self.zygote_socket.with_suffix(".pid")
@@ -122,6 +157,75 @@ class ShimRegistry:
             runc=handler.binary, runc_args=list(handler.global_args),
             log_level=self.log_level, zygote_socket=zygote,
         )
+
+    def spare_for(self, handler: Handler) -> SpareShim | None:
+        """The spare shim, if it runs `handler`'s runtime and still lives. Taken with
+        `claim_spare`, in the same step of the event loop (nothing else can take it between)."""
+        spare = self.spare
+        if spare is None or spare.handler != handler:
+            return None
+        if not spare.alive():
+            log.warning("spare shim for pod %s exited; forking another", spare.pod_id[:12])
+            self.spare = None
+            os.close(spare.pidfd)
+            shutil.rmtree(spare.pod_dir, ignore_errors=True)
+            return None
+        return spare
+
+    def claim_spare(self, spare: SpareShim) -> ShimClient:
+        """The spare's dir and shim are its pod's from now on (its record is reserved)."""
+        self.spare = None
+        os.close(spare.pidfd)
+        # Between the pod's reservation and its undo's set-up: nothing here may raise.
+        (spare.pod_dir / SPARE_MARKER).unlink(missing_ok=True)
+        self._adopt(spare.pod_id, spare.client)
+        return spare.client
+
+    def fork_spare(self, handler: Handler, make_pod_dir: Callable[[Path], None]) -> None:
+        """Forks a spare shim for the next pod of `handler`, in the background, unless one
+        is kept or being forked (or no pods dir was given). A spare of another handler is
+        replaced: the last pod's handler is the likeliest next."""
+        if self.pods_dir is None or self.zygote_socket is None or self.forking_spare is not None:
+            return
+        replaced = self.spare
+        if replaced is not None and replaced.handler == handler:
+            return
+        self.spare = None
+        self.forking_spare = asyncio.create_task(
+            self._fork_spare(handler, make_pod_dir, replaced))
+
+    async def _fork_spare(self, handler: Handler, make_pod_dir: Callable[[Path], None],
+                          replaced: SpareShim | None) -> None:
+        assert self.pods_dir is not None
+        pod_id = new_pod_id()
+        pod_dir = self.pods_dir / pod_id
+        try:
+            if replaced is not None:
+                os.close(replaced.pidfd)
+                await _stop_spare_dir(replaced.pod_dir)
+            make_pod_dir(pod_dir)
+            (pod_dir / SPARE_MARKER).write_text("0\n")  # before the fork: never unmarked
+            client = await self._spawn(pod_id, pod_dir, handler, str(self.zygote_socket))
+            pid = (await client.shim_state()).pid
+            (pod_dir / SPARE_MARKER).write_text(f"{pid}\n")
+            self.spare = SpareShim(pod_id, pod_dir, handler, client, os.pidfd_open(pid))
+        except (ShimError, OSError) as err:
+            log.warning("forking a spare shim failed: %s", err)
+            await _stop_spare_dir(pod_dir)
+        except asyncio.CancelledError:
+            await _stop_spare_dir(pod_dir)
+            raise
+        finally:
+            self.forking_spare = None
+
+    async def _stop_left_spares(self) -> None:
+        """The spare shims a daemon left (it was killed): their dirs still have the marker."""
+        if self.left_spares_stopped or self.pods_dir is None or not self.pods_dir.is_dir():
+            return
+        self.left_spares_stopped = True
+        for pod_dir in self.pods_dir.iterdir():
+            if (pod_dir / SPARE_MARKER).exists():
+                await _stop_spare_dir(pod_dir)
 
     async def reconnect(self, pod_id: str, pod_dir: Path
                         ) -> tuple[ShimClient, ShimState] | None:
@@ -179,12 +283,23 @@ class ShimRegistry:
         """Stops following a pod's shim (it was shut down, or the pod is removed)."""
         self.clients.pop(pod_id, None)
         task = self.followers.pop(pod_id, None)
-        if task is not None:
+        while task is not None and not task.done():
+            # Again if it did not end: a cancellation can be lost in an await that was
+            # finishing (3.11's wait_for), and the follower would read events for ever.
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await asyncio.wait([task], timeout=FOLLOWER_CANCEL_WAIT)
+        if task is not None and not task.cancelled():
+            task.exception()  # retrieved: it was logged where it happened
 
     async def close(self) -> None:
+        if self.forking_spare is not None:
+            self.forking_spare.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.forking_spare
+        if self.spare is not None:
+            spare, self.spare = self.spare, None
+            os.close(spare.pidfd)
+            await _stop_spare_dir(spare.pod_dir)
         for pod_id in list(self.followers):
             await self.forget(pod_id)
         if self.zygote_socket is not None:
@@ -195,6 +310,66 @@ class ShimRegistry:
             if pid and _is_zygote(pid):
                 _kill(pid)
             pid_file.unlink(missing_ok=True)
+
+
+async def shut_down(client: ShimClient, what: str) -> None:
+    """Asks the shim to exit (its processes are gone by now) and waits until it has; kills it
+    if it does not. `what` names it in the log."""
+    try:
+        shim_pid = (await client.shim_state()).pid
+        # Held from while it answers: no reused pid can be waited for or killed.
+        pidfd = _pidfd(shim_pid)
+    except (ShimError, OSError) as err:
+        log.info("%s: %s", what, err)
+        return
+    if pidfd is None:
+        return
+    try:
+        await client.shutdown()
+        if not await _exited(pidfd, SHIM_EXIT_TIMEOUT):
+            log.warning("%s (pid %d) did not exit; killing it", what, shim_pid)
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except (ShimError, OSError) as err:
+        log.info("%s: %s", what, err)
+    finally:
+        os.close(pidfd)
+
+
+async def _stop_spare_dir(pod_dir: Path) -> None:
+    """Stops the spare shim of `pod_dir`, if it runs, and removes the dir."""
+    if (pod_dir / "shim.sock").exists():
+        await shut_down(ShimClient(str(pod_dir), timeout=5), f"spare shim in {pod_dir}")
+    shutil.rmtree(pod_dir, ignore_errors=True)
+
+
+def _pidfd(pid: int) -> int | None:
+    """A pidfd of `pid`; None when there is no such process (any more)."""
+    if not pid:
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+
+
+async def _exited(pidfd: int, timeout: float) -> bool:
+    """Waits until the process exits (its pidfd turns readable; one event-loop wakeup where
+    polling /proc took one every 10 ms); False if it still runs after `timeout`."""
+    loop = asyncio.get_running_loop()
+    gone: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not gone.done():
+            gone.set_result(None)
+
+    loop.add_reader(pidfd, readable)
+    try:
+        await asyncio.wait_for(gone, timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(pidfd)
 
 
 def _read_pid(path: Path) -> int:

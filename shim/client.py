@@ -194,9 +194,11 @@ class ShimClient:
 
     async def _open(self, op: str, timeout: float
                     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        # asyncio.timeout, not wait_for: 3.11's wait_for loses a cancellation that comes as
+        # the connection is made, and a follower cancelled then would read events for ever.
         try:
-            return await asyncio.wait_for(
-                asyncio.open_unix_connection(self.socket_path, limit=STREAM_LIMIT), timeout)
+            async with asyncio.timeout(timeout):
+                return await asyncio.open_unix_connection(self.socket_path, limit=STREAM_LIMIT)
         except TimeoutError as exc:
             raise ShimTimeout(op, f"cannot connect to {self.socket_path}: {exc!r}") from exc
         except OSError as exc:
@@ -208,7 +210,8 @@ class ShimClient:
         try:
             writer.write(protocol.encode_message(self._request(op, args)))
             await writer.drain()
-            line = await asyncio.wait_for(reader.readline(), timeout)
+            async with asyncio.timeout(timeout):  # see _open: not wait_for
+                line = await reader.readline()
         except TimeoutError as exc:
             raise ShimTimeout(op, f"no reply within {timeout}s") from exc
         except OSError as exc:
@@ -264,6 +267,19 @@ class ShimClient:
                                 log_path=log_path, log_root=log_root, exit_file=exit_file,
                                 oom_file=oom_file, systemd_cgroup=systemd_cgroup,
                                 restore=restore)
+        return int(reply["pid"])
+
+    async def run(self, container_id: str, bundle: str, *, exit_file: str | None = None,
+                  oom_file: str | None = None, systemd_cgroup: bool = False,
+                  timeout: float = CREATE_TIMEOUT) -> int:
+        """create, then start, in one call and one runc process (`runc run --detach`): for a
+        process nothing needs to reach between the two (a pod's pause). A shim from before
+        this call only creates it (its reply has no status), so it is then started here."""
+        reply = await self.call("create", timeout, container_id=container_id, bundle=bundle,
+                                exit_file=exit_file, oom_file=oom_file,
+                                systemd_cgroup=systemd_cgroup, start=True)
+        if reply.get("status") != "running":
+            await self.start(container_id, timeout)
         return int(reply["pid"])
 
     async def _process(self, op: str, timeout: float | None = None, **args: Any
@@ -536,7 +552,10 @@ async def spawn_shim(pod_id: str, shim_dir: str, runc_root: str, *,
         await _spawn_by_zygote(zygote_socket, timeout, pod_id=pod_id, dir=shim_dir,
                                runc_root=runc_root, runc=runc, runc_args=runc_args or [],
                                log_level=log_level)
-        return await connect(shim_dir, timeout)
+        # The zygote answers once the shim's socket listens (it bound it before the fork):
+        # the first call waits in its backlog until the shim accepts, so no round trip is
+        # spent here asking whether it answers; a shim that died fails that call.
+        return ShimClient(shim_dir, timeout)
     argv = [python, "-m", "shim", "--pod-id", pod_id, "--dir", shim_dir,
             "--runc-root", runc_root, "--log-level", log_level]
     if runc is not None:

@@ -30,6 +30,10 @@ from shim.state import (
 if TYPE_CHECKING:
     from shim.server import Connection, Shim
 
+SIGKILL = int(signal.SIGKILL)
+# How a signal request names SIGKILL (the daemon sends numbers; runc takes names too).
+SIGKILL_NAMES = frozenset({SIGKILL, "KILL", "SIGKILL", str(SIGKILL)})
+
 
 def create(shim: Shim, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
     container_id = str(request["container_id"])
@@ -54,24 +58,32 @@ def create(shim: Shim, conn: Connection, request: dict[str, Any]) -> dict[str, A
         systemd_cgroup=bool(request.get("systemd_cgroup")),
         kill_all_on_exit=not owns_pid_namespace(bundle), want_stdin=want_stdin,
         restore=Restore.from_request(request.get("restore")))
+    # "start": run it at once (`runc run --detach`), for the pause: a pod's first process.
+    start_now = bool(request.get("start"))
     if container.restore is not None:
         if tty:
             raise OpError("a container with a terminal cannot be restored from a checkpoint")
+        if start_now:
+            raise OpError("a container restored from a checkpoint runs at its start, not now")
         # Nothing runs until start restores it: runc restore makes the container.
         shim.containers[container_id] = container
         shim.logger.log("info", f"created {container_id} to restore at start")
         return {"pid": 0}
-    _run_container(shim, container, pid_file)
-    return {"pid": container.pid}
+    _run_container(shim, container, pid_file, start_now)
+    if start_now:
+        container.status = "running"
+    return {"pid": container.pid, "status": container.status}
 
 
-def _run_container(shim: Shim, container: Container, pid_file: str) -> None:
-    """runc create (or restore) with the container's stdio; then it is watched."""
+def _run_container(shim: Shim, container: Container, pid_file: str,
+                   start_now: bool = False) -> None:
+    """runc create (or restore, or with `start_now` run) with the container's stdio; then it
+    is watched."""
     try:
         if container.tty:
-            _create_with_pty(shim, container, pid_file)
+            _create_with_pty(shim, container, pid_file, start_now)
         else:
-            _create_with_pipes(shim, container, pid_file, container.want_stdin)
+            _create_with_pipes(shim, container, pid_file, container.want_stdin, start_now)
         container.pid = read_pid(pid_file)
     except BaseException:
         _release_stdio(shim, container)
@@ -91,7 +103,8 @@ def _run_container(shim: Shim, container: Container, pid_file: str) -> None:
     shim.logger.log("info", f"created {container.id} pid {container.pid}")
 
 
-def _create_with_pipes(shim: Shim, container: Container, pid_file: str, want_stdin: bool) -> None:
+def _create_with_pipes(shim: Shim, container: Container, pid_file: str, want_stdin: bool,
+                       start_now: bool) -> None:
     pipes = StdioPipes.open(want_stdin)
     if want_stdin:
         container.stdin = FdWriter(shim.loop, pipes.stdin)
@@ -101,8 +114,9 @@ def _create_with_pipes(shim: Shim, container: Container, pid_file: str, want_std
         stdio = pipes.child
         restore = container.restore
         if restore is None:
-            shim.runc.create(container.id, container.bundle, pid_file, stdio=stdio,
-                             systemd_cgroup=container.systemd_cgroup)
+            make = shim.runc.run if start_now else shim.runc.create
+            make(container.id, container.bundle, pid_file, stdio=stdio,
+                 systemd_cgroup=container.systemd_cgroup)
         else:
             shim.runc.restore(container.id, container.bundle, restore.image_path,
                               restore.work_path, pid_file, criu=restore.criu, stdio=stdio,
@@ -114,11 +128,12 @@ def _create_with_pipes(shim: Shim, container: Container, pid_file: str, want_std
         container.splitters[fd] = LineSplitter(shim.max_log_line)
 
 
-def _create_with_pty(shim: Shim, container: Container, pid_file: str) -> None:
+def _create_with_pty(shim: Shim, container: Container, pid_file: str, start_now: bool) -> None:
     socket_path = os.path.join(shim.state_dir, shim.next_name("c") + ".sock")
+    make = shim.runc.run if start_now else shim.runc.create
     with ConsoleListener(socket_path) as listener:
-        shim.runc.create(container.id, container.bundle, pid_file,
-                         console_socket=socket_path, systemd_cgroup=container.systemd_cgroup)
+        make(container.id, container.bundle, pid_file,
+             console_socket=socket_path, systemd_cgroup=container.systemd_cgroup)
         master = receive_console(listener)
     container.pty_master = master
     os.set_blocking(master, False)
@@ -165,11 +180,13 @@ def signal_(shim: Shim, conn: Connection, request: dict[str, Any]) -> dict[str, 
     if container.status == "exited":
         return container.view()
     signum, everything = request.get("signal", "TERM"), bool(request.get("all"))
+    if signum in SIGKILL_NAMES:
+        signum = int(SIGKILL)  # by number: the shim may then send it itself
     if _init_signal_suffices(container, signum, everything):
         os.kill(container.pid, signum)
         return container.view()
     shim.runc.kill(container.id, signum, all=everything)
-    if everything and signum in (int(signal.SIGKILL), "KILL", "SIGKILL"):
+    if everything and signum == int(SIGKILL):
         container.all_killed = True
     return container.view()
 

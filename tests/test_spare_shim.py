@@ -1,0 +1,75 @@
+"""The spare shim (sandbox/shims.py): forked after a RunPodSandbox for the next pod, taken by
+it with its id and dir, and stopped by a daemon's stop or, after a kill -9, its next start."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from cri_api import api_pb2 as pb
+from sandbox.shims import SPARE_MARKER
+from tests import test_recovery
+from tests.cri import CriClient
+from tests.daemon import Daemon
+from tests.pods import pod_config, pod_state, run_pod, wait_for
+from tests.test_faults import assert_all_gone, shim_pids, spare_shims
+
+node = test_recovery.node  # the fixture: a daemon of its own, its pods removed after
+
+
+def _spare(d: Daemon) -> tuple[Path, int]:
+    """The one spare shim's dir and pid, once it is forked."""
+    found = wait_for(lambda: spare_shims(d), what="a spare shim")
+    assert len(found) == 1, found
+    [(pod_dir, pid)] = found.items()
+    return pod_dir, pid
+
+
+def test_the_next_pod_takes_the_spare(node: tuple[Daemon, CriClient], tmp_path: Path) -> None:
+    d, cri = node
+    assert spare_shims(d) == {}, "a daemon that ran no pod keeps no spare"
+    first = run_pod(cri, pod_config(log_dir=tmp_path / "logs"))
+    spare_dir, spare_pid = _spare(d)
+    assert spare_pid in shim_pids(d) and spare_dir.name != first
+    second = run_pod(cri, pod_config(log_dir=tmp_path / "logs"))
+    # The spare's id, dir and shim are the pod's now; its marker is gone.
+    assert second == spare_dir.name
+    assert not (spare_dir / SPARE_MARKER).exists()
+    assert pod_state(cri, second) == pb.SANDBOX_READY
+    pause = int(Path(f"/proc/{_pause_pid(cri, second)}/status").read_text()
+                .split("PPid:")[1].split()[0])
+    assert pause == spare_pid, "the pause is the spare shim's child"
+    # Another spare is forked for the pod after.
+    assert _spare(d)[0] != spare_dir
+    assert_all_gone(d, cri, {first, second})
+
+
+def test_a_killed_daemon_s_spare_is_stopped_at_its_next_start(
+        node: tuple[Daemon, CriClient], tmp_path: Path) -> None:
+    d, cri = node
+    pod_id = run_pod(cri, pod_config(log_dir=tmp_path / "logs"))
+    spare_dir, spare_pid = _spare(d)
+    d.kill()
+    assert spare_pid in shim_pids(d), "a spare outlives a killed daemon, as shims do"
+    d.start()
+    wait_for(lambda: not os.path.exists(f"/proc/{spare_pid}"), what="the old spare's exit")
+    assert not spare_dir.exists()
+    assert_all_gone(d, cri, {pod_id})
+
+
+def test_a_stopped_daemon_leaves_no_spare(node: tuple[Daemon, CriClient], tmp_path: Path) -> None:
+    d, cri = node
+    pod_id = run_pod(cri, pod_config(log_dir=tmp_path / "logs"))
+    spare_dir, spare_pid = _spare(d)
+    d.stop()
+    assert not spare_dir.exists()
+    assert spare_pid not in shim_pids(d)
+    d.start()
+    assert_all_gone(d, cri, {pod_id})
+
+
+def _pause_pid(cri: CriClient, pod_id: str) -> int:
+    response = cri.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id,
+                                                               verbose=True))
+    return int(json.loads(response.info["info"])["pid"])
