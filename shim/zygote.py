@@ -325,7 +325,7 @@ def _fill_malloc_holes() -> None:
     only the new chunks' headers, not the free memory itself (malloc_trim gave that back).
     For each size from 64 KiB down to 32 bytes, chunks are taken until one comes from the
     top chunk (its size, mallinfo2's keepcost, shrinks): no hole that large is left.
-    Measured: about 100 KiB of USS per shim (hack/shim-memory).
+    Measured: 110-150 KiB of USS per shim (hack/shim-memory, interleaved with main).
     """
     libc = load_libc()
     if not hasattr(libc, "mallinfo2"):  # not glibc, or older than 2.33
