@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -55,6 +57,27 @@ def test_preload_leaves_no_fd_and_no_child() -> None:
         "    children = 'none'\n"
         "print(before == after, children)\n")
     assert out.split() == ["True", "none"]
+
+
+def test_preload_leaves_no_free_chunk_inside_the_malloc_heap() -> None:
+    """A shim's large allocations must come from the heap's top, not from holes on pages
+    it shares with the zygote (shim/zygote.py _fill_malloc_holes). mallinfo2: fordblks is
+    all free space, keepcost the top chunk's; imports leave about 1 MiB between them."""
+    out = _run_in_fresh_python(
+        "from shim import zygote\n"
+        "from shim.server import load_libc\n"
+        "libc = load_libc()\n"
+        "if not hasattr(libc, 'mallinfo2'):\n"
+        "    print('skip')\n"
+        "else:\n"
+        "    zygote.preload()\n"
+        "    libc.mallinfo2.restype = zygote._Mallinfo2\n"
+        "    info = libc.mallinfo2()\n"
+        "    print(info.fordblks - info.keepcost)\n")
+    if out.strip() == "skip":
+        pytest.skip("not glibc 2.33 or later")
+    # Below the 32 bytes of the smallest chunk, per size: nothing a shim could allocate.
+    assert int(out) < 4096, out
 
 
 def test_spawn_args_match_the_shim_command_line() -> None:
