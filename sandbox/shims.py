@@ -52,6 +52,11 @@ FOLLOWER_CANCEL_WAIT = 1.0
 # In the dir of a spare shim's pod-to-be (see ShimRegistry.spare): the shim's pid. A pod that
 # takes the dir removes it; startup stops the spare shims of the dirs that still have it.
 SPARE_MARKER = "spare"
+# The spare is forked this long after the RunPodSandbox that used the last one has answered:
+# kubelet's (and critest's) PodSandboxStatus follows that answer at once, and a fork and a
+# shim's start beside it on a 2-core node made it wait (2.24 against 1.12 ms). A pod that
+# comes meanwhile forks its own shim, as without a spare.
+SPARE_FORK_DELAY = 0.05
 
 
 def new_pod_id() -> str:
@@ -200,6 +205,7 @@ class ShimRegistry:
         pod_id = new_pod_id()
         pod_dir = self.pods_dir / pod_id
         try:
+            await asyncio.sleep(SPARE_FORK_DELAY)
             if replaced is not None:
                 os.close(replaced.pidfd)
                 await _stop_spare_dir(replaced.pod_dir)
