@@ -683,11 +683,6 @@ async def stop_pod(rt: Runtime, pod: PodRecord) -> None:
 
 
 async def _stop_pause(rt: Runtime, pod: PodRecord) -> None:
-    await _kill_pause(rt, pod)
-    rt.faults.point("stop_pod:after_pause")
-
-
-async def _kill_pause(rt: Runtime, pod: PodRecord) -> None:
     shim = rt.shims.get(pod.id)
     if shim is not None:
         try:

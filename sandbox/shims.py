@@ -54,7 +54,8 @@ FOLLOWER_CANCEL_WAIT = 1.0
 SPARE_MARKER = "spare"
 # The spare is forked this long after the RunPodSandbox that used the last one has answered:
 # kubelet's (and critest's) PodSandboxStatus follows that answer at once, and a fork and a
-# shim's start beside it on a 2-core node made it wait (2.24 against 1.12 ms). A pod that
+# shim's start beside it on a 2-core node made it wait (2.0-4.0 against 1.5-1.8 ms,
+# interleaved). A pod that
 # comes meanwhile forks its own shim, as without a spare.
 SPARE_FORK_DELAY = 0.05
 
@@ -344,7 +345,8 @@ async def shut_down(client: ShimClient, what: str) -> None:
 async def _stop_spare_dir(pod_dir: Path) -> None:
     """Stops the spare shim of `pod_dir`, if it runs, and removes the dir."""
     if (pod_dir / "shim.sock").exists():
-        await shut_down(ShimClient(str(pod_dir), timeout=5), f"spare shim in {pod_dir}")
+        await shut_down(ShimClient(str(pod_dir), timeout=RECONNECT_TIMEOUT),
+                        f"spare shim in {pod_dir}")
     shutil.rmtree(pod_dir, ignore_errors=True)
 
 

@@ -305,9 +305,6 @@ class _Mallinfo2(ctypes.Structure):
         "fordblks", "keepcost")]
 
 
-# Chunks that fill the free space inside the zygote's malloc heap (see _fill_malloc_holes);
-# never freed.
-_MALLOC_FILLERS: list[int] = []
 MALLOC_FILL_LARGEST = 1 << 16  # glibc's mmap threshold starts at 128 KiB: larger is mmap'd
 MALLOC_FILL_SMALLEST = 32  # glibc's smallest chunk on 64-bit
 MALLOC_CHUNK_HEADER = 16
@@ -334,8 +331,9 @@ def _fill_malloc_holes() -> None:
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
-    size = MALLOC_FILL_LARGEST
-    while size >= MALLOC_FILL_SMALLEST and len(_MALLOC_FILLERS) < MALLOC_FILL_MAX_CHUNKS:
+    # The filler chunks are never freed, so nothing needs to keep their addresses.
+    size, filled = MALLOC_FILL_LARGEST, 0
+    while size >= MALLOC_FILL_SMALLEST and filled < MALLOC_FILL_MAX_CHUNKS:
         top = libc.mallinfo2().keepcost
         chunk = libc.malloc(size - MALLOC_CHUNK_HEADER)
         if not chunk:
@@ -344,7 +342,7 @@ def _fill_malloc_holes() -> None:
             libc.free(chunk)
             size //= 2
         else:
-            _MALLOC_FILLERS.append(chunk)
+            filled += 1
 
 
 def advise_merging() -> None:
