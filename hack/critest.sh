@@ -6,6 +6,7 @@
 #   hack/critest.sh --bench [ROUNDS]    `critest -benchmark` against flatpod, then containerd
 #                                       (../shared/conformance/containerd.sh), ROUNDS times
 #                                       (default 2), each round's same-run ratio table printed
+#   BENCH_FOCUS=Image hack/critest.sh --bench 1   only the benchmarks whose names match
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -53,13 +54,14 @@ bench() {
   local rounds=${1:-2} out=${OUT:-/var/tmp/flatpod-conformance/results/bench-pair-$(date -u +%Y%m%dT%H%M%SZ)}
   "$conformance/containerd.sh" start >/dev/null
   trap '"$conformance/containerd.sh" stop >/dev/null 2>&1 || true; cleanup' EXIT
-  local ctrd_socket
+  local ctrd_socket focus=()
+  if [ -n "${BENCH_FOCUS:-}" ]; then focus=(--ginkgo.focus "$BENCH_FOCUS"); fi
   ctrd_socket=$("$conformance/containerd.sh" socket)
   for round in $(seq "$rounds"); do
     echo "== round $round: load average $(cut -d' ' -f1-3 /proc/loadavg)"
-    OUT=$out/$round/flatpod "$conformance/run_bench.sh" "unix://$socket" >/dev/null
+    OUT=$out/$round/flatpod "$conformance/run_bench.sh" "unix://$socket" "${focus[@]}" >/dev/null
     crictl --runtime-endpoint "unix://$socket" rmp -fa >/dev/null 2>&1 || true
-    OUT=$out/$round/containerd "$conformance/run_bench.sh" "$ctrd_socket" >/dev/null
+    OUT=$out/$round/containerd "$conformance/run_bench.sh" "$ctrd_socket" "${focus[@]}" >/dev/null
     echo "   flatpod = A, containerd = B; load average now $(cut -d' ' -f1-3 /proc/loadavg)"
     python3 "$conformance/compare_bench.py" "$out/$round/flatpod" "$out/$round/containerd" || true
   done
