@@ -33,6 +33,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--event-loops", default="",
                         help="flatpod's event_loop: one (asyncio or uvloop), or both "
                         "comma-separated for an A/B of two flatpods in the same run")
+    parser.add_argument("--ab-env", default="",
+                        help="NAME=VALUE: an A/B of two flatpods in the same run, the second "
+                        "with this in its environment (e.g. FLATPOD_GC=default)")
     parser.add_argument("--runs", type=int, default=20, help="samples per latency (20)")
     parser.add_argument("--heavy-runs", type=int, default=5,
                         help="samples of the 20-pod burst and of the 100 MB pull (5)")
@@ -62,6 +65,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.event_loops = [loop for loop in args.event_loops.split(",") if loop] or [""]
     if not set(args.event_loops) <= {"asyncio", "uvloop", ""}:
         parser.error(f"--event-loops: asyncio or uvloop, got {args.event_loops}")
+    if args.ab_env and "=" not in args.ab_env:
+        parser.error(f"--ab-env: NAME=VALUE, got {args.ab_env!r}")
+    if args.ab_env and len(args.event_loops) > 1:
+        parser.error("--ab-env and two --event-loops: one A/B at a time")
     return args
 
 
@@ -173,6 +180,9 @@ def main(argv: list[str]) -> int:
         first_slot = secrets.randbelow(4)
         runtimes += [Flatpod(work, loop, first_slot + i)
                      for i, loop in enumerate(args.event_loops)]
+        if args.ab_env:
+            name, _, value = args.ab_env.partition("=")
+            runtimes.append(Flatpod(work, args.event_loops[0], first_slot + 1, {name: value}))
     if args.containerd:
         runtimes.append(Containerd(work))
     plan = Plan(runs=args.runs, heavy_runs=args.heavy_runs, pods=args.pods[0],

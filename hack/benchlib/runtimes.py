@@ -164,15 +164,20 @@ class Runtime:
 
 class Flatpod(Runtime):
     name = "flatpod"
-    def __init__(self, work: Path, event_loop: str = "", slot: int | None = None) -> None:
+    def __init__(self, work: Path, event_loop: str = "", slot: int | None = None,
+                 env: dict[str, str] | None = None) -> None:
         """event_loop: the config's `event_loop` ("": its default); two instances in one run
-        (an A/B of the loops) are named by it and get different slots (subnets)."""
+        (an A/B of the loops, or of an environment variable `env`) are named by it and get
+        different slots (subnets)."""
         # Names of this run's own: benches of other checkouts may run at the same time on a
         # shared machine, and one's cleanup must not take another's bridge or cgroups.
         run = secrets.token_hex(3)
         self.event_loop = event_loop
         if event_loop:
             self.name = f"flatpod-{event_loop}"
+        self.env = env or {}
+        if self.env:
+            self.name += "-" + ",".join(f"{k}={v}" for k, v in self.env.items())
         self.cgroup_parent = f"/fpbench-flatpod-{run}"
         self.bridge = f"fpb{run}"
         self.subnet = f"10.242.{64 * (secrets.randbelow(4) if slot is None else slot % 4)}.0/18"
@@ -220,7 +225,7 @@ class Flatpod(Runtime):
         return time.monotonic() - started
 
     def _spawn(self) -> None:
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+        env = dict(os.environ, PYTHONPATH=str(REPO), **self.env)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "sandbox", "serve", "--config", str(self.config_path)],
