@@ -143,6 +143,9 @@ class ImageService:
         self.faults = faults or Faults()
         # Each image's serialized `Image`, with the record it was built from (see _entry).
         self._entries: dict[str, tuple[ImageRecord, bytes]] = {}
+        # The collection RemoveImage asked for, run after its answer (see collect_soon).
+        self._collection: asyncio.Task[None] | None = None
+        self._collection_wanted = False
 
     async def start(self) -> GcReport:
         """At startup: drop crash leftovers, then what no image or container uses."""
@@ -156,6 +159,27 @@ class ImageService:
             return await collect_garbage(
                 self.images, self.content, self.snapshots, self.leases, self.live_snapshots()
             )
+
+    def collect_soon(self) -> None:
+        """Collects garbage after the caller has answered. A request made before the pending
+        collection decides is served by it; one made after makes it run once more."""
+        self._collection_wanted = True
+        if self._collection is None or self._collection.done():
+            self._collection = asyncio.get_running_loop().create_task(self._collect_wanted())
+
+    async def _collect_wanted(self) -> None:
+        while self._collection_wanted:
+            self._collection_wanted = False
+            try:
+                await self.collect_garbage()
+            except Exception:  # what is left is unreferenced: the next collection takes it
+                log.exception("image gc after RemoveImage failed")
+
+    async def collected(self) -> None:
+        """Waits for the collections RemoveImage asked for (tests; a caller that must see the
+        disk freed)."""
+        while (task := self._collection) is not None and not task.done():
+            await asyncio.wait({task})
 
     # ---- PullImage ---------------------------------------------------------------------------
 
@@ -181,7 +205,7 @@ class ImageService:
         manifest = await _registry_call(asyncio.to_thread(client.resolve))
         blobs = {manifest.digest, manifest.config.digest} | {d.digest for d in manifest.layers}
         with self.leases.hold(blobs, set()):
-            await asyncio.to_thread(self.content.write_bytes, manifest.digest, manifest.raw)
+            await self.content.put(manifest.digest, manifest.raw)
             config = await self._fetch_config(client, manifest, progress)
             diff_ids = _diff_ids(ref, config, manifest)
             chains = chain_ids(diff_ids)
@@ -219,11 +243,12 @@ class ImageService:
         chain_id: str,
         progress: PullProgress,
     ) -> None:
-        if self.snapshots.has(chain_id):
-            progress.add(layer.size)  # shared with an image already here: nothing to do
-            return
+        # The blob even when the snapshot is here (then it is too, unless a collection that
+        # reached one and not the other is deleting them): the record names both.
         blob = await self._fetch_blob(client, manifest, layer, progress)
         self.faults.point("pull_image:after_first_blob")
+        if await self.snapshots.present(chain_id):
+            return  # shared with an image already here
         try:
             await self.snapshots.ensure(chain_id, blob, diff_id, progress.add)
         except LayerTooLarge as e:
@@ -346,13 +371,19 @@ class ImageService:
 
     async def RemoveImage(self, request: pb.RemoveImageRequest) -> pb.RemoveImageResponse:
         """Removes the image with all its references, however it is named (containerd's CRI
-        does the same), then its blobs and snapshots no other image or container uses."""
+        does the same), then its blobs and snapshots no other image or container uses.
+
+        The client waits only for the record's delete: the image is then gone from lists and
+        lookups, and its names resolve to nothing. The blobs and snapshots are deleted after
+        the answer (collect_soon). A crash in between loses nothing and leaks nothing: what
+        no record names is swept at startup (start)."""
         record = self.images.resolve(request.image.image)
         if record is None:
             return pb.RemoveImageResponse()  # already gone: success, as CRI asks
         await asyncio.to_thread(self.images.remove, record.id)
         self._entries.pop(record.id, None)
-        await self.collect_garbage()
+        self.faults.point("remove_image:before_gc")
+        self.collect_soon()
         return pb.RemoveImageResponse()
 
     # ---- ImageFsInfo -------------------------------------------------------------------------
