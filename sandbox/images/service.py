@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Set
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence, Set
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,24 +204,29 @@ class ImageService:
     ) -> ImageRecord:
         manifest = await _registry_call(asyncio.to_thread(client.resolve))
         blobs = {manifest.digest, manifest.config.digest} | {d.digest for d in manifest.layers}
+        progress.total = sum(layer.size for layer in manifest.layers)
         with self.leases.hold(blobs, set()):
-            await self.content.put(manifest.digest, manifest.raw)
-            config = await self._fetch_config(client, manifest, progress)
-            diff_ids = _diff_ids(ref, config, manifest)
+            # The manifest, the config and the layer blobs are stored side by side: only the
+            # unpacking needs the config (its diff ids). For a small image (critest's, or one
+            # whose base layers are here) the downloads and fsyncs were most of the pull.
+            config = asyncio.ensure_future(self._fetch_config(client, manifest, progress))
+            layer_blobs = [
+                asyncio.ensure_future(self._fetch_blob(client, manifest, layer, progress))
+                for layer in manifest.layers
+            ]
+            stored = asyncio.ensure_future(self.content.put(manifest.digest, manifest.raw))
+            await _settled([config, stored, *layer_blobs])
+            diff_ids = _diff_ids(ref, config.result(), manifest)
             chains = chain_ids(diff_ids)
-            progress.total = sum(layer.size for layer in manifest.layers)
             with self.leases.hold(set(), set(chains)):
-                # Every layer's work is waited for, failed or not: a pull that answers while a
-                # sibling layer still writes would leave temp files behind its error (and a
-                # full disk full a little longer).
-                outcomes = await asyncio.gather(*(
-                    self._fetch_and_unpack(client, manifest, layer, diff_id, chain, progress)
-                    for layer, diff_id, chain in zip(manifest.layers, diff_ids, chains, strict=True)
-                ), return_exceptions=True)
-                failures = [o for o in outcomes if isinstance(o, BaseException)]
-                if failures:
-                    raise failures[0]
-                record = _record(manifest, config, diff_ids, chains)
+                layers = zip(manifest.layers, layer_blobs, diff_ids, chains, strict=True)
+                await _settled([
+                    asyncio.ensure_future(
+                        self._unpack(client, layer, blob.result(), diff_id, chain, progress)
+                    )
+                    for layer, blob, diff_id, chain in layers
+                ])
+                record = _record(manifest, config.result(), diff_ids, chains)
                 await asyncio.to_thread(self.images.save, record, _refs_of(ref, manifest))
         return record
 
@@ -234,19 +239,19 @@ class ImageService:
             raise InvalidArgument(f"image config {manifest.config.digest} is not a JSON object")
         return config
 
-    async def _fetch_and_unpack(
+    async def _unpack(
         self,
         client: RegistryClient,
-        manifest: Manifest,
         layer: Descriptor,
+        blob: Path,
         diff_id: str,
         chain_id: str,
         progress: PullProgress,
     ) -> None:
-        # The blob even when the snapshot is here (then it is too, unless a collection that
-        # reached one and not the other is deleting them): the record names both.
-        blob = await self._fetch_blob(client, manifest, layer, progress)
         self.faults.point("pull_image:after_first_blob")
+        # The blob was fetched even when the snapshot is here (then it is too, unless a
+        # collection that reached one and not the other is deleting them): the record names
+        # both.
         if await self.snapshots.present(chain_id):
             return  # shared with an image already here
         try:
@@ -440,6 +445,17 @@ def _credentials(auth: pb.AuthConfig) -> Credentials:
         registry_token=auth.registry_token,
         server=registry_host(auth.server_address) if auth.server_address else "",
     )
+
+
+async def _settled(tasks: Sequence[Awaitable[object]]) -> None:
+    """Waits for every task, failed or not, then raises the first failure in list order.
+
+    A pull that answered while a sibling still writes would leave temp files behind its
+    error (and a full disk full a little longer). Cancelled, it cancels them all."""
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 async def _registry_call(call: Awaitable[T]) -> T:
