@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence, Set
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -205,29 +205,31 @@ class ImageService:
         manifest = await _registry_call(asyncio.to_thread(client.resolve))
         blobs = {manifest.digest, manifest.config.digest} | {d.digest for d in manifest.layers}
         progress.total = sum(layer.size for layer in manifest.layers)
-        with self.leases.hold(blobs, set()):
-            # The manifest, the config and the layer blobs are stored side by side: only the
-            # unpacking needs the config (its diff ids). For a small image (critest's, or one
-            # whose base layers are here) the downloads and fsyncs were most of the pull.
+        with self.leases.hold(blobs, set()), ExitStack() as snapshot_lease:
+            # The manifest, the config and the layer blobs are fetched side by side, and each
+            # layer is unpacked once its blob and the config (its diff id) are here. For a
+            # small image (critest's, or one whose base layers are here) the registry's round
+            # trips were most of the pull, one after the other.
             config = asyncio.ensure_future(self._fetch_config(client, manifest, progress))
-            layer_blobs = [
-                asyncio.ensure_future(self._fetch_blob(client, manifest, layer, progress))
-                for layer in manifest.layers
-            ]
+
+            async def layout() -> tuple[list[str], list[str]]:
+                diff_ids = _diff_ids(ref, await config, manifest)
+                chains = chain_ids(diff_ids)
+                snapshot_lease.enter_context(self.leases.hold(set(), set(chains)))
+                return diff_ids, chains
+
+            laid_out = asyncio.ensure_future(layout())
             stored = asyncio.ensure_future(self.content.put(manifest.digest, manifest.raw))
-            await _settled([config, stored, *layer_blobs])
-            diff_ids = _diff_ids(ref, config.result(), manifest)
-            chains = chain_ids(diff_ids)
-            with self.leases.hold(set(), set(chains)):
-                layers = zip(manifest.layers, layer_blobs, diff_ids, chains, strict=True)
-                await _settled([
-                    asyncio.ensure_future(
-                        self._unpack(client, layer, blob.result(), diff_id, chain, progress)
-                    )
-                    for layer, blob, diff_id, chain in layers
-                ])
-                record = _record(manifest, config.result(), diff_ids, chains)
-                await asyncio.to_thread(self.images.save, record, _refs_of(ref, manifest))
+            layers = [
+                asyncio.ensure_future(
+                    self._fetch_and_unpack(client, manifest, index, laid_out, progress)
+                )
+                for index in range(len(manifest.layers))
+            ]
+            await _settled([config, laid_out, stored, *layers])
+            diff_ids, chains = laid_out.result()
+            record = _record(manifest, config.result(), diff_ids, chains)
+            await asyncio.to_thread(self.images.save, record, _refs_of(ref, manifest))
         return record
 
     async def _fetch_config(
@@ -239,23 +241,24 @@ class ImageService:
             raise InvalidArgument(f"image config {manifest.config.digest} is not a JSON object")
         return config
 
-    async def _unpack(
+    async def _fetch_and_unpack(
         self,
         client: RegistryClient,
-        layer: Descriptor,
-        blob: Path,
-        diff_id: str,
-        chain_id: str,
+        manifest: Manifest,
+        index: int,
+        laid_out: asyncio.Future[tuple[list[str], list[str]]],
         progress: PullProgress,
     ) -> None:
+        layer = manifest.layers[index]
+        # The blob even when the snapshot is here (then it is too, unless a collection that
+        # reached one and not the other is deleting them): the record names both.
+        blob = await self._fetch_blob(client, manifest, layer, progress)
         self.faults.point("pull_image:after_first_blob")
-        # The blob was fetched even when the snapshot is here (then it is too, unless a
-        # collection that reached one and not the other is deleting them): the record names
-        # both.
-        if await self.snapshots.present(chain_id):
+        diff_ids, chains = await asyncio.shield(laid_out)
+        if await self.snapshots.present(chains[index]):
             return  # shared with an image already here
         try:
-            await self.snapshots.ensure(chain_id, blob, diff_id, progress.add)
+            await self.snapshots.ensure(chains[index], blob, diff_ids[index], progress.add)
         except LayerTooLarge as e:
             raise DiskFull(f"pulling {client.ref}: layer {layer.digest}: {e}") from e
         except LayerError as e:
