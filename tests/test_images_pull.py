@@ -382,3 +382,25 @@ def test_pulls_racing_the_collection_keep_whole_images(
     assert asyncio.run(cycles()) == [True] * 6
     assert blob_names(service) == set()
     assert snapshot_names(service) == set()
+
+
+def test_a_removal_during_a_collection_is_collected_after_it(
+    service: ImageService, test_images: TestImages
+) -> None:
+    """The second RemoveImage comes once the first one's collection has decided what to
+    delete: that collection cannot see the second image's files, so it runs once more."""
+    first, second = test_images.layered, test_images.web
+    pull(service, first.reference)
+    pull(service, second.reference)
+
+    async def remove_both() -> None:
+        await service.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=first.reference)))
+        await asyncio.sleep(0)  # the collection's first step: its decision, then the deletions
+        await service.RemoveImage(
+            pb.RemoveImageRequest(image=pb.ImageSpec(image=second.reference))
+        )
+        await service.collected()
+
+    asyncio.run(remove_both())
+    assert blob_names(service) == set()
+    assert snapshot_names(service) == set()
