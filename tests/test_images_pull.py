@@ -404,3 +404,19 @@ def test_a_removal_during_a_collection_is_collected_after_it(
     asyncio.run(remove_both())
     assert blob_names(service) == set()
     assert snapshot_names(service) == set()
+
+
+def test_pulled_bytes_count_only_what_was_downloaded(
+    service: ImageService, test_images: TestImages
+) -> None:
+    """The flatpod_image_pulled_bytes metric: a layer an image already here shares is
+    neither downloaded nor counted."""
+    busybox, layered = test_images.busybox, test_images.layered
+    pull(service, busybox.reference)
+    before = service.pulled.total
+    record = service.images.get(pull(service, layered.reference))
+    assert record is not None
+    own = [layer.size for layer in record.layers if layer.digest not in busybox.layer_digests]
+    assert len(own) < len(record.layers)  # the premise: a shared base layer
+    config_size = len(service.content.read(record.id))
+    assert service.pulled.total - before == config_size + sum(own)

@@ -165,13 +165,13 @@ class ContentStore:
 
     async def fetch(self, digest: str, size: int, opener: Opener, progress: Progress) -> Path:
         """The blob's path, downloading it with `opener` unless it is present or already
-        being downloaded by another pull (then this waits for that one)."""
+        being downloaded by another pull (then this waits for that one). `progress` gets the
+        bytes downloaded."""
         digest_hex(digest)
-        await self._removing.wait_for(digest)  # GC is deleting it: fetch it again afterwards
+        await self._removing.wait_for(digest)  # spared, or gone: then fetched again
         path = self.path(digest)
         if path.is_file():
-            progress(size)
-            return path
+            return path  # nothing downloaded, nothing counted
         download = self._downloads.get(digest)
         if download is None:
             loop = asyncio.get_running_loop()
