@@ -50,6 +50,7 @@ POINTS = frozenset({
     "remove_pod:midway",
     "remove_container:before_cleanup",
     "pull_image:after_first_blob",
+    "remove_image:before_gc",
 })
 
 # The undo steps a test may make fail (FLATPOD_FAIL_AT only), as pods.py and containers.py

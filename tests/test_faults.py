@@ -355,6 +355,36 @@ def pull_case(world: World) -> Case:
     return Case(lambda _c, _l: {}, crash, retry)
 
 
+def remove_image_case(world: World) -> Case:
+    """The daemon dies once RemoveImage has deleted the record, before the collection that
+    runs after the answer: the next start deletes the image's blobs and snapshots (nothing
+    names them any more), and the image can be pulled again."""
+    image = world.images.layered
+    spec = pb.ImageSpec(image=image.reference)
+
+    def on_disk(d: Daemon) -> set[str]:
+        return ({p.name for p in (d.root / "content" / "sha256").iterdir()}
+                | {p.name for p in (d.root / "snapshots").iterdir()})
+
+    def setup(cri: CriClient, logs: Path) -> dict[str, str]:
+        before = on_disk(world.daemon)
+        cri.PullImage(pb.PullImageRequest(image=spec))
+        own = on_disk(world.daemon) - before
+        assert own  # the premise: the image has files no other image shares
+        return {"own": ",".join(sorted(own))}
+
+    def crash(cri: CriClient, ctx: dict[str, str]) -> object:
+        return cri.RemoveImage(pb.RemoveImageRequest(image=spec))
+
+    def retry(cri: CriClient, ctx: dict[str, str]) -> None:
+        assert not cri.ImageStatus(pb.ImageStatusRequest(image=spec)).HasField("image")
+        assert on_disk(world.daemon) & set(ctx["own"].split(",")) == set()
+        assert cri.PullImage(pb.PullImageRequest(image=spec)).image_ref == image.config_digest
+        crash(cri, ctx)
+
+    return Case(setup, crash, retry)
+
+
 def case_for(point: str, world: World) -> Case:
     rpc, _, step = point.partition(":")
     if rpc == "run_pod":
@@ -369,6 +399,8 @@ def case_for(point: str, world: World) -> Case:
         return remove_pod_case(world)
     if rpc == "remove_container":
         return remove_container_case(world)
+    if rpc == "remove_image":
+        return remove_image_case(world)
     return pull_case(world)
 
 

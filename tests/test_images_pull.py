@@ -45,7 +45,12 @@ def status(service: ImageService, ref: str, verbose: bool = False) -> pb.ImageSt
 
 
 def remove(service: ImageService, ref: str) -> None:
-    asyncio.run(service.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=ref))))
+    """RemoveImage, then the collection it left running after its answer."""
+    async def removed() -> None:
+        await service.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=ref)))
+        await service.collected()
+
+    asyncio.run(removed())
 
 
 def blob_names(service: ImageService) -> set[str]:
@@ -318,3 +323,100 @@ def test_a_pull_keeps_the_entry_image_status_answers(
     assert saved is not None and kept is not None and kept[0] is saved
     req = pb.ImageStatusRequest(image=pb.ImageSpec(image=test_images.busybox.reference))
     assert asyncio.run(service.ImageStatus(req)) is kept[1]
+
+
+def image_files_present(service: ImageService, image_id: str) -> bool:
+    record = service.images.get(image_id)
+    assert record is not None
+    return all(service.content.has(d) for d in record.blob_digests) and all(
+        service.snapshots.has(c) for c in record.chain_ids
+    )
+
+
+def test_remove_answers_before_deleting_blobs_and_snapshots(
+    service: ImageService, test_images: TestImages
+) -> None:
+    """The client waits only for the record: when RemoveImage answers, the image is gone from
+    lookups and lists, its blobs and snapshots are still on disk, and the collection that
+    runs after the answer deletes them."""
+    image = test_images.layered
+    image_id = pull(service, image.reference)
+    record = service.images.get(image_id)
+    assert record is not None
+
+    async def remove_and_look() -> tuple[bool, set[str], set[str]]:
+        await service.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=image_id)))
+        gone = service.images.resolve(image.reference) is None and not service.list_entries(
+            pb.ImageFilter())
+        at_answer = blob_names(service), snapshot_names(service)
+        await service.collected()
+        return gone, *at_answer
+
+    gone, blobs_at_answer, snapshots_at_answer = asyncio.run(remove_and_look())
+    assert gone
+    assert record.blob_digests <= blobs_at_answer
+    assert set(record.chain_ids) <= snapshots_at_answer
+    assert blob_names(service) == set()
+    assert snapshot_names(service) == set()
+
+
+def test_pulls_racing_the_collection_keep_whole_images(
+    service: ImageService, test_images: TestImages
+) -> None:
+    """critest's loop: pull, remove, pull again at once, while the collection of the removed
+    image deletes its files. Every pull ends with its blobs and snapshots all on disk, and
+    after the last removal nothing is left."""
+    image = test_images.layered
+    spec = pb.ImageSpec(image=image.reference)
+
+    async def cycles() -> list[bool]:
+        whole = []
+        for _ in range(6):
+            await service.PullImage(pb.PullImageRequest(image=spec))
+            await service.collected()  # the previous cycle's deletions are over
+            whole.append(image_files_present(service, image.config_digest))
+            await service.RemoveImage(pb.RemoveImageRequest(image=spec))
+        await service.collected()
+        return whole
+
+    assert asyncio.run(cycles()) == [True] * 6
+    assert blob_names(service) == set()
+    assert snapshot_names(service) == set()
+
+
+def test_a_removal_during_a_collection_is_collected_after_it(
+    service: ImageService, test_images: TestImages
+) -> None:
+    """The second RemoveImage comes once the first one's collection has decided what to
+    delete: that collection cannot see the second image's files, so it runs once more."""
+    first, second = test_images.layered, test_images.web
+    pull(service, first.reference)
+    pull(service, second.reference)
+
+    async def remove_both() -> None:
+        await service.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=first.reference)))
+        await asyncio.sleep(0)  # the collection's first step: its decision, then the deletions
+        await service.RemoveImage(
+            pb.RemoveImageRequest(image=pb.ImageSpec(image=second.reference))
+        )
+        await service.collected()
+
+    asyncio.run(remove_both())
+    assert blob_names(service) == set()
+    assert snapshot_names(service) == set()
+
+
+def test_pulled_bytes_count_only_what_was_downloaded(
+    service: ImageService, test_images: TestImages
+) -> None:
+    """The flatpod_image_pulled_bytes metric: a layer an image already here shares is
+    neither downloaded nor counted."""
+    busybox, layered = test_images.busybox, test_images.layered
+    pull(service, busybox.reference)
+    before = service.pulled.total
+    record = service.images.get(pull(service, layered.reference))
+    assert record is not None
+    own = [layer.size for layer in record.layers if layer.digest not in busybox.layer_digests]
+    assert len(own) < len(record.layers)  # the premise: a shared base layer
+    config_size = len(service.content.read(record.id))
+    assert service.pulled.total - before == config_size + sum(own)

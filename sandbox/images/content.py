@@ -13,7 +13,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Coroutine, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,32 +57,67 @@ class _Download:
 
 
 class GcRemovals:
-    """What GC is removing from a store (blobs by digest, snapshots by chain id): a pull that
-    wants one of them meanwhile waits until it is gone, then makes it again."""
+    """What GC is removing from a store (blobs by digest, snapshots by chain id), one name at
+    a time in a worker thread. A pull that wants one of them meanwhile keeps it if the thread
+    has not reached it yet (it is spared: a re-pull during a slow collection downloads and
+    unpacks only what is already gone), else waits until it is gone and makes it again.
+
+    The pull must hold its lease on the name (gc.Leases) before it asks, so that the next
+    collection's decision sees it too."""
 
     def __init__(self) -> None:
-        self._done: dict[str, asyncio.Event] = {}  # set once GC has removed it
+        self._done: dict[str, asyncio.Event] = {}  # set once GC is through with it
+        # Taken by the thread as it reaches a name and by a pull sparing one: either the
+        # thread deletes the name and the pull waits, or the pull keeps it and the thread
+        # passes it by; never both.
+        self._lock = threading.Lock()
+        self._reached: set[str] = set()
+        self._spared: set[str] = set()
 
     async def wait_for(self, name: str) -> None:
+        """Returns once `name` is either spared or gone (make it again then)."""
         done = self._done.get(name)
-        if done is not None:
-            await done.wait()
+        if done is None:
+            return
+        with self._lock:
+            if name not in self._reached:
+                self._spared.add(name)
+                return
+        await done.wait()
 
-    async def remove(self, names: Iterable[str], remove: Callable[[str], None]) -> None:
-        """`remove(name)` for each of `names`, all in one worker thread."""
+    def remove(
+        self, names: Iterable[str], remove: Callable[[str], None]
+    ) -> Coroutine[object, object, set[str]]:
+        """Marks `names` as being removed now, and returns what, awaited, calls `remove(name)`
+        for each not spared meanwhile, all in one worker thread: the names removed. Await it:
+        a name stays marked (and its pulls waiting) until then."""
         events = {n: asyncio.Event() for n in names}
         self._done.update(events)
+        return self._remove(events, remove)
+
+    async def _remove(
+        self, events: dict[str, asyncio.Event], remove: Callable[[str], None]
+    ) -> set[str]:
         try:
-            await asyncio.to_thread(_remove_each, list(events), remove)
+            return await asyncio.to_thread(self._remove_each, list(events), remove)
         finally:
-            for name, event in events.items():
-                del self._done[name]
-                event.set()
+            with self._lock:
+                for name, event in events.items():
+                    del self._done[name]
+                    self._reached.discard(name)
+                    self._spared.discard(name)
+                    event.set()
 
-
-def _remove_each(names: list[str], remove: Callable[[str], None]) -> None:
-    for name in names:
-        remove(name)
+    def _remove_each(self, names: list[str], remove: Callable[[str], None]) -> set[str]:
+        removed = set()
+        for name in names:
+            with self._lock:
+                if name in self._spared:
+                    continue
+                self._reached.add(name)
+            remove(name)
+            removed.add(name)
+        return removed
 
 
 class ContentStore:
@@ -111,10 +147,13 @@ class ContentStore:
     def remove(self, digest: str) -> None:
         self.path(digest).unlink(missing_ok=True)
 
-    async def remove_unused(self, doomed: set[str]) -> None:
-        """Deletes blobs GC found unused. Decide `doomed` and call this in one event-loop step:
-        a pull asking for one of them meanwhile waits and downloads it again."""
-        await self._removing.remove([d for d in doomed if d not in self._downloads], self.remove)
+    def remove_unused(self, doomed: set[str]) -> Coroutine[object, object, set[str]]:
+        """Deletes blobs GC found unused, once awaited; the digests deleted. Decide `doomed` and
+        call this in one event-loop step: from then on a pull asking for one of them keeps it
+        if it is not deleted yet, else waits and downloads it again (GcRemovals)."""
+        return self._removing.remove(
+            [d for d in doomed if d not in self._downloads], self.remove
+        )
 
     def clear_ingest(self) -> None:
         """Drops half-written downloads left by a crash (call before any pull starts)."""
@@ -126,13 +165,13 @@ class ContentStore:
 
     async def fetch(self, digest: str, size: int, opener: Opener, progress: Progress) -> Path:
         """The blob's path, downloading it with `opener` unless it is present or already
-        being downloaded by another pull (then this waits for that one)."""
+        being downloaded by another pull (then this waits for that one). `progress` gets the
+        bytes downloaded."""
         digest_hex(digest)
-        await self._removing.wait_for(digest)  # GC is deleting it: fetch it again afterwards
+        await self._removing.wait_for(digest)  # spared, or gone: then fetched again
         path = self.path(digest)
         if path.is_file():
-            progress(size)
-            return path
+            return path  # nothing downloaded, nothing counted
         download = self._downloads.get(digest)
         if download is None:
             loop = asyncio.get_running_loop()
@@ -194,6 +233,12 @@ class ContentStore:
             return final
         finally:
             tmp.unlink(missing_ok=True)
+
+    async def put(self, digest: str, data: bytes) -> Path:
+        """Stores a small blob already in memory (see write_bytes); the caller holds a lease on
+        it, as for fetch: a blob GC is deleting is either spared or written again."""
+        await self._removing.wait_for(digest)
+        return await asyncio.to_thread(self.write_bytes, digest, data)
 
     def write_bytes(self, digest: str, data: bytes) -> Path:
         """Blocking: stores a small blob already in memory (a manifest, a config), verified."""

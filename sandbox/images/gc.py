@@ -2,12 +2,14 @@
 
 Live = everything the image records name, plus the snapshots the caller says containers use,
 plus whatever in-flight pulls have leased. The decision is taken in one event-loop step
-(no await between reading the disk, the leases and the records), and the stores make a pull
-that wants a doomed blob wait for its removal and fetch it again.
+(no await between reading the disk, the leases and the records). A pull that wants a doomed
+blob or snapshot afterwards keeps it if the deletion has not reached it yet, else waits for
+its removal and makes it again (content.GcRemovals).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import Iterator, Set
@@ -64,12 +66,16 @@ async def collect_garbage(
         live_snapshots.update(record.chain_ids)
     doomed_blobs = on_disk_blobs - live_blobs
     doomed_snapshots = on_disk_snapshots - live_snapshots
-    await content.remove_unused(doomed_blobs)
-    await snapshots.remove_unused(doomed_snapshots)
-    if doomed_blobs or doomed_snapshots:
+    # Both stores mark their doomed names in this same step, before any pull can ask for
+    # one: a snapshot marked only after the blobs were deleted could be taken as present by
+    # a pull in between, and deleted under its new record.
+    removing_blobs = content.remove_unused(doomed_blobs)
+    removing_snapshots = snapshots.remove_unused(doomed_snapshots)
+    removed_blobs, removed_snapshots = await asyncio.gather(removing_blobs, removing_snapshots)
+    if removed_blobs or removed_snapshots:
         log.info("image gc: removed %d blobs, %d snapshots",
-                 len(doomed_blobs), len(doomed_snapshots))
-    return GcReport(frozenset(doomed_blobs), frozenset(doomed_snapshots))
+                 len(removed_blobs), len(removed_snapshots))
+    return GcReport(frozenset(removed_blobs), frozenset(removed_snapshots))
 
 
 def remove_leftovers(content: ContentStore, snapshots: SnapshotStore) -> None:

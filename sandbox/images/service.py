@@ -13,8 +13,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Set
-from contextlib import AbstractContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence, Set
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -143,6 +143,9 @@ class ImageService:
         self.faults = faults or Faults()
         # Each image's serialized `Image`, with the record it was built from (see _entry).
         self._entries: dict[str, tuple[ImageRecord, bytes]] = {}
+        # The collection RemoveImage asked for, run after its answer (see collect_soon).
+        self._collection: asyncio.Task[None] | None = None
+        self._collection_wanted = False
 
     async def start(self) -> GcReport:
         """At startup: drop crash leftovers, then what no image or container uses."""
@@ -156,6 +159,27 @@ class ImageService:
             return await collect_garbage(
                 self.images, self.content, self.snapshots, self.leases, self.live_snapshots()
             )
+
+    def collect_soon(self) -> None:
+        """Collects garbage after the caller has answered. A request made before the pending
+        collection decides is served by it; one made after makes it run once more."""
+        self._collection_wanted = True
+        if self._collection is None or self._collection.done():
+            self._collection = asyncio.get_running_loop().create_task(self._collect_wanted())
+
+    async def _collect_wanted(self) -> None:
+        while self._collection_wanted:
+            self._collection_wanted = False
+            try:
+                await self.collect_garbage()
+            except Exception:  # what is left is unreferenced: the next collection takes it
+                log.exception("image gc after RemoveImage failed")
+
+    async def collected(self) -> None:
+        """Waits for the collections RemoveImage asked for (tests; a caller that must see the
+        disk freed)."""
+        while (task := self._collection) is not None and not task.done():
+            await asyncio.wait({task})
 
     # ---- PullImage ---------------------------------------------------------------------------
 
@@ -180,25 +204,32 @@ class ImageService:
     ) -> ImageRecord:
         manifest = await _registry_call(asyncio.to_thread(client.resolve))
         blobs = {manifest.digest, manifest.config.digest} | {d.digest for d in manifest.layers}
-        with self.leases.hold(blobs, set()):
-            await asyncio.to_thread(self.content.write_bytes, manifest.digest, manifest.raw)
-            config = await self._fetch_config(client, manifest, progress)
-            diff_ids = _diff_ids(ref, config, manifest)
-            chains = chain_ids(diff_ids)
-            progress.total = sum(layer.size for layer in manifest.layers)
-            with self.leases.hold(set(), set(chains)):
-                # Every layer's work is waited for, failed or not: a pull that answers while a
-                # sibling layer still writes would leave temp files behind its error (and a
-                # full disk full a little longer).
-                outcomes = await asyncio.gather(*(
-                    self._fetch_and_unpack(client, manifest, layer, diff_id, chain, progress)
-                    for layer, diff_id, chain in zip(manifest.layers, diff_ids, chains, strict=True)
-                ), return_exceptions=True)
-                failures = [o for o in outcomes if isinstance(o, BaseException)]
-                if failures:
-                    raise failures[0]
-                record = _record(manifest, config, diff_ids, chains)
-                await asyncio.to_thread(self.images.save, record, _refs_of(ref, manifest))
+        progress.total = sum(layer.size for layer in manifest.layers)
+        with self.leases.hold(blobs, set()), ExitStack() as snapshot_lease:
+            # The manifest, the config and the layer blobs are fetched side by side, and each
+            # layer is unpacked once its blob and the config (its diff id) are here. For a
+            # small image (critest's, or one whose base layers are here) the registry's round
+            # trips were most of the pull, one after the other.
+            config = asyncio.ensure_future(self._fetch_config(client, manifest, progress))
+
+            async def layout() -> tuple[list[str], list[str]]:
+                diff_ids = _diff_ids(ref, await config, manifest)
+                chains = chain_ids(diff_ids)
+                snapshot_lease.enter_context(self.leases.hold(set(), set(chains)))
+                return diff_ids, chains
+
+            laid_out = asyncio.ensure_future(layout())
+            stored = asyncio.ensure_future(self.content.put(manifest.digest, manifest.raw))
+            layers = [
+                asyncio.ensure_future(
+                    self._fetch_and_unpack(client, manifest, index, laid_out, progress)
+                )
+                for index in range(len(manifest.layers))
+            ]
+            await _settled([config, laid_out, stored, *layers])
+            diff_ids, chains = laid_out.result()
+            record = _record(manifest, config.result(), diff_ids, chains)
+            await asyncio.to_thread(self.images.save, record, _refs_of(ref, manifest))
         return record
 
     async def _fetch_config(
@@ -214,18 +245,20 @@ class ImageService:
         self,
         client: RegistryClient,
         manifest: Manifest,
-        layer: Descriptor,
-        diff_id: str,
-        chain_id: str,
+        index: int,
+        laid_out: asyncio.Future[tuple[list[str], list[str]]],
         progress: PullProgress,
     ) -> None:
-        if self.snapshots.has(chain_id):
-            progress.add(layer.size)  # shared with an image already here: nothing to do
-            return
+        layer = manifest.layers[index]
+        # The blob even when the snapshot is here (then it is too, unless a collection that
+        # reached one and not the other is deleting them): the record names both.
         blob = await self._fetch_blob(client, manifest, layer, progress)
         self.faults.point("pull_image:after_first_blob")
+        diff_ids, chains = await asyncio.shield(laid_out)
+        if await self.snapshots.present(chains[index]):
+            return  # shared with an image already here
         try:
-            await self.snapshots.ensure(chain_id, blob, diff_id, progress.add)
+            await self.snapshots.ensure(chains[index], blob, diff_ids[index], progress.add)
         except LayerTooLarge as e:
             raise DiskFull(f"pulling {client.ref}: layer {layer.digest}: {e}") from e
         except LayerError as e:
@@ -346,13 +379,19 @@ class ImageService:
 
     async def RemoveImage(self, request: pb.RemoveImageRequest) -> pb.RemoveImageResponse:
         """Removes the image with all its references, however it is named (containerd's CRI
-        does the same), then its blobs and snapshots no other image or container uses."""
+        does the same), then its blobs and snapshots no other image or container uses.
+
+        The client waits only for the record's delete: the image is then gone from lists and
+        lookups, and its names resolve to nothing. The blobs and snapshots are deleted after
+        the answer (collect_soon). A crash in between loses nothing and leaks nothing: what
+        no record names is swept at startup (start)."""
         record = self.images.resolve(request.image.image)
         if record is None:
             return pb.RemoveImageResponse()  # already gone: success, as CRI asks
         await asyncio.to_thread(self.images.remove, record.id)
         self._entries.pop(record.id, None)
-        await self.collect_garbage()
+        self.faults.point("remove_image:before_gc")
+        self.collect_soon()
         return pb.RemoveImageResponse()
 
     # ---- ImageFsInfo -------------------------------------------------------------------------
@@ -409,6 +448,17 @@ def _credentials(auth: pb.AuthConfig) -> Credentials:
         registry_token=auth.registry_token,
         server=registry_host(auth.server_address) if auth.server_address else "",
     )
+
+
+async def _settled(tasks: Sequence[Awaitable[object]]) -> None:
+    """Waits for every task, failed or not, then raises the first failure in list order.
+
+    A pull that answered while a sibling still writes would leave temp files behind its
+    error (and a full disk full a little longer). Cancelled, it cancels them all."""
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 async def _registry_call(call: Awaitable[T]) -> T:

@@ -25,7 +25,7 @@ import stat
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,9 +138,11 @@ class SnapshotStore:
         shutil.rmtree(doomed, ignore_errors=True)
         self._usage.pop(chain_id, None)
 
-    async def remove_unused(self, doomed: set[str]) -> None:
-        """Deletes snapshots GC found unused; see ContentStore.remove_unused."""
-        await self._removing.remove([c for c in doomed if c not in self._unpacking], self.remove)
+    def remove_unused(self, doomed: set[str]) -> Coroutine[object, object, set[str]]:
+        """Deletes snapshots GC found unused, once awaited; see ContentStore.remove_unused."""
+        return self._removing.remove(
+            [c for c in doomed if c not in self._unpacking], self.remove
+        )
 
     def clear_temp(self) -> None:
         """Drops half-unpacked or half-removed snapshots left by a crash."""
@@ -154,10 +156,15 @@ class SnapshotStore:
             cached = self._usage[chain_id] = tree_usage(self.path(chain_id))
         return cached
 
+    async def present(self, chain_id: str) -> bool:
+        """Whether the snapshot is there to use. The caller holds a lease on it: one GC is
+        deleting either stays (spared) or is waited for, and is then absent."""
+        await self._removing.wait_for(chain_id)
+        return self.has(chain_id)
+
     async def ensure(self, chain_id: str, blob: Path, diff_id: str, progress: Progress) -> None:
         """Unpacks the layer unless its snapshot exists or another pull is unpacking it."""
-        await self._removing.wait_for(chain_id)  # GC is deleting it: unpack it again afterwards
-        if self.has(chain_id):
+        if await self.present(chain_id):
             return
         pending = self._unpacking.get(chain_id)
         if pending is None:
