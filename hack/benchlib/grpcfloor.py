@@ -336,6 +336,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--server", action="append", default=[], metavar="NAME=COMMAND",
                         help="an outside server; {socket} in COMMAND is its socket path")
     parser.add_argument("--flatpod", action="store_true", help="flatpod serve of this checkout")
+    parser.add_argument("--flatpod-env", action="append", default=[], metavar="K=V",
+                        help="one more flatpod serve with this variable set (an A/B)")
     parser.add_argument("--containerd", action="store_true",
                         help="the conformance harness's containerd, the reference")
     parser.add_argument("--methods", default="version,imagestatus")
@@ -398,15 +400,31 @@ def start_target(spec: str, socket: Path, log: Path,
 
 
 def start_runtimes(args: argparse.Namespace, work: Path, runtimes: list[Any]) -> list[Target]:
-    """flatpod and containerd as hack/bench starts them, the lookup image pulled into each."""
+    """flatpod and containerd as hack/bench starts them, the lookup image pulled into each;
+    one more flatpod per `--flatpod-env`, started with that variable (its own root, bridge
+    and subnet)."""
     from benchlib.runtimes import Containerd, Flatpod
 
     targets = []
-    chosen = ([Flatpod(work)] if args.flatpod else []) + (
-        [Containerd(work)] if args.containerd else [])
-    for runtime in chosen:
+    chosen: list[tuple[Any, dict[str, str]]] = []
+    flatpods: list[dict[str, str]] = [{}] if args.flatpod else []
+    flatpods += [dict([setting.split("=", 1)]) for setting in args.flatpod_env]
+    for slot, env in enumerate(flatpods):
+        (work / f"flatpod{slot}").mkdir()
+        flatpod = Flatpod(work / f"flatpod{slot}", slot=slot)
+        flatpod.name = " ".join(["flatpod", *(f"{k}={v}" for k, v in env.items())])
+        chosen.append((flatpod, env))
+    if args.containerd:
+        chosen.append((Containerd(work), {}))
+    for runtime, env in chosen:
         runtimes.append(runtime)
-        runtime.start()
+        saved = dict(os.environ)
+        os.environ.update(env)  # Flatpod spawns its daemon with this process's environment
+        try:
+            runtime.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
         if "imagestatus" in args.methods:
             if isinstance(runtime, Containerd):
                 runtime.remember_image(args.image)
