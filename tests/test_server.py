@@ -251,21 +251,22 @@ def test_handler_failures_map_to_statuses_and_are_observed(tmp_path: Path) -> No
     ]
 
 
-def test_entry_point_chooses_grpc_experiments_before_grpc_loads() -> None:
-    """gRPC reads GRPC_EXPERIMENTS once, at import: the entry point must set it first, so its
-    module may not import grpc; an operator's own value is kept."""
+def test_entry_point_chooses_grpc_settings_before_grpc_loads() -> None:
+    """gRPC reads GRPC_EXPERIMENTS and GRPC_POLL_STRATEGY once, at import: the entry point
+    must set them first, so its module may not import grpc; an operator's own values are kept."""
     probe = (
         "import os, sys\n"
         "from sandbox import __main__ as m\n"
         "assert 'grpc' not in sys.modules, 'sandbox.__main__ imports grpc at its top'\n"
-        "m.choose_grpc_experiments()\n"
-        "print(os.environ['GRPC_EXPERIMENTS'])\n"
+        "m.choose_grpc_settings()\n"
+        "print(os.environ['GRPC_EXPERIMENTS'], os.environ['GRPC_POLL_STRATEGY'])\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+    settings = ("GRPC_EXPERIMENTS", "GRPC_POLL_STRATEGY")
+    env = {k: v for k, v in os.environ.items() if k not in settings}
     env["PYTHONPATH"] = str(REPO)
     run = [sys.executable, "-c", probe]
     chosen = subprocess.run(run, env=env, capture_output=True, text=True, check=True)
-    assert chosen.stdout.strip() == "-event_engine_listener"
-    env["GRPC_EXPERIMENTS"] = "operator_choice"
+    assert chosen.stdout.split() == ["-event_engine_listener", "poll"]
+    env.update(GRPC_EXPERIMENTS="operator_choice", GRPC_POLL_STRATEGY="epoll1")
     kept = subprocess.run(run, env=env, capture_output=True, text=True, check=True)
-    assert kept.stdout.strip() == "operator_choice"
+    assert kept.stdout.split() == ["operator_choice", "epoll1"]
