@@ -442,8 +442,8 @@ def test_state_machine_and_remove(
         assert status_code(err) == grpc.StatusCode.FAILED_PRECONDITION
         for ctr in (created, running, finished):
             cgroup = verbose_info(fp, ctr)["cgroup"]
-            # Made at start (one `runc run`): a created container has no cgroup yet.
-            assert memory_dir(cgroup).is_dir() == (ctr == running)
+            if ctr != finished:  # made at start (one `runc run`): a created one has none yet
+                assert memory_dir(cgroup).is_dir() == (ctr == running)
             fp.RemoveContainer(pb.RemoveContainerRequest(container_id=ctr))
             # Gone at once from status and lists; its host traces are cleaned after the answer.
             err = rpc_error(container_status, fp, ctr)
@@ -533,6 +533,34 @@ def test_status_list_and_update(fp: CriClient, pulled: TestImages, tmp_path: Pat
                 memory_limit_in_bytes=32 * 1024 * 1024, cpu_shares=512)))
         assert int(limit.read_text()) == 32 * 1024 * 1024
         assert container_status(fp, ctr).resources.linux.memory_limit_in_bytes == 32 << 20
+
+
+def test_update_between_create_and_start(
+    fp: CriClient, pulled: TestImages, tmp_path: Path
+) -> None:
+    """A created container is made at start (one `runc run`), so it has no cgroup to write
+    yet: an update (kubelet's CPU manager sets the cpuset between create and start) goes
+    into its spec, and the cgroup runc makes at start has it."""
+    resources = pb.LinuxContainerResources(memory_limit_in_bytes=64 << 20, cpu_shares=512)
+    with a_pod(fp, tmp_path) as (pod_id, pod):
+        ctr = create(fp, pod_id, pod, container_config(
+            pulled.busybox.reference, command=SLEEP,
+            linux=pb.LinuxContainerConfig(resources=resources)))
+        cgroup = verbose_info(fp, ctr)["cgroup"]
+        assert not memory_dir(cgroup).exists()
+        fp.UpdateContainerResources(pb.UpdateContainerResourcesRequest(
+            container_id=ctr, linux=pb.LinuxContainerResources(memory_limit_in_bytes=32 << 20)))
+        assert container_status(fp, ctr).resources.linux.memory_limit_in_bytes == 32 << 20
+        fp.StartContainer(pb.StartContainerRequest(container_id=ctr))
+        assert container_status(fp, ctr).state == pb.CONTAINER_RUNNING
+        assert int(memory_limit_file(cgroup).read_text()) == 32 << 20
+        # What the update left out stays as created.
+        shares = cgroups.cgroup_dir(cgroup, "cpu")
+        shares_file = shares / ("cpu.weight" if cgroups.is_unified_only() else "cpu.shares")
+        if not cgroups.is_unified_only():
+            assert int(shares_file.read_text()) == 512
+        else:
+            assert shares_file.exists()
 
 
 # --- mounts ----------------------------------------------------------------------------------
