@@ -535,6 +535,25 @@ def test_status_list_and_update(fp: CriClient, pulled: TestImages, tmp_path: Pat
         assert container_status(fp, ctr).resources.linux.memory_limit_in_bytes == 32 << 20
 
 
+def test_a_missing_command_fails_the_start(
+    fp: CriClient, pulled: TestImages, tmp_path: Path
+) -> None:
+    """Made at start (one `runc run`), as containerd makes its task: runc finds that the
+    command does not exist at the start, which fails naming it, and the container is then
+    exited with StartError, so kubelet shows it and makes a new one."""
+    with a_pod(fp, tmp_path) as (pod_id, pod):
+        ctr = create(fp, pod_id, pod, container_config(
+            pulled.busybox.reference, command=["/no/such/command"]))
+        assert container_status(fp, ctr).state == pb.CONTAINER_CREATED
+        err = rpc_error(fp.StartContainer, pb.StartContainerRequest(container_id=ctr))
+        assert status_code(err) == grpc.StatusCode.FAILED_PRECONDITION
+        assert "/no/such/command" in details(err)
+        status = container_status(fp, ctr)
+        assert (status.state, status.reason, status.exit_code) == (
+            pb.CONTAINER_EXITED, "StartError", 128)
+        fp.RemoveContainer(pb.RemoveContainerRequest(container_id=ctr))
+
+
 def test_update_between_create_and_start(
     fp: CriClient, pulled: TestImages, tmp_path: Path
 ) -> None:
