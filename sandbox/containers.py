@@ -142,54 +142,48 @@ async def _create(
                                                       rt.faults) as undo:
         undo.settle(forget=lambda: rt.registry.forget(ctr),
                     keep=lambda left: rt.registry.update(ctr, cleanup_error=left))
-        # 2. The rootfs: an overlay of the image's snapshots and a writable layer.
-        undo.at("rootfs")
+        # 2. The bundle: the rootfs (an overlay of the image's snapshots and a writable
+        # layer), the OCI spec (it joins the pod's pinned namespaces) and the log file where
+        # kubelet reads it. One worker-thread hop for the dirs, the mount, the spec (it reads
+        # the rootfs's /etc/passwd), its file and the log file: each hop is a wakeup of a
+        # worker and then of the loop, on the answer's path (they were four).
+        undo.at("bundle")
+        ctr.log_path = _log_path(pod, config)
         bundle = rt.paths.bundle_dir(ctr.id)
         layer = rt.paths.writable_layers / ctr.id
         rootfs = bundle / "rootfs"
         undo.push("dirs", lambda: _remove_dirs(bundle, layer))
-        await asyncio.to_thread(_make_dirs, bundle, layer, rootfs)
         if restore is not None:  # CRIU's images, and the rootfs diff into the upper dir
+            await asyncio.to_thread(_make_dirs, bundle, layer, rootfs)
             await checkpoint.unpack_restore(rt, restore, layer)
-        # In a pod with its own user namespace the layers are idmapped with it, so its root
-        # owns what the host's root owns in the image (runc 1.1.5 cannot idmap mounts).
-        userns = pod_userns(pod.config.linux.security_context)
-        user_ns = Path(pod.namespaces["user"]) if userns is not None else None
-        await asyncio.to_thread(
-            rt.images.snapshots.mount_rootfs, ctr.snapshots, layer / "upper", layer / "work",
-            rootfs, False, user_ns, userns.root if userns is not None else None,
-        )
-        undo.push("rootfs", lambda: unmount(rootfs))
-        rt.faults.point("create_container:after_rootfs")
+        undo.push("rootfs", lambda: unmount(rootfs))  # before: a failed hop may have mounted
         ctr.rootfs = str(rootfs)
-        # 3. The OCI spec: joins the pod's pinned namespaces.
-        undo.at("spec")
         ctr.cgroup_path = pod_placement(pod).container_path(ctr.id)
-        spec = await asyncio.to_thread(_container_spec, rt, pod, ctr, image, rootfs)
+        spec = await asyncio.to_thread(
+            _make_bundle, rt, pod, ctr, image, made_dirs=restore is not None,
+            write=restore is None,
+        )
+        rt.faults.point("create_container:after_rootfs")
         if restore is not None:
             await checkpoint.restore_into_own_cgroup(rt, pod, spec, layer, ctr.cgroup_path)
+            _write_spec(pod, bundle, spec)
         user = spec["process"]["user"]
         ctr.uid, ctr.gid = int(user.get("uid", 0)), int(user.get("gid", 0))
         ctr.supplemental_groups = [int(g) for g in user.get("additionalGids", [])]
-        (bundle / "config.json").write_text(json.dumps(spec))
-        if userns is not None:  # runc reaches rootfs/ from inside the user namespace
-            os.chmod(bundle / "config.json", 0o600)
-            open_to_group(bundle, userns.root[1])
-        # 4. The log file, where kubelet reads it.
-        undo.at("log file")
-        ctr.log_path = _log_path(pod, config)
-        log_root = pod.config.log_directory or None
-        if ctr.log_path:
-            await asyncio.to_thread(_prepare_log, pod.config.log_directory, config.log_path)
-        # 5. The shim creates it: the process waits in runc's init until StartContainer.
-        undo.at("runc create")
+        # 3. The shim holds it; nothing runs yet. StartContainer makes and starts it with one
+        # `runc run --detach`, as containerd makes its task at start: `runc create` here and
+        # `runc start` there were two runc processes (Go runtime start, state load) on the
+        # client's path. A restore is made at start too (`runc restore`).
+        undo.at("shim create")
         shim = shim_of(rt, pod.id)
         oom_file, systemd = shim_cgroup_options(pod, ctr.id, rt.host_cgroups)
         ctr.pid = await shim.create(
             ctr.id, str(bundle), stdin=config.stdin, stdin_once=config.stdin_once,
-            tty=config.tty, log_path=ctr.log_path or None, log_root=log_root,
+            tty=config.tty, log_path=ctr.log_path or None,
+            log_root=pod.config.log_directory or None,
             exit_file=str(bundle / "exit"), oom_file=oom_file, systemd_cgroup=systemd,
             restore=restore.shim_request(layer) if restore is not None else None,
+            run_at_start=restore is None,
         )
         undo.push("runc", lambda: delete_runc_state(rt, ctr.id))
         rt.faults.point("create_container:after_shim_create")
@@ -241,6 +235,41 @@ def _image_name(image: Any, requested: str) -> str:
         if tag.endswith(requested) or requested in tag:
             return str(tag)
     return str(tags[0]) if tags else requested
+
+
+def _make_bundle(
+    rt: Runtime, pod: PodRecord, ctr: ContainerRecord, image: Any, *, made_dirs: bool,
+    write: bool,
+) -> dict[str, Any]:
+    """The container's dirs (unless `made_dirs`), its rootfs mounted, its spec (written to
+    config.json when `write`) and its log file: blocking, on a worker thread."""
+    bundle = rt.paths.bundle_dir(ctr.id)
+    layer = rt.paths.writable_layers / ctr.id
+    rootfs = bundle / "rootfs"
+    if not made_dirs:
+        _make_dirs(bundle, layer, rootfs)
+    # In a pod with its own user namespace the layers are idmapped with it, so its root owns
+    # what the host's root owns in the image (runc 1.1.5 cannot idmap mounts).
+    userns = pod_userns(pod.config.linux.security_context)
+    user_ns = Path(pod.namespaces["user"]) if userns is not None else None
+    rt.images.snapshots.mount_rootfs(
+        ctr.snapshots, layer / "upper", layer / "work", rootfs, False, user_ns,
+        userns.root if userns is not None else None,
+    )
+    spec = _container_spec(rt, pod, ctr, image, rootfs)
+    if write:
+        _write_spec(pod, bundle, spec)
+    if ctr.log_path:
+        _prepare_log(pod.config.log_directory, ctr.config.log_path)
+    return spec
+
+
+def _write_spec(pod: PodRecord, bundle: Path, spec: dict[str, Any]) -> None:
+    (bundle / "config.json").write_text(json.dumps(spec))
+    userns = pod_userns(pod.config.linux.security_context)
+    if userns is not None:  # runc reaches rootfs/ from inside the user namespace
+        os.chmod(bundle / "config.json", 0o600)
+        open_to_group(bundle, userns.root[1])
 
 
 def _make_dirs(bundle: Path, layer: Path, rootfs: Path) -> None:
@@ -395,10 +424,11 @@ async def start_container(rt: Runtime, req: pb.StartContainerRequest) -> pb.Star
                 raise FailedPrecondition(describe(err)) from err
             rt.faults.point("start_container:after_runc_start")
             changes: dict[str, object] = {"started_at": started_at}
-            if not ctr.pid:  # restored from a checkpoint: its process exists only now
-                where.at("checkpoint images")
+            if not ctr.pid:  # made at start (runc run, or a restore): its process is new
                 changes["pid"] = view.pid
-                await asyncio.to_thread(checkpoint.discard_images, rt, ctr)
+                if (rt.paths.writable_layers / ctr.id / checkpoint.CHECKPOINT_DIR).is_dir():
+                    where.at("checkpoint images")
+                    await asyncio.to_thread(checkpoint.discard_images, rt, ctr)
             # Its exit may already have been reported: then it stays exited.
             where.at("record")
             state = RUNNING if ctr.state == CREATED else ctr.state
@@ -727,13 +757,41 @@ async def update_container_resources(
     validate.resources(req.linux, "linux")
     async with rt.locks.hold(ctr.id):
         try:
-            await asyncio.to_thread(_apply_resources, rt, ctr, req.linux)
+            if ctr.state == CREATED and not ctr.pid:  # made at start: nothing runs yet
+                await asyncio.to_thread(_respec_resources, rt, ctr, req.linux)
+            else:
+                await asyncio.to_thread(_apply_resources, rt, ctr, req.linux)
         except cgroups.CgroupError as err:
             raise InvalidArgument(f"container {ctr.id} resources: {err}") from err
         except (OSError, RuncError) as err:  # e.g. a memory limit below what it uses now
             raise FailedPrecondition(f"updating container {ctr.id} cgroup: {err}") from err
         rt.registry.update(ctr, resources=req.linux.SerializeToString())
     return pb.UpdateContainerResourcesResponse()
+
+
+def _respec_resources(
+    rt: Runtime, ctr: ContainerRecord, linux: pb.LinuxContainerResources
+) -> None:
+    """A container made at start has no cgroup yet (kubelet's CPU manager sets a cpuset
+    between create and start): its spec takes the new settings, as containerd updates the
+    spec of a container without a task. Each setting given replaces the spec's; the rest
+    (devices, and what the update leaves out) stays."""
+    path = rt.paths.bundle_dir(ctr.id) / "config.json"
+    spec = json.loads(path.read_bytes())
+    resources = spec.setdefault("linux", {}).setdefault("resources", {})
+    try:
+        update = linux_resources(linux, spec_defaults(rt.host_cgroups))
+    except SpecError as err:
+        raise InvalidArgument(str(err)) from err
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(resources.get(key), dict):
+            resources[key].update(value)
+        else:
+            resources[key] = value
+    staged = path.with_name(path.name + ".new")
+    staged.write_text(json.dumps(spec))
+    os.chmod(staged, path.stat().st_mode & 0o777)
+    os.replace(staged, path)
 
 
 def _apply_resources(rt: Runtime, ctr: ContainerRecord, linux: pb.LinuxContainerResources) -> None:

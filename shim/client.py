@@ -255,18 +255,21 @@ class ShimClient:
                      stdin_once: bool = False, tty: bool = False, log_path: str | None = None,
                      log_root: str | None = None, exit_file: str | None = None,
                      oom_file: str | None = None, systemd_cgroup: bool = False,
-                     restore: dict[str, str] | None = None,
+                     restore: dict[str, str] | None = None, run_at_start: bool = False,
                      timeout: float = CREATE_TIMEOUT) -> int:
         """`log_path` is opened beneath `log_root` (the pod's log directory), following no
         symlink (shim/crilog.py). `oom_file` counts the container's OOM kills (`oom_kill`
         line: memory.events, or v1's memory.oom_control); `systemd_cgroup`: runc makes its
         cgroup as a systemd scope. `restore` (image_path, work_path, criu): nothing runs now,
-        start restores the container from that checkpoint; the pid is then 0 until start."""
+        start restores the container from that checkpoint; the pid is then 0 until start.
+        `run_at_start`: nothing runs now either, start makes and starts it with one `runc
+        run --detach` (pid 0 until then); a shim from before this option runs `runc create`
+        now (pid set) and `runc start` at start."""
         reply = await self.call("create", timeout, container_id=container_id, bundle=bundle,
                                 stdin=stdin, stdin_once=stdin_once, tty=tty,
                                 log_path=log_path, log_root=log_root, exit_file=exit_file,
                                 oom_file=oom_file, systemd_cgroup=systemd_cgroup,
-                                restore=restore)
+                                restore=restore, run_at_start=run_at_start)
         return int(reply["pid"])
 
     async def run(self, container_id: str, bundle: str, *, exit_file: str | None = None,

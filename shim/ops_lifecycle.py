@@ -1,5 +1,6 @@
-"""The shim's process lifecycle ops: create (runc create, or a restore held for start),
-start, signal, state, wait, subscribe and shutdown."""
+"""The shim's process lifecycle ops: create (runc create or run, or a container held for
+start to make: `runc run --detach`, or a restore), start, signal, state, wait, subscribe and
+shutdown."""
 
 from __future__ import annotations
 
@@ -60,15 +61,18 @@ def create(shim: Shim, conn: Connection, request: dict[str, Any]) -> dict[str, A
         restore=Restore.from_request(request.get("restore")))
     # "start": run it at once (`runc run --detach`), for the pause: a pod's first process.
     start_now = bool(request.get("start"))
-    if container.restore is not None:
-        if tty:
-            raise OpError("a container with a terminal cannot be restored from a checkpoint")
+    # "run_at_start": nothing runs until start, which makes and starts it with one `runc run
+    # --detach` (one runc process instead of create's and start's).
+    run_at_start = bool(request.get("run_at_start"))
+    if container.restore is not None and tty:
+        raise OpError("a container with a terminal cannot be restored from a checkpoint")
+    if container.restore is not None or run_at_start:
         if start_now:
-            raise OpError("a container restored from a checkpoint runs at its start, not now")
-        # Nothing runs until start restores it: runc restore makes the container.
+            raise OpError("a container made at its start cannot be started now")
+        # Nothing runs until start: runc restore, or runc run, makes the container then.
         shim.containers[container_id] = container
-        shim.logger.log("info", f"created {container_id} to restore at start")
-        return {"pid": 0}
+        shim.logger.log("info", f"created {container_id}, made at start")
+        return {"pid": 0, "status": container.status}
     _run_container(shim, container, pid_file, start_now)
     if start_now:
         container.status = "running"
@@ -79,6 +83,11 @@ def _run_container(shim: Shim, container: Container, pid_file: str,
                    start_now: bool = False) -> None:
     """runc create (or restore, or with `start_now` run) with the container's stdio; then it
     is watched."""
+    # The OOM counts before runc: once it has run (or restored) the container, the process
+    # may have been OOM-killed already, and that kill must count as its own.
+    kills_before = read_oom_kills(container.oom_control)
+    parent_kills_before = (read_oom_kills_if_present(parent_oom_events(container.oom_control))
+                           if container.systemd_cgroup else None)
     try:
         if container.tty:
             _create_with_pty(shim, container, pid_file, start_now)
@@ -90,11 +99,9 @@ def _run_container(shim: Shim, container: Container, pid_file: str,
         if container.log:
             container.log.close()
         raise
-    container.oom_kills_at_create = read_oom_kills(container.oom_control)
-    container.oom_kills_seen = container.oom_kills_at_create
-    if container.systemd_cgroup:
-        container.oom_parent_kills_at_create = read_oom_kills_if_present(
-            parent_oom_events(container.oom_control))
+    container.oom_kills_at_create = kills_before
+    container.oom_kills_seen = kills_before
+    container.oom_parent_kills_at_create = parent_kills_before
     shim.watch_oom(container)
     shim.containers[container.id] = container
     shim.pids[container.pid] = container
@@ -153,15 +160,8 @@ def _release_stdio(shim: Shim, container: Container) -> None:
 
 def start(shim: Shim, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
     container = shim.container_for(request)
-    if container.restore is not None and container.status == "created":
-        # Restored, not started: the process continues where its checkpoint left it.
-        restore = container.restore
-        try:
-            _run_container(shim, container, os.path.join(container.bundle, "init.pid"))
-        except RuncError as exc:
-            criu_says = criu_log_errors(os.path.join(restore.work_path, "restore.log"))
-            raise OpError(f"{exc}; CRIU: {criu_says}" if criu_says else str(exc)) from exc
-        container.restore = None
+    if never_ran(container):
+        _make_at_start(shim, container)
         container.status = "running"
         return container.view()
     shim.runc.start(container.id)
@@ -170,11 +170,35 @@ def start(shim: Shim, conn: Connection, request: dict[str, Any]) -> dict[str, An
     return container.view()
 
 
+def never_ran(container: Container) -> bool:
+    """Created to be made at start (run, or restored), and not started: it has no process,
+    no cgroup and no runc state."""
+    return container.status == "created" and container.pid == 0
+
+
+def _make_at_start(shim: Shim, container: Container) -> None:
+    """`runc run --detach`, or `runc restore --detach` for a checkpoint, with the container's
+    stdio: the process starts (or continues where its checkpoint left it) now."""
+    pid_file = os.path.join(container.bundle, "init.pid")
+    restore = container.restore
+    if restore is None:
+        _run_container(shim, container, pid_file, start_now=True)
+        return
+    try:
+        _run_container(shim, container, pid_file)
+    except RuncError as exc:
+        criu_says = criu_log_errors(os.path.join(restore.work_path, "restore.log"))
+        raise OpError(f"{exc}; CRIU: {criu_says}" if criu_says else str(exc)) from exc
+    container.restore = None
+
+
 def signal_(shim: Shim, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
     container = shim.container_for(request)
-    if container.restore is not None and container.status != "exited":
-        # Never restored: no process, so a kill (a stop, a remove) ends it at once.
+    if never_ran(container):
+        # No process, so a kill (a stop, a remove) ends it at once, as SIGKILL would have
+        # ended its runc init; there is nothing left to kill.
         container.restore = None
+        container.all_killed = True
         shim.container_exited(container, 128 + int(signal.SIGKILL))
         return container.view()
     if container.status == "exited":

@@ -223,7 +223,9 @@ class Shim:
         Connection(self, sock)
 
     def maybe_exit(self) -> None:
-        if self.shutting_down and all(c.status == "exited" for c in self.containers.values()):
+        # A container made at start that never started holds nothing: no reason to stay.
+        if self.shutting_down and all(c.status == "exited" or (c.status == "created" and not c.pid)
+                                      for c in self.containers.values()):
             for conn in list(self.subscribers):
                 conn.flush()
             self.running = False

@@ -442,8 +442,8 @@ def test_state_machine_and_remove(
         assert status_code(err) == grpc.StatusCode.FAILED_PRECONDITION
         for ctr in (created, running, finished):
             cgroup = verbose_info(fp, ctr)["cgroup"]
-            if ctr != finished:
-                assert memory_dir(cgroup).is_dir()
+            if ctr != finished:  # made at start (one `runc run`): a created one has none yet
+                assert memory_dir(cgroup).is_dir() == (ctr == running)
             fp.RemoveContainer(pb.RemoveContainerRequest(container_id=ctr))
             # Gone at once from status and lists; its host traces are cleaned after the answer.
             err = rpc_error(container_status, fp, ctr)
@@ -461,7 +461,7 @@ def test_state_machine_and_remove(
         assert first in details(err)
 
         impatient = container_config(busybox, command=SLEEP)
-        err = rpc_error(create, fp, pod_id, pod, impatient, timeout=0.01)
+        err = rpc_error(create, fp, pod_id, pod, impatient, timeout=0.002)
         assert status_code(err) == grpc.StatusCode.DEADLINE_EXCEEDED
         retried = create(fp, pod_id, pod, impatient)  # kubelet's retry, same metadata
         same = [c.id for c in fp.ListContainers(pb.ListContainersRequest()).containers
@@ -533,6 +533,53 @@ def test_status_list_and_update(fp: CriClient, pulled: TestImages, tmp_path: Pat
                 memory_limit_in_bytes=32 * 1024 * 1024, cpu_shares=512)))
         assert int(limit.read_text()) == 32 * 1024 * 1024
         assert container_status(fp, ctr).resources.linux.memory_limit_in_bytes == 32 << 20
+
+
+def test_a_missing_command_fails_the_start(
+    fp: CriClient, pulled: TestImages, tmp_path: Path
+) -> None:
+    """Made at start (one `runc run`), as containerd makes its task: runc finds that the
+    command does not exist at the start, which fails naming it, and the container is then
+    exited with StartError, so kubelet shows it and makes a new one."""
+    with a_pod(fp, tmp_path) as (pod_id, pod):
+        ctr = create(fp, pod_id, pod, container_config(
+            pulled.busybox.reference, command=["/no/such/command"]))
+        assert container_status(fp, ctr).state == pb.CONTAINER_CREATED
+        err = rpc_error(fp.StartContainer, pb.StartContainerRequest(container_id=ctr))
+        assert status_code(err) == grpc.StatusCode.FAILED_PRECONDITION
+        assert "/no/such/command" in details(err)
+        status = container_status(fp, ctr)
+        assert (status.state, status.reason, status.exit_code) == (
+            pb.CONTAINER_EXITED, "StartError", 128)
+        fp.RemoveContainer(pb.RemoveContainerRequest(container_id=ctr))
+
+
+def test_update_between_create_and_start(
+    fp: CriClient, pulled: TestImages, tmp_path: Path
+) -> None:
+    """A created container is made at start (one `runc run`), so it has no cgroup to write
+    yet: an update (kubelet's CPU manager sets the cpuset between create and start) goes
+    into its spec, and the cgroup runc makes at start has it."""
+    resources = pb.LinuxContainerResources(memory_limit_in_bytes=64 << 20, cpu_shares=512)
+    with a_pod(fp, tmp_path) as (pod_id, pod):
+        ctr = create(fp, pod_id, pod, container_config(
+            pulled.busybox.reference, command=SLEEP,
+            linux=pb.LinuxContainerConfig(resources=resources)))
+        cgroup = verbose_info(fp, ctr)["cgroup"]
+        assert not memory_dir(cgroup).exists()
+        fp.UpdateContainerResources(pb.UpdateContainerResourcesRequest(
+            container_id=ctr, linux=pb.LinuxContainerResources(memory_limit_in_bytes=32 << 20)))
+        assert container_status(fp, ctr).resources.linux.memory_limit_in_bytes == 32 << 20
+        fp.StartContainer(pb.StartContainerRequest(container_id=ctr))
+        assert container_status(fp, ctr).state == pb.CONTAINER_RUNNING
+        assert int(memory_limit_file(cgroup).read_text()) == 32 << 20
+        # What the update left out stays as created.
+        shares = cgroups.cgroup_dir(cgroup, "cpu")
+        shares_file = shares / ("cpu.weight" if cgroups.is_unified_only() else "cpu.shares")
+        if not cgroups.is_unified_only():
+            assert int(shares_file.read_text()) == 512
+        else:
+            assert shares_file.exists()
 
 
 # --- mounts ----------------------------------------------------------------------------------

@@ -452,8 +452,9 @@ def test_crash_at(point: str, world: World) -> None:
 # host fails too: the pause runs on, its namespaces stay pinned, the netns with its veth, the
 # pod cgroup and the ip lease stay.
 POD_UNDO_FAILS = "run_pod:after_pins,undo:pins,undo:pause,undo:network,undo:netns,undo:cgroup"
-# CreateContainer fails once runc made the container, and its rootfs and runc undos fail: its
-# process waits in runc init, in its cgroup, on its overlay mount.
+# CreateContainer fails once the shim holds the container, and its rootfs and runc undos fail:
+# its overlay mount stays (nothing runs yet: StartContainer makes it with `runc run`), and the
+# shim holds a container that never ran.
 CTR_UNDO_FAILS = "create_container:after_shim_create,undo:runc,undo:rootfs"
 FINISHES = ["remove", "restart", "retry"]
 
@@ -568,14 +569,12 @@ def test_a_failed_undo_keeps_the_container_until_its_cleanup_is_finished(
         with pytest.raises(grpc.RpcError) as err:
             _create(armed.cri, ctx)
         ctr_id = _failed_with(
-            err.value, "create container", "runc create", "create_container:after_shim_create"
+            err.value, "create container", "shim create", "create_container:after_shim_create"
         )
         # Seen by nobody, and what it left is still there.
         assert not armed.cri.ListContainers(pb.ListContainersRequest()).containers
         left = " ".join(traces_of(d, {ctr_id}))
-        for trace in ("mount", "cgroup"):
-            assert trace in left, left
-        assert processes_in(ctr_id), "the container's runc init is not there"
+        assert "mount" in left, left
         if finish == "remove":
             armed.cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=ctx["pod"]))
         elif finish == "restart":

@@ -123,6 +123,41 @@ def test_restart_keeps_containers(
     assert_all_gone(d, cri, {pod_id, ticker, cat, quitter})
 
 
+def test_restart_keeps_a_created_container(
+    node: tuple[Daemon, CriClient], test_images: TestImages
+) -> None:
+    """A created container is made at start (`runc run` in the shim): nothing runs yet, and
+    after a daemon restart its shim still holds it, so it starts; a second one is stopped and
+    removed without ever running."""
+    d, cri = node
+    config = pod_config()
+    pod_id = run_pod(cri, config)
+    created = [cri.CreateContainer(pb.CreateContainerRequest(
+        pod_sandbox_id=pod_id, sandbox_config=config,
+        config=container_config(test_images.busybox.reference, command=["sleep", "1h"]),
+    )).container_id for _ in range(2)]
+    assert all(_info(cri, c)["pid"] == 0 for c in created)
+    assert d.stop(signal.SIGKILL) == -signal.SIGKILL
+    d.start()
+    for ctr in created:
+        assert container_status(cri, ctr).state == pb.CONTAINER_CREATED
+    started, never = created
+    cri.StartContainer(pb.StartContainerRequest(container_id=started))
+    assert container_status(cri, started).state == pb.CONTAINER_RUNNING
+    pid = int(str(_info(cri, started)["pid"]))
+    assert Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x001h\x00"
+    cri.StopContainer(pb.StopContainerRequest(container_id=never, timeout=10))
+    status = container_status(cri, never)
+    assert (status.state, status.exit_code, status.started_at) == (pb.CONTAINER_EXITED, 137, 0)
+    cri.RemoveContainer(pb.RemoveContainerRequest(container_id=never))
+    shim = int(Path(f"/proc/{pid}/status").read_text().split("PPid:")[1].split()[0])
+    assert shim in shim_pids(d)
+    cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    assert shim not in shim_pids(d)
+    assert_all_gone(d, cri, {pod_id, *created})
+
+
 def _pod_with_a_sleeper(cri: CriClient, test_images: TestImages) -> tuple[str, str]:
     """A pod and the id of its one container, which sleeps."""
     config = pod_config()
