@@ -210,7 +210,8 @@ class _LifecycleWarmUp:
     """A container's whole life through the shim, on its success paths: create (or run),
     start, state, a signal, its exit reaped and recorded, with a subscriber and the cgroup
     v2 OOM watch. The runtime is /bin/true, and the container's process a /bin/true of
-    our own whose pid is written as runc would have written it."""
+    our own whose pid is written as runc would have written it. Measured: 50-60 KiB of USS
+    per shim (hack/shim-memory, interleaved with the error paths alone)."""
 
     bundle: str
     requests: tuple[bytes, bytes]  # created, then started; or run at create
