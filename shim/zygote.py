@@ -242,7 +242,11 @@ class _LifecycleWarmUp:
         return cls(bundle, (requests[0], requests[1]))
 
     def run(self, shim: Shim, run_at_create: bool) -> None:
-        init = os.posix_spawn("/bin/true", ["/bin/true"], {})
+        """One life; a step that fails leaves its path cold, never the zygote unstarted."""
+        try:
+            init = os.posix_spawn("/bin/true", ["/bin/true"], {})
+        except OSError:
+            return
         with open(os.path.join(self.bundle, "init.pid"), "wb") as pid_file:
             pid_file.write(b"%d" % init)
         subscriber, subscribed = socket.socketpair()
@@ -261,7 +265,7 @@ class _LifecycleWarmUp:
             subscriber.recv(1 << 16)
             connection.close()
             events.close()
-        del shim.containers[self.CONTAINER_ID]
+        shim.containers.pop(self.CONTAINER_ID, None)
 
 
 def _private_temp_dir(prefix: str) -> str:
