@@ -23,6 +23,7 @@ import shutil
 import socket
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from shim import __main__ as shim_main
@@ -31,7 +32,7 @@ from shim.runc import DEFAULT_RUNC
 
 # shim.server imports the op handlers (shim/ops_*.py) and shim/state.py: all loaded here,
 # before any fork, so every shim shares them.
-from shim.server import LOG_LEVELS, accept, load_libc, load_prctl
+from shim.server import LOG_LEVELS, Connection, Shim, accept, load_libc, load_prctl
 
 
 def spawn_args(request: dict[str, Any]) -> argparse.Namespace:
@@ -152,7 +153,7 @@ def _warm_up() -> None:
     """
     from shim.crilog import CriLogFile, LineSplitter
     from shim.runc import Runc
-    from shim.server import Connection, Logger, Shim
+    from shim.server import Logger
 
     state_dir = _private_temp_dir("flatpod-zygote-warm-up-")
     try:
@@ -175,10 +176,11 @@ def _warm_up() -> None:
             {"v": 1, "id": 4, "op": "start", "container_id": "missing"},
             {"v": 1, "id": 5, "op": "nonsense"},
             {"v": 1, "id": 6, "op": "subscribe"}))
+        lifecycle = _LifecycleWarmUp.make(state_dir)
         # A real file: CRI logs are opened beneath a directory, never a device like /dev/null.
         log = CriLogFile(os.path.join(state_dir, "warm-up.log"), state_dir)
         try:
-            for _ in range(WARM_UP_ROUNDS):
+            for round_ in range(WARM_UP_ROUNDS):
                 ours, theirs = socket.socketpair()
                 with ours:
                     connection = Connection(shim, theirs)
@@ -186,18 +188,84 @@ def _warm_up() -> None:
                     shim.loop.run_once(0)
                     ours.recv(1 << 16)
                     connection.close()
+                lifecycle.run(shim, run_at_create=round_ % 2 == 1)
                 log.write_records(b"stdout", LineSplitter().feed(b"warm\nup\n"))
                 _warm_up_request_handling(state_dir, listener)
                 shim.reap()
                 runc.start("warm-up")
         finally:
             log.close()
+            if shim.oom_inotify >= 0:
+                os.close(shim.oom_inotify)
             shim.loop.close()
             shim.wakeup_reader.close()
             shim.wakeup_writer.close()
             listener.close()
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class _LifecycleWarmUp:
+    """A container's whole life through the shim, on its success paths: create (or run),
+    start, state, a signal, its exit reaped and recorded, with a subscriber and the cgroup
+    v2 OOM watch. The runtime is /bin/true, and the container's process a /bin/true of
+    our own whose pid is written as runc would have written it. Measured: 50-60 KiB of USS
+    per shim (hack/shim-memory, interleaved with the error paths alone)."""
+
+    bundle: str
+    requests: tuple[bytes, bytes]  # created, then started; or run at create
+
+    CONTAINER_ID = "warm-up-running"
+    SUBSCRIBE = protocol.encode_message({"v": 1, "id": 1, "op": "subscribe"})
+
+    @classmethod
+    def make(cls, state_dir: str) -> _LifecycleWarmUp:
+        bundle = os.path.join(state_dir, cls.CONTAINER_ID)
+        os.mkdir(bundle)
+        with open(os.path.join(bundle, "config.json"), "w", encoding="utf-8") as config:
+            json.dump({"linux": {"namespaces": [{"type": "pid"}]}}, config)
+        oom_file = os.path.join(state_dir, "memory.events")
+        with open(oom_file, "w", encoding="utf-8") as events:
+            events.write("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n")
+        create: dict[str, Any] = {
+            "op": "create", "container_id": cls.CONTAINER_ID, "bundle": bundle,
+            "log_path": os.path.join(state_dir, "running.log"), "log_root": state_dir,
+            "oom_file": oom_file}
+        after: tuple[dict[str, Any], ...] = ({"op": "start", "container_id": cls.CONTAINER_ID},
+                 {"op": "state", "container_id": cls.CONTAINER_ID},
+                 {"op": "signal", "container_id": cls.CONTAINER_ID, "signal": 0},
+                 {"op": "state"})
+        requests = [b"".join(protocol.encode_message({"v": 1, "id": n, **r}) for n, r in
+                             enumerate(({**create, "start": run}, *after), 1))
+                    for run in (False, True)]
+        return cls(bundle, (requests[0], requests[1]))
+
+    def run(self, shim: Shim, run_at_create: bool) -> None:
+        """One life; a step that fails leaves its path cold, never the zygote unstarted."""
+        try:
+            init = os.posix_spawn("/bin/true", ["/bin/true"], {})
+        except OSError:
+            return
+        with open(os.path.join(self.bundle, "init.pid"), "wb") as pid_file:
+            pid_file.write(b"%d" % init)
+        subscriber, subscribed = socket.socketpair()
+        ours, theirs = socket.socketpair()
+        with subscriber, ours:
+            events = Connection(shim, subscribed)
+            subscriber.sendall(self.SUBSCRIBE)
+            shim.loop.run_once(0)
+            connection = Connection(shim, theirs)
+            ours.sendall(self.requests[run_at_create])
+            shim.loop.run_once(0)
+            # Its exit, without reaping it: the shim reaps it.
+            os.waitid(os.P_PID, init, os.WEXITED | os.WNOWAIT)
+            shim.reap()
+            ours.recv(1 << 16)
+            subscriber.recv(1 << 16)
+            connection.close()
+            events.close()
+        shim.containers.pop(self.CONTAINER_ID, None)
 
 
 def _private_temp_dir(prefix: str) -> str:

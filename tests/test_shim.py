@@ -533,17 +533,17 @@ def test_merged_shim_memory_is_under_the_target() -> None:
                 time.sleep(0.5)
 
 
-UNMERGED_SHIM_USS_LIMIT_KIB = 1792
+UNMERGED_SHIM_USS_LIMIT_KIB = 1728
 
 
 def test_unmerged_shim_memory_is_under_the_bound() -> None:
     """Without KSM, a zygote-forked shim running a container keeps what it copied of the
-    zygote's pages: 1644 KiB here with the zygote's malloc heap filled, 1796 KiB without
-    (main at 09e3759, same machine; hack/shim-memory, with an event subscription and 20
-    shims: 1.95 against 2.08 MiB; README "Memory per pod"). The bound leaves 9% (148 KiB,
-    five times the ~30 KiB by which layouts differ from one zygote to the next); it fails on
-    threading back in the zygote (+0.5 MiB) or the old 2.2 MiB, and about at the unfilled
-    heap's 1.8 MiB."""
+    zygote's pages: 1596-1624 KiB here with the zygote warming a container's whole life,
+    1660-1684 KiB without (main at b7907a4, same machine, interleaved; hack/shim-memory -n 12:
+    1608 against 1658-1666; README "What a shim copies"). The bound leaves 6% (104 KiB,
+    about three times the ~30 KiB by which layouts differ from one zygote to the next); it
+    fails on threading back in the zygote (+0.5 MiB), the unfilled malloc heap (+0.13 MiB)
+    or the old 2.2 MiB."""
     with foreground_zygote() as zygote, shim_pod(zygote) as one, shim_pod(zygote) as two, \
             shim_pod(zygote) as three:
         for pod_ in (one, two, three):
