@@ -67,16 +67,18 @@ def pin_namespace(source: Path, target: Path) -> None:
         raise
 
 
-def _unshare_and_pin(target: Path) -> None:
-    libc.unshare(libc.CLONE_NEWNET)
-    libc.mount("/proc/thread-self/ns/net", str(target), "none", libc.MS_BIND)
-    loopback_up()  # this thread is in the new namespace: no second thread to enter it
-
-
 def create_netns(path: Path) -> None:
     """Create a new network namespace pinned at `path`, with loopback up inside.
 
     Raises FileExistsError if something is already pinned there.
+    """
+    run_in_netns(Path(_NSFS_PROBE), lambda: create_netns_here(path))
+
+
+def create_netns_here(path: Path) -> None:
+    """create_netns(), made by moving the calling thread into the new namespace, where it
+    stays: only for a thread of its own that ends after its work (enter.on_own_thread),
+    which saves create_netns's second thread and its hand-offs. On failure nothing is left.
     """
     if path.parent == NETNS_RUN_DIR:
         ensure_shared_mount_dir(NETNS_RUN_DIR)
@@ -84,7 +86,9 @@ def create_netns(path: Path) -> None:
         raise FileExistsError(errno.EEXIST, "namespace already pinned", str(path))
     _touch_mount_target(path)
     try:
-        run_in_netns(Path(_NSFS_PROBE), lambda: _unshare_and_pin(path))
+        libc.unshare(libc.CLONE_NEWNET)
+        libc.mount("/proc/thread-self/ns/net", str(path), "none", libc.MS_BIND)
+        loopback_up()  # this thread is in the new namespace: no second thread to enter it
     except BaseException:
         unpin(path)
         raise

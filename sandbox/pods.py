@@ -26,8 +26,14 @@ from typing import Any, Literal, TypeVar
 from google.protobuf.json_format import MessageToDict
 
 from cri_api import api_pb2 as pb
-from netns.enter import run_in_netns
-from netns.pin import create_netns, ensure_shared_mount_dir, is_pinned, pin_namespace, unpin
+from netns.enter import on_own_thread, run_in_netns
+from netns.pin import (
+    create_netns_here,
+    ensure_shared_mount_dir,
+    is_pinned,
+    pin_namespace,
+    unpin,
+)
 from netns.ports import PortMapping
 from netns.rtnl import loopback_up
 from sandbox import acl, cgroups, containers, mounts, validate
@@ -178,10 +184,15 @@ async def _create_pod(
             shim_task.set_result(claimed)
         undo.push_after("shim", shim_task, lambda: _shutdown_shim(rt, pod))
         clock.mark_done("shim", shim_task)
-        # 3. The pod's files (hostname, resolv.conf, hosts, /dev/shm), the pod cgroup (with
-        # the pod's overhead and resources; cgroupfs driver: with systemd the pod's slice and
-        # its limits are kubelet's, as with containerd, or the pod's own slice, which systemd
-        # makes with the pause's scope) and the pause's bundle, in one hop.
+        # 3. In one thread's hop, what the pause's spec names: the network namespace,
+        # pinned (made inside the pod's user namespace, if it has one, which is pinned
+        # first), then the pod's files (hostname, resolv.conf, hosts, /dev/shm), the pod
+        # cgroup (with the pod's overhead and resources; cgroupfs driver: with systemd the
+        # pod's slice and its limits are kubelet's, as with containerd, or the pod's own
+        # slice, which systemd makes with the pause's scope) and the pause's bundle. One hop,
+        # not two side by side: most of it is Python holding the GIL, and two threads and
+        # the loop passing it around took 6-7 ms where the work alone takes about 3. A
+        # thread of its own, not a pooled one: it moves into the new netns to make it.
         userns = pod_userns(config.linux.security_context)  # validated above
         if userns is not None:  # on the loop: see share_state_dirs
             share_state_dirs(rt)  # the record is reserved: its group is in the set
@@ -191,8 +202,10 @@ async def _create_pod(
         pod.cgroup_path, pod.cgroup_slice = place.pod_path, place.slice
         shm, bundle = pod_dir / "shm", rt.paths.bundle_dir(pod_id)
         user_ns = pod_dir / "ns" / "user"
-        if not host_net:  # the spec names them; they are made at the same time (step 4)
-            pod.netns_path = str(NETNS_DIR / f"flatpod-{pod_id[:24]}")
+        netns = None
+        if not host_net:  # the spec names them
+            netns = NETNS_DIR / f"flatpod-{pod_id[:24]}"
+            pod.netns_path = str(netns)
             if userns is not None:
                 pod.namespaces["user"] = str(user_ns)
         undo.push("shm", lambda: mounts.unmount(shm))
@@ -203,29 +216,23 @@ async def _create_pod(
         elif cgroups.is_own_slice(place.slice, pod_id):  # made by the pause's scope, if any
             undo.push("slice", lambda: cgroups.stop_slice(place.slice))
         undo.push("bundle", lambda: shutil.rmtree(bundle, ignore_errors=True))
-        made = asyncio.ensure_future(asyncio.to_thread(
-            _make_pod_contents, rt, pod, userns, place, clock))
-        undo.push_after("pod files", made, lambda: None)  # the undos above wait for it
-        clock.mark_done("bundle", made)
-        # 4. At the same time, the network namespace, pinned (made inside the pod's user
-        # namespace, if it has one, which is pinned first); then the network in it (veth,
-        # IPAM, routes, host ports) is set up while the pause starts: only the netns must
-        # exist before the pause.
-        network = None
-        if not host_net:
-            undo.at("netns")
-            netns = Path(pod.netns_path)
+        if netns is not None:
             if userns is not None:
                 undo.push("userns", lambda: unpin(user_ns))
             undo.push("netns", lambda: unpin(netns))
-            await asyncio.to_thread(_make_netns, netns, userns, user_ns)
-            rt.faults.point("run_pod:after_netns")
-            clock.mark("netns")
+        made = asyncio.ensure_future(on_own_thread(
+            lambda: _make_pod_contents(rt, pod, netns, userns, place, clock)))
+        undo.push_after("pod files", made, lambda: None)  # the undos above wait for it
+        undo.at("pod files")
+        oom_file, systemd = await made
+        clock.mark("bundle")
+        # 4. The network in the netns (veth, IPAM, routes, host ports) is set up while the
+        # pause starts: only the netns must exist before the pause.
+        network = None
+        if netns is not None:
             network = asyncio.ensure_future(_in_step("network", _setup_network(rt, pod, netns)))
             undo.push_after("network", network, lambda: _teardown_network(rt, pod))
             clock.mark_done("network", network)
-        undo.at("pod files")
-        oom_file, systemd = await made
         # 5. The pod's shim runs the pause: `runc run --detach`, create and start in one runc
         # process (nothing needs the pause between the two).
         undo.at("shim")
@@ -269,15 +276,24 @@ async def _in_step(step: str, work: Awaitable[T]) -> T:
 
 
 def _make_pod_contents(
-    rt: Runtime, pod: PodRecord, userns: PodUserns | None, place: cgroups.Placement,
-    clock: StepClock,
+    rt: Runtime, pod: PodRecord, netns: Path | None, userns: PodUserns | None,
+    place: cgroups.Placement, clock: StepClock,
 ) -> tuple[str | None, bool]:
-    """hostname, resolv.conf, hosts and the /dev/shm tmpfs in the pod's dir; the pod cgroup
-    (cgroupfs); the pause's bundle. Returns what the shim needs of the pause's cgroup. A
-    worker thread's work: one hop for all of it."""
+    """The pod's netns (unless host network); hostname, resolv.conf, hosts and the /dev/shm
+    tmpfs in the pod's dir; the pod cgroup (cgroupfs); the pause's bundle. Returns what the
+    shim needs of the pause's cgroup. Runs on a thread of its own (enter.on_own_thread),
+    which ends in the pod's netns: nothing after the netns here may use the network."""
     config = pod.config
     pod_dir = rt.paths.pod_dir(pod.id)
     opts = config.linux.security_context.namespace_options
+    if netns is not None:
+        with Steps("netns"):
+            if userns is None:
+                create_netns_here(netns)
+            else:
+                create_userns(userns, pod_dir / "ns" / "user", netns)
+        rt.faults.point("run_pod:after_netns")
+        clock.mark("netns")
     with Steps("pod files"):
         _write_pod_files(pod_dir, config, opts.network == pb.NODE)
         if opts.ipc != pb.NODE:
@@ -297,13 +313,6 @@ def _make_pod_contents(
     with Steps("pause bundle"):
         _write_bundle(rt.paths.bundle_dir(pod.id), _pause_spec(rt, pod, pod_dir, rootfs))
         return containers.shim_cgroup_options(pod, pod.id, rt.host_cgroups)
-
-
-def _make_netns(netns: Path, userns: PodUserns | None, user_ns: Path) -> None:
-    if userns is None:
-        create_netns(netns)
-    else:
-        create_userns(userns, user_ns, netns)
 
 
 async def _setup_network(rt: Runtime, pod: PodRecord, netns: Path) -> None:

@@ -53,11 +53,12 @@ FOLLOWER_CANCEL_WAIT = 1.0
 # takes the dir removes it; startup stops the spare shims of the dirs that still have it.
 SPARE_MARKER = "spare"
 # The spare is forked this long after the RunPodSandbox that used the last one has answered:
-# kubelet's (and critest's) PodSandboxStatus follows that answer at once, and a fork and a
-# shim's start beside it on a 2-core node made it wait (2.0-4.0 against 1.5-1.8 ms,
-# interleaved). A pod that
-# comes meanwhile forks its own shim, as without a spare.
-SPARE_FORK_DELAY = 0.05
+# kubelet's (and critest's) PodSandboxStatus follows that answer at once (1.5-4 ms), and a
+# fork and a shim's start beside it on a 2-core node made it wait (2.0-4.0 against 1.5-1.8
+# ms, interleaved). Not longer: a pod that comes before the spare is up forks its own shim,
+# and with 50 ms every other pod of a stop-and-run loop did (40-45 ms between an answer and
+# the next RunPodSandbox), its pause waiting 6-15 ms for that fork instead of under 1 ms.
+SPARE_FORK_DELAY = 0.015
 
 
 def new_pod_id() -> str:
