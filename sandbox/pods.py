@@ -292,7 +292,7 @@ def _make_pod_contents(
                 create_netns_here(netns)
             else:
                 create_userns(userns, pod_dir / "ns" / "user", netns)
-        rt.faults.point("run_pod:after_netns")
+            rt.faults.point("run_pod:after_netns")
         clock.mark("netns")
     with Steps("pod files"):
         _write_pod_files(pod_dir, config, opts.network == pb.NODE)
