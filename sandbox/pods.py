@@ -186,10 +186,8 @@ async def _create_pod(
         clock.mark_done("shim", shim_task)
         # 3. In one thread's hop, what the pause's spec names: the network namespace,
         # pinned (made inside the pod's user namespace, if it has one, which is pinned
-        # first), then the pod's files (hostname, resolv.conf, hosts, /dev/shm), the pod
-        # cgroup (with the pod's overhead and resources; cgroupfs driver: with systemd the
-        # pod's slice and its limits are kubelet's, as with containerd, or the pod's own
-        # slice, which systemd makes with the pause's scope) and the pause's bundle. One hop,
+        # first), then the pod's files (hostname, resolv.conf, hosts, /dev/shm) and the
+        # pause's bundle. One hop,
         # not two side by side: most of it is Python holding the GIL, and two threads and
         # the loop passing it around took 6-7 ms where the work alone takes about 3. A
         # thread of its own, not a pooled one: it moves into the new netns to make it.
@@ -221,13 +219,18 @@ async def _create_pod(
                 undo.push("userns", lambda: unpin(user_ns))
             undo.push("netns", lambda: unpin(netns))
         made = asyncio.ensure_future(on_own_thread(
-            lambda: _make_pod_contents(rt, pod, netns, userns, place, clock)))
+            lambda: _make_pod_contents(rt, pod, netns, userns, clock)))
         undo.push_after("pod files", made, lambda: None)  # the undos above wait for it
         undo.at("pod files")
         oom_file, systemd = await made
         clock.mark("bundle")
-        # 4. The network in the netns (veth, IPAM, routes, host ports) is set up while the
-        # pause starts: only the netns must exist before the pause.
+        # 4. While the pause starts: the pod cgroup, a worker-thread hop (runc makes the
+        # pause's missing parents itself, and fills v1 cpusets; the pod's limits only need
+        # to be set before a container joins, at READY), and the network in the netns
+        # (veth, IPAM, routes, host ports): only the netns must exist before the pause.
+        pod_cgroup = asyncio.ensure_future(asyncio.to_thread(_make_pod_cgroup, rt, pod, place))
+        undo.push_after("pod cgroup", pod_cgroup, lambda: None)  # the cgroup's undo waits
+        clock.mark_done("cgroup", pod_cgroup)
         network = None
         if netns is not None:
             network = asyncio.ensure_future(_in_step("network", _setup_network(rt, pod, netns)))
@@ -251,7 +254,9 @@ async def _create_pod(
         pod.namespaces = _pin_namespaces(pod, pod_dir)
         rt.faults.point("run_pod:after_pins")
         clock.mark("pinned")
-        # 7. Ready, once the network is.
+        # 7. Ready, once the pod cgroup and the network are.
+        undo.at("cgroup")
+        await pod_cgroup
         if network is not None:
             await network
         undo.at("ready")
@@ -276,11 +281,10 @@ async def _in_step(step: str, work: Awaitable[T]) -> T:
 
 
 def _make_pod_contents(
-    rt: Runtime, pod: PodRecord, netns: Path | None, userns: PodUserns | None,
-    place: cgroups.Placement, clock: StepClock,
+    rt: Runtime, pod: PodRecord, netns: Path | None, userns: PodUserns | None, clock: StepClock,
 ) -> tuple[str | None, bool]:
     """The pod's netns (unless host network); hostname, resolv.conf, hosts and the /dev/shm
-    tmpfs in the pod's dir; the pod cgroup (cgroupfs); the pause's bundle. Returns what the
+    tmpfs in the pod's dir; the pause's bundle. Returns what the
     shim needs of the pause's cgroup. Runs on a thread of its own (enter.on_own_thread),
     which ends in the pod's netns: nothing after the netns here may use the network."""
     config = pod.config
@@ -304,15 +308,20 @@ def _make_pod_contents(
             rootfs = pod_dir / POD_PAUSE_ROOTFS
             mounts.bind_executable_readonly(rt.paths.pause_rootfs, rootfs)
     clock.mark("files")
-    with Steps("cgroup"):
-        if place.driver is cgroups.Driver.CGROUPFS:
-            hs = rt.host_cgroups.hierarchies
-            cgroups.create(pod.cgroup_path, pod_resources(config.linux), hs)
-        rt.faults.point("run_pod:after_cgroup")
-    clock.mark("cgroup")
     with Steps("pause bundle"):
         _write_bundle(rt.paths.bundle_dir(pod.id), _pause_spec(rt, pod, pod_dir, rootfs))
         return containers.shim_cgroup_options(pod, pod.id, rt.host_cgroups)
+
+
+def _make_pod_cgroup(rt: Runtime, pod: PodRecord, place: cgroups.Placement) -> None:
+    """The pod cgroup with the pod's overhead and resources (cgroupfs driver: with systemd
+    the pod's slice and its limits are kubelet's, as with containerd, or the pod's own slice,
+    which systemd makes with the pause's scope)."""
+    with Steps("cgroup"):
+        if place.driver is cgroups.Driver.CGROUPFS:
+            hs = rt.host_cgroups.hierarchies
+            cgroups.create(pod.cgroup_path, pod_resources(pod.config.linux), hs)
+        rt.faults.point("run_pod:after_cgroup")
 
 
 async def _setup_network(rt: Runtime, pod: PodRecord, netns: Path) -> None:
