@@ -187,10 +187,10 @@ async def _create_pod(
         # 3. In one thread's hop, what the pause's spec names: the network namespace,
         # pinned (made inside the pod's user namespace, if it has one, which is pinned
         # first), then the pod's files (hostname, resolv.conf, hosts, /dev/shm) and the
-        # pause's bundle. One hop,
-        # not two side by side: most of it is Python holding the GIL, and two threads and
-        # the loop passing it around took 6-7 ms where the work alone takes about 3. A
-        # thread of its own, not a pooled one: it moves into the new netns to make it.
+        # pause's bundle. One hop, not two side by side: most of it is Python holding the
+        # GIL, and two threads and the loop passing it around took 6-7 ms where the work
+        # alone takes about 3. A thread of its own, not a pooled one: it moves into the new
+        # netns to make it.
         userns = pod_userns(config.linux.security_context)  # validated above
         if userns is not None:  # on the loop: see share_state_dirs
             share_state_dirs(rt)  # the record is reserved: its group is in the set
@@ -228,7 +228,7 @@ async def _create_pod(
         # pause's missing parents itself, and fills v1 cpusets; the pod's limits only need
         # to be set before a container joins, at READY), and the network in the netns
         # (veth, IPAM, routes, host ports): only the netns must exist before the pause.
-        pod_cgroup = asyncio.ensure_future(asyncio.to_thread(_make_pod_cgroup, rt, pod, place))
+        pod_cgroup = asyncio.ensure_future(_make_pod_cgroup(rt, pod, place))
         undo.push_after("pod cgroup", pod_cgroup, lambda: None)  # the cgroup's undo waits
         clock.mark_done("cgroup", pod_cgroup)
         network = None
@@ -284,9 +284,9 @@ def _make_pod_contents(
     rt: Runtime, pod: PodRecord, netns: Path | None, userns: PodUserns | None, clock: StepClock,
 ) -> tuple[str | None, bool]:
     """The pod's netns (unless host network); hostname, resolv.conf, hosts and the /dev/shm
-    tmpfs in the pod's dir; the pause's bundle. Returns what the
-    shim needs of the pause's cgroup. Runs on a thread of its own (enter.on_own_thread),
-    which ends in the pod's netns: nothing after the netns here may use the network."""
+    tmpfs in the pod's dir; the pause's bundle. Returns what the shim needs of the pause's
+    cgroup. Runs on a thread of its own (enter.on_own_thread), which ends in the pod's
+    netns: nothing after the netns here may use the network."""
     config = pod.config
     pod_dir = rt.paths.pod_dir(pod.id)
     opts = config.linux.security_context.namespace_options
@@ -313,14 +313,15 @@ def _make_pod_contents(
         return containers.shim_cgroup_options(pod, pod.id, rt.host_cgroups)
 
 
-def _make_pod_cgroup(rt: Runtime, pod: PodRecord, place: cgroups.Placement) -> None:
-    """The pod cgroup with the pod's overhead and resources (cgroupfs driver: with systemd
-    the pod's slice and its limits are kubelet's, as with containerd, or the pod's own slice,
-    which systemd makes with the pause's scope)."""
+async def _make_pod_cgroup(rt: Runtime, pod: PodRecord, place: cgroups.Placement) -> None:
+    """The pod cgroup with the pod's overhead and resources, on a worker thread (cgroupfs
+    driver: with systemd the pod's slice and its limits are kubelet's, as with containerd,
+    or the pod's own slice, which systemd makes with the pause's scope)."""
     with Steps("cgroup"):
         if place.driver is cgroups.Driver.CGROUPFS:
             hs = rt.host_cgroups.hierarchies
-            cgroups.create(pod.cgroup_path, pod_resources(pod.config.linux), hs)
+            resources = pod_resources(pod.config.linux)
+            await asyncio.to_thread(cgroups.create, pod.cgroup_path, resources, hs)
         rt.faults.point("run_pod:after_cgroup")
 
 
