@@ -25,6 +25,12 @@ _NSFS_PROBE = "/proc/self/ns/net"
 _MAX_STACKED_MOUNTS = 8
 
 
+def pod_netns_path(pod_id: str) -> Path:
+    """Where flatpod pins a pod's network namespace: named from the pod id, so that a spare
+    shim's netns (sandbox/shims.py) and a half-made pod's can be found from the id alone."""
+    return NETNS_RUN_DIR / f"flatpod-{pod_id[:24]}"
+
+
 def ensure_shared_mount_dir(directory: Path) -> None:
     """Make `directory` a shared-propagation mount point, as `ip netns add` does for /run/netns.
 

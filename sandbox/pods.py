@@ -32,6 +32,7 @@ from netns.pin import (
     ensure_shared_mount_dir,
     is_pinned,
     pin_namespace,
+    pod_netns_path,
     unpin,
 )
 from netns.ports import PortMapping
@@ -161,6 +162,11 @@ async def _create_pod(
     # 1. Reserve the name and journal the operation before touching the host.
     rt.registry.reserve(pod)
     rt.store.begin_operation(f"run_pod:{pod_id}", "run_pod", pod_id, {})
+    userns = pod_userns(config.linux.security_context)  # validated above
+    if spare is not None and (host_net or userns is not None):
+        # The spare's netns is for a pod of the pod network; before the claim, so that a
+        # crash here leaves it to the spare's own cleanup (its dir is still marked).
+        unpin(pod_netns_path(pod_id))
     claimed = rt.shims.claim_spare(spare) if spare is not None else None
     rt.faults.point("run_pod:after_reserve")
     clock.mark("reserved")
@@ -191,7 +197,6 @@ async def _create_pod(
         # GIL, and two threads and the loop passing it around took 6-7 ms where the work
         # alone takes about 3. A thread of its own, not a pooled one: it moves into the new
         # netns to make it.
-        userns = pod_userns(config.linux.security_context)  # validated above
         if userns is not None:  # on the loop: see share_state_dirs
             share_state_dirs(rt)  # the record is reserved: its group is in the set
         place = cgroups.placement(
@@ -202,7 +207,7 @@ async def _create_pod(
         user_ns = pod_dir / "ns" / "user"
         netns = None
         if not host_net:  # the spec names them
-            netns = NETNS_DIR / f"flatpod-{pod_id[:24]}"
+            netns = pod_netns_path(pod_id)
             pod.netns_path = str(netns)
             if userns is not None:
                 pod.namespaces["user"] = str(user_ns)
@@ -219,7 +224,7 @@ async def _create_pod(
                 undo.push("userns", lambda: unpin(user_ns))
             undo.push("netns", lambda: unpin(netns))
         made = asyncio.ensure_future(on_own_thread(
-            lambda: _make_pod_contents(rt, pod, netns, userns, clock)))
+            lambda: _make_pod_contents(rt, pod, netns, userns, claimed is not None, clock)))
         undo.push_after("pod files", made, lambda: None)  # the undos above wait for it
         undo.at("pod files")
         oom_file, systemd = await made
@@ -281,19 +286,22 @@ async def _in_step(step: str, work: Awaitable[T]) -> T:
 
 
 def _make_pod_contents(
-    rt: Runtime, pod: PodRecord, netns: Path | None, userns: PodUserns | None, clock: StepClock,
+    rt: Runtime, pod: PodRecord, netns: Path | None, userns: PodUserns | None,
+    spare_netns: bool, clock: StepClock,
 ) -> tuple[str | None, bool]:
     """The pod's netns (unless host network); hostname, resolv.conf, hosts and the /dev/shm
     tmpfs in the pod's dir; the pause's bundle. Returns what the shim needs of the pause's
     cgroup. Runs on a thread of its own (enter.on_own_thread), which ends in the pod's
-    netns: nothing after the netns here may use the network."""
+    netns: nothing after the netns here may use the network. With `spare_netns`, the pod
+    took a spare shim, whose netns was made with it (sandbox/shims.py)."""
     config = pod.config
     pod_dir = rt.paths.pod_dir(pod.id)
     opts = config.linux.security_context.namespace_options
     if netns is not None:
         with Steps("netns"):
             if userns is None:
-                create_netns_here(netns)
+                if not (spare_netns and is_pinned(netns)):
+                    create_netns_here(netns)
             else:
                 create_userns(userns, pod_dir / "ns" / "user", netns)
             rt.faults.point("run_pod:after_netns")
@@ -831,7 +839,7 @@ def _name_leftovers(rt: Runtime, pod: PodRecord) -> None:
     its id and config, as RunPodSandbox derives them."""
     opts = pod.config.linux.security_context.namespace_options
     if opts.network != pb.NODE:
-        pod.netns_path = pod.netns_path or str(NETNS_DIR / f"flatpod-{pod.id[:24]}")
+        pod.netns_path = pod.netns_path or str(pod_netns_path(pod.id))
         pod.network_kind = pod.network_kind or rt.network_kind
     if not (pod.cgroup_path or pod.cgroup_slice):
         with contextlib.suppress(cgroups.CgroupError):

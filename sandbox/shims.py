@@ -20,7 +20,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
+from netns.pin import create_netns, pod_netns_path, unpin
 from sandbox.handlers import Handler
 from shim import ksm
 from shim.client import (
@@ -35,6 +37,7 @@ from shim.client import (
     zygote_call,
 )
 
+T = TypeVar("T")
 log = logging.getLogger("flatpod.shims")
 
 ExitHandler = Callable[[str, ProcessState], Awaitable[None]]
@@ -175,6 +178,7 @@ class ShimRegistry:
             log.warning("spare shim for pod %s exited; forking another", spare.pod_id[:12])
             self.spare = None
             os.close(spare.pidfd)
+            unpin(pod_netns_path(spare.pod_id))
             shutil.rmtree(spare.pod_dir, ignore_errors=True)
             return None
         return spare
@@ -213,6 +217,9 @@ class ShimRegistry:
                 await _stop_spare_dir(replaced.pod_dir)
             make_pod_dir(pod_dir)
             (pod_dir / SPARE_MARKER).write_text("0\n")  # before the fork: never unmarked
+            # The netns too, made ahead (after the marker: a left spare's is unpinned with
+            # it): a pod of the pod network takes it, the others unpin it at the claim.
+            await _to_the_end(asyncio.to_thread(create_netns, pod_netns_path(pod_id)))
             client = await self._spawn(pod_id, pod_dir, handler, str(self.zygote_socket))
             pid = (await client.shim_state()).pid
             (pod_dir / SPARE_MARKER).write_text(f"{pid}\n")
@@ -343,11 +350,23 @@ async def shut_down(client: ShimClient, what: str) -> None:
         os.close(pidfd)
 
 
+async def _to_the_end(work: Awaitable[T]) -> T:
+    """Awaits `work`; cancelled meanwhile, first lets it end (a thread cannot be stopped),
+    so that the cleanup after the cancellation never races it."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
+
+
 async def _stop_spare_dir(pod_dir: Path) -> None:
-    """Stops the spare shim of `pod_dir`, if it runs, and removes the dir."""
+    """Stops the spare shim of `pod_dir`, if it runs, and removes the dir and its netns."""
     if (pod_dir / "shim.sock").exists():
         await shut_down(ShimClient(str(pod_dir), timeout=RECONNECT_TIMEOUT),
                         f"spare shim in {pod_dir}")
+    unpin(pod_netns_path(pod_dir.name))
     shutil.rmtree(pod_dir, ignore_errors=True)
 
 
