@@ -12,6 +12,7 @@ handed back and used from any thread: that is how port-forward connects to the p
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -72,6 +73,33 @@ def run_in_netns(netns_path: Path, fn: Callable[[], T]) -> T:
     if not outcome.done:
         raise RuntimeError(f"netns helper thread for {netns_path} ended without a result")
     return outcome.value  # type: ignore[return-value]
+
+
+async def on_own_thread(fn: Callable[[], T]) -> T:
+    """Awaits `fn()` run on a fresh thread that ends after it: for work that moves its thread
+    into another namespace (pin.create_netns_here), which a pooled thread must never do. A
+    cancelled await leaves the thread to finish its work; its result is dropped."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(value: T | None, error: BaseException | None) -> None:
+        if done.done():  # cancelled meanwhile
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(value)  # type: ignore[arg-type]
+
+    def body() -> None:
+        try:
+            value = fn()
+        except BaseException as exc:
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, value, None)
+
+    threading.Thread(target=body, name="own-thread", daemon=True).start()
+    return await done
 
 
 def open_socket_in_netns(

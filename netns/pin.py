@@ -25,6 +25,12 @@ _NSFS_PROBE = "/proc/self/ns/net"
 _MAX_STACKED_MOUNTS = 8
 
 
+def pod_netns_path(pod_id: str) -> Path:
+    """Where flatpod pins a pod's network namespace: named from the pod id, so that a spare
+    shim's netns (sandbox/shims.py) and a half-made pod's can be found from the id alone."""
+    return NETNS_RUN_DIR / f"flatpod-{pod_id[:24]}"
+
+
 def ensure_shared_mount_dir(directory: Path) -> None:
     """Make `directory` a shared-propagation mount point, as `ip netns add` does for /run/netns.
 
@@ -67,16 +73,18 @@ def pin_namespace(source: Path, target: Path) -> None:
         raise
 
 
-def _unshare_and_pin(target: Path) -> None:
-    libc.unshare(libc.CLONE_NEWNET)
-    libc.mount("/proc/thread-self/ns/net", str(target), "none", libc.MS_BIND)
-    loopback_up()  # this thread is in the new namespace: no second thread to enter it
-
-
 def create_netns(path: Path) -> None:
     """Create a new network namespace pinned at `path`, with loopback up inside.
 
     Raises FileExistsError if something is already pinned there.
+    """
+    run_in_netns(Path(_NSFS_PROBE), lambda: create_netns_here(path))
+
+
+def create_netns_here(path: Path) -> None:
+    """create_netns(), made by moving the calling thread into the new namespace, where it
+    stays: only for a thread of its own that ends after its work (enter.on_own_thread),
+    which saves create_netns's second thread and its hand-offs. On failure nothing is left.
     """
     if path.parent == NETNS_RUN_DIR:
         ensure_shared_mount_dir(NETNS_RUN_DIR)
@@ -84,7 +92,9 @@ def create_netns(path: Path) -> None:
         raise FileExistsError(errno.EEXIST, "namespace already pinned", str(path))
     _touch_mount_target(path)
     try:
-        run_in_netns(Path(_NSFS_PROBE), lambda: _unshare_and_pin(path))
+        libc.unshare(libc.CLONE_NEWNET)
+        libc.mount("/proc/thread-self/ns/net", str(path), "none", libc.MS_BIND)
+        loopback_up()  # this thread is in the new namespace: no second thread to enter it
     except BaseException:
         unpin(path)
         raise

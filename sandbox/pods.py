@@ -26,8 +26,15 @@ from typing import Any, Literal, TypeVar
 from google.protobuf.json_format import MessageToDict
 
 from cri_api import api_pb2 as pb
-from netns.enter import run_in_netns
-from netns.pin import create_netns, ensure_shared_mount_dir, is_pinned, pin_namespace, unpin
+from netns.enter import on_own_thread, run_in_netns
+from netns.pin import (
+    create_netns_here,
+    ensure_shared_mount_dir,
+    is_pinned,
+    pin_namespace,
+    pod_netns_path,
+    unpin,
+)
 from netns.ports import PortMapping
 from netns.rtnl import loopback_up
 from sandbox import acl, cgroups, containers, mounts, validate
@@ -155,6 +162,11 @@ async def _create_pod(
     # 1. Reserve the name and journal the operation before touching the host.
     rt.registry.reserve(pod)
     rt.store.begin_operation(f"run_pod:{pod_id}", "run_pod", pod_id, {})
+    userns = pod_userns(config.linux.security_context)  # validated above
+    if spare is not None and (host_net or userns is not None):
+        # The spare's netns is for a pod of the pod network; before the claim, so that a
+        # crash here leaves it to the spare's own cleanup (its dir is still marked).
+        unpin(pod_netns_path(pod_id))
     claimed = rt.shims.claim_spare(spare) if spare is not None else None
     rt.faults.point("run_pod:after_reserve")
     clock.mark("reserved")
@@ -178,11 +190,13 @@ async def _create_pod(
             shim_task.set_result(claimed)
         undo.push_after("shim", shim_task, lambda: _shutdown_shim(rt, pod))
         clock.mark_done("shim", shim_task)
-        # 3. The pod's files (hostname, resolv.conf, hosts, /dev/shm), the pod cgroup (with
-        # the pod's overhead and resources; cgroupfs driver: with systemd the pod's slice and
-        # its limits are kubelet's, as with containerd, or the pod's own slice, which systemd
-        # makes with the pause's scope) and the pause's bundle, in one hop.
-        userns = pod_userns(config.linux.security_context)  # validated above
+        # 3. In one thread's hop, what the pause's spec names: the network namespace,
+        # pinned (made inside the pod's user namespace, if it has one, which is pinned
+        # first), then the pod's files (hostname, resolv.conf, hosts, /dev/shm) and the
+        # pause's bundle. One hop, not two side by side: most of it is Python holding the
+        # GIL, and two threads and the loop passing it around took 6-7 ms where the work
+        # alone takes about 3. A thread of its own, not a pooled one: it moves into the new
+        # netns to make it.
         if userns is not None:  # on the loop: see share_state_dirs
             share_state_dirs(rt)  # the record is reserved: its group is in the set
         place = cgroups.placement(
@@ -191,8 +205,10 @@ async def _create_pod(
         pod.cgroup_path, pod.cgroup_slice = place.pod_path, place.slice
         shm, bundle = pod_dir / "shm", rt.paths.bundle_dir(pod_id)
         user_ns = pod_dir / "ns" / "user"
-        if not host_net:  # the spec names them; they are made at the same time (step 4)
-            pod.netns_path = str(NETNS_DIR / f"flatpod-{pod_id[:24]}")
+        netns = None
+        if not host_net:  # the spec names them
+            netns = pod_netns_path(pod_id)
+            pod.netns_path = str(netns)
             if userns is not None:
                 pod.namespaces["user"] = str(user_ns)
         undo.push("shm", lambda: mounts.unmount(shm))
@@ -203,29 +219,28 @@ async def _create_pod(
         elif cgroups.is_own_slice(place.slice, pod_id):  # made by the pause's scope, if any
             undo.push("slice", lambda: cgroups.stop_slice(place.slice))
         undo.push("bundle", lambda: shutil.rmtree(bundle, ignore_errors=True))
-        made = asyncio.ensure_future(asyncio.to_thread(
-            _make_pod_contents, rt, pod, userns, place, clock))
-        undo.push_after("pod files", made, lambda: None)  # the undos above wait for it
-        clock.mark_done("bundle", made)
-        # 4. At the same time, the network namespace, pinned (made inside the pod's user
-        # namespace, if it has one, which is pinned first); then the network in it (veth,
-        # IPAM, routes, host ports) is set up while the pause starts: only the netns must
-        # exist before the pause.
-        network = None
-        if not host_net:
-            undo.at("netns")
-            netns = Path(pod.netns_path)
+        if netns is not None:
             if userns is not None:
                 undo.push("userns", lambda: unpin(user_ns))
             undo.push("netns", lambda: unpin(netns))
-            await asyncio.to_thread(_make_netns, netns, userns, user_ns)
-            rt.faults.point("run_pod:after_netns")
-            clock.mark("netns")
+        made = asyncio.ensure_future(on_own_thread(
+            lambda: _make_pod_contents(rt, pod, netns, userns, claimed is not None, clock)))
+        undo.push_after("pod files", made, lambda: None)  # the undos above wait for it
+        undo.at("pod files")
+        oom_file, systemd = await made
+        clock.mark("bundle")
+        # 4. While the pause starts: the pod cgroup, a worker-thread hop (runc makes the
+        # pause's missing parents itself, and fills v1 cpusets; the pod's limits only need
+        # to be set before a container joins, at READY), and the network in the netns
+        # (veth, IPAM, routes, host ports): only the netns must exist before the pause.
+        pod_cgroup = asyncio.ensure_future(_make_pod_cgroup(rt, pod, place))
+        undo.push_after("pod cgroup", pod_cgroup, lambda: None)  # the cgroup's undo waits
+        clock.mark_done("cgroup", pod_cgroup)
+        network = None
+        if netns is not None:
             network = asyncio.ensure_future(_in_step("network", _setup_network(rt, pod, netns)))
             undo.push_after("network", network, lambda: _teardown_network(rt, pod))
             clock.mark_done("network", network)
-        undo.at("pod files")
-        oom_file, systemd = await made
         # 5. The pod's shim runs the pause: `runc run --detach`, create and start in one runc
         # process (nothing needs the pause between the two).
         undo.at("shim")
@@ -244,7 +259,9 @@ async def _create_pod(
         pod.namespaces = _pin_namespaces(pod, pod_dir)
         rt.faults.point("run_pod:after_pins")
         clock.mark("pinned")
-        # 7. Ready, once the network is.
+        # 7. Ready, once the pod cgroup and the network are.
+        undo.at("cgroup")
+        await pod_cgroup
         if network is not None:
             await network
         undo.at("ready")
@@ -269,15 +286,26 @@ async def _in_step(step: str, work: Awaitable[T]) -> T:
 
 
 def _make_pod_contents(
-    rt: Runtime, pod: PodRecord, userns: PodUserns | None, place: cgroups.Placement,
-    clock: StepClock,
+    rt: Runtime, pod: PodRecord, netns: Path | None, userns: PodUserns | None,
+    spare_netns: bool, clock: StepClock,
 ) -> tuple[str | None, bool]:
-    """hostname, resolv.conf, hosts and the /dev/shm tmpfs in the pod's dir; the pod cgroup
-    (cgroupfs); the pause's bundle. Returns what the shim needs of the pause's cgroup. A
-    worker thread's work: one hop for all of it."""
+    """The pod's netns (unless host network); hostname, resolv.conf, hosts and the /dev/shm
+    tmpfs in the pod's dir; the pause's bundle. Returns what the shim needs of the pause's
+    cgroup. Runs on a thread of its own (enter.on_own_thread), which ends in the pod's
+    netns: nothing after the netns here may use the network. With `spare_netns`, the pod
+    took a spare shim, whose netns was made with it (sandbox/shims.py)."""
     config = pod.config
     pod_dir = rt.paths.pod_dir(pod.id)
     opts = config.linux.security_context.namespace_options
+    if netns is not None:
+        with Steps("netns"):
+            if userns is None:
+                if not (spare_netns and is_pinned(netns)):
+                    create_netns_here(netns)
+            else:
+                create_userns(userns, pod_dir / "ns" / "user", netns)
+            rt.faults.point("run_pod:after_netns")
+        clock.mark("netns")
     with Steps("pod files"):
         _write_pod_files(pod_dir, config, opts.network == pb.NODE)
         if opts.ipc != pb.NODE:
@@ -288,22 +316,21 @@ def _make_pod_contents(
             rootfs = pod_dir / POD_PAUSE_ROOTFS
             mounts.bind_executable_readonly(rt.paths.pause_rootfs, rootfs)
     clock.mark("files")
-    with Steps("cgroup"):
-        if place.driver is cgroups.Driver.CGROUPFS:
-            hs = rt.host_cgroups.hierarchies
-            cgroups.create(pod.cgroup_path, pod_resources(config.linux), hs)
-        rt.faults.point("run_pod:after_cgroup")
-    clock.mark("cgroup")
     with Steps("pause bundle"):
         _write_bundle(rt.paths.bundle_dir(pod.id), _pause_spec(rt, pod, pod_dir, rootfs))
         return containers.shim_cgroup_options(pod, pod.id, rt.host_cgroups)
 
 
-def _make_netns(netns: Path, userns: PodUserns | None, user_ns: Path) -> None:
-    if userns is None:
-        create_netns(netns)
-    else:
-        create_userns(userns, user_ns, netns)
+async def _make_pod_cgroup(rt: Runtime, pod: PodRecord, place: cgroups.Placement) -> None:
+    """The pod cgroup with the pod's overhead and resources, on a worker thread (cgroupfs
+    driver: with systemd the pod's slice and its limits are kubelet's, as with containerd,
+    or the pod's own slice, which systemd makes with the pause's scope)."""
+    with Steps("cgroup"):
+        if place.driver is cgroups.Driver.CGROUPFS:
+            hs = rt.host_cgroups.hierarchies
+            resources = pod_resources(pod.config.linux)
+            await asyncio.to_thread(cgroups.create, pod.cgroup_path, resources, hs)
+        rt.faults.point("run_pod:after_cgroup")
 
 
 async def _setup_network(rt: Runtime, pod: PodRecord, netns: Path) -> None:
@@ -812,7 +839,7 @@ def _name_leftovers(rt: Runtime, pod: PodRecord) -> None:
     its id and config, as RunPodSandbox derives them."""
     opts = pod.config.linux.security_context.namespace_options
     if opts.network != pb.NODE:
-        pod.netns_path = pod.netns_path or str(NETNS_DIR / f"flatpod-{pod.id[:24]}")
+        pod.netns_path = pod.netns_path or str(pod_netns_path(pod.id))
         pod.network_kind = pod.network_kind or rt.network_kind
     if not (pod.cgroup_path or pod.cgroup_slice):
         with contextlib.suppress(cgroups.CgroupError):

@@ -20,7 +20,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
+from netns.pin import create_netns, pod_netns_path, unpin
 from sandbox.handlers import Handler
 from shim import ksm
 from shim.client import (
@@ -35,6 +37,7 @@ from shim.client import (
     zygote_call,
 )
 
+T = TypeVar("T")
 log = logging.getLogger("flatpod.shims")
 
 ExitHandler = Callable[[str, ProcessState], Awaitable[None]]
@@ -53,11 +56,12 @@ FOLLOWER_CANCEL_WAIT = 1.0
 # takes the dir removes it; startup stops the spare shims of the dirs that still have it.
 SPARE_MARKER = "spare"
 # The spare is forked this long after the RunPodSandbox that used the last one has answered:
-# kubelet's (and critest's) PodSandboxStatus follows that answer at once, and a fork and a
-# shim's start beside it on a 2-core node made it wait (2.0-4.0 against 1.5-1.8 ms,
-# interleaved). A pod that
-# comes meanwhile forks its own shim, as without a spare.
-SPARE_FORK_DELAY = 0.05
+# kubelet's (and critest's) PodSandboxStatus follows that answer at once (1.5-4 ms), and a
+# fork and a shim's start beside it on a 2-core node made it wait (2.0-4.0 against 1.5-1.8
+# ms, interleaved). Not longer: a pod that comes before the spare is up forks its own shim,
+# and with 50 ms every other pod of a stop-and-run loop did (40-45 ms between an answer and
+# the next RunPodSandbox), its pause waiting 6-15 ms for that fork instead of under 1 ms.
+SPARE_FORK_DELAY = 0.015
 
 
 def new_pod_id() -> str:
@@ -174,6 +178,7 @@ class ShimRegistry:
             log.warning("spare shim for pod %s exited; forking another", spare.pod_id[:12])
             self.spare = None
             os.close(spare.pidfd)
+            unpin(pod_netns_path(spare.pod_id))
             shutil.rmtree(spare.pod_dir, ignore_errors=True)
             return None
         return spare
@@ -212,6 +217,9 @@ class ShimRegistry:
                 await _stop_spare_dir(replaced.pod_dir)
             make_pod_dir(pod_dir)
             (pod_dir / SPARE_MARKER).write_text("0\n")  # before the fork: never unmarked
+            # The netns too, made ahead (after the marker: a left spare's is unpinned with
+            # it): a pod of the pod network takes it, the others unpin it at the claim.
+            await _to_the_end(asyncio.to_thread(create_netns, pod_netns_path(pod_id)))
             client = await self._spawn(pod_id, pod_dir, handler, str(self.zygote_socket))
             pid = (await client.shim_state()).pid
             (pod_dir / SPARE_MARKER).write_text(f"{pid}\n")
@@ -342,11 +350,23 @@ async def shut_down(client: ShimClient, what: str) -> None:
         os.close(pidfd)
 
 
+async def _to_the_end(work: Awaitable[T]) -> T:
+    """Awaits `work`; cancelled meanwhile, first lets it end (a thread cannot be stopped),
+    so that the cleanup after the cancellation never races it."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
+
+
 async def _stop_spare_dir(pod_dir: Path) -> None:
-    """Stops the spare shim of `pod_dir`, if it runs, and removes the dir."""
+    """Stops the spare shim of `pod_dir`, if it runs, and removes the dir and its netns."""
     if (pod_dir / "shim.sock").exists():
         await shut_down(ShimClient(str(pod_dir), timeout=RECONNECT_TIMEOUT),
                         f"spare shim in {pod_dir}")
+    unpin(pod_netns_path(pod_dir.name))
     shutil.rmtree(pod_dir, ignore_errors=True)
 
 

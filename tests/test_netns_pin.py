@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -9,8 +10,21 @@ from pathlib import Path
 
 import pytest
 
-from netns.enter import connect_in_netns, interface_counters, open_socket_in_netns, run_in_netns
-from netns.pin import NETNS_RUN_DIR, create_netns, is_pinned, pin_namespace, unpin
+from netns.enter import (
+    connect_in_netns,
+    interface_counters,
+    on_own_thread,
+    open_socket_in_netns,
+    run_in_netns,
+)
+from netns.pin import (
+    NETNS_RUN_DIR,
+    create_netns,
+    create_netns_here,
+    is_pinned,
+    pin_namespace,
+    unpin,
+)
 from tests.support.netns import (
     BUSYBOX,
     EchoServer,
@@ -48,6 +62,33 @@ def test_create_netns_refuses_an_existing_pin(netns_factory: NetnsFactory) -> No
     path = netns_factory.new()
     with pytest.raises(FileExistsError):
         create_netns(path)
+    assert is_pinned(path)
+
+
+def test_create_netns_here_on_its_own_thread(netns_factory: NetnsFactory) -> None:
+    """RunPodSandbox's way: the thread that made the netns is in it and goes on there, with
+    loopback up; the loop's thread never moves."""
+    path = NETNS_RUN_DIR / f"fpt-nn-{netns_factory.run}-here"
+    netns_factory.made.append(path)
+    before = _inode("/proc/thread-self/ns/net")
+
+    def make_then_look() -> tuple[int, bool]:
+        create_netns_here(path)
+        with socket.socket() as sock:  # made in the thread's netns: the new one's loopback
+            sock.bind(("127.0.0.1", 0))
+        return _inode("/proc/thread-self/ns/net"), True
+
+    inside, bound = asyncio.run(on_own_thread(make_then_look))
+    assert is_pinned(path) and bound
+    assert inside == _inode(path) != before
+    assert _inode("/proc/thread-self/ns/net") == before
+    assert set(interface_counters(path)) == {"lo"}
+
+
+def test_on_own_thread_raises_what_the_work_raised(netns_factory: NetnsFactory) -> None:
+    path = netns_factory.new()
+    with pytest.raises(FileExistsError):  # already pinned: nothing made, nothing undone
+        asyncio.run(on_own_thread(lambda: create_netns_here(path)))
     assert is_pinned(path)
 
 

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from cri_api import api_pb2 as pb
+from netns.pin import is_pinned, pod_netns_path
 from sandbox.shims import SPARE_MARKER
 from tests import test_recovery
 from tests.cri import CriClient
@@ -32,6 +33,9 @@ def test_the_next_pod_takes_the_spare(node: tuple[Daemon, CriClient], tmp_path: 
     first = run_pod(cri, pod_config(log_dir=tmp_path / "logs"))
     spare_dir, spare_pid = _spare(d)
     assert spare_pid in shim_pids(d) and spare_dir.name != first
+    spare_netns = pod_netns_path(spare_dir.name)
+    wait_for(lambda: is_pinned(spare_netns), what="the spare's netns")  # made before the fork
+    spare_netns_inode = spare_netns.stat().st_ino
     second = run_pod(cri, pod_config(log_dir=tmp_path / "logs"))
     # The spare's id, dir and shim are the pod's now; its marker is gone.
     assert second == spare_dir.name
@@ -40,6 +44,8 @@ def test_the_next_pod_takes_the_spare(node: tuple[Daemon, CriClient], tmp_path: 
     pause = int(Path(f"/proc/{_pause_pid(cri, second)}/status").read_text()
                 .split("PPid:")[1].split()[0])
     assert pause == spare_pid, "the pause is the spare shim's child"
+    # ... and the spare's netns is the pod's: the pause is in it.
+    assert os.stat(f"/proc/{_pause_pid(cri, second)}/ns/net").st_ino == spare_netns_inode
     # Another spare is forked for the pod after.
     assert _spare(d)[0] != spare_dir
     assert_all_gone(d, cri, {first, second})
@@ -52,9 +58,11 @@ def test_a_killed_daemon_s_spare_is_stopped_at_its_next_start(
     spare_dir, spare_pid = _spare(d)
     d.kill()
     assert spare_pid in shim_pids(d), "a spare outlives a killed daemon, as shims do"
+    assert is_pinned(pod_netns_path(spare_dir.name)), "a killed daemon's spare keeps its netns"
     d.start()
     wait_for(lambda: not os.path.exists(f"/proc/{spare_pid}"), what="the old spare's exit")
     assert not spare_dir.exists()
+    assert not is_pinned(pod_netns_path(spare_dir.name))
     assert_all_gone(d, cri, {pod_id})
 
 
@@ -64,9 +72,26 @@ def test_a_stopped_daemon_leaves_no_spare(node: tuple[Daemon, CriClient], tmp_pa
     spare_dir, spare_pid = _spare(d)
     d.stop()
     assert not spare_dir.exists()
+    assert not is_pinned(pod_netns_path(spare_dir.name))
     assert spare_pid not in shim_pids(d)
     d.start()
     assert_all_gone(d, cri, {pod_id})
+
+
+def test_a_host_network_pod_takes_the_spare_without_its_netns(
+        node: tuple[Daemon, CriClient], tmp_path: Path) -> None:
+    d, cri = node
+    first = run_pod(cri, pod_config(log_dir=tmp_path / "logs"))
+    spare_dir, _ = _spare(d)
+    wait_for(lambda: is_pinned(pod_netns_path(spare_dir.name)), what="the spare's netns")
+    host = pb.LinuxPodSandboxConfig(security_context=pb.LinuxSandboxSecurityContext(
+        namespace_options=pb.NamespaceOption(network=pb.NODE)))
+    second = run_pod(cri, pod_config(log_dir=tmp_path / "logs", linux=host))
+    assert second == spare_dir.name
+    assert not is_pinned(pod_netns_path(second)), "a host-network pod keeps no netns"
+    assert os.stat(f"/proc/{_pause_pid(cri, second)}/ns/net").st_ino == \
+        os.stat("/proc/self/ns/net").st_ino
+    assert_all_gone(d, cri, {first, second})
 
 
 def _pause_pid(cri: CriClient, pod_id: str) -> int:
