@@ -79,7 +79,7 @@ if [ "$enable_ksm" -eq 1 ]; then
     echo "setup.sh: this kernel has no KSM ($ksm_run); --enable-ksm ignored" >&2
   fi
 elif [ -r "$ksm_run" ] && [ "$(cat "$ksm_run")" = "0" ]; then
-  echo "setup.sh: ksmd is stopped, so each pod's shim keeps ~2.1 MiB private instead of ~0.24 MiB."
+  echo "setup.sh: ksmd is stopped, so each pod's shim keeps ~1.6 MiB private instead of ~0.24 MiB."
   echo "  To merge shim memory, rerun with --enable-ksm (or 'echo 1 > $ksm_run'). It costs ~2%"
   echo "  of one CPU and lets tenants probe each other's memory by timing (README: Memory per pod)."
 fi

@@ -98,7 +98,7 @@ class ShimRegistry:
     """The pods' shims, and the zygote that forks them.
 
     A shim forked from the preloaded zygote shares the interpreter's pages copy-on-write
-    (about 2.1 MiB private per pod, against about 10 MiB for a fresh interpreter; about
+    (about 1.6 MiB private per pod, against about 10 MiB for a fresh interpreter; about
     0.25 MiB once KSM has merged the pages CPython's reference counting copied, see
     shim/ksm.py). The zygote lives as long as the daemon; the shims it forked are not its
     children and outlive both.
