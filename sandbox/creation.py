@@ -15,11 +15,18 @@ request anyway and hands its result to the retry:
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from sandbox.errors import AlreadyExists
+from sandbox.errors import AlreadyExists, DeadlineExceeded
+
+# The monotonic instant after which the current call's answer can no longer reach its client
+# (sandbox/server.py sets it per call from the gRPC deadline; None: no deadline). A context
+# variable: each call's task sees its own.
+CALL_DEADLINE: ContextVar[float | None] = ContextVar("call_deadline", default=None)
 
 
 class Claimable(Protocol):
@@ -80,13 +87,28 @@ class Creations:
         self.pending[name] = entry
         task.add_done_callback(lambda _t: self.pending.pop(name, None))
         try:
-            return await asyncio.shield(task)
+            made = await asyncio.shield(task)
         except asyncio.CancelledError:
             # Our client went away while the object is still being made: whoever asks for
             # this name next gets it.
             entry.waiters -= 1
             task.add_done_callback(lambda t: _unclaimed_if_nobody_waits(t, entry, mark_unclaimed))
             raise
+        return _delivered_or_unclaimed(made, what, name, mark_unclaimed)
+
+
+def _delivered_or_unclaimed(
+    made: str, what: str, name: str, mark_unclaimed: Callable[[str], None]
+) -> str:
+    """`made`, unless the call's deadline passed while it was made: then its answer cannot
+    reach the client, which will retry, and a cancellation that has not reached this task yet
+    would come too late to mark it. Marked unclaimed here, the retry gets it."""
+    deadline = CALL_DEADLINE.get()
+    if deadline is not None and time.monotonic() >= deadline:
+        mark_unclaimed(made)
+        raise DeadlineExceeded(f"{what} {name!r} was made after the call's deadline; "
+                               f"a retry with the same name gets it")
+    return made
 
 
 def name_taken(what: str, name: str, holder_id: str, holder_state: str) -> AlreadyExists:

@@ -17,6 +17,7 @@ import grpc
 from google.protobuf.message import Message
 
 from cri_api import api_pb2 as pb
+from sandbox.creation import CALL_DEADLINE
 from sandbox.errors import CriError, StepFailed, Unimplemented
 
 log = logging.getLogger("flatpod.server")
@@ -129,6 +130,8 @@ def _unary(
     ) -> Message | bytes:
         started = time.monotonic()
         code = grpc.StatusCode.OK
+        remaining = context.time_remaining()
+        CALL_DEADLINE.set(None if remaining is None else started + remaining)
         try:
             result: Message | bytes = await func(runtime, request)  # type: ignore[misc]
             return result

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from cri_api import api_pb2 as pb
-from sandbox.errors import AlreadyExists, NotFound
+from sandbox.creation import CALL_DEADLINE, Creations
+from sandbox.errors import AlreadyExists, DeadlineExceeded, NotFound
 from sandbox.records import ContainerRecord, ContainerState, PodRecord, PodState
 from sandbox.registry import Registry
 from sandbox.store import Store
@@ -134,3 +135,28 @@ def test_forget_removes_the_record_and_frees_its_name(registry: Registry) -> Non
     assert registry.find_pod("p1") is None
     registry.reserve(_pod("p2", "name-a"))  # the name is free again
     assert set(registry.pods) == {"p2"}
+
+
+def test_an_object_made_after_its_call_s_deadline_is_left_for_the_retry() -> None:
+    """A create that finishes once its call's deadline has passed (and before the daemon has
+    seen the cancellation) cannot answer its client: the object is marked unclaimed, so
+    kubelet's retry gets it instead of "name is reserved" (sandbox/creation.py)."""
+    unclaimed: list[str] = []
+
+    async def made() -> str:
+        return "id-1"
+
+    async def never(_id: str) -> None:
+        raise AssertionError("no leftover to remove")
+
+    async def call(deadline: float | None) -> str:
+        CALL_DEADLINE.set(deadline)
+        return await Creations().create_once(
+            "name", "container", None, made, lambda _id: None, unclaimed.append, never)
+
+    with pytest.raises(DeadlineExceeded):
+        asyncio.run(call(time.monotonic() - 0.001))
+    assert unclaimed == ["id-1"]
+    assert asyncio.run(call(time.monotonic() + 60)) == "id-1"  # in time: delivered
+    assert asyncio.run(call(None)) == "id-1"  # no deadline
+    assert unclaimed == ["id-1"]
