@@ -28,6 +28,7 @@ from google.protobuf.json_format import MessageToDict
 from cri_api import api_pb2 as pb
 from netns.enter import on_own_thread, run_in_netns
 from netns.pin import (
+    NETNS_RUN_DIR,
     create_netns_here,
     ensure_shared_mount_dir,
     is_pinned,
@@ -67,7 +68,6 @@ T = TypeVar("T")
 
 # A sandbox that is still being made: listed nowhere, found only by its own retry.
 SANDBOX_CREATING = PodState.CREATING
-NETNS_DIR = Path("/run/netns")
 SHM_SIZE = 64 * 1024 * 1024
 PAUSE_STOP_TIMEOUT = 10.0
 # In the dir of a pod with a user namespace: the pause's rootfs, mounted executable. runc
@@ -589,8 +589,8 @@ def create_userns(userns: PodUserns, user_pin: Path, netns_pin: Path) -> None:
     so the pod network is set up before the pause starts, as for any pod. flatpod itself
     (root of the initial user namespace) can still enter and configure that netns.
     """
-    if netns_pin.parent == NETNS_DIR:
-        ensure_shared_mount_dir(NETNS_DIR)
+    if netns_pin.parent == NETNS_RUN_DIR:
+        ensure_shared_mount_dir(NETNS_RUN_DIR)
     if is_pinned(netns_pin):
         raise FileExistsError(f"a network namespace is already pinned at {netns_pin}")
     try:
