@@ -136,6 +136,9 @@ class Config:
     # The daemon's event loop: "uvloop" (libuv's, the uvloop package) or "asyncio" (the
     # standard library's). ARCHITECTURE.md, "Inside flatpod serve", has what each measured.
     event_loop: str = "uvloop"
+    # The server on the CRI socket: "flatpod" (its own HTTP/2 server, sandbox/http2) or
+    # "grpcio" (grpc.aio). ARCHITECTURE.md, "The CRI socket's own HTTP/2 server", says why.
+    grpc_server: str = "flatpod"
     # Empty: no Prometheus endpoint. Otherwise "host:port".
     metrics_address: str = ""
     # CheckpointContainer writes archives, and CreateContainer restores them, only inside
@@ -195,6 +198,7 @@ _STATE_DIR_ENTRIES = ("pods", "containers", "pause-rootfs")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _PAGE_MERGING = ("on", "advise", "off")
 _EVENT_LOOPS = ("uvloop", "asyncio")
+_GRPC_SERVERS = ("flatpod", "grpcio")
 _CGROUP_DRIVERS = tuple(d.value for d in cgroups.Driver)
 # <state_dir>/pods/<64-hex pod id>/shim.sock must fit in sockaddr_un's 108 bytes.
 MAX_STATE_DIR_LEN = 107 - len("/pods/") - 64 - len("/shim.sock")
@@ -330,6 +334,9 @@ def _validate(config: Config) -> None:
         )
     if config.event_loop not in _EVENT_LOOPS:
         raise ConfigError(f"config key 'event_loop' must be one of {', '.join(_EVENT_LOOPS)}")
+    if config.grpc_server not in _GRPC_SERVERS:
+        raise ConfigError(
+            f"config key 'grpc_server' must be one of {', '.join(_GRPC_SERVERS)}")
     if config.max_log_line_size < 256:
         raise ConfigError("config key 'max_log_line_size' must be at least 256")
     if config.images.pull_progress_timeout_seconds < 1:

@@ -220,15 +220,15 @@ async def serve(config: Config) -> None:
     await rt.streaming.start()
     metrics = MetricsEndpoint.for_runtime(rt) if config.metrics_address else None
     slots = LifecycleSlots(config.max_concurrent_lifecycle_calls)
-    server = build_server(rt, rpc_handlers(slots), metrics.observe if metrics else None)
+    server = build_server(rt, rpc_handlers(slots), metrics.observe if metrics else None,
+                          config.grpc_server)
     socket_path = config.socket_path
     bind_socket_path(socket_path)
-    server.add_insecure_port(f"unix://{socket_path}")
     # The socket gives full control of the node: root only, also in the instant between
     # bind() and the chmod, in a directory others may search.
     previous_umask = os.umask(0o177)
     try:
-        await server.start()
+        await server.start(socket_path)
     finally:
         os.umask(previous_umask)
     os.chmod(socket_path, 0o600)

@@ -214,8 +214,7 @@ def test_handler_failures_map_to_statuses_and_are_observed(tmp_path: Path) -> No
 
     async def scenario() -> None:
         server = build_server(None, handlers, lambda name, _s, code: observed.append((name, code)))
-        server.add_insecure_port(f"unix://{socket}")
-        await server.start()
+        await server.start(socket)
         try:
             async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
                 stub = rpc.RuntimeServiceStub(channel)  # type: ignore[no-untyped-call]
@@ -238,7 +237,7 @@ def test_handler_failures_map_to_statuses_and_are_observed(tmp_path: Path) -> No
                     await stub.CheckpointContainer(pb.CheckpointContainerRequest())
                 assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
         finally:
-            await server.stop(None)
+            await server.stop(0)
 
     asyncio.run(scenario())
     service = "/runtime.v1.RuntimeService"

@@ -124,8 +124,7 @@ def test_kubelet_reads_the_step_and_the_code(tmp_path: Path) -> None:
 
     async def scenario() -> list[tuple[grpc.StatusCode, str]]:
         server = build_server(None, handlers)
-        server.add_insecure_port(f"unix://{socket}")
-        await server.start()
+        await server.start(socket)
         answers = []
         try:
             async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
@@ -135,7 +134,7 @@ def test_kubelet_reads_the_step_and_the_code(tmp_path: Path) -> None:
                         await call
                     answers.append((err.value.code(), err.value.details() or ""))
         finally:
-            await server.stop(None)
+            await server.stop(0)
         return answers
 
     assert asyncio.run(scenario()) == [
