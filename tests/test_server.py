@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import json
 import os
 import signal
@@ -186,9 +187,11 @@ def test_shim_page_merging_on_starts_ksmd_and_marks_the_zygote(tmp_path: Path) -
         assert "started the kernel's same-page merging" in d.log()
 
 
-def test_handler_failures_map_to_statuses_and_are_observed(tmp_path: Path) -> None:
-    """In process, no daemon: what build_server answers when a unary or streaming handler
-    raises, and what the observer (the metrics endpoint's hook) is told for each call."""
+@pytest.mark.parametrize("kind", ["flatpod", "grpcio"])
+def test_handler_failures_map_to_statuses_and_are_observed(tmp_path: Path, kind: str) -> None:
+    """In process, no daemon: what build_server answers, with either server, when a unary or
+    streaming handler raises or a request does not parse, and what the observer (the metrics
+    endpoint's hook) is told for each call."""
 
     async def not_found(rt: object, req: object) -> pb.VersionResponse:
         raise NotFound("no such thing")
@@ -213,7 +216,8 @@ def test_handler_failures_map_to_statuses_and_are_observed(tmp_path: Path) -> No
     socket = tmp_path / "s.sock"
 
     async def scenario() -> None:
-        server = build_server(None, handlers, lambda name, _s, code: observed.append((name, code)))
+        server = build_server(None, handlers, lambda name, _s, code: observed.append((name, code)),
+                              kind)
         await server.start(socket)
         try:
             async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
@@ -236,6 +240,11 @@ def test_handler_failures_map_to_statuses_and_are_observed(tmp_path: Path) -> No
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await stub.CheckpointContainer(pb.CheckpointContainerRequest())
                 assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+                not_a_message = channel.unary_unary("/runtime.v1.RuntimeService/Version")
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await not_a_message(b"\xff\xff\xff")
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "not a valid message" in (err.value.details() or "")
         finally:
             await server.stop(0)
 
@@ -247,6 +256,7 @@ def test_handler_failures_map_to_statuses_and_are_observed(tmp_path: Path) -> No
         (f"{service}/ListContainers", grpc.StatusCode.OK),
         (f"{service}/GetContainerEvents", grpc.StatusCode.INTERNAL),
         (f"{service}/CheckpointContainer", grpc.StatusCode.UNIMPLEMENTED),
+        (f"{service}/Version", grpc.StatusCode.INVALID_ARGUMENT),
     ]
 
 
@@ -269,3 +279,56 @@ def test_entry_point_chooses_grpc_settings_before_grpc_loads() -> None:
     env.update(GRPC_EXPERIMENTS="operator_choice", GRPC_POLL_STRATEGY="epoll1")
     kept = subprocess.run(run, env=env, capture_output=True, text=True, check=True)
     assert kept.stdout.split() == ["operator_choice", "epoll1"]
+
+
+@pytest.mark.parametrize("kind", ["flatpod", "grpcio"])
+def test_deadlines_and_cancellations_reach_the_handler(tmp_path: Path, kind: str) -> None:
+    """A call past its deadline answers DEADLINE_EXCEEDED and its handler is cancelled; one
+    the client cancels is cancelled too; the handler saw the call's deadline (creation.py's
+    CALL_DEADLINE) and other calls on the connection go on."""
+    from sandbox.creation import CALL_DEADLINE
+
+    seen: list[float | None] = []
+    cancelled: list[str] = []
+
+    async def slow(rt: object, req: object) -> pb.VersionResponse:
+        seen.append(CALL_DEADLINE.get())
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append("version")
+            raise
+        return pb.VersionResponse()
+
+    async def quick(rt: object, req: object) -> pb.StatusResponse:
+        seen.append(CALL_DEADLINE.get())
+        return pb.StatusResponse()
+
+    socket = tmp_path / "s.sock"
+
+    async def scenario() -> None:
+        server = build_server(None, {"RuntimeService/Version": slow,
+                                     "RuntimeService/Status": quick}, kind=kind)
+        await server.start(socket)
+        try:
+            async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
+                stub = rpc.RuntimeServiceStub(channel)  # type: ignore[no-untyped-call]
+                before = time.monotonic()
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.Version(pb.VersionRequest(), timeout=0.3)
+                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert seen[0] is not None and before < seen[0] < before + 0.6
+                call = stub.Version(pb.VersionRequest())
+                await asyncio.sleep(0.3)
+                call.cancel()
+                await stub.Status(pb.StatusRequest())
+                assert seen[-1] is None
+                for _ in range(100):
+                    if len(cancelled) == 2:
+                        break
+                    await asyncio.sleep(0.05)
+        finally:
+            await server.stop(0)
+
+    asyncio.run(scenario())
+    assert cancelled == ["version", "version"]

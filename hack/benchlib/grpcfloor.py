@@ -60,7 +60,8 @@ IMAGE_STATUS = pb.ImageStatusResponse(image=pb.Image(
 class Variant:
     """`kind[+modifier...]`: kind is `generic` (grpc.aio, a generic handler), `registered`
     (grpc.aio, add_registered_method_handlers), `server.py` (sandbox/server.py's build_server
-    with constant handlers), `sync` (grpc.server on a thread pool). Modifiers: `asyncio`
+    with constant handlers: flatpod's own HTTP/2 server, or grpc.aio with the modifier
+    `grpcio`), `sync` (grpc.server on a thread pool). Modifiers: `asyncio`
     (default uvloop), `switch=S` (sys.setswitchinterval), `gc=N` (gc.set_threshold(N): the
     allocations between young collections), `cpus=A:B` (the server's threads on those CPUs
     only), `threads=N` (sync's pool, default 4),
@@ -77,6 +78,7 @@ class Variant:
     options: list[tuple[str, str | int]] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     tree: str = ""
+    server_kind: str = "flatpod"  # server.py's grpc_server
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -102,6 +104,8 @@ class Variant:
             elif mod.startswith("env:"):
                 key, _, value = mod.removeprefix("env:").partition("=")
                 variant.env[key] = value
+            elif mod == "grpcio":
+                variant.server_kind = mod
             elif mod.startswith("tree="):
                 variant.tree = mod.removeprefix("tree=")
             else:
@@ -156,8 +160,12 @@ async def _serve_aio(variant: Variant, socket: str) -> None:
         async def image_status(runtime: Any, request: Any) -> bytes:
             return IMAGE_STATUS.SerializeToString()
 
-        server = build_server(None, {"RuntimeService/Version": version,
-                                     "ImageService/ImageStatus": image_status})
+        own = build_server(None, {"RuntimeService/Version": version,
+                                  "ImageService/ImageStatus": image_status},
+                           kind=variant.server_kind)
+        await own.start(Path(socket))
+        await asyncio.Event().wait()  # until the bench kills it
+        return
     else:
         server = grpc.aio.server(options=variant.options)
         _add_handlers(server, variant)

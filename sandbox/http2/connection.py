@@ -17,9 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
-from hpack import Decoder
-from hpack.exceptions import HPACKError, OversizedHeaderListError
-
 from sandbox.http2.frames import (
     DEFAULT_MAX_FRAME,
     DEFAULT_WINDOW,
@@ -42,10 +39,10 @@ from sandbox.http2.frames import (
     settings_frame,
     window_update,
 )
+from sandbox.http2.headers import Header, HeaderDecoder
 
 log = logging.getLogger("flatpod.http2")
 
-Header = tuple[bytes, bytes]
 # What a stream has yet to send, in order: (is a header block, payload, ends the stream).
 Outgoing = tuple[bool, bytes | memoryview, bool]
 FrameReader = Callable[[int, int, bytes, list[bytes]], None]  # flags, stream id, payload, out
@@ -102,7 +99,7 @@ class Http2Connection(asyncio.Protocol):
         self.going_away = False
         self._buffer = bytearray()
         self._preface_seen = False
-        self._decoder = Decoder(max_header_list_size=limits.max_header_list_bytes)
+        self._decoder = HeaderDecoder(limits.max_header_list_bytes)
         # A header block still waiting for its CONTINUATION frames: (stream id, flags, bytes).
         self._partial: tuple[int, int, bytearray] | None = None
         self._send_window = DEFAULT_WINDOW
@@ -300,12 +297,7 @@ class Http2Connection(asyncio.Protocol):
                           out: list[bytes]) -> None:
         # Decoded even for a stream about to be refused: the decoder's table must follow
         # every block the peer's encoder wrote.
-        try:
-            headers: list[Header] = self._decoder.decode(block, raw=True)  # type: ignore[assignment]
-        except OversizedHeaderListError as err:
-            raise Http2Error(ErrorCode.ENHANCE_YOUR_CALM, f"headers: {err}") from None
-        except (HPACKError, ValueError, IndexError) as err:
-            raise Http2Error(ErrorCode.COMPRESSION_ERROR, f"headers: {err}") from None
+        headers = self._decoder.decode(block)
         end = bool(flags & Flag.END_STREAM)
         stream = self.streams.get(stream_id)
         if stream is not None:  # trailers of a request
