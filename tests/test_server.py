@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import json
 import os
 import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
