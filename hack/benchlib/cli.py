@@ -36,6 +36,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ab-env", default="",
                         help="NAME=VALUE: an A/B of two flatpods in the same run, the second "
                         "with this in its environment (e.g. FLATPOD_GC=default)")
+    parser.add_argument("--ab-config", default="",
+                        help="KEY=VALUE: an A/B of two flatpods in the same run, the second "
+                        "with this top-level config key (e.g. grpc_server=grpcio)")
     parser.add_argument("--runs", type=int, default=20, help="samples per latency (20)")
     parser.add_argument("--heavy-runs", type=int, default=5,
                         help="samples of the 20-pod burst and of the 100 MB pull (5)")
@@ -67,8 +70,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--event-loops: asyncio or uvloop, got {args.event_loops}")
     if args.ab_env and "=" not in args.ab_env:
         parser.error(f"--ab-env: NAME=VALUE, got {args.ab_env!r}")
-    if args.ab_env and len(args.event_loops) > 1:
-        parser.error("--ab-env and two --event-loops: one A/B at a time")
+    if args.ab_config and "=" not in args.ab_config:
+        parser.error(f"--ab-config: KEY=VALUE, got {args.ab_config!r}")
+    if sum((bool(args.ab_env), bool(args.ab_config), len(args.event_loops) > 1)) > 1:
+        parser.error("--ab-env, --ab-config and two --event-loops: one A/B at a time")
     return args
 
 
@@ -183,6 +188,10 @@ def main(argv: list[str]) -> int:
         if args.ab_env:
             name, _, value = args.ab_env.partition("=")
             runtimes.append(Flatpod(work, args.event_loops[0], first_slot + 1, {name: value}))
+        if args.ab_config:
+            key, _, value = args.ab_config.partition("=")
+            runtimes.append(Flatpod(work, args.event_loops[0], first_slot + 1,
+                                    settings={key: value}))
     if args.containerd:
         runtimes.append(Containerd(work))
     plan = Plan(runs=args.runs, heavy_runs=args.heavy_runs, pods=args.pods[0],

@@ -165,10 +165,11 @@ class Runtime:
 class Flatpod(Runtime):
     name = "flatpod"
     def __init__(self, work: Path, event_loop: str = "", slot: int | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None,
+                 settings: dict[str, str] | None = None) -> None:
         """event_loop: the config's `event_loop` ("": its default); two instances in one run
-        (an A/B of the loops, or of an environment variable `env`) are named by it and get
-        different slots (subnets)."""
+        (an A/B of the loops, of an environment variable `env`, or of top-level config keys
+        `settings`, string values) are named by it and get different slots (subnets)."""
         # Names of this run's own: benches of other checkouts may run at the same time on a
         # shared machine, and one's cleanup must not take another's bridge or cgroups.
         run = secrets.token_hex(3)
@@ -178,6 +179,9 @@ class Flatpod(Runtime):
         self.env = env or {}
         if self.env:
             self.name += "-" + ",".join(f"{k}={v}" for k, v in self.env.items())
+        self.settings = settings or {}
+        if self.settings:
+            self.name += "-" + ",".join(f"{k}={v}" for k, v in self.settings.items())
         self.cgroup_parent = f"/fpbench-flatpod-{run}"
         self.bridge = f"fpb{run}"
         self.subnet = f"10.242.{64 * (secrets.randbelow(4) if slot is None else slot % 4)}.0/18"
@@ -196,6 +200,7 @@ class Flatpod(Runtime):
             f'state_dir = "{self.state}"\n'
             f'default_cgroup_parent = "{self.cgroup_parent}"\n'
             + (f'event_loop = "{self.event_loop}"\n' if self.event_loop else "")
+            + "".join(f'{key} = "{value}"\n' for key, value in self.settings.items())
             + "[network]\n"
             f'bridge = "{self.bridge}"\n'
             f'subnet = "{self.subnet}"\n'
