@@ -421,7 +421,8 @@ class Http2Connection(asyncio.Protocol):
             return
         size = len(data)
         if (not stream.outbox and size <= self._peer_max_frame and size <= stream.send_window
-                and size <= self._send_window and self.transport is not None):
+                and size <= self._send_window and self.transport is not None
+                and not self._closed):
             stream.send_window -= size
             self._send_window -= size
             stream.local_closed = True
