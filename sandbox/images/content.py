@@ -270,7 +270,10 @@ class ContentStore:
         """(bytes on disk, inodes) of all blobs."""
         used = inodes = 0
         for entry in os.scandir(self.blob_dir):
-            st = entry.stat(follow_symlinks=False)
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # collected by GC between the listing and the stat
             used += st.st_blocks * 512
             inodes += 1
         return used, inodes
