@@ -33,6 +33,7 @@ from tests.support.h2client import (
     grpc_message,
     grpc_request_headers,
     plain_header_block,
+    settings_payload,
     window_update_payload,
 )
 
@@ -133,6 +134,15 @@ def new_conn(daemon: Daemon, **kwargs: bool) -> H2Connection:
     return connection
 
 
+def new_connection_serves(daemon: Daemon) -> None:
+    """A new raw connection's Version call answers (whatever became of the test's own)."""
+    fresh = new_conn(daemon)
+    try:
+        call_version_on(fresh)
+    finally:
+        fresh.close()
+
+
 # --- calls that work --------------------------------------------------------------------
 
 
@@ -168,7 +178,7 @@ def test_settings_first_then_acks_and_ping(server: Daemon) -> None:
 
 def test_headers_split_across_continuation_frames(conn: H2Connection) -> None:
     headers = grpc_request_headers(VERSION, [(f"x-pad-{i}", "v" * 40) for i in range(20)])
-    stream_id = conn.send_headers(headers, fragment=7)
+    stream_id = conn.send_headers(headers, fragment=200)  # ~7 frames: floods are refused
     conn.send_data(stream_id, grpc_message(version_body()), end_stream=True)
     assert_version_answer(conn.wait_stream(stream_id))
 
@@ -231,8 +241,10 @@ def test_200_calls_pipelined_on_one_connection(conn: H2Connection) -> None:
 def test_unknown_frame_types_are_ignored(conn: H2Connection) -> None:
     """RFC 9113 §4.1: frames of unknown types are discarded (extensions rely on it)."""
     conn.send_frame(0xFA, 0xFF, 0, b"ignore me")
-    conn.send_frame(0xFB, 0, 1, b"")
-    call_version_on(conn)
+    stream_id = conn.send_headers(grpc_request_headers(VERSION))
+    conn.send_frame(0xFB, 0, stream_id, b"on an open stream")
+    conn.send_data(stream_id, grpc_message(version_body()), end_stream=True)
+    assert_version_answer(conn.wait_stream(stream_id))
     assert conn.goaway is None
 
 
@@ -370,9 +382,14 @@ def test_client_reset_ends_the_stream_and_not_the_connection(conn: H2Connection)
     late = [f for f in conn.received[marker:]
             if f.stream_id in (after_headers, after_data, after_request)]
     assert not late, f"frames on reset streams after the server processed the resets: {late}"
+    # RFC 9113 §5.4.2: no RST_STREAM in answer to RST_STREAM. A NO_ERROR reset right after
+    # the server's own trailers is gRPC's "early server closure" of a call it had answered
+    # before it read the client's reset.
     rst_back = [f for f in conn.received if f.type == FrameType.RST_STREAM
-                and f.stream_id in (after_headers, after_data)]
-    assert not rst_back, f"RST_STREAM answered with RST_STREAM (RFC 9113 §5.4.2): {rst_back}"
+                and f.stream_id in (after_headers, after_data, after_request)
+                and not (conn.stream(f.stream_id).trailers is not None
+                         and f.payload == struct.pack(">I", ErrorCode.NO_ERROR))]
+    assert not rst_back, f"RST_STREAM answered with RST_STREAM: {rst_back}"
     call_version_on(conn)
 
 
@@ -390,14 +407,18 @@ def test_rapid_reset_of_2000_streams(server: Daemon, conn: H2Connection) -> None
             break
         conn.drain(0)
     if conn.goaway is None and not conn.closed:
-        call_version_on(conn)
+        # The connection may serve on, or shed the abuser's next call; either way it answers.
+        try:
+            state = conn.wait_stream(conn.unary(VERSION, version_body()))
+        except ConnectionClosed:
+            print(f"rapid reset: the connection closed at the next call, GOAWAY {conn.goaway}")
+        else:
+            print(f"rapid reset: the next call on the connection: {state.describe()}")
+            if not refused(state):
+                assert_version_answer(state)
     else:
         print(f"rapid reset: GOAWAY {conn.goaway}")
-    fresh = new_conn(server)
-    try:
-        call_version_on(fresh)
-    finally:
-        fresh.close()
+    new_connection_serves(server)
 
 
 def test_streams_beyond_max_concurrent_are_refused(server: Daemon, conn: H2Connection) -> None:
@@ -420,11 +441,7 @@ def test_streams_beyond_max_concurrent_are_refused(server: Daemon, conn: H2Conne
         # The accepted streams still run.
         conn.send_data(opened[0], grpc_message(version_body()), end_stream=True)
         assert_version_answer(conn.wait_stream(opened[0]))
-    fresh = new_conn(server)
-    try:
-        call_version_on(fresh)
-    finally:
-        fresh.close()
+    new_connection_serves(server)
 
 
 def test_client_that_hangs_up_mid_call(server: Daemon) -> None:
@@ -437,11 +454,7 @@ def test_client_that_hangs_up_mid_call(server: Daemon) -> None:
         elif cut == "whole request":
             connection.send_data(stream_id, message, end_stream=True)
         connection.close()
-    fresh = new_conn(server)
-    try:
-        call_version_on(fresh)
-    finally:
-        fresh.close()
+    new_connection_serves(server)
 
 
 # --- connection errors ----------------------------------------------------------------------
@@ -493,6 +506,52 @@ def test_garbage_hpack_is_a_compression_error(conn: H2Connection) -> None:
     connection_error(conn, ErrorCode.COMPRESSION_ERROR)
 
 
+def open_block_then(frame: bytes) -> bytes:
+    """HEADERS on stream 1 without END_HEADERS, then `frame` in the middle of the block."""
+    block = plain_header_block(grpc_request_headers(VERSION))
+    return encode_frame(FrameType.HEADERS, 0, 1, block[:10]) + frame
+
+
+# More of RFC 9113's MUSTs (by section), each a connection error: (what is sent, the GOAWAY's code).
+CONNECTION_ERRORS = {
+    "PING of 7 bytes (sec 6.7)": (
+        encode_frame(FrameType.PING, 0, 0, b"1234567"), ErrorCode.FRAME_SIZE_ERROR),
+    "PING on a stream (sec 6.7)": (
+        encode_frame(FrameType.PING, 0, 1, b"12345678"), ErrorCode.PROTOCOL_ERROR),
+    "SETTINGS of 5 bytes (sec 6.5)": (
+        encode_frame(FrameType.SETTINGS, 0, 0, b"\x00" * 5), ErrorCode.FRAME_SIZE_ERROR),
+    "SETTINGS_ENABLE_PUSH of 2 (sec 6.5.2)": (
+        encode_frame(FrameType.SETTINGS, 0, 0, settings_payload({Setting.ENABLE_PUSH: 2})),
+        ErrorCode.PROTOCOL_ERROR),
+    "SETTINGS_INITIAL_WINDOW_SIZE of 2^31 (sec 6.5.2)": (
+        encode_frame(FrameType.SETTINGS, 0, 0,
+                     settings_payload({Setting.INITIAL_WINDOW_SIZE: 1 << 31})),
+        ErrorCode.FLOW_CONTROL_ERROR),
+    "DATA on stream 0 (sec 6.1)": (
+        encode_frame(FrameType.DATA, 0, 0, b"x"), ErrorCode.PROTOCOL_ERROR),
+    "connection window past 2^31-1 (sec 6.9.1)": (
+        encode_frame(FrameType.WINDOW_UPDATE, 0, 0, window_update_payload((1 << 31) - 1)),
+        ErrorCode.FLOW_CONTROL_ERROR),
+    "CONTINUATION without HEADERS (sec 6.10)": (
+        encode_frame(FrameType.CONTINUATION, Flag.END_HEADERS, 1,
+                     plain_header_block(grpc_request_headers(VERSION))),
+        ErrorCode.PROTOCOL_ERROR),
+    "PING inside a header block (sec 6.10)": (
+        open_block_then(encode_frame(FrameType.PING, 0, 0, b"12345678")),
+        ErrorCode.PROTOCOL_ERROR),
+    "CONTINUATION of another stream (sec 6.10)": (
+        open_block_then(encode_frame(FrameType.CONTINUATION, Flag.END_HEADERS, 3, b"")),
+        ErrorCode.PROTOCOL_ERROR),
+}
+
+
+@pytest.mark.parametrize("case", CONNECTION_ERRORS)
+def test_protocol_violations_end_the_connection(conn: H2Connection, case: str) -> None:
+    frames, code = CONNECTION_ERRORS[case]
+    conn.send_tolerant(frames)
+    connection_error(conn, code)
+
+
 def test_data_beyond_the_advertised_window(conn: H2Connection) -> None:
     """DATA past the server's windows is a FLOW_CONTROL_ERROR (RFC 9113 §6.9.1 leaves stream
     or connection error to the server). The client sends its whole view of the windows and
@@ -542,11 +601,7 @@ def test_header_list_beyond_the_limit_is_refused(server: Daemon, conn: H2Connect
         assert refused(state), f"a {count} KB header list was served: {state.describe()}"
     except (ConnectionClosed, OSError):
         print(f"header list of {count} KB: connection ended, GOAWAY {conn.goaway}")
-    fresh = new_conn(server)
-    try:
-        call_version_on(fresh)
-    finally:
-        fresh.close()
+    new_connection_serves(server)
 
 
 def rss_kib(pid: int, field: str) -> int:
