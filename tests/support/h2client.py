@@ -14,62 +14,22 @@ import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from enum import IntEnum, IntFlag
 from pathlib import Path
 
 import hpack
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DEFAULT_WINDOW = 65535
-DEFAULT_MAX_FRAME = 16384
+# RFC 9113's numbers are facts, shared with the server; the client's behaviour is its own.
+from sandbox.http2.frames import (
+    DEFAULT_MAX_FRAME,
+    DEFAULT_WINDOW,
+    PREFACE,
+    ErrorCode,
+    Flag,
+    FrameType,
+    Setting,
+)
+
 FRAME_HEADER = struct.Struct(">HBBBI")  # 24-bit length as (16 high bits, 8 low bits)
-
-
-class FrameType(IntEnum):
-    DATA = 0x0
-    HEADERS = 0x1
-    PRIORITY = 0x2
-    RST_STREAM = 0x3
-    SETTINGS = 0x4
-    PUSH_PROMISE = 0x5
-    PING = 0x6
-    GOAWAY = 0x7
-    WINDOW_UPDATE = 0x8
-    CONTINUATION = 0x9
-
-
-class Flag(IntFlag):
-    END_STREAM = 0x1
-    ACK = 0x1
-    END_HEADERS = 0x4
-    PADDED = 0x8
-    PRIORITY = 0x20
-
-
-class ErrorCode(IntEnum):
-    NO_ERROR = 0x0
-    PROTOCOL_ERROR = 0x1
-    INTERNAL_ERROR = 0x2
-    FLOW_CONTROL_ERROR = 0x3
-    SETTINGS_TIMEOUT = 0x4
-    STREAM_CLOSED = 0x5
-    FRAME_SIZE_ERROR = 0x6
-    REFUSED_STREAM = 0x7
-    CANCEL = 0x8
-    COMPRESSION_ERROR = 0x9
-    CONNECT_ERROR = 0xA
-    ENHANCE_YOUR_CALM = 0xB
-    INADEQUATE_SECURITY = 0xC
-    HTTP_1_1_REQUIRED = 0xD
-
-
-class Setting(IntEnum):
-    HEADER_TABLE_SIZE = 0x1
-    ENABLE_PUSH = 0x2
-    MAX_CONCURRENT_STREAMS = 0x3
-    INITIAL_WINDOW_SIZE = 0x4
-    MAX_FRAME_SIZE = 0x5
-    MAX_HEADER_LIST_SIZE = 0x6
 
 
 def error_name(code: int) -> str:
