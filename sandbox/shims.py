@@ -45,8 +45,9 @@ LostHandler = Callable[[str], None]
 # Generous: a loaded node may take a while to schedule the zygote, and a false "dead"
 # would mean killing a healthy one.
 ZYGOTE_PING_TIMEOUT = 10.0
-# Starting the zygote preloads and warms up the shim's code before it detaches: a second here,
-# but tens of seconds on a slow or emulated CPU. Only a hung start should fail.
+# A new zygote preloads and warms up the shim's code (a warm-up container included) right after
+# it detaches, and answers its first ping once done: a second here, but tens of seconds on a
+# slow or emulated CPU (the VM stage on a loaded host took over 10 s). Only a hung start fails.
 ZYGOTE_START_TIMEOUT = 120.0
 # A shim that outlived the daemon answers at once; one that takes longer is reported gone.
 RECONNECT_TIMEOUT = 5.0
@@ -145,7 +146,7 @@ class ShimRegistry:
         self.zygote_socket.unlink(missing_ok=True)
         await start_zygote(socket_path, log_path=str(self.zygote_socket.with_suffix(".log")),
                            merge_pages=self.page_merging != "off", timeout=ZYGOTE_START_TIMEOUT)
-        reply = await zygote_call(socket_path, "ping", timeout=ZYGOTE_PING_TIMEOUT)
+        reply = await zygote_call(socket_path, "ping", timeout=ZYGOTE_START_TIMEOUT)
         pid_file.write_text(f"{int(reply['pid'])}\n")
 
     async def spawn(self, pod_id: str, pod_dir: Path, handler: Handler) -> ShimClient:
