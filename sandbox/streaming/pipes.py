@@ -5,7 +5,8 @@ then on. The standard loop closes the file object, once. uvloop's transport has 
 the fd, then closes the file object as well: a second close(2) of the same number, which the
 daemon's other threads may have been given in between (an exec's fds arrive in a
 `to_thread` worker, gRPC's threads open sockets). That closed a shim connection or an exec's
-pipe under its owner (exec failed with EBADF or EEXIST), or the CRI listener itself.
+pipe under its owner (execs failed to start with EBADF or EEXIST under load), and once the
+daemon stopped accepting CRI connections while its streaming server still served.
 """
 
 from __future__ import annotations
