@@ -35,6 +35,7 @@ from sandbox.errors import InvalidArgument, NotFound
 from sandbox.runtime import Runtime
 from sandbox.streaming.buffers import ByteQueue
 from sandbox.streaming.limits import KeyedSlots, SlotsFull, StreamLimits
+from sandbox.streaming.pipes import pipe_file
 from shim.client import AttachStream, ExecHandle, ShimClient, ShimError, resize_fd
 from shim.protocol import STREAM_STDERR, STREAM_STDOUT
 
@@ -168,7 +169,7 @@ async def _reader_for(fd: int) -> asyncio.StreamReader:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=EXEC_READ_AHEAD)
     await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+        lambda: asyncio.StreamReaderProtocol(reader), pipe_file(fd, "rb")
     )
     return reader
 
@@ -176,7 +177,7 @@ async def _reader_for(fd: int) -> asyncio.StreamReader:
 async def _writer_for(fd: int) -> asyncio.StreamWriter:
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.connect_write_pipe(
-        asyncio.streams.FlowControlMixin, os.fdopen(fd, "wb", buffering=0)
+        asyncio.streams.FlowControlMixin, pipe_file(fd, "wb")
     )
     return asyncio.StreamWriter(transport, protocol, None, loop)
 

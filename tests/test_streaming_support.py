@@ -23,6 +23,7 @@ from kubernetes.stream.ws_client import WSClient
 from sandbox.exec import pty_writer
 from sandbox.streaming import spdy
 from sandbox.streaming.limits import StreamLimits
+from sandbox.streaming.pipes import pipe_file
 from sandbox.streaming.server import ExecParams, StreamingServer
 from tests.daemon import new_event_loop
 
@@ -78,7 +79,7 @@ async def _pty_streams(master: int) -> tuple[asyncio.StreamReader, asyncio.Strea
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
-                                 os.fdopen(master, "rb", buffering=0))
+                                 pipe_file(master, "rb"))
     return reader, pty_writer(os.dup(master))  # as flatpod's own exec sessions
 
 
