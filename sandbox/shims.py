@@ -225,14 +225,7 @@ class ShimRegistry:
             if replaced is not None:
                 os.close(replaced.pidfd)
                 await _stop_spare_dir(replaced.pod_dir)
-            make_pod_dir(pod_dir)
-            (pod_dir / SPARE_MARKER).write_text("0\n")  # before the fork: never unmarked
-            # The netns too, made ahead (after the marker: a left spare's is unpinned with
-            # it): a pod of the pod network takes it, the others unpin it at the claim. On
-            # a thread of its own, which moves into the netns to make it: a pooled thread
-            # starting another to do so (create_netns) cost the loop ~1 ms more CPU.
-            netns = pod_netns_path(pod_id)
-            await _to_the_end(on_own_thread(lambda: create_netns_here(netns)))
+            await _to_the_end(on_own_thread(lambda: _make_spare_dir(pod_dir, make_pod_dir)))
             # The pid from the zygote's answer: no call to the new shim to ask it.
             client, pid = await self._fork(pod_id, pod_dir, handler, str(self.zygote_socket))
             (pod_dir / SPARE_MARKER).write_text(f"{pid}\n")
@@ -372,6 +365,17 @@ async def _to_the_end(work: Awaitable[T]) -> T:
     except asyncio.CancelledError:
         await asyncio.wait([task])
         raise
+
+
+def _make_spare_dir(pod_dir: Path, make_pod_dir: Callable[[Path], None]) -> None:
+    """A spare's dir, marked, and its netns, made ahead (after the marker: a left spare's
+    is unpinned with it): a pod of the pod network takes it, the others unpin it at the
+    claim. For a thread of its own (netns.enter.on_own_thread), which moves into the netns
+    to make it: a pooled thread starting another to do so (create_netns) cost the daemon
+    ~1 ms more CPU; and the loop is not held while the file system works."""
+    make_pod_dir(pod_dir)
+    (pod_dir / SPARE_MARKER).write_text("0\n")  # before the fork: never unmarked
+    create_netns_here(pod_netns_path(pod_dir.name))
 
 
 async def _stop_spare_dir(pod_dir: Path) -> None:

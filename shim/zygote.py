@@ -270,8 +270,7 @@ class _LifecycleWarmUp:
 
 def _private_temp_dir(prefix: str) -> str:
     """A new directory only root can enter, as tempfile.mkdtemp makes one: tempfile
-    imports random, whose at-fork hook reseeds it in every forked shim (and in the
-    intermediate child). Measured: 44 KiB of USS per shim."""
+    imports random, whose at-fork hook reseeds it in every forked shim. Measured: 44 KiB of USS per shim."""
     path = os.path.join(os.environ.get("TMPDIR") or "/tmp", prefix + os.urandom(8).hex())
     os.mkdir(path, 0o700)  # fails rather than follow or reuse anything already there
     return path
@@ -345,8 +344,8 @@ def _free_blocks_per_size() -> list[tuple[int, int]]:
 def preload() -> None:
     """Everything a shim will need, imported, run and settled here, so that its pages are
     shared by all shims instead of copied into each."""
-    # Never import subprocess: it imports threading, whose at-fork hook (run in the
-    # intermediate child and again in the shim) rebuilds locks and walks weak sets.
+    # Never import subprocess: it imports threading, whose at-fork hook (run in every
+    # forked shim) rebuilds locks and walks weak sets.
     # Measured: ~0.5 MiB of private pages per shim.
     # libc's prctl made here rather than in each shim: ~0.18 MiB per shim.
     load_prctl()
