@@ -270,7 +270,8 @@ class _LifecycleWarmUp:
 
 def _private_temp_dir(prefix: str) -> str:
     """A new directory only root can enter, as tempfile.mkdtemp makes one: tempfile
-    imports random, whose at-fork hook reseeds it in every forked shim. Measured: 44 KiB of USS per shim."""
+    imports random, whose at-fork hook reseeds it in every forked shim. Measured: 44 KiB
+    of USS per shim."""
     path = os.path.join(os.environ.get("TMPDIR") or "/tmp", prefix + os.urandom(8).hex())
     os.mkdir(path, 0o700)  # fails rather than follow or reuse anything already there
     return path
