@@ -22,7 +22,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
-from netns.pin import create_netns, pod_netns_path, unpin
+from netns.enter import on_own_thread
+from netns.pin import create_netns_here, pod_netns_path, unpin
 from sandbox.handlers import Handler
 from shim import ksm
 from shim.client import (
@@ -32,6 +33,7 @@ from shim.client import (
     ShimState,
     Subscription,
     ZygoteUnavailable,
+    fork_shim,
     spawn_shim,
     start_zygote,
     zygote_call,
@@ -163,11 +165,19 @@ class ShimRegistry:
 
     async def _spawn(self, pod_id: str, pod_dir: Path, handler: Handler,
                      zygote: str | None) -> ShimClient:
+        if zygote is not None:
+            return (await self._fork(pod_id, pod_dir, handler, zygote))[0]
         return await spawn_shim(
             pod_id, str(pod_dir), str(handler.root), python=sys.executable,
-            runc=handler.binary, runc_args=list(handler.global_args),
-            log_level=self.log_level, zygote_socket=zygote,
+            runc=handler.binary, runc_args=list(handler.global_args), log_level=self.log_level,
         )
+
+    async def _fork(self, pod_id: str, pod_dir: Path, handler: Handler,
+                    zygote: str) -> tuple[ShimClient, int]:
+        """The shim forked by the zygote, and its pid (the zygote's answer names it)."""
+        return await fork_shim(zygote, pod_id, str(pod_dir), str(handler.root),
+                               runc=handler.binary, runc_args=list(handler.global_args),
+                               log_level=self.log_level)
 
     def spare_for(self, handler: Handler) -> SpareShim | None:
         """The spare shim, if it runs `handler`'s runtime and still lives. Taken with
@@ -216,13 +226,9 @@ class ShimRegistry:
             if replaced is not None:
                 os.close(replaced.pidfd)
                 await _stop_spare_dir(replaced.pod_dir)
-            make_pod_dir(pod_dir)
-            (pod_dir / SPARE_MARKER).write_text("0\n")  # before the fork: never unmarked
-            # The netns too, made ahead (after the marker: a left spare's is unpinned with
-            # it): a pod of the pod network takes it, the others unpin it at the claim.
-            await _to_the_end(asyncio.to_thread(create_netns, pod_netns_path(pod_id)))
-            client = await self._spawn(pod_id, pod_dir, handler, str(self.zygote_socket))
-            pid = (await client.shim_state()).pid
+            await _to_the_end(on_own_thread(lambda: _make_spare_dir(pod_dir, make_pod_dir)))
+            # The pid from the zygote's answer: no call to the new shim to ask it.
+            client, pid = await self._fork(pod_id, pod_dir, handler, str(self.zygote_socket))
             (pod_dir / SPARE_MARKER).write_text(f"{pid}\n")
             self.spare = SpareShim(pod_id, pod_dir, handler, client, os.pidfd_open(pid))
         except (ShimError, OSError) as err:
@@ -360,6 +366,17 @@ async def _to_the_end(work: Awaitable[T]) -> T:
     except asyncio.CancelledError:
         await asyncio.wait([task])
         raise
+
+
+def _make_spare_dir(pod_dir: Path, make_pod_dir: Callable[[Path], None]) -> None:
+    """A spare's dir, marked, and its netns, made ahead (after the marker: a left spare's
+    is unpinned with it): a pod of the pod network takes it, the others unpin it at the
+    claim. For a thread of its own (netns.enter.on_own_thread), which moves into the netns
+    to make it: a pooled thread starting another to do so (create_netns) cost the daemon
+    ~1 ms more CPU; and the loop is not held while the file system works."""
+    make_pod_dir(pod_dir)
+    (pod_dir / SPARE_MARKER).write_text("0\n")  # before the fork: never unmarked
+    create_netns_here(pod_netns_path(pod_dir.name))
 
 
 async def _stop_spare_dir(pod_dir: Path) -> None:

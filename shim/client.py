@@ -552,13 +552,9 @@ async def spawn_shim(pod_id: str, shim_dir: str, runc_root: str, *,
     at zygote_socket when given, else a fresh `python -m shim`. runc (the OCI runtime's
     binary), runc_root and runc_args (its global options) are the shim's for life."""
     if zygote_socket is not None:
-        await _spawn_by_zygote(zygote_socket, timeout, pod_id=pod_id, dir=shim_dir,
-                               runc_root=runc_root, runc=runc, runc_args=runc_args or [],
-                               log_level=log_level)
-        # The zygote answers once the shim's socket listens (it bound it before the fork):
-        # the first call waits in its backlog until the shim accepts, so no round trip is
-        # spent here asking whether it answers; a shim that died fails that call.
-        return ShimClient(shim_dir, timeout)
+        client, _ = await fork_shim(zygote_socket, pod_id, shim_dir, runc_root, runc=runc,
+                                    runc_args=runc_args, log_level=log_level, timeout=timeout)
+        return client
     argv = [python, "-m", "shim", "--pod-id", pod_id, "--dir", shim_dir,
             "--runc-root", runc_root, "--log-level", log_level]
     if runc is not None:
@@ -569,8 +565,19 @@ async def spawn_shim(pod_id: str, shim_dir: str, runc_root: str, *,
     return await connect(shim_dir, timeout)
 
 
-async def _spawn_by_zygote(zygote_socket: str, timeout: float, **args: Any) -> int:
-    return int((await zygote_call(zygote_socket, "spawn", timeout, **args))["pid"])
+async def fork_shim(zygote_socket: str, pod_id: str, shim_dir: str, runc_root: str, *,
+                    runc: str | None = None, runc_args: list[str] | None = None,
+                    log_level: str = "info", timeout: float = DEFAULT_TIMEOUT
+                    ) -> tuple[ShimClient, int]:
+    """A shim forked by the zygote at zygote_socket (see spawn_shim), and its pid.
+
+    The zygote answers once the shim's socket listens (it bound it before the fork): the
+    first call waits in its backlog until the shim accepts, so no round trip is spent here
+    asking whether it answers (or for its pid); a shim that died fails that call."""
+    reply = await zygote_call(zygote_socket, "spawn", timeout, pod_id=pod_id, dir=shim_dir,
+                              runc_root=runc_root, runc=runc, runc_args=runc_args or [],
+                              log_level=log_level)
+    return ShimClient(shim_dir, timeout), int(reply["pid"])
 
 
 async def zygote_call(zygote_socket: str, op: str, timeout: float = DEFAULT_TIMEOUT,

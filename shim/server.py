@@ -493,6 +493,11 @@ def set_signal_handler(signum: int, handler: Callable[[int, object], None]) -> N
     _signal.signal(signum, handler)
 
 
+def ignore_signal(signum: int) -> None:
+    """SIG_IGN for `signum`, through _signal as set_signal_handler (which names why)."""
+    _signal.signal(signum, _signal.SIG_IGN)
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, KeyError):
         return f"missing field {exc}"

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 from collections.abc import Mapping
@@ -32,7 +33,15 @@ from shim.runc import DEFAULT_RUNC
 
 # shim.server imports the op handlers (shim/ops_*.py) and shim/state.py: all loaded here,
 # before any fork, so every shim shares them.
-from shim.server import LOG_LEVELS, Connection, Shim, accept, load_libc, load_prctl
+from shim.server import (
+    LOG_LEVELS,
+    Connection,
+    Shim,
+    accept,
+    ignore_signal,
+    load_libc,
+    load_prctl,
+)
 
 
 def spawn_args(request: dict[str, Any]) -> argparse.Namespace:
@@ -52,50 +61,41 @@ def spawn_args(request: dict[str, Any]) -> argparse.Namespace:
 
 def fork_shim(args: argparse.Namespace, inherited: list[socket.socket],
               environment: Mapping[str, str]) -> int:
-    """Fork a detached shim; returns its pid once its socket is listening. Its runc calls
-    get environment (this process's, copied once: see Runc.environment)."""
+    """Fork a detached shim; returns its pid, its socket listening (bound before the
+    fork). Its runc calls get environment (this process's, copied once: see
+    Runc.environment).
+
+    One fork, not the classic double fork: the zygote ignores SIGCHLD (serve_zygote), so
+    the kernel reaps a shim that exits and none is left a zombie, and a shim outlives the
+    zygote as it would outlive the intermediate process, re-parented to init. The second
+    fork and the intermediate's exit were about half of the zygote's CPU per shim (perf:
+    each fork copies the zygote's page tables, and each new process faults its way back
+    into the zygote's pages).
+    """
     if not os.access(args.dir, os.F_OK):  # the daemon has made it: makedirs would raise
         os.makedirs(args.dir, mode=0o700, exist_ok=True)
     listener = shim_main.bind_listener(os.path.join(args.dir, shim_main.SOCKET_NAME))
-    pid_read, pid_write = os.pipe()
-    intermediate = os.fork()
-    if intermediate == 0:
-        _become_shim(args, listener, inherited, pid_read, pid_write, environment)
-    os.close(pid_write)
+    try:
+        shim_pid = os.fork()
+    except OSError:
+        listener.close()
+        raise
+    if shim_pid == 0:
+        _become_shim(args, listener, inherited, environment)
     listener.close()
-    shim_pid = int(_read_to_end(pid_read) or b"0")
-    os.waitpid(intermediate, 0)
-    if shim_pid <= 0:
-        raise OSError("shim fork failed")
     return shim_pid
 
 
-def _read_to_end(fd: int) -> bytes:
-    """All of a pipe, then closed: os.fdopen would build a buffered reader (and its
-    8 KiB buffer) at each spawn, between the forks of two shims."""
-    data = b""
-    try:
-        while chunk := os.read(fd, 64):
-            data += chunk
-    finally:
-        os.close(fd)
-    return data
-
-
 def _become_shim(args: argparse.Namespace, listener: socket.socket,
-                 inherited: list[socket.socket], pid_read: int, pid_write: int,
-                 environment: Mapping[str, str]) -> None:
-    """In the intermediate child: new session, fork the shim, report its pid, exit."""
+                 inherited: list[socket.socket], environment: Mapping[str, str]) -> None:
+    """In the forked child: a session of its own, stdio to the shim's log, then the shim.
+
+    Leading its session gives a shim no controlling terminal: it opens no terminal device
+    (a container's pty master comes over runc's console socket)."""
     try:
         for sock in inherited:  # the zygote's listener and client connection
             sock.close()
-        os.close(pid_read)
         os.setsid()
-        shim_pid = os.fork()
-        if shim_pid > 0:
-            os.write(pid_write, str(shim_pid).encode())
-            os._exit(0)
-        os.close(pid_write)
         shim_main.redirect_stdio(os.path.join(args.dir, shim_main.LOG_NAME))
         shim_main.serve(args, listener, environment)
         os._exit(0)
@@ -270,8 +270,8 @@ class _LifecycleWarmUp:
 
 def _private_temp_dir(prefix: str) -> str:
     """A new directory only root can enter, as tempfile.mkdtemp makes one: tempfile
-    imports random, whose at-fork hook reseeds it in every forked shim (and in the
-    intermediate child). Measured: 44 KiB of USS per shim."""
+    imports random, whose at-fork hook reseeds it in every forked shim. Measured: 44 KiB
+    of USS per shim."""
     path = os.path.join(os.environ.get("TMPDIR") or "/tmp", prefix + os.urandom(8).hex())
     os.mkdir(path, 0o700)  # fails rather than follow or reuse anything already there
     return path
@@ -345,8 +345,8 @@ def _free_blocks_per_size() -> list[tuple[int, int]]:
 def preload() -> None:
     """Everything a shim will need, imported, run and settled here, so that its pages are
     shared by all shims instead of copied into each."""
-    # Never import subprocess: it imports threading, whose at-fork hook (run in the
-    # intermediate child and again in the shim) rebuilds locks and walks weak sets.
+    # Never import subprocess: it imports threading, whose at-fork hook (run in every
+    # forked shim) rebuilds locks and walks weak sets.
     # Measured: ~0.5 MiB of private pages per shim.
     # libc's prctl made here rather than in each shim: ~0.18 MiB per shim.
     load_prctl()
@@ -433,6 +433,10 @@ def advise_merging() -> None:
 
 def serve_zygote(listener: socket.socket, merge_pages: bool = False) -> None:
     preload()
+    # The shims are forked as children (fork_shim): the kernel reaps them as they exit.
+    # After preload, whose warm-up waits for children of its own. A shim inherits this
+    # and sets its own SIGCHLD handler before it starts any process (Shim.run).
+    ignore_signal(signal.SIGCHLD)
     environment = dict(os.environ)
     if merge_pages:
         advise_merging()

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
+
+from shim.client import fork_shim, start_zygote, zygote_call
+from tests.daemon import TIME_SCALE
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,8 +26,8 @@ def _run_in_fresh_python(code: str) -> str:
 
 
 def test_preload_imports_no_threading_and_no_subprocess() -> None:
-    """threading's at-fork hook runs in every forked shim (twice: the intermediate child
-    too) and un-shares ~0.5 MiB per shim; subprocess is what used to import it."""
+    """threading's at-fork hook runs in every forked shim and un-shares ~0.5 MiB per shim;
+    subprocess is what used to import it."""
     out = _run_in_fresh_python(
         "import sys\n"
         "from shim import zygote\n"
@@ -123,3 +130,50 @@ def test_marking_skips_a_mapping_unmapped_meanwhile() -> None:
         "flags = next(l for l in heap.splitlines() if l.startswith('VmFlags:'))\n"
         "print(refused, marked > 0, ' mg' in flags)\n")
     assert out.split() == ["[12]", "True", "True"]  # 12: ENOMEM
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name: state, ppid, pgrp, session, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+async def _fork_one_shim_and_stop_it(state: str) -> tuple[int, list[str], list[str]]:
+    """The zygote's pid, a shim's stat fields while it serves, and the stat fields left of
+    it once it has exited ([] when nothing is: reaped)."""
+    zygote_socket = os.path.join(state, "zygote.sock")
+    await start_zygote(zygote_socket, timeout=30 * TIME_SCALE)
+    try:
+        zygote = int((await zygote_call(zygote_socket, "ping", timeout=30 * TIME_SCALE))["pid"])
+        client, pid = await fork_shim(zygote_socket, "reap-test", os.path.join(state, "pod"),
+                                      os.path.join(state, "runc"), timeout=30 * TIME_SCALE)
+        assert (await client.shim_state()).pid == pid, "the zygote's answer names the shim"
+        serving = _stat_fields(pid)
+        await client.shutdown()
+        deadline = time.monotonic() + 10 * TIME_SCALE  # generous: a loaded 2-core machine
+        left = serving
+        while left and left[0] != "Z" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            try:
+                left = _stat_fields(pid)
+            except FileNotFoundError:
+                left = []
+        if left and left[0] == "Z":  # a zombie stays: give the reaping a moment all the same
+            await asyncio.sleep(0.5)
+            left = _stat_fields(pid) if os.path.exists(f"/proc/{pid}") else []
+        return zygote, serving, left
+    finally:
+        await zygote_call(zygote_socket, "stop", timeout=30 * TIME_SCALE)
+
+
+def test_a_shim_is_the_zygote_s_child_and_leaves_no_zombie() -> None:
+    """One fork per shim: the zygote's child, leading a session of its own; the zygote
+    ignores SIGCHLD, so a shim that exits is reaped by the kernel, not left a zombie."""
+    state = tempfile.mkdtemp(prefix="fpt-reap-", dir="/run")  # a short unix socket path
+    try:
+        zygote, serving, left = asyncio.run(_fork_one_shim_and_stop_it(state))
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+    _, ppid, pgrp, session = serving[:4]
+    assert int(ppid) == zygote, serving
+    assert int(session) == int(pgrp) != zygote, "a session of its own, not the zygote's"
+    assert left == [], f"the exited shim is left as {left[:2]}"
