@@ -1,6 +1,6 @@
 """The server side of one HTTP/2 connection (RFC 9113): frames in, streams and flow control,
 frames out. It knows nothing of gRPC: an `Application` sees each request's headers, body and
-end, and answers through `respond`, `send_headers`, `send_data` and `reset`.
+end, and answers through `respond`, `send_headers` and `send_data`.
 
 Everything runs on the event loop's thread, in `data_received`: no locks, no thread handoffs
 (grpc.aio's cost, ARCHITECTURE.md "The CRI socket's own HTTP/2 server"). A peer that breaks
@@ -449,13 +449,6 @@ class Http2Connection(asyncio.Protocol):
             return
         stream.outbox.append((False, memoryview(data), False))
         self._write_flushed(stream)
-
-    def reset(self, stream: Stream, code: ErrorCode) -> None:
-        if stream.local_closed and stream.id not in self.streams:
-            return
-        self._reset_by_us(stream)
-        if self.transport is not None and not self._closed:
-            self.transport.write(rst_stream(stream.id, code))
 
     async def writable(self, stream: Stream) -> None:
         """Returns once what the stream sent has left for the socket (or the stream ended):
