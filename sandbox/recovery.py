@@ -55,6 +55,7 @@ async def recover(rt: Runtime) -> None:
     orphans = [c for c in rt.containers.values() if c.pod_id not in rt.pods]
     for ctr in orphans:
         await containers.remove_container_now(rt, ctr)
+    await rt.shims.remove_stray_pod_dirs(rt.pods.keys())
     log.info(
         "recovered %d pods and %d containers (%d running)",
         len(rt.pods), len(rt.containers),

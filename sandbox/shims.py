@@ -16,7 +16,7 @@ import shutil
 import signal
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -247,6 +247,17 @@ class ShimRegistry:
         self.left_spares_stopped = True
         for pod_dir in self.pods_dir.iterdir():
             if (pod_dir / SPARE_MARKER).exists():
+                await _stop_spare_dir(pod_dir)
+
+    async def remove_stray_pod_dirs(self, known: Collection[str]) -> None:
+        """Removes the pod dirs that no record names, with their shim and netns: a daemon
+        killed while making a spare's dir (before its marker) or removing one (after the
+        marker went) leaves one. Only at start: no pod or spare is being made then."""
+        if self.pods_dir is None or not self.pods_dir.is_dir():
+            return
+        for pod_dir in self.pods_dir.iterdir():
+            if pod_dir.name not in known:
+                log.warning("removing %s: no pod has it", pod_dir)
                 await _stop_spare_dir(pod_dir)
 
     async def reconnect(self, pod_id: str, pod_dir: Path

@@ -66,6 +66,25 @@ def test_a_killed_daemon_s_spare_is_stopped_at_its_next_start(
     assert_all_gone(d, cri, {pod_id})
 
 
+def test_an_unmarked_spare_a_killed_daemon_left_is_removed_at_its_next_start(
+        node: tuple[Daemon, CriClient], tmp_path: Path) -> None:
+    """A kill between the spare dir's mkdir and its marker (or while a spare's dir is being
+    removed, after the marker) leaves a pod dir that no record names: the next start removes
+    it, with its shim and netns, whether the fork had happened or not."""
+    d, cri = node
+    pod_id = run_pod(cri, pod_config(log_dir=tmp_path / "logs"))
+    spare_dir, spare_pid = _spare(d)
+    d.kill()
+    (spare_dir / SPARE_MARKER).unlink()
+    bare_dir = spare_dir.with_name(os.urandom(32).hex())
+    (bare_dir / "ns").mkdir(parents=True)
+    d.start()
+    wait_for(lambda: not os.path.exists(f"/proc/{spare_pid}"), what="the old spare's exit")
+    assert not spare_dir.exists() and not bare_dir.exists()
+    assert not is_pinned(pod_netns_path(spare_dir.name))
+    assert_all_gone(d, cri, {pod_id})
+
+
 def test_a_stopped_daemon_leaves_no_spare(node: tuple[Daemon, CriClient], tmp_path: Path) -> None:
     d, cri = node
     pod_id = run_pod(cri, pod_config(log_dir=tmp_path / "logs"))
