@@ -578,7 +578,7 @@ async def finish_removal(rt: Runtime, container_id: str, doc: dict[str, Any]) ->
 # --- ContainerStatus and ListContainers -------------------------------------------------------
 
 
-async def container_status(rt: Runtime, req: pb.ContainerStatusRequest) -> bytes:
+def container_status(rt: Runtime, req: pb.ContainerStatusRequest) -> bytes:
     """The record's kept status bytes, and verbose (critest's, crictl inspect's) its kept
     info entry (sandbox/wire.py)."""
     ctr = rt.registry.visible_container(req.container_id)
@@ -646,7 +646,7 @@ def container_status_message(rt: Runtime, ctr: ContainerRecord) -> pb.ContainerS
     )
 
 
-async def list_containers(rt: Runtime, req: pb.ListContainersRequest) -> bytes:
+def list_containers(rt: Runtime, req: pb.ListContainersRequest) -> bytes:
     """A ListContainersResponse, assembled from each container's cached entry (sandbox/wire.py).
     Unfiltered, as kubelet's relist asks every second, the whole answer is cached too."""
     return rt.list_answer(

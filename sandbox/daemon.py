@@ -26,7 +26,7 @@ from sandbox.faults import Faults
 from sandbox.images.service import ImageService
 from sandbox.metrics import MetricsEndpoint
 from sandbox.runtime import Paths, Runtime
-from sandbox.server import Handler, build_server
+from sandbox.server import Handler, Inline, build_server
 from sandbox.shims import ShimRegistry
 from sandbox.slots import LifecycleSlots, waits_for_exit
 from sandbox.store import Store
@@ -38,52 +38,54 @@ log = logging.getLogger("flatpod.daemon")
 
 def rpc_handlers(slots: LifecycleSlots) -> Mapping[str, Handler]:
     """Every RPC flatpod implements, by "Service/Method"; the rest answer UNIMPLEMENTED.
-    The lifecycle calls run at most `slots.limit` at a time (sandbox/slots.py)."""
+    The lifecycle calls run at most `slots.limit` at a time (sandbox/slots.py). The lookups
+    answered from memory are Inline: answered in the callback that read them, with no task
+    (sandbox/server.py's Inline says which handlers may be)."""
     # The stats RPCs share their samples (and the previous one, for cpu rates): one per server.
     st = stats.Stats()
     checkpoints = checkpoint.Checkpoints()  # holds what `criu check` said, asked once
     bounded = slots.bounded
     return {
-        "RuntimeService/Version": info.version,
+        "RuntimeService/Version": Inline(info.version),
         "RuntimeService/Status": info.status,
-        "RuntimeService/RuntimeConfig": info.runtime_config,
+        "RuntimeService/RuntimeConfig": Inline(info.runtime_config),
         "RuntimeService/UpdateRuntimeConfig": info.update_runtime_config,
         "RuntimeService/RunPodSandbox": bounded(pods.run_pod_sandbox),
         "RuntimeService/StopPodSandbox": bounded(pods.stop_pod_sandbox),
         "RuntimeService/RemovePodSandbox": bounded(pods.remove_pod_sandbox),
-        "RuntimeService/PodSandboxStatus": pods.pod_sandbox_status,
-        "RuntimeService/ListPodSandbox": pods.list_pod_sandbox,
+        "RuntimeService/PodSandboxStatus": Inline(pods.pod_sandbox_status),
+        "RuntimeService/ListPodSandbox": Inline(pods.list_pod_sandbox),
         "RuntimeService/StreamPodSandboxes": pods.stream_pod_sandboxes,
         "RuntimeService/CreateContainer": bounded(containers.create_container),
         "RuntimeService/StartContainer": bounded(containers.start_container),
         "RuntimeService/StopContainer": bounded(containers.stop_container,
                                                  unbounded_if=waits_for_exit),
         "RuntimeService/RemoveContainer": bounded(containers.remove_container),
-        "RuntimeService/ContainerStatus": containers.container_status,
-        "RuntimeService/ListContainers": containers.list_containers,
+        "RuntimeService/ContainerStatus": Inline(containers.container_status),
+        "RuntimeService/ListContainers": Inline(containers.list_containers),
         "RuntimeService/StreamContainers": containers.stream_containers,
         "RuntimeService/ExecSync": containers.exec_sync,
         "RuntimeService/ReopenContainerLog": containers.reopen_container_log,
         "RuntimeService/UpdateContainerResources": containers.update_container_resources,
-        "RuntimeService/Exec": exec.exec_,
-        "RuntimeService/Attach": exec.attach,
-        "RuntimeService/PortForward": exec.port_forward,
+        "RuntimeService/Exec": Inline(exec.exec_),
+        "RuntimeService/Attach": Inline(exec.attach),
+        "RuntimeService/PortForward": Inline(exec.port_forward),
         "RuntimeService/ContainerStats": st.container_stats,
         "RuntimeService/ListContainerStats": st.list_container_stats,
         "RuntimeService/StreamContainerStats": st.stream_container_stats,
         "RuntimeService/PodSandboxStats": st.pod_sandbox_stats,
         "RuntimeService/ListPodSandboxStats": st.list_pod_sandbox_stats,
         "RuntimeService/StreamPodSandboxStats": st.stream_pod_sandbox_stats,
-        "RuntimeService/ListMetricDescriptors": st.list_metric_descriptors,
+        "RuntimeService/ListMetricDescriptors": Inline(st.list_metric_descriptors),
         "RuntimeService/ListPodSandboxMetrics": st.list_pod_sandbox_metrics,
         "RuntimeService/StreamPodSandboxMetrics": st.stream_pod_sandbox_metrics,
         "RuntimeService/UpdatePodSandboxResources": pods.update_pod_sandbox_resources,
         "RuntimeService/GetContainerEvents": events.get_container_events,
         "RuntimeService/CheckpointContainer": checkpoints.checkpoint_container,
         "ImageService/PullImage": lambda rt, req: rt.images.PullImage(req),
-        "ImageService/ListImages": lambda rt, req: rt.images.ListImages(req),
+        "ImageService/ListImages": Inline(lambda rt, req: rt.images.ListImages(req)),
         "ImageService/StreamImages": lambda rt, req: rt.images.StreamImages(req),
-        "ImageService/ImageStatus": lambda rt, req: rt.images.ImageStatus(req),
+        "ImageService/ImageStatus": Inline(lambda rt, req: rt.images.ImageStatus(req)),
         "ImageService/RemoveImage": lambda rt, req: rt.images.RemoveImage(req),
         "ImageService/ImageFsInfo": lambda rt, req: rt.images.ImageFsInfo(req),
     }

@@ -60,20 +60,20 @@ PTY_INPUT_HIGH_WATER = 64 * 1024
 # --- the RPCs --------------------------------------------------------------------------------
 
 
-async def exec_(rt: Runtime, req: pb.ExecRequest) -> pb.ExecResponse:
+def exec_(rt: Runtime, req: pb.ExecRequest) -> pb.ExecResponse:
     validate.exec_command(req.cmd)
     ctr = running_container(rt, req.container_id)
     req.container_id = ctr.id
     return pb.ExecResponse(url=_url(rt.streaming.get_exec_url, req))
 
 
-async def attach(rt: Runtime, req: pb.AttachRequest) -> pb.AttachResponse:
+def attach(rt: Runtime, req: pb.AttachRequest) -> pb.AttachResponse:
     ctr = running_container(rt, req.container_id)
     req.container_id = ctr.id
     return pb.AttachResponse(url=_url(rt.streaming.get_attach_url, req))
 
 
-async def port_forward(rt: Runtime, req: pb.PortForwardRequest) -> pb.PortForwardResponse:
+def port_forward(rt: Runtime, req: pb.PortForwardRequest) -> pb.PortForwardResponse:
     pod = rt.pod(req.pod_sandbox_id)
     for port in req.port:
         if not 0 < port < 65536:

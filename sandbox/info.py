@@ -25,7 +25,7 @@ def flatpod_version() -> str:
         return "0.0.0+unknown"
 
 
-async def version(rt: Runtime, req: pb.VersionRequest) -> pb.VersionResponse:
+def version(rt: Runtime, req: pb.VersionRequest) -> pb.VersionResponse:
     return pb.VersionResponse(
         version="0.1.0",  # the kubelet-runtime API version, as containerd and CRI-O answer
         runtime_name=RUNTIME_NAME,
@@ -65,7 +65,7 @@ async def status(rt: Runtime, req: pb.StatusRequest) -> pb.StatusResponse:
     return response
 
 
-async def runtime_config(rt: Runtime, req: pb.RuntimeConfigRequest) -> pb.RuntimeConfigResponse:
+def runtime_config(rt: Runtime, req: pb.RuntimeConfigRequest) -> pb.RuntimeConfigResponse:
     driver = pb.SYSTEMD if rt.config.driver is cgroups.Driver.SYSTEMD else pb.CGROUPFS
     return pb.RuntimeConfigResponse(linux=pb.LinuxRuntimeConfiguration(cgroup_driver=driver))
 

@@ -851,7 +851,7 @@ def _name_leftovers(rt: Runtime, pod: PodRecord) -> None:
 # --- PodSandboxStatus and ListPodSandbox ------------------------------------------------------
 
 
-async def pod_sandbox_status(rt: Runtime, req: pb.PodSandboxStatusRequest) -> bytes:
+def pod_sandbox_status(rt: Runtime, req: pb.PodSandboxStatusRequest) -> bytes:
     """Assembled from the pod's and its containers' kept status bytes, the timestamp and,
     verbose (critest's and crictl inspectp's), the pod's kept info entry (sandbox/wire.py)."""
     pod = rt.registry.visible_pod(req.pod_sandbox_id)
@@ -898,7 +898,7 @@ def sandbox_status(pod: PodRecord) -> pb.PodSandboxStatus:
     )
 
 
-async def list_pod_sandbox(rt: Runtime, req: pb.ListPodSandboxRequest) -> bytes:
+def list_pod_sandbox(rt: Runtime, req: pb.ListPodSandboxRequest) -> bytes:
     """A ListPodSandboxResponse, assembled from each pod's cached entry (see sandbox/wire.py).
     Unfiltered, as kubelet's relist asks every second, the whole answer is cached too."""
     return rt.list_answer(

@@ -8,6 +8,9 @@ gRPC statuses, so that no request, however malformed, takes the daemon down.
 Two servers can carry the calls (config key `grpc_server`): flatpod's own HTTP/2 server
 (sandbox/http2, the default) or grpcio's grpc.aio server. Both serve the same call functions,
 which take and give serialized messages: what a call means is decided here, once.
+
+A handler marked `Inline` is synchronous: on flatpod's server its call is made in the callback
+that read the request, with no task (see `Inline` for which handlers may be).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from contextvars import copy_context
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,7 +30,14 @@ from google.protobuf.message import DecodeError, Message
 from cri_api import api_pb2 as pb
 from sandbox.creation import CALL_DEADLINE
 from sandbox.errors import CriError, InvalidArgument, StepFailed, Unimplemented
-from sandbox.http2.grpc_calls import GrpcApplication, Method, RpcError, Status, StreamMethod
+from sandbox.http2.grpc_calls import (
+    GrpcApplication,
+    InlineMethod,
+    Method,
+    RpcError,
+    Status,
+    StreamMethod,
+)
 from sandbox.http2.grpc_calls import UnaryMethod as UnaryCall
 from sandbox.http2.listener import Http2Server
 
@@ -42,7 +53,26 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # response message (see sandbox/wire.py: the list answers kubelet asks for every second).
 UnaryHandler = Callable[[Any, Any], Awaitable[Message | bytes]]
 StreamHandler = Callable[[Any, Any], AsyncIterator[Message | bytes]]
-Handler = UnaryHandler | StreamHandler
+InlineHandler = Callable[[Any, Any], Message | bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Inline:
+    """A synchronous unary handler, answered without a task: on flatpod's own server its call
+    is made in the callback that read the request, so a lookup does not wait behind whatever
+    else the event loop has ready (lifecycle calls, exits, other connections).
+
+    It holds the event loop while it runs. Only a handler that answers from what the daemon
+    keeps in memory, in time of the order of its answer, may be one: no file, database,
+    thread, process or lock another thread holds for long (the lookups: Version, List*,
+    *Status from kept entries). Anything that must wait stays an async handler.
+    """
+
+    func: InlineHandler
+
+
+AsyncHandler = UnaryHandler | StreamHandler
+Handler = AsyncHandler | Inline
 RpcObserver = Callable[[str, float, grpc.StatusCode], None]
 
 
@@ -80,7 +110,12 @@ def rpc_methods(
             key = f"{service.name}/{method.name}"
             parse = _message_class(method.input_type.name).FromString
             func = handlers.get(key) or _unimplemented(full_name, method.server_streaming)
-            if method.server_streaming:
+            if isinstance(func, Inline):
+                if method.server_streaming:
+                    raise ValueError(f"{full_name} streams: its handler cannot be Inline")
+                unary = _unary(runtime, full_name, parse, _awaitable(func.func), observe)
+                methods[full_name] = Method(unary=unary, inline=_at_once(full_name, unary))
+            elif method.server_streaming:
                 stream = _stream(runtime, full_name, parse, func, observe)
                 methods[full_name] = Method(stream=stream)
             else:
@@ -152,9 +187,13 @@ def _cancelled(deadline: float | None) -> grpc.StatusCode:
     return grpc.StatusCode.CANCELLED
 
 
+# What _unary makes: a coroutine, so that _at_once can run it to its end itself.
+CoroutineCall = Callable[[bytes, float | None], Coroutine[object, None, bytes]]
+
+
 def _unary(
-    runtime: Any, name: str, parse: Parser, func: Handler, observe: RpcObserver | None
-) -> UnaryCall:
+    runtime: Any, name: str, parse: Parser, func: AsyncHandler, observe: RpcObserver | None
+) -> CoroutineCall:
     async def call(message: bytes, deadline: float | None) -> bytes:
         started = time.monotonic()
         code = grpc.StatusCode.OK
@@ -176,8 +215,35 @@ def _unary(
     return call
 
 
+def _awaitable(func: InlineHandler) -> UnaryHandler:
+    async def handler(runtime: Any, request: Any) -> Message | bytes:
+        return func(runtime, request)
+
+    return handler
+
+
+def _at_once(name: str, call: CoroutineCall) -> InlineMethod:
+    """`call` made to its end at once, for an Inline handler: one home for parsing, statuses,
+    CALL_DEADLINE and observing (_unary), without a task. Over a synchronous handler the
+    coroutine never suspends, so one `send` runs all of it; it runs in a copy of the context,
+    as a task's would, so the CALL_DEADLINE it sets stays its own."""
+
+    def inline(message: bytes, deadline: float | None) -> bytes:
+        coroutine = call(message, deadline)
+        try:
+            copy_context().run(coroutine.send, None)
+        except StopIteration as done:
+            answer: bytes = done.value
+            return answer
+        coroutine.close()  # not reached: only an Inline handler's call comes here
+        log.error("%s: an inline call waited for something", name)
+        raise RpcError(Status.INTERNAL, f"{name}: internal error: an inline call waited")
+
+    return inline
+
+
 def _stream(
-    runtime: Any, name: str, parse: Parser, func: Handler, observe: RpcObserver | None
+    runtime: Any, name: str, parse: Parser, func: AsyncHandler, observe: RpcObserver | None
 ) -> StreamMethod:
     async def call(message: bytes, deadline: float | None) -> AsyncGenerator[bytes, None]:
         started = time.monotonic()

@@ -378,7 +378,7 @@ class Stats:
 
     # --- ListMetricDescriptors, ListPodSandboxMetrics, StreamPodSandboxMetrics ----------------
 
-    async def list_metric_descriptors(
+    def list_metric_descriptors(
         self, rt: Runtime, req: pb.ListMetricDescriptorsRequest
     ) -> pb.ListMetricDescriptorsResponse:
         return pb.ListMetricDescriptorsResponse(descriptors=metrics_cri.descriptors())

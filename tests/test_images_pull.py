@@ -39,7 +39,7 @@ def pull(service: ImageService, ref: str) -> str:
 
 def status(service: ImageService, ref: str, verbose: bool = False) -> pb.ImageStatusResponse:
     req = pb.ImageStatusRequest(image=pb.ImageSpec(image=ref), verbose=verbose)
-    resp = asyncio.run(service.ImageStatus(req))
+    resp = service.ImageStatus(req)
     # Answers are kept serialized (the gRPC server sends bytes as they are).
     return pb.ImageStatusResponse.FromString(resp) if isinstance(resp, bytes) else resp
 
@@ -81,7 +81,7 @@ def test_pull_by_tag_records_tag_digest_and_layers(
     for name in (image_id, hex_id, hex_id[:12], busybox.digest_reference):
         assert status(service, name).image.id == image_id, name
     listed = pb.ListImagesResponse.FromString(
-        asyncio.run(service.ListImages(pb.ListImagesRequest()))).images
+        service.ListImages(pb.ListImagesRequest())).images
     assert [i.id for i in listed] == [image_id]
 
 
@@ -322,7 +322,7 @@ def test_a_pull_keeps_the_entry_image_status_answers(
     kept = service._entries.get(image_id)
     assert saved is not None and kept is not None and kept[0] is saved
     req = pb.ImageStatusRequest(image=pb.ImageSpec(image=test_images.busybox.reference))
-    assert asyncio.run(service.ImageStatus(req)) is kept[1]
+    assert service.ImageStatus(req) is kept[1]
 
 
 def image_files_present(service: ImageService, image_id: str) -> bool:

@@ -196,8 +196,8 @@ def test_mirror_down_falls_back_to_next(
                            mirrors={"mirrored.invalid": [dead, registry.url]})
     ref = f"mirrored.invalid/{test_images.busybox.repo_path}:latest"
     assert pull(service, ref) == test_images.busybox.config_digest
-    image = pb.ImageStatusResponse.FromString(asyncio.run(service.ImageStatus(
-        pb.ImageStatusRequest(image=pb.ImageSpec(image=ref))))).image
+    image = pb.ImageStatusResponse.FromString(service.ImageStatus(
+        pb.ImageStatusRequest(image=pb.ImageSpec(image=ref)))).image
     assert list(image.repo_tags) == [ref]
     # All endpoints down: the error names the mirror's failure and the origin.
     service = make_service(tmp_path / "2", store, mirrors={"mirrored.invalid": [dead]})

@@ -120,11 +120,11 @@ def test_unchanged_records_answer_the_same_bytes(rt: Runtime) -> None:
     _add_pod(rt, "p1")
     _add_pod(rt, "p2")
     request = pb.ListPodSandboxRequest()
-    first = asyncio.run(pods.list_pod_sandbox(rt, request))
-    again = asyncio.run(pods.list_pod_sandbox(rt, request))
+    first = pods.list_pod_sandbox(rt, request)
+    again = pods.list_pod_sandbox(rt, request)
     assert again is first  # kept whole: not reassembled from the records
     rt.store.put_setting("unrelated", "1")  # any write: built again, equal
-    rebuilt = asyncio.run(pods.list_pod_sandbox(rt, request))
+    rebuilt = pods.list_pod_sandbox(rt, request)
     assert rebuilt == first and rebuilt is not first
 
 
@@ -138,13 +138,13 @@ def _decoded(answer: M | bytes, response_type: type[M]) -> M:
 
 def _statuses(rt: Runtime, pod_id: str, verbose: bool) -> pb.PodSandboxStatusResponse:
     request = pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=verbose)
-    return _decoded(asyncio.run(pods.pod_sandbox_status(rt, request)),
+    return _decoded(pods.pod_sandbox_status(rt, request),
                     pb.PodSandboxStatusResponse)
 
 
 def _container_status(rt: Runtime, ctr_id: str, verbose: bool) -> pb.ContainerStatusResponse:
     request = pb.ContainerStatusRequest(container_id=ctr_id, verbose=verbose)
-    return _decoded(asyncio.run(containers.container_status(rt, request)),
+    return _decoded(containers.container_status(rt, request),
                     pb.ContainerStatusResponse)
 
 

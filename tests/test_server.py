@@ -20,7 +20,7 @@ from cri_api import api_pb2 as pb
 from cri_api import api_pb2_grpc as rpc
 from sandbox import cgroups
 from sandbox.errors import NotFound
-from sandbox.server import Handler, build_server
+from sandbox.server import Handler, Inline, build_server
 from shim import ksm
 from tests.cri import CriClient, status_code
 from tests.daemon import REPO, Daemon, running_daemon
@@ -332,3 +332,120 @@ def test_deadlines_and_cancellations_reach_the_handler(tmp_path: Path, kind: str
 
     asyncio.run(scenario())
     assert cancelled == ["version", "version"]
+
+
+@pytest.mark.parametrize("kind", ["flatpod", "grpcio"])
+def test_inline_lookups_answer_without_a_task(tmp_path: Path, kind: str) -> None:
+    """An Inline handler's call is made in the callback that read its request on flatpod's
+    server (no task: asyncio.current_task() is None in it), and within grpcio's own task on
+    grpcio's; on both it sees its deadline, its errors answer the statuses an async handler's
+    would, it is observed, and it answers while a long call waits on the same connection."""
+    from sandbox.creation import CALL_DEADLINE
+
+    seen: list[tuple[bool, float | None]] = []
+    slow_started = asyncio.Event()
+
+    def version(rt: object, req: object) -> pb.VersionResponse:
+        seen.append((asyncio.current_task() is not None, CALL_DEADLINE.get()))
+        return pb.VersionResponse(runtime_name="inline")
+
+    def not_found(rt: object, req: object) -> pb.ContainerStatusResponse:
+        raise NotFound("no such container")
+
+    def broken(rt: object, req: object) -> pb.PodSandboxStatusResponse:
+        raise RuntimeError("boom")
+
+    def answer_bytes(rt: object, req: object) -> bytes:
+        return pb.ListContainersResponse(containers=[pb.Container(id="c1")]).SerializeToString()
+
+    async def slow(rt: object, req: object) -> pb.StatusResponse:
+        slow_started.set()
+        await asyncio.sleep(30)
+        return pb.StatusResponse()
+
+    handlers: dict[str, Handler] = {
+        "RuntimeService/Version": Inline(version),
+        "RuntimeService/ContainerStatus": Inline(not_found),
+        "RuntimeService/PodSandboxStatus": Inline(broken),
+        "RuntimeService/ListContainers": Inline(answer_bytes),
+        "RuntimeService/Status": slow,
+    }
+    observed: list[tuple[str, grpc.StatusCode]] = []
+    socket = tmp_path / "s.sock"
+
+    async def codes_of(stub: rpc.RuntimeServiceStub) -> list[grpc.StatusCode]:
+        codes = []
+        for call, request in ((stub.ContainerStatus, pb.ContainerStatusRequest()),
+                              (stub.PodSandboxStatus, pb.PodSandboxStatusRequest())):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call(request, timeout=10)
+            codes.append(err.value.code())
+        return codes
+
+    async def scenario() -> None:
+        server = build_server(None, handlers, lambda name, _s, code: observed.append((name, code)),
+                              kind)
+        await server.start(socket)
+        try:
+            async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
+                stub = rpc.RuntimeServiceStub(channel)  # type: ignore[no-untyped-call]
+                waiting = asyncio.ensure_future(stub.Status(pb.StatusRequest()))
+                await asyncio.wait_for(slow_started.wait(), 10)
+                before = time.monotonic()
+                answer = await stub.Version(pb.VersionRequest(), timeout=10)
+                assert answer.runtime_name == "inline"
+                deadline = seen[0][1]
+                # grpc-timeout is sent rounded up
+                assert deadline is not None and before + 5 < deadline < before + 12
+                assert await codes_of(stub) == [grpc.StatusCode.NOT_FOUND,
+                                                grpc.StatusCode.INTERNAL]
+                listed = await stub.ListContainers(pb.ListContainersRequest(), timeout=10)
+                assert [c.id for c in listed.containers] == ["c1"]
+                not_a_message = channel.unary_unary("/runtime.v1.RuntimeService/Version")
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await not_a_message(b"\xff\xff\xff", timeout=10)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert not waiting.done()
+                waiting.cancel()
+        finally:
+            await server.stop(0)
+
+    asyncio.run(scenario())
+    assert seen[0][0] is (kind == "grpcio")
+    service = "/runtime.v1.RuntimeService"
+    assert observed[:5] == [
+        (f"{service}/Version", grpc.StatusCode.OK),
+        (f"{service}/ContainerStatus", grpc.StatusCode.NOT_FOUND),
+        (f"{service}/PodSandboxStatus", grpc.StatusCode.INTERNAL),
+        (f"{service}/ListContainers", grpc.StatusCode.OK),
+        (f"{service}/Version", grpc.StatusCode.INVALID_ARGUMENT),
+    ]
+
+
+def test_a_streaming_rpc_cannot_be_inline() -> None:
+    def events(rt: object, req: object) -> bytes:
+        return b""
+
+    with pytest.raises(ValueError, match="GetContainerEvents streams"):
+        build_server(None, {"RuntimeService/GetContainerEvents": Inline(events)})
+
+
+def test_an_inline_call_that_would_wait_answers_internal() -> None:
+    """Only a synchronous handler's call is made inline; were one to suspend, it is closed and
+    answers INTERNAL rather than being left half run."""
+    from sandbox.http2.grpc_calls import RpcError, Status
+    from sandbox.server import _at_once
+
+    closed: list[bool] = []
+
+    async def waits(message: bytes, deadline: float | None) -> bytes:
+        try:
+            await asyncio.sleep(0)
+        finally:
+            closed.append(True)
+        return message
+
+    with pytest.raises(RpcError) as err:
+        _at_once("/runtime.v1.RuntimeService/Version", waits)(b"", None)
+    assert err.value.status is Status.INTERNAL
+    assert closed == [True]

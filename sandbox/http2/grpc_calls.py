@@ -5,7 +5,9 @@ length-prefixed messages and trailers carrying the status.
 Methods take and give serialized messages (bytes): what they mean is the caller's business
 (sandbox/server.py). Each call runs as its own task, so a slow one never holds up the
 connection; the task is cancelled when the peer resets the stream, the connection drops or the
-deadline passes.
+deadline passes. A method marked inline is the exception: a lookup answered from memory is
+made at once, in the callback that read its request, with no task to wait behind the loop's
+other work (sandbox/server.py's Inline says which may be).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from sandbox.http2.frames import hpack_integer, hpack_literal
 # A method gets the request's serialized message and its deadline (time.monotonic(), or None).
 UnaryMethod = Callable[[bytes, float | None], Awaitable[bytes]]
 StreamMethod = Callable[[bytes, float | None], AsyncGenerator[bytes, None]]
+InlineMethod = Callable[[bytes, float | None], bytes]
 
 MESSAGE_PREFIX = struct.Struct(">BI")  # compressed flag, length
 MAX_STATUS_MESSAGE = 8 * 1024
@@ -65,6 +68,9 @@ class RpcError(Exception):
 class Method:
     unary: UnaryMethod | None = None
     stream: StreamMethod | None = None
+    # The same call as `unary`, made to its end at once: it holds the event loop while it runs,
+    # so it must answer from memory in time of the order of its answer.
+    inline: InlineMethod | None = None
 
 
 # Response header blocks: ":status: 200" is entry 8 of HPACK's static table, "content-type"
@@ -154,6 +160,9 @@ class GrpcApplication(Application):
                           f"{call.path}: the request is not exactly one message")
             return
         message = bytes(body[MESSAGE_PREFIX.size:])
+        if call.method.inline is not None:
+            self._answer_inline(conn, stream, call, message)
+            return
         loop = asyncio.get_running_loop()
         run = (self._run_unary(conn, stream, call, message) if call.method.unary is not None
                else self._run_stream(conn, stream, call, message))
@@ -181,6 +190,17 @@ class GrpcApplication(Application):
                     f"{path}: a message of {length} bytes is beyond {self.max_message_bytes}")
         return None
 
+    @staticmethod
+    def _answer_inline(conn: Http2Connection, stream: Stream, call: Call,
+                       message: bytes) -> None:
+        assert call.method.inline is not None
+        try:
+            answer = call.method.inline(message, call.deadline)
+        except RpcError as err:
+            answer_status(conn, stream, err.status, err.message)
+            return
+        answer_message(conn, stream, answer)
+
     async def _run_unary(self, conn: Http2Connection, stream: Stream, call: Call,
                          message: bytes) -> None:
         assert call.method.unary is not None
@@ -194,8 +214,7 @@ class GrpcApplication(Application):
         except RpcError as err:
             answer_status(conn, stream, err.status, err.message)
             return
-        conn.respond(stream, RESPONSE_HEADERS, MESSAGE_PREFIX.pack(0, len(answer)) + answer,
-                     OK_TRAILERS)
+        answer_message(conn, stream, answer)
 
     async def _run_stream(self, conn: Http2Connection, stream: Stream, call: Call,
                           message: bytes) -> None:
@@ -229,6 +248,12 @@ class GrpcApplication(Application):
             conn.send_headers(stream, status_block(status, message), end_stream=True)
         else:
             answer_status(conn, stream, status, message)
+
+
+def answer_message(conn: Http2Connection, stream: Stream, answer: bytes) -> None:
+    """A unary call's answer and an OK status."""
+    conn.respond(stream, RESPONSE_HEADERS, MESSAGE_PREFIX.pack(0, len(answer)) + answer,
+                 OK_TRAILERS)
 
 
 def answer_status(conn: Http2Connection, stream: Stream, status: Status, message: str) -> None:

@@ -319,7 +319,7 @@ class ImageService:
 
     # ---- ListImages, ImageStatus -------------------------------------------------------------
 
-    async def ListImages(self, request: pb.ListImagesRequest) -> bytes:
+    def ListImages(self, request: pb.ListImagesRequest) -> bytes:
         """A ListImagesResponse, the concatenation of each image's kept entry."""
         return b"".join(self.list_entries(request.filter))
 
@@ -337,7 +337,7 @@ class ImageService:
         for page in pages(self.list_entries(request.filter)):
             yield page
 
-    async def ImageStatus(
+    def ImageStatus(
         self, request: pb.ImageStatusRequest
     ) -> pb.ImageStatusResponse | bytes:
         record = self.images.resolve(request.image.image)
