@@ -7,7 +7,6 @@ cached whole (sandbox/wire.py, AnswerCache); these tests change records the way 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from pathlib import Path
@@ -64,12 +63,12 @@ def _add_container(rt: Runtime, ctr_id: str, pod_id: str, state: str = RUNNING) 
 
 
 def _pods(rt: Runtime, flt: pb.PodSandboxFilter | None = None) -> list[tuple[str, int]]:
-    raw = asyncio.run(pods.list_pod_sandbox(rt, pb.ListPodSandboxRequest(filter=flt)))
+    raw = pods.list_pod_sandbox(rt, pb.ListPodSandboxRequest(filter=flt))
     return sorted((p.id, p.state) for p in pb.ListPodSandboxResponse.FromString(raw).items)
 
 
 def _containers(rt: Runtime, flt: pb.ContainerFilter | None = None) -> list[tuple[str, int]]:
-    raw = asyncio.run(containers.list_containers(rt, pb.ListContainersRequest(filter=flt)))
+    raw = containers.list_containers(rt, pb.ListContainersRequest(filter=flt))
     listed = pb.ListContainersResponse.FromString(raw).containers
     return sorted((c.id, c.state) for c in listed)
 

@@ -100,7 +100,7 @@ def test_stream_pod_sandboxes_equals_list_pod_sandbox(
     node: Runtime, flt: pb.PodSandboxFilter | None
 ) -> None:
     listed = pb.ListPodSandboxResponse.FromString(
-        asyncio.run(pods.list_pod_sandbox(node, pb.ListPodSandboxRequest(filter=flt)))
+        pods.list_pod_sandbox(node, pb.ListPodSandboxRequest(filter=flt))
     ).items
     raw_pages = asyncio.run(_collect(
         pods.stream_pod_sandboxes(node, pb.StreamPodSandboxesRequest(filter=flt))
@@ -114,7 +114,7 @@ def test_stream_containers_equals_list_containers(
     node: Runtime, flt: pb.ContainerFilter | None
 ) -> None:
     listed = pb.ListContainersResponse.FromString(
-        asyncio.run(containers.list_containers(node, pb.ListContainersRequest(filter=flt)))
+        containers.list_containers(node, pb.ListContainersRequest(filter=flt))
     ).containers
     raw_pages = asyncio.run(_collect(
         containers.stream_containers(node, pb.StreamContainersRequest(filter=flt))
