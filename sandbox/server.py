@@ -235,7 +235,7 @@ def _at_once(name: str, call: CoroutineCall) -> InlineMethod:
         except StopIteration as done:
             answer: bytes = done.value
             return answer
-        coroutine.close()  # not reached: only an Inline handler's call comes here
+        coroutine.close()  # a handler that was not synchronous after all
         log.error("%s: an inline call waited for something", name)
         raise RpcError(Status.INTERNAL, f"{name}: internal error: an inline call waited")
 
