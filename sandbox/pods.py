@@ -35,6 +35,7 @@ from netns.pin import (
     is_pinned,
     pin_namespace,
     pod_netns_path,
+    touch_pin_target,
     unpin,
 )
 from netns.ports import PortMapping
@@ -280,7 +281,7 @@ async def _create_pod(
         rt.store.end_operation(f"run_pod:{pod_id}")
     clock.mark("ready")
     # The next pod's shim, forked now that this one is answered (sandbox/shims.py).
-    rt.shims.fork_spare(handler, _make_pod_dir)
+    rt.shims.fork_spare(handler, _make_spare_pod_dir)
     log.info("pod %s (%s) ready, ip %s", pod_id[:12], name, pod.ip or "host")
     if clock.on:
         log.debug("pod %s steps, ms: %s", pod_id[:12], clock.report())
@@ -473,6 +474,15 @@ def pod_resources(linux: pb.LinuxPodSandboxConfig) -> cgroups.Resources:
 def _make_pod_dir(pod_dir: Path) -> None:
     pod_dir.mkdir(parents=True, exist_ok=False, mode=0o700)
     (pod_dir / "ns").mkdir(mode=0o700)
+
+
+def _make_spare_pod_dir(pod_dir: Path) -> None:
+    """A spare's pod dir (sandbox/shims.py), with the files the pause's namespaces are pinned
+    on made ahead: the pins after the pause starts are then mounts alone. A kind the pod does
+    not pin leaves an empty file until its dir goes."""
+    _make_pod_dir(pod_dir)
+    for kind in ("ipc", "uts", "pid"):
+        touch_pin_target(pod_dir / "ns" / kind)
 
 
 def _write_pod_files(pod_dir: Path, config: pb.PodSandboxConfig, host_net: bool) -> None:
