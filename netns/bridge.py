@@ -202,20 +202,24 @@ class BridgeNetwork:
 
         Retrying after a failure (or after success) is safe and yields the same address.
         """
+        result = self.plumb(pod_id, netns_path)
+        try:
+            self.add_host_ports(pod_id, result.ip, port_mappings)
+        except BaseException:
+            self.teardown(pod_id, netns_path)
+            raise
+        return result
+
+    def plumb(self, pod_id: str, netns_path: Path) -> NetworkResult:
+        """setup() without the host ports: all of it that needs only the pod id and its
+        netns, so a spare shim's netns gets it ahead of its pod (sandbox/shims.py). On
+        failure nothing is left; idempotent as setup()."""
         check_pod_id(pod_id)
         cfg = self.config
         bridge_index = self._ensure_host()
         address = allocate(self.leases, cfg.name, cfg.network, cfg.gateway_address, pod_id)
         try:
             self._plumb(pod_id, netns_path, bridge_index, address)
-            owners = self._hostport_owners()
-            if port_mappings or pod_id in owners:  # else there is nothing to install or replace
-                if port_mappings:
-                    ports.enable_route_localnet(cfg.name)
-                owners.add(pod_id)  # before: rules half made are found and removed
-                ports.install(pod_id, str(address.ip), port_mappings, cfg.hostport_chains)
-                if not port_mappings:
-                    owners.discard(pod_id)
         except BaseException:
             self.teardown(pod_id, netns_path)
             raise
@@ -225,6 +229,19 @@ class BridgeNetwork:
             gateway=str(cfg.gateway_address),
             interface=POD_IFNAME,
         )
+
+    def add_host_ports(self, pod_id: str, ip: str,
+                       port_mappings: Sequence[PortMapping]) -> None:
+        """The pod's host ports, to its plumbed address (a pod already given host ports gets
+        them replaced; without any, and without old rules, nothing runs)."""
+        owners = self._hostport_owners()
+        if port_mappings or pod_id in owners:  # else there is nothing to install or replace
+            if port_mappings:
+                ports.enable_route_localnet(self.config.name)
+            owners.add(pod_id)  # before: rules half made are found and removed
+            ports.install(pod_id, ip, port_mappings, self.config.hostport_chains)
+            if not port_mappings:
+                owners.discard(pod_id)
 
     def _plumb(
         self, pod_id: str, netns_path: Path, bridge_index: int, address: IPv4Interface

@@ -43,3 +43,22 @@ class PodNetwork(Protocol):
     def status(self) -> tuple[bool, str]:
         """(ready, reason) for the runtime's NetworkReady condition."""
         ...
+
+
+class NetworkAhead(Protocol):
+    """A pod network that a netns can get before its pod is known: the built-in bridge's
+    (CNI plugins are given the pod's name and namespace). sandbox/shims.py plumbs a spare
+    shim's netns with it."""
+
+    def plumb(self, pod_id: str, netns_path: Path) -> NetworkResult:
+        """All of setup() but the host ports; idempotent, and nothing is left on failure."""
+        ...
+
+    def add_host_ports(self, pod_id: str, ip: str,
+                       port_mappings: Sequence[PortMapping]) -> None:
+        """The rest of setup(), for a pod whose netns was plumbed."""
+        ...
+
+    def teardown(self, pod_id: str, netns_path: Path | None, host_ports: bool = True) -> None:
+        """As PodNetwork.teardown."""
+        ...

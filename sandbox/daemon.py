@@ -160,6 +160,8 @@ def open_runtime(config: Config) -> Runtime:
         on_lost=lambda pod_id: exits.on_shim_lost(rt, pod_id),
         zygote_socket=paths.state / "zygote.sock", page_merging=config.shim_page_merging,
         pods_dir=paths.pods,
+        # The bridge plumbs a spare's netns ahead; CNI plugins need the pod's name.
+        network_ahead=rt.network if isinstance(rt.network, BridgeNetwork) else None,
     )
     pods.ensure_pause_rootfs(rt)
     return rt

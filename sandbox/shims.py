@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from netns.enter import on_own_thread
+from netns.network import NetworkAhead, NetworkResult
 from netns.pin import create_netns_here, pod_netns_path, unpin
 from sandbox.handlers import Handler
 from shim import ksm
@@ -81,6 +82,8 @@ class SpareShim:
     handler: Handler
     client: ShimClient
     pidfd: int  # readable once the shim has exited
+    # Its netns's pod network, plumbed ahead (ShimRegistry.network_ahead); None: not made.
+    network: NetworkResult | None = None
 
     def alive(self) -> bool:
         return not select.select([self.pidfd], [], [], 0)[0]
@@ -123,6 +126,11 @@ class ShimRegistry:
     forking_spare: asyncio.Task[None] | None = None
     # The spares a killed daemon left are stopped once, at the first start.
     left_spares_stopped: bool = False
+    # With it (the built-in bridge), a spare's netns is plumbed as it is made (veth, address,
+    # routes), and every cleanup of a spare tears that down; None (CNI): it is not.
+    network_ahead: NetworkAhead | None = None
+    # Cleanups of dead spares, held until they end.
+    cleanups: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self) -> None:
         """Reuses the zygote that outlived a killed daemon, or starts one.
@@ -189,8 +197,9 @@ class ShimRegistry:
             log.warning("spare shim for pod %s exited; forking another", spare.pod_id[:12])
             self.spare = None
             os.close(spare.pidfd)
-            unpin(pod_netns_path(spare.pod_id))
-            shutil.rmtree(spare.pod_dir, ignore_errors=True)
+            cleanup = asyncio.ensure_future(self._stop_spare_dir(spare.pod_dir))
+            self.cleanups.add(cleanup)
+            cleanup.add_done_callback(self.cleanups.discard)
             return None
         return spare
 
@@ -221,21 +230,28 @@ class ShimRegistry:
         assert self.pods_dir is not None
         pod_id = new_pod_id()
         pod_dir = self.pods_dir / pod_id
+        network: asyncio.Future[NetworkResult | None] | None = None
         try:
             await asyncio.sleep(SPARE_FORK_DELAY)
             if replaced is not None:
                 os.close(replaced.pidfd)
-                await _stop_spare_dir(replaced.pod_dir)
+                await self._stop_spare_dir(replaced.pod_dir)
             await _to_the_end(on_own_thread(lambda: _make_spare_dir(pod_dir, make_pod_dir)))
+            if self.network_ahead is not None:  # on a worker thread, beside the fork
+                network = asyncio.ensure_future(
+                    asyncio.to_thread(_plumb_ahead, self.network_ahead, pod_id))
             # The pid from the zygote's answer: no call to the new shim to ask it.
             client, pid = await self._fork(pod_id, pod_dir, handler, str(self.zygote_socket))
             (pod_dir / SPARE_MARKER).write_text(f"{pid}\n")
-            self.spare = SpareShim(pod_id, pod_dir, handler, client, os.pidfd_open(pid))
+            plumbed = await _to_the_end(network) if network is not None else None
+            self.spare = SpareShim(pod_id, pod_dir, handler, client, os.pidfd_open(pid), plumbed)
         except (ShimError, OSError) as err:
             log.warning("forking a spare shim failed: %s", err)
-            await _stop_spare_dir(pod_dir)
+            await _ended(network)
+            await self._stop_spare_dir(pod_dir)
         except asyncio.CancelledError:
-            await _stop_spare_dir(pod_dir)
+            await _ended(network)
+            await self._stop_spare_dir(pod_dir)
             raise
         finally:
             self.forking_spare = None
@@ -247,7 +263,7 @@ class ShimRegistry:
         self.left_spares_stopped = True
         for pod_dir in self.pods_dir.iterdir():
             if (pod_dir / SPARE_MARKER).exists():
-                await _stop_spare_dir(pod_dir)
+                await self._stop_spare_dir(pod_dir)
 
     async def remove_stray_pod_dirs(self, known: Collection[str]) -> None:
         """Removes the pod dirs that no record names, with their shim and netns: a daemon
@@ -258,7 +274,23 @@ class ShimRegistry:
         for pod_dir in self.pods_dir.iterdir():
             if pod_dir.name not in known:
                 log.warning("removing %s: no pod has it", pod_dir)
-                await _stop_spare_dir(pod_dir)
+                await self._stop_spare_dir(pod_dir)
+
+    async def _stop_spare_dir(self, pod_dir: Path) -> None:
+        """Stops the spare shim of `pod_dir`, if it runs, and removes its network (if made
+        ahead), its netns and the dir, the marker last: a crash before leaves it marked."""
+        if (pod_dir / "shim.sock").exists():
+            await shut_down(ShimClient(str(pod_dir), timeout=RECONNECT_TIMEOUT),
+                            f"spare shim in {pod_dir}")
+        netns = pod_netns_path(pod_dir.name)
+        ahead = self.network_ahead
+        if ahead is not None:  # idempotent: nothing to do when none was made
+            try:
+                await asyncio.to_thread(ahead.teardown, pod_dir.name, netns, False)
+            except OSError as err:  # its lease and veth stay, named by its id: logged
+                log.warning("spare %s: tearing down its network: %s", pod_dir.name[:12], err)
+        unpin(netns)
+        shutil.rmtree(pod_dir, ignore_errors=True)
 
     async def reconnect(self, pod_id: str, pod_dir: Path
                         ) -> tuple[ShimClient, ShimState] | None:
@@ -332,7 +364,9 @@ class ShimRegistry:
         if self.spare is not None:
             spare, self.spare = self.spare, None
             os.close(spare.pidfd)
-            await _stop_spare_dir(spare.pod_dir)
+            await self._stop_spare_dir(spare.pod_dir)
+        if self.cleanups:
+            await asyncio.wait(self.cleanups)
         for pod_id in list(self.followers):
             await self.forget(pod_id)
         if self.zygote_socket is not None:
@@ -390,13 +424,20 @@ def _make_spare_dir(pod_dir: Path, make_pod_dir: Callable[[Path], None]) -> None
     create_netns_here(pod_netns_path(pod_dir.name))
 
 
-async def _stop_spare_dir(pod_dir: Path) -> None:
-    """Stops the spare shim of `pod_dir`, if it runs, and removes the dir and its netns."""
-    if (pod_dir / "shim.sock").exists():
-        await shut_down(ShimClient(str(pod_dir), timeout=RECONNECT_TIMEOUT),
-                        f"spare shim in {pod_dir}")
-    unpin(pod_netns_path(pod_dir.name))
-    shutil.rmtree(pod_dir, ignore_errors=True)
+def _plumb_ahead(network: NetworkAhead, pod_id: str) -> NetworkResult | None:
+    """The spare's netns plumbed; None if that failed (the pod that takes the spare then
+    sets its network up itself, as without a spare)."""
+    try:
+        return network.plumb(pod_id, pod_netns_path(pod_id))
+    except Exception as err:
+        log.warning("plumbing a spare's netns failed: %s", err)
+        return None
+
+
+async def _ended(work: asyncio.Future[T] | None) -> None:
+    """Waits for `work` to end, whatever its outcome (a thread's cleanup must not race it)."""
+    if work is not None:
+        await asyncio.wait([work])
 
 
 def _pidfd(pid: int) -> int | None:
