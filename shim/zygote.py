@@ -353,7 +353,8 @@ def preload() -> None:
     # Measured: ~0.5 MiB of private pages per shim.
     # libc's prctl made here rather than in each shim: ~0.18 MiB per shim.
     load_prctl()
-    run_by_shims = _code_run_by(lambda: _warm_up(rounds=1))
+    # Two rounds: the second runs a container at create (the first creates, then starts).
+    run_by_shims = _code_run_by(lambda: _warm_up(rounds=2))
     gc.collect()
     # Holes filled first, so that the copies are packed together in fresh memory.
     _fill_pool_holes()
@@ -370,13 +371,13 @@ def preload() -> None:
     # write to (and so un-share) every page of them in each forked shim.
     gc.collect()
     gc.freeze()
-    # Give back the free memory inside the heap (about 1.8 MiB, left by imports): the
-    # zygote, and so every shim, maps that much less (RSS and PSS; a shim's USS is alike).
     _trim_malloc()
     _fill_malloc_holes()
 
 
 def _trim_malloc() -> None:
+    """Give back the free memory inside the heap (about 1.8 MiB, left by imports): the
+    zygote, and so every shim, maps that much less (RSS and PSS; a shim's USS is alike)."""
     malloc_trim = getattr(load_libc(), "malloc_trim", None)  # glibc only
     if malloc_trim is not None:
         malloc_trim(0)
@@ -417,7 +418,7 @@ def _pack_code(codes: Iterable[types.CodeType]) -> None:
     fill fewer pages. The copies are made after the holes of pymalloc's pools and of the
     malloc heap are filled (so they land in fresh pools and at the heap's top), and are
     specialized by the warm-up that follows (unspecialized, each shim would specialize
-    them itself and write them whole). Measured: 55-65 KiB of USS per shim
+    them itself and write them whole). Measured: 40-70 KiB of USS per shim
     (hack/shim-memory, interleaved with the tree before it)."""
     originals = {id(code): code for code in codes}
     copies: dict[int, types.CodeType] = {}
