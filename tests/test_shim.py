@@ -533,14 +533,14 @@ def test_merged_shim_memory_is_under_the_target() -> None:
                 time.sleep(0.5)
 
 
-UNMERGED_SHIM_USS_LIMIT_KIB = 1728
+UNMERGED_SHIM_USS_LIMIT_KIB = 1632
 
 
 def test_unmerged_shim_memory_is_under_the_bound() -> None:
     """Without KSM, a zygote-forked shim running a container keeps what it copied of the
-    zygote's pages: 1596-1624 KiB here with the zygote warming a container's whole life,
-    1660-1684 KiB without (main at b7907a4, same machine, interleaved; hack/shim-memory -n 12:
-    1608 against 1658-1666; README "What a shim copies"). The bound leaves 6% (104 KiB,
+    zygote's pages: 1528-1540 KiB here with the code a shim runs packed by the zygote,
+    1604 KiB without (main at f57be80, same machine, interleaved; hack/shim-memory -n 12:
+    1532 against 1584-1600; README "What a shim copies"). The bound leaves 6% (92 KiB,
     about three times the ~30 KiB by which layouts differ from one zygote to the next); it
     fails on threading back in the zygote (+0.5 MiB), the unfilled malloc heap (+0.13 MiB)
     or the old 2.2 MiB."""
