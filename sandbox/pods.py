@@ -168,8 +168,9 @@ async def _create_pod(
     # The spare's netns, plumbed ahead (sandbox/shims.py), unless this pod cannot use it.
     plumbed = spare.network if spare is not None and userns is None else None
     if spare is not None and (host_net or userns is not None):
-        # The spare's netns is for a pod of the pod network; before the claim, so that a
-        # crash here leaves it to the spare's own cleanup (its dir is still marked). Its
+        # The spare's netns is for a pod of the pod network; unpinned before the claim, as
+        # nothing between the claim and the undo's set-up may raise (a crash here leaves an
+        # interrupted run_pod under the spare's id, whose removal takes its shim). Its
         # network, if plumbed, is the pod's to tear down (below); a user-namespace pod's
         # own setup takes its address and replaces its veth.
         unpin(pod_netns_path(pod_id))

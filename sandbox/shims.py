@@ -56,8 +56,10 @@ ZYGOTE_START_TIMEOUT = 120.0
 RECONNECT_TIMEOUT = 5.0
 SHIM_EXIT_TIMEOUT = 5.0
 FOLLOWER_CANCEL_WAIT = 1.0
-# In the dir of a spare shim's pod-to-be (see ShimRegistry.spare): the shim's pid. A pod that
-# takes the dir removes it; startup stops the spare shims of the dirs that still have it.
+# In the dir of a spare shim's pod-to-be (see ShimRegistry.spare): the shim's pid, 0 while it is
+# forked (what tells an operator, or a test, a spare's dir from a pod's). A pod that takes the
+# dir removes it. A spare a killed daemon left has no record: the next start removes its dir,
+# marked or not, with the other dirs no record names (remove_stray_pod_dirs).
 SPARE_MARKER = "spare"
 # The spare is forked this long after the RunPodSandbox that used the last one has answered:
 # kubelet's (and critest's) PodSandboxStatus follows that answer at once (1.5-4 ms), and a
@@ -124,8 +126,6 @@ class ShimRegistry:
     pods_dir: Path | None = None
     spare: SpareShim | None = None
     forking_spare: asyncio.Task[None] | None = None
-    # The spares a killed daemon left are stopped once, at the first start.
-    left_spares_stopped: bool = False
     # With it (the built-in bridge), a spare's netns is plumbed as it is made (veth, address,
     # routes), and every cleanup of a spare tears that down; None (CNI): it is not.
     network_ahead: NetworkAhead | None = None
@@ -140,7 +140,6 @@ class ShimRegistry:
         """
         if self.zygote_socket is None:
             return
-        await self._stop_left_spares()
         if self.page_merging == "on":  # also when a running zygote is reused
             _start_ksmd()
         socket_path, pid_file = str(self.zygote_socket), self.zygote_socket.with_suffix(".pid")
@@ -256,19 +255,11 @@ class ShimRegistry:
         finally:
             self.forking_spare = None
 
-    async def _stop_left_spares(self) -> None:
-        """The spare shims a daemon left (it was killed): their dirs still have the marker."""
-        if self.left_spares_stopped or self.pods_dir is None or not self.pods_dir.is_dir():
-            return
-        self.left_spares_stopped = True
-        for pod_dir in self.pods_dir.iterdir():
-            if (pod_dir / SPARE_MARKER).exists():
-                await self._stop_spare_dir(pod_dir)
-
     async def remove_stray_pod_dirs(self, known: Collection[str]) -> None:
-        """Removes the pod dirs that no record names, with their shim and netns: a daemon
-        killed while making a spare's dir (before its marker) or removing one (after the
-        marker went) leaves one. Only at start: no pod or spare is being made then."""
+        """Removes the pod dirs that no record names, with their shim, network and netns: the
+        spares a killed daemon left, marked or not (killed between a spare dir's mkdir and
+        its marker, or while removing one). Only at start, after recovery: no pod or spare
+        is being made then, and an interrupted RunPodSandbox that took a spare has a record."""
         if self.pods_dir is None or not self.pods_dir.is_dir():
             return
         for pod_dir in self.pods_dir.iterdir():
@@ -278,7 +269,8 @@ class ShimRegistry:
 
     async def _stop_spare_dir(self, pod_dir: Path) -> None:
         """Stops the spare shim of `pod_dir`, if it runs, and removes its network (if made
-        ahead), its netns and the dir, the marker last: a crash before leaves it marked."""
+        ahead), its netns and the dir (a crash midway leaves a dir no record names, which the
+        next start removes)."""
         if (pod_dir / "shim.sock").exists():
             await shut_down(ShimClient(str(pod_dir), timeout=RECONNECT_TIMEOUT),
                             f"spare shim in {pod_dir}")
