@@ -98,6 +98,14 @@ def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = ""
         time.sleep(0.05)
 
 
+def process_exited(pid: int) -> bool:
+    """The process is gone, or a zombie (exited, its parent not yet told)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def exec_sync(cri: CriClient, ctr_id: str, *cmd: str, timeout: int = 10) -> pb.ExecSyncResponse:
     response: pb.ExecSyncResponse = cri.ExecSync(
         pb.ExecSyncRequest(container_id=ctr_id, cmd=list(cmd), timeout=timeout)

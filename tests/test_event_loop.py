@@ -25,7 +25,7 @@ from cri_api import api_pb2 as pb
 from sandbox.exec import pty_writer
 from shim.client import spawn_shim, start_zygote, zygote_call
 from tests.daemon import TIME_SCALE, running_daemon
-from tests.pods import a_pod
+from tests.pods import a_pod, process_exited, wait_for
 
 LOOPS = [pytest.param(asyncio.new_event_loop, id="asyncio"),
          pytest.param(uvloop.new_event_loop, id="uvloop")]
@@ -42,15 +42,16 @@ def _fds_above_stdio(pid: int) -> dict[int, str]:
     return found
 
 
-async def _start_and_inspect(socket_path: str) -> dict[int, str]:
-    """The zygote's fds above stdio once it has closed the connection of our ping."""
+async def _start_and_inspect(socket_path: str) -> tuple[int, dict[int, str]]:
+    """The zygote's pid, and its fds above stdio once it has closed the connection of our
+    ping."""
     await start_zygote(socket_path, timeout=30 * TIME_SCALE)
     pid = int((await zygote_call(socket_path, "ping", timeout=30 * TIME_SCALE))["pid"])
     try:
         deadline = time.monotonic() + 10 * TIME_SCALE  # generous: a loaded 2-core machine
         while len(fds := _fds_above_stdio(pid)) > 1 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        return fds
+        return pid, fds
     finally:
         await zygote_call(socket_path, "stop", timeout=30 * TIME_SCALE)
 
@@ -65,7 +66,9 @@ def test_a_zygote_keeps_only_its_listener(
     os.set_inheritable(stray, True)
     try:
         with asyncio.Runner(loop_factory=new_loop) as runner:
-            fds = runner.run(_start_and_inspect(os.path.join(state, "zygote.sock")))
+            pid, fds = runner.run(_start_and_inspect(os.path.join(state, "zygote.sock")))
+        # The stopped zygote removes its socket as it exits: not while the dir is removed.
+        wait_for(lambda: process_exited(pid), what="the zygote's exit")
     finally:
         os.close(stray)
         shutil.rmtree(state)

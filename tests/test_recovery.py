@@ -27,6 +27,7 @@ from tests.pods import (
     mounts_under,
     pod_config,
     pod_state,
+    process_exited,
     remove_all_pods,
     run_pod,
     start_container,
@@ -182,16 +183,9 @@ def test_killed_shim(node: tuple[Daemon, CriClient], test_images: TestImages) ->
     assert status.reason and status.message
     assert pod_state(cri, pod_id) == pb.SANDBOX_NOTREADY
     cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
-    assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
+    assert process_exited(pid)
     assert container_status(cri, ctr).state == pb.CONTAINER_EXITED
     assert_all_gone(d, cri, {pod_id, ctr})
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def test_killed_pause(node: tuple[Daemon, CriClient], test_images: TestImages) -> None:
