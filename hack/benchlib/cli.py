@@ -17,7 +17,15 @@ from benchlib.bigimage import ensure_pushed
 from benchlib.cri import BUSYBOX, LOOKUP_IMAGE, describe
 from benchlib.runtimes import Containerd, Flatpod, Runtime
 from benchlib.stats import Report
-from benchlib.workloads import MS, Plan, run_at_scale, run_churn, run_latencies, run_lookups
+from benchlib.workloads import (
+    MS,
+    RELIST_INTERVAL_S,
+    Plan,
+    run_at_scale,
+    run_churn,
+    run_latencies,
+    run_lookups,
+)
 from shim import ksm
 
 WORKLOADS = ("runpod", "create-start", "stop-remove", "concurrent", "lookups", "relist",
@@ -53,6 +61,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="clients cycling pod lifecycles in the churn workload (8)")
     parser.add_argument("--churn-seconds", type=float, default=60.0,
                         help="how long the churn workload runs per runtime (60)")
+    parser.add_argument("--churn-rounds", type=int, default=1,
+                        help="churn runs per runtime, interleaved, the order flipping (1)")
+    parser.add_argument("--relist-interval", type=float, default=RELIST_INTERVAL_S,
+                        help="seconds between the churn's relists (1: kubelet's pace)")
+    parser.add_argument("--no-churn-floor", action="store_true",
+                        help="no idle flatpod probed beside the churn (the floor)")
     parser.add_argument("--only", default="",
                         help="comma-separated subset of: " + ",".join(WORKLOADS))
     parser.add_argument("--json", type=Path, help="write every raw sample here")
@@ -65,6 +79,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
     args.only = only
+    if args.churn_rounds < 1 or args.relist_interval <= 0:
+        parser.error("--churn-rounds: at least 1; --relist-interval: above 0")
     args.event_loops = [loop for loop in args.event_loops.split(",") if loop] or [""]
     if not set(args.event_loops) <= {"asyncio", "uvloop", ""}:
         parser.error(f"--event-loops: asyncio or uvloop, got {args.event_loops}")
@@ -129,7 +145,7 @@ def run_floor(report: Report, runs: int) -> None:
 
 
 def run_workloads(report: Report, runtimes: list[Runtime], plan: Plan, only: set[str],
-                  pod_sizes: list[int]) -> None:
+                  pod_sizes: list[int], idle: Runtime | None) -> None:
     if "pull" in only:
         log("pushing the big image (once)")
         plan.big_image = ensure_pushed()
@@ -145,8 +161,9 @@ def run_workloads(report: Report, runtimes: list[Runtime], plan: Plan, only: set
                 runtime.remember_image(LOOKUP_IMAGE)
         run_lookups(report, runtimes, plan)
     if "churn" in only:
-        log(f"churn: {plan.churn_clients} clients for {plan.churn_seconds:.0f} s each")
-        run_churn(report, runtimes, plan)
+        log(f"churn: {plan.churn_clients} clients for {plan.churn_seconds:.0f} s each, "
+            f"{plan.churn_rounds} round(s)")
+        run_churn(report, runtimes, plan, idle)
     if only & AT_SCALE:
         for pods in pod_sizes:
             log(f"at scale: {pods} pods")
@@ -181,8 +198,8 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="fpbench-", dir="/var/tmp"))
     runtimes: list[Runtime] = []
+    first_slot = secrets.randbelow(4)
     if args.flatpod:
-        first_slot = secrets.randbelow(4)
         runtimes += [Flatpod(work, loop, first_slot + i)
                      for i, loop in enumerate(args.event_loops)]
         if args.ab_env:
@@ -194,8 +211,12 @@ def main(argv: list[str]) -> int:
                                     settings={key: value}))
     if args.containerd:
         runtimes.append(Containerd(work))
+    # The churn's floor: a flatpod that only answers the relist (its own slot, after the A/B's).
+    idle = (Flatpod(work, slot=first_slot + 2, name="flatpod-idle")
+            if "churn" in args.only and not args.no_churn_floor else None)
     plan = Plan(runs=args.runs, heavy_runs=args.heavy_runs, pods=args.pods[0],
                 churn_clients=args.churn_clients, churn_seconds=args.churn_seconds,
+                churn_rounds=args.churn_rounds, relist_interval=args.relist_interval,
                 page_merging=not args.no_ksm)
     report = Report(meta={"runs": args.runs, "heavy_runs": args.heavy_runs, "pods": args.pods,
                           "only": sorted(args.only), "load_start": os.getloadavg()[0],
@@ -204,12 +225,12 @@ def main(argv: list[str]) -> int:
     clean = False
     ksmd_before = ksm.ksmd_state()
     try:
-        start_all(runtimes)
-        run_workloads(report, runtimes, plan, args.only, args.pods)
+        start_all(runtimes + ([idle] if idle is not None else []))
+        run_workloads(report, runtimes, plan, args.only, args.pods, idle)
     except (Exception, KeyboardInterrupt) as err:
         report.notes.append(f"ABORTED: {describe(err)}")
     finally:
-        clean = stop_all(runtimes, report)
+        clean = stop_all(runtimes + ([idle] if idle is not None else []), report)
         if ksmd_before == "0" and ksm.ksmd_state() == "1":  # flatpod started it
             ksm.set_ksmd_state("0")
             report.notes.append("ksmd stopped again, as it was before the bench")

@@ -1,8 +1,10 @@
 """The relist prober of the churn workload, run as its own process.
 
-`python -m benchlib.relistprobe SOCKET SECONDS INTERVAL` sends kubelet's relist pair
-(ListPodSandbox + ListContainers) every INTERVAL seconds for SECONDS over its own channel,
-and prints each pair's wall time in ms, one JSON list on stdout.
+`python -m benchlib.relistprobe SECONDS INTERVAL SOCKET [SOCKET...]` sends kubelet's relist
+pair (ListPodSandbox + ListContainers) to each socket every INTERVAL seconds for SECONDS,
+each over its own channel, and prints each pair's wall time in ms: one JSON list per socket,
+in a JSON list. With two sockets (the churned runtime and an idle flatpod, the floor) the
+pairs go back to back, the order flipping every round, so both see the same moment's load.
 
 Why a process of its own: the churn clients are threads of the bench's process; a prober
 among them waits for their GIL (and their channel) between sending and reading, and the
@@ -22,26 +24,36 @@ from benchlib.cri import Cri
 MS = 1000.0
 
 
-def probe(socket: Path, seconds: float, interval: float) -> list[float]:
-    cri = Cri(socket)
+def relist(cri: Cri) -> float:
+    """One relist pair's wall time, ms."""
+    start = time.perf_counter()
+    cri.list_pods()
+    cri.list_containers()
+    return (time.perf_counter() - start) * MS
+
+
+def probe(sockets: list[Path], seconds: float, interval: float) -> list[list[float]]:
+    clients = [Cri(socket) for socket in sockets]
     try:
-        cri.version(timeout=10.0)  # connected before the first timed pair
-        samples: list[float] = []
+        for cri in clients:
+            cri.version(timeout=10.0)  # connected before the first timed pair
+        samples: list[list[float]] = [[] for _ in clients]
+        order = list(range(len(clients)))
         stop_at = time.monotonic() + seconds
         while time.monotonic() < stop_at:
-            start = time.perf_counter()
-            cri.list_pods()
-            cri.list_containers()
-            samples.append((time.perf_counter() - start) * MS)
+            for i in order:
+                samples[i].append(relist(clients[i]))
+            order.reverse()
             time.sleep(interval)
         return samples
     finally:
-        cri.close()
+        for cri in clients:
+            cri.close()
 
 
 def main(argv: list[str]) -> int:
-    socket, seconds, interval = Path(argv[0]), float(argv[1]), float(argv[2])
-    print(json.dumps(probe(socket, seconds, interval)), flush=True)
+    seconds, interval = float(argv[0]), float(argv[1])
+    print(json.dumps(probe([Path(a) for a in argv[2:]], seconds, interval)), flush=True)
     return 0
 
 

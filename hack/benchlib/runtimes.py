@@ -166,10 +166,11 @@ class Flatpod(Runtime):
     name = "flatpod"
     def __init__(self, work: Path, event_loop: str = "", slot: int | None = None,
                  env: dict[str, str] | None = None,
-                 settings: dict[str, str] | None = None) -> None:
+                 settings: dict[str, str] | None = None, name: str = "") -> None:
         """event_loop: the config's `event_loop` ("": its default); two instances in one run
         (an A/B of the loops, of an environment variable `env`, or of top-level config keys
-        `settings`, string values) are named by it and get different slots (subnets)."""
+        `settings`, string values) are named by it and get different slots (subnets).
+        `name`, if given, names it instead (the churn's idle flatpod)."""
         # Names of this run's own: benches of other checkouts may run at the same time on a
         # shared machine, and one's cleanup must not take another's bridge or cgroups.
         run = secrets.token_hex(3)
@@ -182,6 +183,8 @@ class Flatpod(Runtime):
         self.settings = settings or {}
         if self.settings:
             self.name += "-" + ",".join(f"{k}={v}" for k, v in self.settings.items())
+        if name:
+            self.name = name
         self.cgroup_parent = f"/fpbench-flatpod-{run}"
         self.bridge = f"fpb{run}"
         self.subnet = f"10.242.{64 * (secrets.randbelow(4) if slot is None else slot % 4)}.0/18"

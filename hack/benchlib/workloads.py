@@ -55,6 +55,8 @@ class Plan:
     big_image: str = ""
     churn_clients: int = 8
     churn_seconds: float = 60.0
+    churn_rounds: int = 1  # each runtime churns this often, the order flipping every round
+    relist_interval: float = RELIST_INTERVAL_S
     page_merging: bool = True  # also measure the shims once ksmd has merged them
     load: dict[str, list[float]] = field(default_factory=dict)
 
@@ -222,13 +224,14 @@ def run_lookups(report: Report, runtimes: list[Runtime], plan: Plan) -> None:
 # ---- relist under churn ------------------------------------------------------------------------
 
 
-def churn(report: Report, runtime: Runtime, plan: Plan) -> None:
+def churn(report: Report, runtime: Runtime, plan: Plan, idle: Runtime | None = None) -> None:
     """`plan.churn_clients` clients cycle whole pod lifecycles (run, create+start, stop,
     remove) for `plan.churn_seconds` while kubelet's relist pair runs once a second: the
     lifecycles per second, and each relist's latency (its p95 is the figure to watch: one
     event loop busy with lifecycle work makes the relist wait behind it). The relist is
     timed by a process of its own (benchlib/relistprobe.py), not by a thread beside the
-    clients, whose GIL it would wait for."""
+    clients, whose GIL it would wait for. `idle`: a flatpod with pods but no churn, sent the
+    same relist back to back with the churned runtime's, each round: the machine's floor."""
     stop_at = time.monotonic() + plan.churn_seconds
     done: list[int] = []
 
@@ -244,7 +247,8 @@ def churn(report: Report, runtime: Runtime, plan: Plan) -> None:
 
     relist = report.figure("churn-relist", f"relist under churn ({plan.churn_clients} clients "
                            "cycling pods), each relist", "ms").of(runtime.name)
-    prober = start_relist_prober(runtime, plan.churn_seconds)
+    probed = [runtime] if idle is None else [runtime, idle]
+    prober = start_relist_prober(probed, plan.churn_seconds, plan.relist_interval)
     started = time.monotonic()
     try:
         with ThreadPoolExecutor(plan.churn_clients) as pool:
@@ -252,22 +256,29 @@ def churn(report: Report, runtime: Runtime, plan: Plan) -> None:
             for cycler in cyclers:
                 cycler.result()
     finally:
-        relist.samples += relist_samples(prober)
+        samples = relist_samples(prober)
+        relist.samples += samples[0]
+        if idle is not None:
+            report.figure("churn-relist-idle", f"the same relist of an idle flatpod "
+                          f"({plan.churn_clients} pods) in the same seconds: the floor",
+                          "ms").of(runtime.name).samples += samples[1]
     rate = sum(done) / (time.monotonic() - started)
     report.figure("churn-rate", "pod lifecycles completed per second under churn (higher is "
                   "better)", "/s").of(runtime.name).samples.append(rate)
 
 
-def start_relist_prober(runtime: Runtime, seconds: float) -> subprocess.Popen[str]:
+def start_relist_prober(runtimes: list[Runtime], seconds: float,
+                        interval: float) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join((str(HACK), str(REPO))))
     return subprocess.Popen(
-        [sys.executable, "-m", "benchlib.relistprobe", str(runtime.socket), str(seconds),
-         str(RELIST_INTERVAL_S)],
+        [sys.executable, "-m", "benchlib.relistprobe", str(seconds), str(interval),
+         *(str(runtime.socket) for runtime in runtimes)],
         stdout=subprocess.PIPE, text=True, env=env)
 
 
-def relist_samples(prober: subprocess.Popen[str]) -> list[float]:
-    """The prober's samples (ms), once it has finished; an error naming its exit status."""
+def relist_samples(prober: subprocess.Popen[str]) -> list[list[float]]:
+    """The prober's samples (ms) per socket, once it has finished; an error naming its exit
+    status."""
     try:
         out, _ = prober.communicate(timeout=RELIST_PROBER_GRACE_S)
     except subprocess.TimeoutExpired:
@@ -276,18 +287,30 @@ def relist_samples(prober: subprocess.Popen[str]) -> list[float]:
         raise
     if prober.returncode != 0:
         raise RuntimeError(f"relist prober exited with status {prober.returncode}")
-    samples: list[float] = json.loads(out)
+    samples: list[list[float]] = json.loads(out)
     return samples
 
 
-def run_churn(report: Report, runtimes: list[Runtime], plan: Plan) -> None:
-    for runtime in runtimes:
-        try:
-            churn(report, runtime, plan)
-        except Exception as err:  # a failing runtime is reported, the others go on
-            report.figure("churn-rate", "pod lifecycles per second under churn", "/s").of(
-                runtime.name).error = describe(err)
-        reset(runtimes)
+def start_idle_pods(idle: Runtime, pods: int) -> None:
+    """As many pods as the churn keeps in flight, each with one running container."""
+    for _ in range(pods):
+        config = idle.new_pod_config()
+        idle.cri.create_and_start(idle.run_pod(config), config, sleeper_config())
+
+
+def run_churn(report: Report, runtimes: list[Runtime], plan: Plan,
+              idle: Runtime | None = None) -> None:
+    """`plan.churn_rounds` rounds, each runtime in turn, the order flipping every round."""
+    if idle is not None:
+        start_idle_pods(idle, plan.churn_clients)
+    for round_ in range(plan.churn_rounds):
+        for runtime in runtimes if round_ % 2 == 0 else runtimes[::-1]:
+            try:
+                churn(report, runtime, plan, idle)
+            except Exception as err:  # a failing runtime is reported, the others go on
+                report.figure("churn-rate", "pod lifecycles per second under churn", "/s").of(
+                    runtime.name).error = describe(err)
+            reset(runtimes)
 
 
 def run_latencies(report: Report, runtimes: list[Runtime], plan: Plan, only: set[str]) -> None:
