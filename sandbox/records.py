@@ -19,6 +19,8 @@ from sandbox.store import Store, journal
 
 # The journal kind of a removed container whose host traces are still being cleaned.
 REMOVE_CONTAINER = "remove_container"
+# The journal kind of a removed pod whose host traces are still being cleaned.
+REMOVE_POD = "remove_pod"
 
 # Marks a field that lives in memory only: never stored, rebuilt on demand.
 TRANSIENT = {"transient": True}
@@ -107,6 +109,9 @@ class PodRecord:
     status_bytes: bytes = field(default=b"", repr=False, compare=False, metadata=TRANSIENT)
     # The `info` entry of its verbose PodSandboxStatus answer, serialized; emptied on every save.
     verbose_info: bytes = field(default=b"", repr=False, compare=False, metadata=TRANSIENT)
+    # Set by StopPodSandbox before it kills the pause, never cleared (a pod does not start
+    # again): the pause's exit is then expected, not a warning (sandbox/exits.py).
+    stopping: bool = field(default=False, repr=False, compare=False, metadata=TRANSIENT)
 
     def __post_init__(self) -> None:
         self.state = PodState(self.state)  # a member, also when given its value
@@ -248,10 +253,15 @@ def _claim_name(conn: sqlite3.Connection, name: str, owner_id: str, kind: str) -
     return None
 
 
-def delete_pod(store: Store, pod: PodRecord) -> None:
+def delete_pod(store: Store, pod: PodRecord, leftovers: dict[str, Any] | None = None) -> None:
+    """Deletes the record and frees its name; with `leftovers`, journals in the same
+    transaction what remains to be cleaned on the host (kind "remove_pod", keyed by the pod
+    id), as delete_container does."""
     with store.tx() as conn:
         conn.execute("DELETE FROM pods WHERE id = ?", (pod.id,))
         conn.execute("DELETE FROM names WHERE owner_id = ?", (pod.id,))
+        if leftovers is not None:
+            journal(conn, pod.id, REMOVE_POD, pod.id, leftovers)
 
 
 def delete_container(
