@@ -49,6 +49,7 @@ from sandbox.records import (
     SANDBOX_READY,
     PodRecord,
     PodState,
+    PodStop,
     cri_pod_state,
 )
 from sandbox.removals import PodLeftovers
@@ -747,10 +748,13 @@ async def stop_pod(rt: Runtime, pod: PodRecord) -> None:
                        for ctr in rt.containers_of(pod.id)])
         rt.faults.point("stop_pod:after_containers")
         # The pause and the network at once: the network's teardown needs only the pinned
-        # netns, not the pause gone (each is a worker thread's or a process's wait).
+        # netns, not the pause gone (each is a worker thread's or a process's wait). Not
+        # again once a stop has done them (RemovePodSandbox stops the pod first).
         where.at("pause, network")
-        await _all_of([_in_step("pause", _stop_pause(rt, pod)),
-                       asyncio.to_thread(_take_down_network, rt, pod)])
+        if pod.stop is not PodStop.DONE:
+            await _all_of([_in_step("pause", _stop_pause(rt, pod)),
+                           asyncio.to_thread(_take_down_network, rt, pod)])
+            pod.stop = PodStop.DONE
         where.at("record")
         if pod.state != SANDBOX_NOTREADY:
             rt.registry.transition(pod, SANDBOX_NOTREADY)
@@ -759,7 +763,7 @@ async def stop_pod(rt: Runtime, pod: PodRecord) -> None:
 
 async def _stop_pause(rt: Runtime, pod: PodRecord) -> None:
     shim = rt.shims.get(pod.id)
-    pod.stopping = True  # its exit, reported by the shim, is this stop's (exits.py)
+    pod.stop = PodStop.KILLING  # its exit, reported by the shim, is this stop's (exits.py)
     if shim is not None:
         try:
             # An exited pause is not signalled: the answer says so, and nothing is waited for.

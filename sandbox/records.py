@@ -34,6 +34,15 @@ class PodState(StrEnum):
     NOTREADY = "notready"
 
 
+class PodStop(StrEnum):
+    """How far StopPodSandbox got with the pod's pause and network. In memory only: after a
+    restart a stop does it all again (each step is idempotent)."""
+
+    NONE = "none"
+    KILLING = "killing"  # the pause is being killed: its exit is the stop's (exits.py)
+    DONE = "done"  # the pause, its runc state, the network and the netns are gone
+
+
 class ContainerState(StrEnum):
     """A container's state: the CRI's four, and one before them that nobody sees."""
 
@@ -109,9 +118,9 @@ class PodRecord:
     status_bytes: bytes = field(default=b"", repr=False, compare=False, metadata=TRANSIENT)
     # The `info` entry of its verbose PodSandboxStatus answer, serialized; emptied on every save.
     verbose_info: bytes = field(default=b"", repr=False, compare=False, metadata=TRANSIENT)
-    # Set by StopPodSandbox before it kills the pause, never cleared (a pod does not start
-    # again): the pause's exit is then expected, not a warning (sandbox/exits.py).
-    stopping: bool = field(default=False, repr=False, compare=False, metadata=TRANSIENT)
+    # How far a StopPodSandbox got; a pod never starts again, so it only moves forward.
+    stop: PodStop = field(default_factory=lambda: PodStop.NONE, repr=False, compare=False,
+                          metadata=TRANSIENT)
 
     def __post_init__(self) -> None:
         self.state = PodState(self.state)  # a member, also when given its value
