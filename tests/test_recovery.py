@@ -155,7 +155,7 @@ def test_restart_keeps_a_created_container(
     assert shim in shim_pids(d)
     cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
     cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
-    assert shim not in shim_pids(d)
+    wait_for(lambda: shim not in shim_pids(d), what="the shim's exit, after the answer")
     assert_all_gone(d, cri, {pod_id, *created})
 
 
