@@ -539,7 +539,7 @@ async def _retire(rt: Runtime, ctr: ContainerRecord) -> Leftovers:
     """Stops the container and deletes its record, journalling what it left on the host."""
     await stop_container_now(rt, ctr, timeout=0)
     leftovers = Leftovers(ctr.id, ctr.pod_id, ctr.cgroup_path, tuple(ctr.snapshots))
-    rt.registry.retire(ctr, leftovers.doc())
+    rt.registry.forget(ctr, leftovers.doc())
     publish(rt, ctr, pb.CONTAINER_DELETED_EVENT)
     log.info("container %s removed", ctr.id[:12])
     return leftovers

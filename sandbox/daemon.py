@@ -255,8 +255,10 @@ async def serve(config: Config) -> None:
     if metrics is not None:
         await metrics.stop()
     await rt.streaming.stop()
+    # Before the shims close (a pod's cleanup shuts its shim down) and the store closes
+    # under their journal.
+    await rt.removals.drain(timeout=5)
     await rt.shims.close()
-    await rt.removals.drain(timeout=5)  # before the store closes under their journal
     with contextlib.suppress(FileNotFoundError):
         socket_path.unlink()
     rt.store.close()

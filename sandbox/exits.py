@@ -14,7 +14,7 @@ from contextlib import AbstractAsyncContextManager
 
 from cri_api import api_pb2 as pb
 from sandbox.handlers import Handler
-from sandbox.records import ContainerRecord, ContainerState, PodRecord, PodState
+from sandbox.records import ContainerRecord, ContainerState, PodRecord, PodState, PodStop
 from sandbox.runtime import Runtime
 from sandbox.shims import rfc3339_to_ns
 from shim.client import ProcessState
@@ -41,9 +41,13 @@ async def on_exit(rt: Runtime, pod_id: str, event: ProcessState) -> None:
 
 
 async def on_pause_exit(rt: Runtime, pod: PodRecord) -> None:
-    """The pause died (killed, OOM): the pod can no longer hold containers."""
+    """The pause died (killed, OOM, or by a stop): the pod can no longer hold containers.
+    Only a death no stop asked for is a warning."""
     if pod.state == PodState.READY:
-        log.warning("pause of pod %s exited; the pod is not ready", pod.short)
+        if pod.stop is not PodStop.NONE:
+            log.debug("pause of pod %s exited (stopping)", pod.short)
+        else:
+            log.warning("pause of pod %s exited; the pod is not ready", pod.short)
         rt.registry.transition(pod, PodState.NOTREADY)
 
 

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +49,10 @@ from sandbox.records import (
     SANDBOX_READY,
     PodRecord,
     PodState,
+    PodStop,
     cri_pod_state,
 )
+from sandbox.removals import PodLeftovers
 from sandbox.runtime import Runtime
 from sandbox.shims import new_pod_id, shut_down
 from sandbox.spec import IdMap, PodUserns, SpecError, build_pause_spec, pod_userns
@@ -195,7 +197,7 @@ async def _create_pod(
         else:
             shim_task = asyncio.get_running_loop().create_future()
             shim_task.set_result(claimed)
-        undo.push_after("shim", shim_task, lambda: _shutdown_shim(rt, pod))
+        undo.push_after("shim", shim_task, lambda: _shutdown_shim(rt, pod_id))
         clock.mark_done("shim", shim_task)
         # 3. In one thread's hop, what the pause's spec names: the network namespace,
         # pinned (made inside the pod's user namespace, if it has one, which is pinned
@@ -268,7 +270,7 @@ async def _create_pod(
         # 6. Pin the pause's namespaces: containers join these files, never /proc/<pid>/ns.
         # On the loop: a few bind mounts on tmpfs cost less than a thread's round trip.
         undo.at("pins")
-        undo.push("pins", lambda: _unpin_namespaces(pod, pod_dir))
+        undo.push("pins", lambda: _unpin_namespaces(pod.namespaces.values(), pod_dir))
         pod.namespaces = _pin_namespaces(pod, pod_dir)
         rt.faults.point("run_pod:after_pins")
         clock.mark("pinned")
@@ -713,10 +715,10 @@ def userns_supported(path: Path) -> bool:
 PINNED_KINDS = ("ipc", "uts", "pid", "user")
 
 
-def _unpin_namespaces(pod: PodRecord, pod_dir: Path) -> None:
-    """Unpins the pod's namespaces: those its record names, and any its dir holds (a half-made
-    pod's record may not name them)."""
-    for path in {*pod.namespaces.values(), *(str(pod_dir / "ns" / k) for k in PINNED_KINDS)}:
+def _unpin_namespaces(pinned: Iterable[str], pod_dir: Path) -> None:
+    """Unpins the pod's namespaces: those its record names (`pinned`), and any its dir holds
+    (a half-made pod's record may not name them)."""
+    for path in {*pinned, *(str(pod_dir / "ns" / k) for k in PINNED_KINDS)}:
         unpin(Path(path))
 
 
@@ -746,10 +748,13 @@ async def stop_pod(rt: Runtime, pod: PodRecord) -> None:
                        for ctr in rt.containers_of(pod.id)])
         rt.faults.point("stop_pod:after_containers")
         # The pause and the network at once: the network's teardown needs only the pinned
-        # netns, not the pause gone (each is a worker thread's or a process's wait).
+        # netns, not the pause gone (each is a worker thread's or a process's wait). Not
+        # again once a stop has done them (RemovePodSandbox stops the pod first).
         where.at("pause, network")
-        await _all_of([_in_step("pause", _stop_pause(rt, pod)),
-                       asyncio.to_thread(_take_down_network, rt, pod)])
+        if pod.stop is not PodStop.DONE:
+            await _all_of([_in_step("pause", _stop_pause(rt, pod)),
+                           asyncio.to_thread(_take_down_network, rt, pod)])
+            pod.stop = PodStop.DONE
         where.at("record")
         if pod.state != SANDBOX_NOTREADY:
             rt.registry.transition(pod, SANDBOX_NOTREADY)
@@ -758,6 +763,7 @@ async def stop_pod(rt: Runtime, pod: PodRecord) -> None:
 
 async def _stop_pause(rt: Runtime, pod: PodRecord) -> None:
     shim = rt.shims.get(pod.id)
+    pod.stop = PodStop.KILLING  # its exit, reported by the shim, is this stop's (exits.py)
     if shim is not None:
         try:
             # An exited pause is not signalled: the answer says so, and nothing is waited for.
@@ -801,12 +807,12 @@ async def _teardown_network(rt: Runtime, pod: PodRecord) -> None:
     await asyncio.to_thread(_teardown_network_now, rt, pod)
 
 
-async def _shutdown_shim(rt: Runtime, pod: PodRecord) -> None:
+async def _shutdown_shim(rt: Runtime, pod_id: str) -> None:
     """Asks the shim to exit (its processes are gone by now) and waits until it has."""
-    shim = rt.shims.get(pod.id)
-    await rt.shims.forget(pod.id)
+    shim = rt.shims.get(pod_id)
+    await rt.shims.forget(pod_id)
     if shim is not None:
-        await shut_down(shim, f"shim of pod {pod.short}")
+        await shut_down(shim, f"shim of pod {pod_id[:12]}")
 
 
 # --- RemovePodSandbox ------------------------------------------------------------------------
@@ -815,6 +821,9 @@ async def _shutdown_shim(rt: Runtime, pod: PodRecord) -> None:
 async def remove_pod_sandbox(
     rt: Runtime, req: pb.RemovePodSandboxRequest
 ) -> pb.RemovePodSandboxResponse:
+    """Answers once the pod is stopped, its containers removed, and it is gone from every
+    list with its name free; its shim and host traces are cleaned after the answer,
+    journalled (sandbox/removals.py)."""
     pod = rt.find_pod(req.pod_sandbox_id)
     if pod is None:
         return pb.RemovePodSandboxResponse()
@@ -822,51 +831,85 @@ async def remove_pod_sandbox(
         await remove_leftover(rt, pod)
         return pb.RemovePodSandboxResponse()
     async with rt.locks.hold(pod.id):
-        await remove_pod_now(rt, pod)
+        if rt.pods.get(pod.id) is pod:  # else a concurrent removal got there first
+            leftovers = await _retire_pod(rt, pod)
+            rt.removals.start(leftovers, _clean_up_pod(rt, leftovers))
     return pb.RemovePodSandboxResponse()
 
 
 async def remove_pod_now(rt: Runtime, pod: PodRecord) -> None:
-    """Forcibly stops the pod, then removes its containers and every trace of it."""
+    """Forcibly stops the pod, then removes its containers and every trace of it (a
+    leftover's removal and recovery, which wait for all of it)."""
+    await _clean_up_pod(rt, await _retire_pod(rt, pod))
+
+
+async def _retire_pod(rt: Runtime, pod: PodRecord) -> PodLeftovers:
+    """Stops the pod (its network and netns go: an ip lease and host ports are not named by
+    the pod's id, so none is left for later), removes its containers, and deletes its
+    record, journalling what it left on the host."""
     with Steps(f"remove pod {pod.id}") as where:
         where.at("stop")
         await stop_pod(rt, pod)
         where.at("containers")
         await _all_of([containers.remove_container_now(rt, ctr)
                        for ctr in rt.containers_of(pod.id)])
-        await rt.removals.of_pod(pod.id)  # containers removed before, cleaned after the answer
-        where.at("shim")
-        await _shutdown_shim(rt, pod)
-        rt.faults.point("remove_pod:midway")
-        # One thread hop for the host's traces (umount2 blocks): one event-loop wakeup,
-        # where a hop per step woke it six times per pod.
-        await asyncio.to_thread(_remove_host_traces, rt, pod, where)
         where.at("record")
-        rt.registry.forget(pod)
+        leftovers = PodLeftovers(pod.id, pod.cgroup_path, pod.cgroup_slice,
+                                 tuple(sorted(pod.namespaces.values())))
+        rt.registry.forget(pod, leftovers.doc())
         if pod.cleanup_error:  # its RunPodSandbox's journal entry was kept (see _keep)
             rt.store.end_operation(f"run_pod:{pod.id}")
         _unshare_state_dirs(rt, pod)
     log.info("pod %s removed", pod.short)
+    return leftovers
 
 
-def _remove_host_traces(rt: Runtime, pod: PodRecord, where: Steps) -> None:
-    """The pod's pinned namespaces, mounts, cgroup and dirs: one worker-thread hop for all
-    (a hop costs a thread's and the loop's wakeups, milliseconds on a loaded node)."""
+async def _clean_up_pod(rt: Runtime, leftovers: PodLeftovers) -> None:
+    """Deletes what a removed pod left on the host, then its journal entry: its shim, then
+    one thread hop for the rest (umount2 blocks), so the event loop is woken once."""
+    pod_id = leftovers.pod_id
+    with Steps(f"clean up after pod {pod_id}") as where:
+        rt.faults.point("remove_pod:before_cleanup")
+        where.at("containers")
+        await rt.removals.of_pod(pod_id)  # their cgroups are below the pod's
+        where.at("shim")
+        if rt.shims.get(pod_id) is None:  # after a restart: the journal's cleanup
+            await rt.shims.reconnect(pod_id, rt.paths.pod_dir(pod_id))
+        await _shutdown_shim(rt, pod_id)
+        rt.faults.point("remove_pod:midway")
+        await asyncio.to_thread(_remove_host_traces, rt, leftovers, where)
+
+
+def _remove_host_traces(rt: Runtime, leftovers: PodLeftovers, where: Steps) -> None:
+    """The pod's pinned namespaces, mounts, cgroup and dirs, then its journal entry."""
+    pod_id = leftovers.pod_id
     where.at("namespaces")
-    pod_dir = rt.paths.pod_dir(pod.id)
-    _unpin_namespaces(pod, pod_dir)
+    pod_dir = rt.paths.pod_dir(pod_id)
+    _unpin_namespaces(leftovers.namespaces, pod_dir)
     where.at("shm")
     mounts.unmount(pod_dir / "shm")
     where.at("pause rootfs")
     mounts.unmount(pod_dir / POD_PAUSE_ROOTFS)
     where.at("cgroup")
-    if pod.cgroup_path and containers.pod_placement(pod).driver is cgroups.Driver.CGROUPFS:
-        cgroups.remove(pod.cgroup_path, rt.host_cgroups.hierarchies)
-    elif cgroups.is_own_slice(pod.cgroup_slice, pod.id):  # kubelet's slice is kubelet's
-        cgroups.stop_slice(pod.cgroup_slice)
+    place = cgroups.Placement(pod_path=leftovers.cgroup_path, slice=leftovers.cgroup_slice)
+    if place.pod_path and place.driver is cgroups.Driver.CGROUPFS:
+        cgroups.remove(place.pod_path, rt.host_cgroups.hierarchies)
+    elif cgroups.is_own_slice(place.slice, pod_id):  # kubelet's slice is kubelet's
+        cgroups.stop_slice(place.slice)
+    rt.faults.point("remove_pod:after_cgroup")
     where.at("dirs")
     shutil.rmtree(pod_dir, True)
-    shutil.rmtree(rt.paths.bundle_dir(pod.id), True)
+    shutil.rmtree(rt.paths.bundle_dir(pod_id), True)
+    rt.store.end_operation(pod_id)
+
+
+async def finish_removal(rt: Runtime, pod_id: str, doc: dict[str, Any]) -> None:
+    """Startup: cleans what a pod's removal journalled and a crash left (sandbox/recovery.py).
+    A failure is logged and its entry kept, for the next start to try again."""
+    try:
+        await _clean_up_pod(rt, PodLeftovers.from_doc(pod_id, doc))
+    except StepFailed as err:
+        log.warning("cleaning up after removed pod %s failed: %s", pod_id[:12], err)
 
 
 async def remove_leftover(rt: Runtime, pod: PodRecord) -> None:

@@ -19,6 +19,8 @@ from sandbox.store import Store, journal
 
 # The journal kind of a removed container whose host traces are still being cleaned.
 REMOVE_CONTAINER = "remove_container"
+# The journal kind of a removed pod whose host traces are still being cleaned.
+REMOVE_POD = "remove_pod"
 
 # Marks a field that lives in memory only: never stored, rebuilt on demand.
 TRANSIENT = {"transient": True}
@@ -30,6 +32,15 @@ class PodState(StrEnum):
     CREATING = "creating"  # being made: listed nowhere, found only by its own retry
     READY = "ready"
     NOTREADY = "notready"
+
+
+class PodStop(StrEnum):
+    """How far StopPodSandbox got with the pod's pause and network. In memory only: after a
+    restart a stop does it all again (each step is idempotent)."""
+
+    NONE = "none"
+    KILLING = "killing"  # the pause is being killed: its exit is the stop's (exits.py)
+    DONE = "done"  # the pause, its runc state, the network and the netns are gone
 
 
 class ContainerState(StrEnum):
@@ -107,6 +118,9 @@ class PodRecord:
     status_bytes: bytes = field(default=b"", repr=False, compare=False, metadata=TRANSIENT)
     # The `info` entry of its verbose PodSandboxStatus answer, serialized; emptied on every save.
     verbose_info: bytes = field(default=b"", repr=False, compare=False, metadata=TRANSIENT)
+    # How far a StopPodSandbox got; a pod never starts again, so it only moves forward.
+    stop: PodStop = field(default_factory=lambda: PodStop.NONE, repr=False, compare=False,
+                          metadata=TRANSIENT)
 
     def __post_init__(self) -> None:
         self.state = PodState(self.state)  # a member, also when given its value
@@ -248,10 +262,15 @@ def _claim_name(conn: sqlite3.Connection, name: str, owner_id: str, kind: str) -
     return None
 
 
-def delete_pod(store: Store, pod: PodRecord) -> None:
+def delete_pod(store: Store, pod: PodRecord, leftovers: dict[str, Any] | None = None) -> None:
+    """Deletes the record and frees its name; with `leftovers`, journals in the same
+    transaction what remains to be cleaned on the host (kind "remove_pod", keyed by the pod
+    id), as delete_container does."""
     with store.tx() as conn:
         conn.execute("DELETE FROM pods WHERE id = ?", (pod.id,))
         conn.execute("DELETE FROM names WHERE owner_id = ?", (pod.id,))
+        if leftovers is not None:
+            journal(conn, pod.id, REMOVE_POD, pod.id, leftovers)
 
 
 def delete_container(

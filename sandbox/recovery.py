@@ -22,6 +22,7 @@ from sandbox.records import (
     CREATED,
     EXITED,
     REMOVE_CONTAINER,
+    REMOVE_POD,
     RUNNING,
     SANDBOX_READY,
     ContainerRecord,
@@ -93,6 +94,9 @@ async def _finish_interrupted(rt: Runtime) -> None:
         elif kind == REMOVE_CONTAINER:  # removed, but its host traces not yet all cleaned
             await containers.finish_removal(rt, target, doc)
             continue  # its entry ends with the cleanup, and stays if that failed
+        elif kind == REMOVE_POD:  # the same for a pod (after its containers': rowid order)
+            await pods.finish_removal(rt, target, doc)
+            continue
         rt.store.end_operation(op_id)
     # A crash between reserving the name and journalling the operation leaves a record only.
     for pod in rt.registry.unfinished_pods():

@@ -257,20 +257,16 @@ class Registry:
         else:
             save_container(self.store, record)
 
-    def retire(self, ctr: ContainerRecord, leftovers: dict[str, object]) -> None:
-        """Removes the container from the indexes and the store, its name with it, and
-        journals `leftovers` (what is still on the host) in the same transaction."""
-        self.containers.pop(ctr.id, None)
-        delete_container(self.store, ctr, leftovers)
-
-    def forget(self, record: PodRecord | ContainerRecord) -> None:
-        """Removes the record from the indexes and the store, its name with it."""
+    def forget(self, record: PodRecord | ContainerRecord,
+               leftovers: dict[str, object] | None = None) -> None:
+        """Removes the record from the indexes and the store, its name with it; with
+        `leftovers` (what is still on the host), journals them in the same transaction."""
         if isinstance(record, PodRecord):
             self.pods.pop(record.id, None)
-            delete_pod(self.store, record)
+            delete_pod(self.store, record, leftovers)
         else:
             self.containers.pop(record.id, None)
-            delete_container(self.store, record)
+            delete_container(self.store, record, leftovers)
 
 
 def _selected(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,7 +11,7 @@ import pytest
 
 from tests.cri import CriClient
 from tests.daemon import Daemon, running_daemon
-from tests.pods import mounts_under, remove_all_pods
+from tests.pods import mounts_under, remove_all_pods, wait_for
 
 if TYPE_CHECKING:
     from tests.support.plugin import TestImages
@@ -93,6 +94,10 @@ def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         client = d.client()
         remove_all_pods(client)
         client.close()
+        # The removals' cleanups follow their answers (sandbox/removals.py).
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not mounts_under(d.state) + mounts_under(d.root),
+                     what="the removals' cleanups")
         leftovers = mounts_under(d.state) + mounts_under(d.root)
         assert not leftovers, f"mounts left behind: {leftovers}"
 

@@ -177,6 +177,12 @@ def host_traces(pod_id: str) -> list[str]:
     return traces
 
 
+def cleaned_up(pod_id: str) -> None:
+    """Waits until none of host_traces(pod_id) is left: a removal answers before its shim,
+    cgroup and dirs are gone (sandbox/removals.py)."""
+    wait_for(lambda: host_traces(pod_id) == [], what=f"the cleanup after pod {pod_id[:12]}")
+
+
 def http_get(url: str) -> list[str]:
     """argv that prints the body of `url`, exit 0 on any HTTP answer (the host's static
     busybox wget crashes here, so host-side clients are Python)."""

@@ -14,6 +14,7 @@ from cri_api import api_pb2 as pb
 from tests.cri import CriClient, status_code
 from tests.daemon import Daemon
 from tests.pods import (
+    cleaned_up,
     container_config,
     exec_sync,
     host_traces,
@@ -73,12 +74,21 @@ def test_run_status_list_stop_remove(fp: CriClient, shared_daemon: Daemon) -> No
         state=pb.PodSandboxStateValue(state=pb.SANDBOX_NOTREADY)))).items
     assert pod_id in [p.id for p in notready]
     fp.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    # At the answer: gone from status and lists, its netns gone and its name free; its
+    # shim, cgroup and dirs are cleaned after the answer (sandbox/removals.py).
     with pytest.raises(grpc.RpcError) as err:
         _status(fp, pod_id)
     assert status_code(err.value) == grpc.StatusCode.NOT_FOUND
-    assert host_traces(pod_id) == []
-    assert not (shared_daemon.state / "pods" / pod_id).exists()
-    assert not (shared_daemon.state / "containers" / pod_id).exists()
+    assert pod_id not in {p.id for p in fp.ListPodSandbox(pb.ListPodSandboxRequest()).items}
+    assert "netns" not in host_traces(pod_id)
+    again = run_pod(fp, config)
+    assert again != pod_id
+    _remove(fp, again)
+    cleaned_up(pod_id)
+    cleaned_up(again)
+    for gone in (pod_id, again):
+        assert not (shared_daemon.state / "pods" / gone).exists()
+        assert not (shared_daemon.state / "containers" / gone).exists()
 
 
 def test_unknown_ids_are_idempotent_for_stop_and_remove(fp: CriClient) -> None:

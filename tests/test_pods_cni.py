@@ -10,8 +10,8 @@ from pathlib import Path
 from cri_api import api_pb2 as pb
 from tests.daemon import running_daemon
 from tests.pods import (
+    cleaned_up,
     container_config,
-    host_traces,
     http_get,
     pod_config,
     remove_all_pods,
@@ -72,7 +72,7 @@ def test_pod_on_cni_network_with_host_port(tmp_path: Path, test_images: TestImag
 
                 cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
                 cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
-                assert host_traces(pod_id) == []
+                cleaned_up(pod_id)
                 assert not any(data_dir.rglob(pod_ip)), "the lease is released"
                 rules = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True,
                                        text=True).stdout

@@ -155,7 +155,7 @@ def test_restart_keeps_a_created_container(
     assert shim in shim_pids(d)
     cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
     cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
-    assert shim not in shim_pids(d)
+    wait_for(lambda: shim not in shim_pids(d), what="the shim's exit, after the answer")
     assert_all_gone(d, cri, {pod_id, *created})
 
 
@@ -196,6 +196,28 @@ def test_killed_pause(node: tuple[Daemon, CriClient], test_images: TestImages) -
     cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
     assert container_status(cri, ctr).state == pb.CONTAINER_EXITED
     assert_all_gone(d, cri, {pod_id, ctr})
+
+
+def _pause_warnings(d: Daemon, pod_id: str) -> list[str]:
+    return [line for line in d.log().splitlines() if "level=warning" in line
+            and f"pause of pod {pod_id[:12]} exited" in line]
+
+
+def test_only_an_unexpected_pause_death_warns(
+    node: tuple[Daemon, CriClient], tmp_path: Path
+) -> None:
+    """StopPodSandbox kills the pause while the pod is READY: that exit is the stop's, not a
+    warning; a pause killed by anyone else is."""
+    d, cri = node
+    stopped = run_pod(cri, pod_config(log_dir=tmp_path / "logs"))
+    killed = run_pod(cri, pod_config(log_dir=tmp_path / "logs"))
+    cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=stopped))
+    os.kill(int(str(_pod_info(cri, killed)["pid"])), signal.SIGKILL)
+    wait_for(lambda: pod_state(cri, killed) == pb.SANDBOX_NOTREADY, what="NOTREADY")
+    # Both exits were reported by now (the stop's came first): only the kill warned.
+    wait_for(lambda: _pause_warnings(d, killed), what="the killed pause's warning")
+    assert _pause_warnings(d, stopped) == []
+    assert pod_state(cri, stopped) == pb.SANDBOX_NOTREADY
 
 
 def _kill_cgroup_tree(top: Path) -> None:

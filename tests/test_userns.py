@@ -32,9 +32,9 @@ from sandbox.users import UserDb
 from tests.cri import CriClient, status_code
 from tests.daemon import Daemon, running_daemon
 from tests.pods import (
+    cleaned_up,
     container_config,
     container_status,
-    host_traces,
     mounts_under,
     pod_config,
     wait_for,
@@ -65,7 +65,7 @@ def running(fp: CriClient, config: pb.PodSandboxConfig) -> Iterator[str]:
     finally:
         fp.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
         fp.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
-        assert host_traces(pod_id) == []
+        cleaned_up(pod_id)
 
 
 def run_to_exit(fp: CriClient, pod_id: str, pod: pb.PodSandboxConfig, image: str,
