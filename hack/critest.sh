@@ -5,7 +5,8 @@
 #   PARALLEL=2 hack/critest.sh          OUT=dir keeps the results
 #   hack/critest.sh --bench [ROUNDS]    `critest -benchmark` against flatpod, then containerd
 #                                       (../shared/conformance/containerd.sh), ROUNDS times
-#                                       (default 2), each round's same-run ratio table printed
+#                                       (default 2), each round's same-run ratio table printed;
+#                                       first an untimed warm-up of both (see warm_up)
 #   BENCH_FOCUS=Image hack/critest.sh --bench 1   only the benchmarks whose names match
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -48,6 +49,32 @@ PY
 trap cleanup EXIT
 for _ in $(seq 100); do [ -S "$socket" ] && break; sleep 0.1; done
 
+# Before round 1, both daemons just started: an untimed critest -benchmark of 2 samples per
+# figure against each (the same calls, images and focus; results kept, never compared), so
+# that no round pays for a first call's lazy work (modules imported at first use, the bridge,
+# the image store's first reads, runc and the images in the page cache). Then flatpod is
+# ready for work once its spare shim (forked after each RunPodSandbox, sandbox/shims.py) is
+# up: the spare's marker holds the shim's pid.
+warm_up() {
+  local out=$1 ctrd_socket=$2; shift 2
+  local params=$out/params.yaml
+  mkdir -p "$out"
+  sed -E 's/^(containersNumber|podsNumber|imagesNumber): .*/\1: 2/' \
+    "$conformance/bench-params.yaml" >"$params"
+  echo "== warm-up (untimed, 2 samples per figure): load average $(cut -d' ' -f1-3 /proc/loadavg)"
+  PARAMS=$params OUT=$out/flatpod "$conformance/run_bench.sh" "unix://$socket" "$@" >/dev/null || true
+  crictl --runtime-endpoint "unix://$socket" rmp -fa >/dev/null 2>&1 || true
+  PARAMS=$params OUT=$out/containerd "$conformance/run_bench.sh" "$ctrd_socket" "$@" >/dev/null || true
+  local state_dir spare=""
+  state_dir=$(dirname "$socket")
+  for _ in $(seq 100); do
+    spare=$(grep -lvx 0 "$state_dir"/pods/*/spare 2>/dev/null | head -1)
+    [ -n "$spare" ] && break
+    sleep 0.1
+  done
+  echo "   flatpod's spare shim: ${spare:-not up after 10 s}"
+}
+
 # Benchmark mode: flatpod and containerd back to back in each round, so that every ratio
 # compares two runs made under the same machine load (printed with each round).
 bench() {
@@ -57,6 +84,7 @@ bench() {
   local ctrd_socket focus=()
   if [ -n "${BENCH_FOCUS:-}" ]; then focus=(--ginkgo.focus "$BENCH_FOCUS"); fi
   ctrd_socket=$("$conformance/containerd.sh" socket)
+  warm_up "$out/warm-up" "$ctrd_socket" "${focus[@]}"
   for round in $(seq "$rounds"); do
     echo "== round $round: load average $(cut -d' ' -f1-3 /proc/loadavg)"
     OUT=$out/$round/flatpod "$conformance/run_bench.sh" "unix://$socket" "${focus[@]}" >/dev/null

@@ -51,19 +51,21 @@ def create(shim: Shim, conn: Connection, request: dict[str, Any]) -> dict[str, A
     log = CriLogFile(str(log_path), str(log_root) if log_root else None) if log_path else None
     oom_file = request.get("oom_file")
     oom_control = str(oom_file) if oom_file else None
+    # "run_at_start": nothing runs until start, which makes and starts it with one `runc run
+    # --detach` (one runc process instead of create's and start's). Its bundle is read then,
+    # not now: the daemon sends this while it still makes the bundle (sandbox/containers.py).
+    run_at_start = bool(request.get("run_at_start"))
     container = Container(
         id=container_id, bundle=bundle, pid=0, tty=tty,
         stdin_once=bool(request.get("stdin_once")),
         exit_file=str(request.get("exit_file") or os.path.join(bundle, "exit")),
         log=log, stdin=None, oom_control=oom_control,
         systemd_cgroup=bool(request.get("systemd_cgroup")),
-        kill_all_on_exit=not owns_pid_namespace(bundle), want_stdin=want_stdin,
+        kill_all_on_exit=not run_at_start and not owns_pid_namespace(bundle),
+        want_stdin=want_stdin,
         restore=Restore.from_request(request.get("restore")))
     # "start": run it at once (`runc run --detach`), for the pause: a pod's first process.
     start_now = bool(request.get("start"))
-    # "run_at_start": nothing runs until start, which makes and starts it with one `runc run
-    # --detach` (one runc process instead of create's and start's).
-    run_at_start = bool(request.get("run_at_start"))
     if container.restore is not None and tty:
         raise OpError("a container with a terminal cannot be restored from a checkpoint")
     if container.restore is not None or run_at_start:
@@ -182,6 +184,7 @@ def _make_at_start(shim: Shim, container: Container) -> None:
     pid_file = os.path.join(container.bundle, "init.pid")
     restore = container.restore
     if restore is None:
+        container.kill_all_on_exit = not owns_pid_namespace(container.bundle)
         _run_container(shim, container, pid_file, start_now=True)
         return
     try:

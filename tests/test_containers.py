@@ -343,6 +343,34 @@ def test_readonly_rootfs_and_users(fp: CriClient, pulled: TestImages, tmp_path: 
         assert "nosuchuser" in details(err)
 
 
+def test_a_create_that_fails_after_the_shim_holds_it_leaves_no_log_open(
+        fp: CriClient, pulled: TestImages, tmp_path: Path) -> None:
+    """The shim is told of a container while its bundle is still made (it opens the log
+    file then): a spec error after that must end the shim's hold, or each failed create
+    would leave the shim an open log file for the pod's life."""
+    with a_pod(fp, tmp_path) as (pod_id, pod):
+        config = container_config(pulled.busybox.reference, command=SLEEP,
+                                  linux=security(run_as_username="nosuchuser"))
+        err = rpc_error(create, fp, pod_id, pod, config)
+        assert status_code(err) == grpc.StatusCode.INVALID_ARGUMENT
+        log_file = tmp_path / "logs" / config.log_path
+        assert log_file.exists()  # made, and so opened by the shim, before the spec failed
+        assert holders_of(log_file) == []
+
+
+def holders_of(path: Path) -> list[int]:
+    """The pids of the processes with `path` open."""
+    holders = set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            links = [os.readlink(fd) for fd in fd_dir.iterdir()]
+        except OSError:  # exited meanwhile, or not ours to read
+            continue
+        if str(path) in links:
+            holders.add(int(fd_dir.parent.name))
+    return sorted(holders)
+
+
 def test_capabilities_and_seccomp(fp: CriClient, pulled: TestImages, tmp_path: Path) -> None:
     busybox = pulled.busybox.reference
     ping = "ping -c1 -W1 127.0.0.1"

@@ -18,7 +18,11 @@ from benchlib.cri import BUSYBOX, LOOKUP_IMAGE, describe
 from benchlib.runtimes import Containerd, Flatpod, Runtime
 from benchlib.stats import Report
 from benchlib.workloads import (
+    CONTAINER_FLOOR,
+    CONTAINER_FLOOR_RUNC,
+    FLOOR_SERIES,
     MS,
+    POD_FLOOR,
     RELIST_INTERVAL_S,
     Plan,
     run_at_scale,
@@ -31,6 +35,7 @@ from shim import ksm
 WORKLOADS = ("runpod", "create-start", "stop-remove", "concurrent", "lookups", "relist",
              "stats", "memory", "restart", "pull", "churn", "floor")
 AT_SCALE = {"relist", "stats", "memory", "restart"}
+FLOOR_KEYS = {POD_FLOOR, CONTAINER_FLOOR, CONTAINER_FLOOR_RUNC}  # printed under the table
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -137,7 +142,8 @@ def stop_all(runtimes: list[Runtime], report: Report) -> bool:
 
 
 def run_floor(report: Report, runs: int) -> None:
-    series = report.figure("floor", "floor: runc create+start catatonit alone", "ms").of("runc")
+    series = report.figure(POD_FLOOR, "floor: runc create+start catatonit alone",
+                           "ms").of(FLOOR_SERIES)
     try:
         series.samples = [s * MS for s in floor.runc_floor(runs)]
     except Exception as err:
@@ -175,23 +181,41 @@ def run_workloads(report: Report, runtimes: list[Runtime], plan: Plan, only: set
 
 def print_report(report: Report, runtimes: list[Runtime]) -> None:
     names = [r.name for r in runtimes]
-    floor_fig = next((f for f in report.figures if f.key == "floor"), None)
-    figures = [f for f in report.figures if f.key != "floor"]
+    floors = {f.key: f.of(FLOOR_SERIES) for f in report.figures if f.key in FLOOR_KEYS}
+    figures = [f for f in report.figures if f.key not in FLOOR_KEYS]
     print(stats.format_table(Report(figures=figures), names))
     if len(report.meta["pods"]) > 1:
         print()
         print(stats.format_growth(report, names, report.meta["pods"]))
-    if floor_fig is not None:
-        s = floor_fig.of("runc")
-        if s.samples:
-            print(f"\nfloor, runc create+start of catatonit alone: median {s.median():.1f} ms, "
-                  f"p90 {s.p90():.1f} ms ({len(s.samples)} runs)")
+    pod_floor = floors.get(POD_FLOOR)
+    if pod_floor is not None and pod_floor.samples:
+        print(f"\nfloor, runc create+start of catatonit alone: median {pod_floor.median():.1f} ms, "
+              f"p90 {pod_floor.p90():.1f} ms ({len(pod_floor.samples)} runs)")
+    ctr_floor = floors.get(CONTAINER_FLOOR)
+    if ctr_floor is not None and ctr_floor.samples:
+        print(container_floor_line(report, names, ctr_floor, floors[CONTAINER_FLOOR_RUNC]))
     for line in stats.format_errors(report) + report.notes:
         print(line)
     meta = report.meta
     print(f"load avg (1 min) at start {meta['load_start']:.2f}, at end {meta['load_end']:.2f}; "
           f"runs {meta['runs']}, heavy runs {meta['heavy_runs']}, pods {meta['pods']}, "
           f"wall {meta['wall_s']:.0f} s")
+
+
+def container_floor_line(report: Report, names: list[str], total: stats.Series,
+                         runc: stats.Series) -> str:
+    """The container floor, and each runtime's Create+Start (same rounds) as a multiple of it."""
+    floor_ms = total.median() or 0.0
+    line = (f"\ncontainer floor, overlay mount + runc run --detach into a pause's namespaces: "
+            f"median {floor_ms:.1f} ms (runc run alone {runc.median() or 0.0:.1f}), p90 "
+            f"{total.p90() or 0.0:.1f} ms ({len(total.samples)} runs, interleaved with "
+            "Create+Start)")
+    figure = next((f for f in report.figures if f.key == "create-start"), None)
+    for name in names if figure is not None and floor_ms else []:
+        median = figure.of(name).median() if figure is not None else None
+        if median is not None:
+            line += f"\n  {name} Create+Start {median:.1f} ms = {median / floor_ms:.2f}x the floor"
+    return line
 
 
 def main(argv: list[str]) -> int:

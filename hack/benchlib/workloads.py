@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from benchlib import procs
+from benchlib import floor, procs
 from benchlib.cri import (
     CALL_TIMEOUT,
     LOOKUP_IMAGE,
@@ -29,6 +29,10 @@ from cri_api import api_pb2 as pb
 from shim import ksm
 
 MS = 1000.0
+FLOOR_SERIES = "runc"  # the floors' samples, a series beside the runtimes'
+POD_FLOOR = "floor"
+CONTAINER_FLOOR = "floor-ctr"
+CONTAINER_FLOOR_RUNC = "floor-ctr-runc"
 # A page is merged once ksmd has seen it unchanged on two full passes; measured with
 # hack/shim-memory --ksm, two passes leave some shims unmerged and four merge them all.
 KSM_SETTLE_PASSES = 4
@@ -74,14 +78,23 @@ def _take(series: Series, runtime: Runtime, sample: Sampler, scale: float) -> No
 
 
 def alternate(report: Report, key: str, title: str, unit: str, runtimes: list[Runtime],
-              runs: int, sample: Sampler, scale: float = MS) -> None:
+              runs: int, sample: Sampler, scale: float = MS,
+              beside: Callable[[], None] | None = None) -> None:
+    """`runs` rounds of one sample per runtime; `beside` (a floor's sampler) takes one more
+    sample in each round, after the runtimes and then before them, in turn."""
     figure = report.figure(key, title, unit)
-    for i in range(runs):
-        order = runtimes if i % 2 == 0 else runtimes[::-1]
-        for runtime in order:
+
+    def taker(runtime: Runtime) -> Callable[[], None]:
+        def take() -> None:
             series = figure.of(runtime.name)
             if series.error is None and not series.unsupported:
                 _take(series, runtime, sample, scale)
+        return take
+
+    takers = [taker(runtime) for runtime in runtimes] + ([beside] if beside else [])
+    for i in range(runs):
+        for take in takers if i % 2 == 0 else takers[::-1]:
+            take()
 
 
 def reset(runtimes: list[Runtime]) -> None:
@@ -121,6 +134,34 @@ def create_start_sampler(pods: dict[str, tuple[str, pb.PodSandboxConfig]]) -> Sa
         elapsed = time.perf_counter() - start
         runtime.cri.kill_and_remove_container(ctr_id)
         return elapsed
+    return sample
+
+
+def container_floor_sampler(report: Report,
+                            stack: contextlib.ExitStack) -> Callable[[], None] | None:
+    """The container floor's sampler, interleaved with Create+Start's samples (its pause is
+    made here and removed when `stack` closes); None, with the error noted, if it cannot be
+    set up."""
+    total = report.figure(CONTAINER_FLOOR, "container floor: overlay mount + runc run --detach "
+                          "into a pause's namespaces", "ms").of(FLOOR_SERIES)
+    runc = report.figure(CONTAINER_FLOOR_RUNC, "container floor: runc run --detach alone",
+                         "ms").of(FLOOR_SERIES)
+    try:
+        made = stack.enter_context(floor.ContainerFloor())
+    except Exception as err:
+        total.error = describe(err)
+        return None
+
+    def sample() -> None:
+        if total.error is not None:
+            return
+        try:
+            taken = made.sample()
+        except Exception as err:
+            total.error = describe(err)
+            return
+        total.samples.append(taken.total_s * MS)
+        runc.samples.append(taken.runc_s * MS)
     return sample
 
 
@@ -319,8 +360,10 @@ def run_latencies(report: Report, runtimes: list[Runtime], plan: Plan, only: set
         reset(runtimes)
     if "create-start" in only:
         pods: dict[str, tuple[str, pb.PodSandboxConfig]] = {}
-        alternate(report, "create-start", "CreateContainer+StartContainer (sleep)", "ms",
-                  runtimes, plan.runs, create_start_sampler(pods))
+        with contextlib.ExitStack() as stack:
+            beside = (container_floor_sampler(report, stack) if "floor" in only else None)
+            alternate(report, "create-start", "CreateContainer+StartContainer (sleep)", "ms",
+                      runtimes, plan.runs, create_start_sampler(pods), beside=beside)
         reset(runtimes)
     if "stop-remove" in only:
         alternate(report, "stop-remove", "StopPodSandbox+RemovePodSandbox (1 ctr)", "ms",
