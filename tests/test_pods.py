@@ -86,9 +86,14 @@ def test_run_status_list_stop_remove(fp: CriClient, shared_daemon: Daemon) -> No
     _remove(fp, again)
     cleaned_up(pod_id)
     cleaned_up(again)
-    for gone in (pod_id, again):
-        assert not (shared_daemon.state / "pods" / gone).exists()
-        assert not (shared_daemon.state / "containers" / gone).exists()
+
+    def dirs_left() -> list[Path]:
+        # The dirs go after the cgroup, so cleaned_up (processes, cgroups) can return first.
+        state = shared_daemon.state
+        return [d for gone in (pod_id, again)
+                for d in (state / "pods" / gone, state / "containers" / gone) if d.exists()]
+
+    wait_for(lambda: dirs_left() == [], what="the removed pods' state dirs to go")
 
 
 def test_unknown_ids_are_idempotent_for_stop_and_remove(fp: CriClient) -> None:
