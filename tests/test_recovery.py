@@ -146,7 +146,9 @@ def test_restart_keeps_a_created_container(
     cri.StartContainer(pb.StartContainerRequest(container_id=started))
     assert container_status(cri, started).state == pb.CONTAINER_RUNNING
     pid = int(str(_info(cri, started)["pid"]))
-    assert Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x001h\x00"
+    # `runc start` returns once runc's init is told to exec, which it may not have done yet.
+    wait_for(lambda: Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x001h\x00",
+             what="runc's init to exec the container's command")
     cri.StopContainer(pb.StopContainerRequest(container_id=never, timeout=10))
     status = container_status(cri, never)
     assert (status.state, status.exit_code, status.started_at) == (pb.CONTAINER_EXITED, 137, 0)
