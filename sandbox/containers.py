@@ -576,9 +576,15 @@ async def remove_container(
         return pb.RemoveContainerResponse()
     async with rt.locks.hold(ctr.id):
         if rt.containers.get(ctr.id) is ctr:  # else a concurrent Remove got there first
-            leftovers = await _retire(rt, ctr)
-            rt.removals.start(leftovers, _clean_up(rt, leftovers))
+            await remove_container_later(rt, ctr)
     return pb.RemoveContainerResponse()
+
+
+async def remove_container_later(rt: Runtime, ctr: ContainerRecord) -> None:
+    """Stops the container and deletes its record; its host traces are cleaned after,
+    journalled (RemoveContainer, and RemovePodSandbox for the pod's containers)."""
+    leftovers = await _retire(rt, ctr)
+    rt.removals.start(leftovers, _clean_up(rt, leftovers))
 
 
 async def remove_container_now(rt: Runtime, ctr: ContainerRecord) -> None:
@@ -590,7 +596,9 @@ async def remove_container_now(rt: Runtime, ctr: ContainerRecord) -> None:
 async def _retire(rt: Runtime, ctr: ContainerRecord) -> Leftovers:
     """Stops the container and deletes its record, journalling what it left on the host."""
     await stop_container_now(rt, ctr, timeout=0)
-    leftovers = Leftovers(ctr.id, ctr.pod_id, ctr.cgroup_path, tuple(ctr.snapshots))
+    handler = rt.handlers.of_pod(rt.pods.get(ctr.pod_id))
+    leftovers = Leftovers(ctr.id, ctr.pod_id, ctr.cgroup_path, tuple(ctr.snapshots),
+                          handler.name)
     rt.registry.forget(ctr, leftovers.doc())
     publish(rt, ctr, pb.CONTAINER_DELETED_EVENT)
     log.info("container %s removed", ctr.id[:12])
@@ -601,7 +609,10 @@ async def _clean_up(rt: Runtime, leftovers: Leftovers) -> None:
     """Deletes what a removed container left on the host, then its journal entry: one
     thread hop for all of it, so the event loop is woken once."""
     rt.faults.point("remove_container:before_cleanup")
-    handler = rt.handlers.of_pod(rt.pods.get(leftovers.pod_id))
+    if leftovers.handler:
+        handler = rt.handlers.named(leftovers.handler, leftovers.what)
+    else:  # journalled before the handler was: its pod's record is still there
+        handler = rt.handlers.of_pod(rt.pods.get(leftovers.pod_id))
     async with runc_state_held(rt, leftovers.container_id):
         await asyncio.to_thread(_clean_host, rt, handler, leftovers)
 

@@ -105,13 +105,17 @@ class RuntimeHandlers:
         """
         if pod is None:
             return self.default_handler
-        name = pod.runtime_handler or self.default
+        return self.named(pod.runtime_handler or self.default, f"pod {pod.short}")
+
+    def named(self, name: str, whose: str) -> Handler:
+        """The handler called `name`, which ran `whose` (as of_pod says, for one that is no
+        longer configured)."""
         handler = self.by_name.get(name)
         if handler is None:
             handler = Handler(name, self.default_handler.binary, self.state_dir / name)
             log.warning(
-                "pod %s: runtime handler %r is no longer configured; using %s --root %s",
-                pod.short, name, handler.binary, handler.root,
+                "%s: runtime handler %r is no longer configured; using %s --root %s",
+                whose, name, handler.binary, handler.root,
             )
         return handler
 

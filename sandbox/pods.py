@@ -851,7 +851,8 @@ async def _retire_pod(rt: Runtime, pod: PodRecord) -> PodLeftovers:
         where.at("stop")
         await stop_pod(rt, pod)
         where.at("containers")
-        await _all_of([containers.remove_container_now(rt, ctr)
+        # Their host traces are cleaned after, first thing in the pod's own cleanup.
+        await _all_of([containers.remove_container_later(rt, ctr)
                        for ctr in rt.containers_of(pod.id)])
         where.at("record")
         leftovers = PodLeftovers(pod.id, pod.cgroup_path, pod.cgroup_slice,

@@ -7,8 +7,9 @@ until then the journal entry (store `operations`, kind "remove_container") names
 a crash loses nothing: startup finishes the cleanup (sandbox/recovery.py).
 
 RemovePodSandbox does the same (kind "remove_pod"): it answers once the pod is stopped (its
-network, ip lease, host ports and netns gone), its containers removed and its record
-deleted; its shim, pinned namespaces, mounts, cgroup and dirs are cleaned after the answer.
+network, ip lease, host ports and netns gone), its containers removed as RemoveContainer
+removes them and its record deleted; its containers' host traces, then its shim, pinned
+namespaces, mounts, cgroup and dirs are cleaned after the answer.
 Each of those is named by the pod's id, which a new pod never has, so a new pod of the same
 name cannot share one (kubelet's cgroup_parent and slice are never removed).
 """
@@ -32,6 +33,9 @@ class Leftovers:
     pod_id: str
     cgroup_path: str = ""
     snapshots: tuple[str, ...] = ()  # still mounted as lower dirs until the rootfs is gone
+    # The runtime handler whose root holds its runc state: the pod's record, which names
+    # it, may be deleted before this cleanup runs (RemovePodSandbox does not wait for it).
+    handler: str = ""
 
     @property
     def key(self) -> str:
@@ -43,12 +47,12 @@ class Leftovers:
 
     def doc(self) -> dict[str, object]:
         return {"pod_id": self.pod_id, "cgroup_path": self.cgroup_path,
-                "snapshots": list(self.snapshots)}
+                "snapshots": list(self.snapshots), "handler": self.handler}
 
     @classmethod
     def from_doc(cls, container_id: str, doc: dict[str, Any]) -> Leftovers:
         return cls(container_id, str(doc.get("pod_id", "")), str(doc.get("cgroup_path", "")),
-                   tuple(map(str, doc.get("snapshots") or ())))
+                   tuple(map(str, doc.get("snapshots") or ())), str(doc.get("handler", "")))
 
 
 @dataclass(frozen=True)

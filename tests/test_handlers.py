@@ -21,6 +21,7 @@ import grpc
 import pytest
 
 from cri_api import api_pb2 as pb
+from sandbox.faults import FAIL_ENV
 from shim.runc import Runc, RuncError
 from tests.cri import CriClient, status_code
 from tests.daemon import Daemon, running_daemon
@@ -66,8 +67,14 @@ def node(tmp_path_factory: pytest.TempPathFactory, test_images: TestImages) -> I
             if d.process is None:
                 d.start()
             assert_all_gone(d, cri, set())
-            assert _listed(root) == []
+            _none_listed(root)
             cri.close()
+
+
+def _none_listed(root: Path) -> None:
+    """Waits until `runc --root root` knows no container: a removal deletes runc's state
+    after its answer (sandbox/removals.py)."""
+    wait_for(lambda: _listed(root) == [], what=f"runc's state under {root} to be deleted")
 
 
 def _listed(root: Path) -> list[str]:
@@ -142,7 +149,7 @@ def test_pod_and_containers_run_through_their_handler(node: Node,
     finally:
         _remove(node.cri, pod_id)
         _remove(node.cri, default_pod)
-    assert _listed(node.root) == []
+    _none_listed(node.root)
 
 
 def test_unknown_handler_is_invalid_argument(node: Node) -> None:
@@ -181,7 +188,7 @@ def test_restart_with_a_dead_shim_cleans_up_through_the_handler(
     assert _listed(node.root) == sorted([pod_id, ctr_id])
     _remove(node.cri, pod_id)
     wait_for(lambda: not Path(f"/proc/{pid}").exists(), what="the container killed")
-    assert _listed(node.root) == []
+    _none_listed(node.root)
 
 
 def test_restart_keeps_a_handler_pod(node: Node, test_images: TestImages) -> None:
@@ -196,7 +203,31 @@ def test_restart_keeps_a_handler_pod(node: Node, test_images: TestImages) -> Non
                    for line in node.calls.read_text().splitlines()[-3:])
     finally:
         _remove(node.cri, pod_id)
-    assert _listed(node.root) == []
+    _none_listed(node.root)
+
+
+def test_a_removed_pods_container_is_cleaned_in_its_handlers_root(
+    node: Node, test_images: TestImages
+) -> None:
+    """RemovePodSandbox deletes the pod's record before its containers' cleanups run, so a
+    cleanup finished later (here: one that failed, finished by the next start) must know the
+    handler whose root holds the container's runc state from its own journal entry."""
+    d = node.daemon
+    d.stop()
+    d.env = {FAIL_ENV: "remove_container:before_cleanup"}
+    d.start()
+    pod_id, pod = _run_pod(node.cri, HANDLER)
+    ctr_id = _sleeper(node, pod_id, pod, test_images.busybox.reference)
+    _remove(node.cri, pod_id)
+    assert pod_id not in {p.id for p in node.cri.ListPodSandbox(pb.ListPodSandboxRequest()).items}
+    wait_for(lambda: f"container {ctr_id[:12]} failed" in d.log(),
+             what="the container's cleanup to fail")
+    assert ctr_id in _listed(node.root)
+    d.stop()
+    d.env = {}
+    d.start()
+    _none_listed(node.root)
+    assert_all_gone(d, node.cri, {pod_id, ctr_id})
 
 
 def test_pod_of_a_removed_handler_can_be_removed(tmp_path: Path,
@@ -219,7 +250,7 @@ def test_pod_of_a_removed_handler_can_be_removed(tmp_path: Path,
             assert "runtime handler 'gone' is no longer configured" in d.log()
             assert container_status(cri, ctr_id).state == pb.CONTAINER_RUNNING
             _remove(cri, pod_id)
-            assert _listed(node.root) == []
+            _none_listed(node.root)
             assert_all_gone(d, cri, {pod_id, ctr_id})
         finally:
             cri.close()
