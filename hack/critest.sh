@@ -75,6 +75,10 @@ warm_up() {
   echo "   flatpod's spare shim: ${spare:-not up after 10 s}"
 }
 
+image_count() {
+  crictl --runtime-endpoint "$1" images -q 2>/dev/null | wc -l
+}
+
 # Benchmark mode: flatpod and containerd back to back in each round, so that every ratio
 # compares two runs made under the same machine load (printed with each round).
 bench() {
@@ -84,9 +88,15 @@ bench() {
   local ctrd_socket focus=()
   if [ -n "${BENCH_FOCUS:-}" ]; then focus=(--ginkgo.focus "$BENCH_FOCUS"); fi
   ctrd_socket=$("$conformance/containerd.sh" socket)
+  # ListImages returns every image a runtime holds: a conformance run leaves flatpod's store
+  # with its images (6 here) and containerd's with 2, which tripled flatpod's answer. Both
+  # start from no unused image; the benchmark pulls what it needs (containerd also its pause).
+  crictl --runtime-endpoint "unix://$socket" rmi --prune >/dev/null 2>&1 || true
+  crictl --runtime-endpoint "$ctrd_socket" rmi --prune >/dev/null 2>&1 || true
   warm_up "$out/warm-up" "$ctrd_socket" "${focus[@]}"
   for round in $(seq "$rounds"); do
-    echo "== round $round: load average $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "== round $round: load average $(cut -d' ' -f1-3 /proc/loadavg); images listed:" \
+      "flatpod $(image_count "unix://$socket"), containerd $(image_count "$ctrd_socket")"
     OUT=$out/$round/flatpod "$conformance/run_bench.sh" "unix://$socket" "${focus[@]}" >/dev/null
     crictl --runtime-endpoint "unix://$socket" rmp -fa >/dev/null 2>&1 || true
     OUT=$out/$round/containerd "$conformance/run_bench.sh" "$ctrd_socket" "${focus[@]}" >/dev/null
