@@ -589,7 +589,7 @@ async def remove_container_later(rt: Runtime, ctr: ContainerRecord) -> None:
 
 async def remove_container_now(rt: Runtime, ctr: ContainerRecord) -> None:
     """Forcibly stops, then removes every trace: record, runc state, rootfs, cgroup, dirs
-    (pod removal and recovery, which wait for all of it)."""
+    (recovery, which waits for all of it)."""
     await _clean_up(rt, await _retire(rt, ctr))
 
 

@@ -98,6 +98,13 @@ def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = ""
         time.sleep(0.05)
 
 
+def wait_for_command(pid: int, cmdline: bytes) -> None:
+    """Waits until `pid` runs `cmdline` (NUL-separated argv): StartContainer answers once
+    runc's init is told to exec the command, which it may not have done yet."""
+    wait_for(lambda: Path(f"/proc/{pid}/cmdline").read_bytes() == cmdline,
+             what=f"pid {pid} to exec {cmdline!r}")
+
+
 def process_exited(pid: int) -> bool:
     """The process is gone, or a zombie (exited, its parent not yet told)."""
     try:

@@ -28,6 +28,7 @@ from tests.pods import (
     mounts_under,
     start_container,
     wait_for,
+    wait_for_command,
 )
 from tests.support.plugin import TestImages
 
@@ -536,9 +537,7 @@ def test_status_list_and_update(fp: CriClient, pulled: TestImages, tmp_path: Pat
         assert status.resources.linux.memory_limit_in_bytes == 64 * 1024 * 1024
         assert status.resources.linux.cpu_shares == 512
         info = verbose_info(fp, ctr)
-        # runc's init may not have exec'd the command yet when StartContainer answers.
-        wait_for(lambda: Path(f"/proc/{info['pid']}/cmdline").read_bytes() == b"sleep\x001000\x00",
-                 what="runc's init to exec the container's command")
+        wait_for_command(int(info["pid"]), b"sleep\x001000\x00")
 
         def listed(**fields: Any) -> list[str]:
             response = fp.ListContainers(pb.ListContainersRequest(

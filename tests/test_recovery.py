@@ -32,6 +32,7 @@ from tests.pods import (
     run_pod,
     start_container,
     wait_for,
+    wait_for_command,
 )
 from tests.support.oci import big
 from tests.support.plugin import TestImages, push_definition
@@ -146,9 +147,7 @@ def test_restart_keeps_a_created_container(
     cri.StartContainer(pb.StartContainerRequest(container_id=started))
     assert container_status(cri, started).state == pb.CONTAINER_RUNNING
     pid = int(str(_info(cri, started)["pid"]))
-    # `runc start` returns once runc's init is told to exec, which it may not have done yet.
-    wait_for(lambda: Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x001h\x00",
-             what="runc's init to exec the container's command")
+    wait_for_command(pid, b"sleep\x001h\x00")
     cri.StopContainer(pb.StopContainerRequest(container_id=never, timeout=10))
     status = container_status(cri, never)
     assert (status.state, status.exit_code, status.started_at) == (pb.CONTAINER_EXITED, 137, 0)
